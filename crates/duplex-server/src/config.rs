@@ -1,0 +1,268 @@
+//! One [`Config`] for the whole server, resolved from layers: command-line flags first, then
+//! `DUPLEX_*` environment variables (both parsed by the binary into a [`ConfigLayer`]), then the
+//! optional `duplex.toml`, then the built-in defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Everything a server needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where HTTP (and WebSocket) is served. Port 0 picks a free port.
+    pub http: SocketAddr,
+    /// Where raw TCP clients connect. Port 0 picks a free port.
+    pub tcp: SocketAddr,
+    /// The folder for local data (the SQLite file).
+    pub data_dir: PathBuf,
+    /// The store URL; `None` means `sqlite://{data_dir}/duplex.db`.
+    pub store: Option<String>,
+    /// The largest request body accepted, in bytes.
+    pub max_body: usize,
+    /// How long shutdown waits for in-flight requests before it gives up on them.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tcp: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            data_dir: PathBuf::from("./duplex-data"),
+            store: None,
+            max_body: 1024 * 1024,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// The store URL in effect.
+    pub fn store_url(&self) -> String {
+        match &self.store {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("duplex.db").display()),
+        }
+    }
+
+    /// Resolves a configuration: `overrides` (flags and environment) win over the file at
+    /// `file` (when given), which wins over the defaults.
+    pub fn resolve(overrides: ConfigLayer, file: Option<&Path>) -> Result<Config, ConfigError> {
+        let file_layer = match file {
+            Some(path) => ConfigLayer::from_file(path)?,
+            None => ConfigLayer::default(),
+        };
+        overrides.over(file_layer).over_defaults()
+    }
+}
+
+/// One source of settings, every field optional so that a missing one falls through to the
+/// next layer. `duplex.toml` is read into this type; the binary fills it from flags and env.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub struct ConfigLayer {
+    /// See [`Config::http`].
+    pub http: Option<SocketAddr>,
+    /// See [`Config::tcp`].
+    pub tcp: Option<SocketAddr>,
+    /// See [`Config::data_dir`].
+    #[serde(alias = "data_dir")]
+    pub data: Option<PathBuf>,
+    /// See [`Config::store`].
+    pub store: Option<String>,
+    /// See [`Config::max_body`]: bytes, or text such as `"1MiB"`.
+    pub max_body: Option<ByteSize>,
+    /// See [`Config::shutdown_grace`], as text such as `"10s"`.
+    pub shutdown_grace: Option<String>,
+}
+
+impl ConfigLayer {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// This layer, with `lower` filling what it leaves unset.
+    pub fn over(self, lower: ConfigLayer) -> ConfigLayer {
+        ConfigLayer {
+            http: self.http.or(lower.http),
+            tcp: self.tcp.or(lower.tcp),
+            data: self.data.or(lower.data),
+            store: self.store.or(lower.store),
+            max_body: self.max_body.or(lower.max_body),
+            shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
+        }
+    }
+
+    fn over_defaults(self) -> Result<Config, ConfigError> {
+        let defaults = Config::default();
+        let shutdown_grace = match self.shutdown_grace {
+            Some(text) => parse_duration(&text).ok_or(ConfigError::Invalid {
+                key: "shutdown_grace",
+                message: format!("{text:?} is not a duration such as 500ms, 10s or 2m"),
+            })?,
+            None => defaults.shutdown_grace,
+        };
+        Ok(Config {
+            http: self.http.unwrap_or(defaults.http),
+            tcp: self.tcp.unwrap_or(defaults.tcp),
+            data_dir: self.data.unwrap_or(defaults.data_dir),
+            store: self.store.or(defaults.store),
+            max_body: self.max_body.map_or(defaults.max_body, |b| b.0),
+            shutdown_grace,
+        })
+    }
+}
+
+/// A size in bytes, written as a number or as text like `512KiB`, `1MiB`, `2MB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        parse_size(text)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{text:?} is not a size such as 65536, 512KiB or 1MiB"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(usize),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Number(n) => Ok(ByteSize(n)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `1048576`, `512KiB`, `1MiB`, `1GiB`, `64KB`, `1MB` (binary and decimal units).
+pub fn parse_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: usize = number.parse().ok()?;
+    let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" | "k" => 1 << 10,
+        "mib" | "m" => 1 << 20,
+        "gib" | "g" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return None,
+    };
+    number.checked_mul(multiplier)
+}
+
+/// Parses durations as the API writes them: `250ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    Some(match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.checked_mul(60)?),
+        "h" => Duration::from_secs(number.checked_mul(3600)?),
+        _ => return None,
+    })
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("invalid configuration in {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid {key}: {message}")]
+    Invalid {
+        /// The setting.
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_and_decimal_units() {
+        assert_eq!(parse_size("1024"), Some(1024));
+        assert_eq!(parse_size("512KiB"), Some(512 * 1024));
+        assert_eq!(parse_size("1MiB"), Some(1 << 20));
+        assert_eq!(parse_size("1 MB"), Some(1_000_000));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("MiB"), None);
+        assert_eq!(parse_size("1 parsec"), None);
+        assert_eq!(parse_size("99999999999999999999GiB"), None);
+    }
+
+    #[test]
+    fn durations_parse_as_the_api_writes_them() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("5 days"), None);
+    }
+
+    #[test]
+    fn flags_win_over_file_which_wins_over_defaults() {
+        let file: ConfigLayer = toml::from_str(
+            "http = \"127.0.0.1:9000\"\ntcp = \"127.0.0.1:9001\"\nmax_body = \"2MiB\"",
+        )
+        .expect("valid toml");
+        let flags = ConfigLayer {
+            http: Some("127.0.0.1:1234".parse().expect("addr")),
+            ..ConfigLayer::default()
+        };
+        let config = flags.over(file).over_defaults().expect("valid");
+        assert_eq!(config.http.port(), 1234);
+        assert_eq!(config.tcp.port(), 9001);
+        assert_eq!(config.max_body, 2 << 20);
+        assert_eq!(config.data_dir, PathBuf::from("./duplex-data"));
+        assert_eq!(config.store_url(), "sqlite://./duplex-data/duplex.db");
+    }
+
+    #[test]
+    fn unknown_keys_in_the_file_are_errors() {
+        assert!(toml::from_str::<ConfigLayer>("htpp = \"127.0.0.1:1\"").is_err());
+    }
+}

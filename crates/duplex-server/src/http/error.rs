@@ -1,0 +1,211 @@
+//! The one place HTTP statuses for errors are chosen.
+//!
+//! Every error is an RFC 9457 `application/problem+json` body with a stable `code` (also the last
+//! part of `type`), which is what clients should match on. Details of server-side failures (5xx)
+//! are logged, never sent.
+
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::store::StoreError;
+
+/// The media type of every error body.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// An error answered to an HTTP client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not valid JSON.
+    #[error("the body is not valid JSON: {0}")]
+    BadJson(String),
+    /// A query parameter is malformed or out of range.
+    #[error("{0}")]
+    InvalidQuery(String),
+    /// The collection name breaks the naming rule.
+    #[error("collection names are 1 to 64 of a-z, 0-9, '_' and '-'")]
+    InvalidCollection,
+    /// The record id breaks the naming rule.
+    #[error("record ids are 1 to 64 of A-Z, a-z, 0-9, '_' and '-'")]
+    InvalidId,
+    /// A path segment is not valid percent-encoded UTF-8.
+    #[error("the path is malformed: {0}")]
+    InvalidPath(String),
+    /// A header is malformed.
+    #[error("{0}")]
+    InvalidHeader(String),
+    /// Nothing is at this path.
+    #[error("{0}")]
+    NotFound(String),
+    /// The path exists but not for this method.
+    #[error("this method is not allowed here")]
+    MethodNotAllowed,
+    /// A concurrent write claimed the same record id.
+    #[error("a record with this id already exists")]
+    Conflict,
+    /// `If-Match` / `If-None-Match` did not hold.
+    #[error("{0}")]
+    PreconditionFailed(String),
+    /// The body is larger than the configured limit.
+    #[error("the body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The body's media type is not one this endpoint reads.
+    #[error("expected Content-Type {expected}")]
+    UnsupportedMediaType {
+        /// What the endpoint reads.
+        expected: &'static str,
+    },
+    /// The body is valid JSON but not an acceptable value.
+    #[error("{0}")]
+    Validation(String),
+    /// The store is not reachable right now.
+    #[error("the store is unavailable")]
+    Unavailable,
+    /// Something failed on the server; the detail is logged, not sent.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status and the stable code of this error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadJson(_) => (StatusCode::BAD_REQUEST, "bad_json"),
+            ApiError::InvalidQuery(_) => (StatusCode::BAD_REQUEST, "invalid_query"),
+            ApiError::InvalidCollection => (StatusCode::BAD_REQUEST, "invalid_collection"),
+            ApiError::InvalidId => (StatusCode::BAD_REQUEST, "invalid_id"),
+            ApiError::InvalidPath(_) => (StatusCode::BAD_REQUEST, "invalid_path"),
+            ApiError::InvalidHeader(_) => (StatusCode::BAD_REQUEST, "invalid_header"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Conflict => (StatusCode::CONFLICT, "conflict"),
+            ApiError::PreconditionFailed(_) => {
+                (StatusCode::PRECONDITION_FAILED, "precondition_failed")
+            }
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            ApiError::UnsupportedMediaType { .. } => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+
+    /// A 404 for a record.
+    pub fn record_not_found() -> Self {
+        ApiError::NotFound("no record with this id in this collection".into())
+    }
+}
+
+/// The RFC 9457 body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// `urn:duplex:problem:{code}`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A short summary of the status.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What went wrong in this case.
+    pub detail: String,
+    /// The stable code to match on.
+    pub code: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::error!(error = ?self, code, "request failed");
+        }
+        let problem = Problem {
+            kind: format!("urn:duplex:problem:{code}"),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            code: code.to_owned(),
+        };
+        let body = serde_json::to_vec(&problem).expect("a problem always serialises");
+        let mut response = (status, body).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound => ApiError::record_not_found(),
+            StoreError::PreconditionFailed { current: Some(v) } => {
+                ApiError::PreconditionFailed(format!("the record is at version {v} (ETag \"{v}\")"))
+            }
+            StoreError::PreconditionFailed { current: None } => {
+                ApiError::PreconditionFailed("the record does not exist".into())
+            }
+            StoreError::Conflict => ApiError::Conflict,
+            StoreError::NotAnObject => {
+                ApiError::Validation("the patched record must remain a JSON object".into())
+            }
+            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => {
+                ApiError::Unavailable
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::InvalidPath(rejection.body_text())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            // The limit itself is filled in by the caller, which knows the configuration.
+            ApiError::PayloadTooLarge { limit: 0 }
+        } else {
+            ApiError::BadJson(rejection.body_text())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_map_to_documented_statuses() {
+        let cases = [
+            (StoreError::NotFound, 404, "not_found"),
+            (
+                StoreError::PreconditionFailed { current: Some(2) },
+                412,
+                "precondition_failed",
+            ),
+            (StoreError::Conflict, 409, "conflict"),
+            (StoreError::NotAnObject, 422, "validation_failed"),
+            (
+                StoreError::Database(sqlx::Error::PoolTimedOut),
+                503,
+                "unavailable",
+            ),
+            (StoreError::Corrupt("x".into()), 500, "internal"),
+        ];
+        for (error, status, code) in cases {
+            let (s, c) = ApiError::from(error).status_and_code();
+            assert_eq!((s.as_u16(), c), (status, code));
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! Operations endpoints: liveness, readiness, Prometheus metrics and the OpenAPI document.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use utoipa::OpenApi;
+
+use super::AppState;
+use super::error::ApiError;
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+}
+
+/// The OpenAPI description of the HTTP API, generated from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "duplex", description = "Records over HTTP and channels over sockets, on one server."),
+    paths(
+        super::records::list_collections,
+        super::records::list_records,
+        super::records::create_record,
+        super::records::get_record,
+        super::records::replace_record,
+        super::records::patch_record,
+        super::records::delete_record,
+        healthz,
+        readyz,
+        metrics,
+    ),
+    components(schemas(super::error::Problem)),
+    tags((name = "records", description = "JSON records in named collections"),
+         (name = "operations", description = "Health, readiness and metrics"))
+)]
+pub(crate) struct ApiDoc;
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Up")))]
+pub(crate) async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// The store answers, so requests can be served.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "Ready"),
+              (status = 503, description = "The store is unreachable", body = super::error::Problem)))]
+pub(crate) async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
+    match state.store.ping().await {
+        Ok(()) => Ok("ready\n"),
+        Err(error) => {
+            tracing::warn!(%error, "readiness check failed");
+            Err(ApiError::Unavailable)
+        }
+    }
+}
+
+/// Prometheus metrics in the OpenMetrics text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "OpenMetrics text")))]
+pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    let body = ApiDoc::openapi()
+        .to_json()
+        .expect("the generated document serialises");
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}

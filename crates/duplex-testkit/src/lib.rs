@@ -1,0 +1,76 @@
+//! Real duplex servers for integration tests: [`TestServer::start`] binds 127.0.0.1:0 with its
+//! own temporary data folder and serves in-process until stopped or dropped.
+
+use std::net::SocketAddr;
+
+use duplex_server::{Config, Server, ServerError};
+use tempfile::TempDir;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A running server on ephemeral ports.
+#[derive(Debug)]
+pub struct TestServer {
+    /// Where HTTP is served.
+    pub http_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), ServerError>>>,
+    data: TempDir,
+}
+
+impl TestServer {
+    /// Starts a server with the default configuration on loopback port 0.
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server after `configure` adjusts the default test configuration.
+    pub async fn start_with(configure: impl FnOnce(&mut Config)) -> TestServer {
+        let data = tempfile::tempdir().expect("a temporary folder for the test's data");
+        let mut config = Config {
+            http: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data.path().to_owned(),
+            ..Config::default()
+        };
+        configure(&mut config);
+        let server = Server::bind(config).await.expect("the test server binds");
+        let http_addr = server.http_addr();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.run(shutdown.clone()));
+        TestServer {
+            http_addr,
+            shutdown,
+            task: Some(task),
+            data,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http_addr)
+    }
+
+    /// The server's data folder.
+    pub fn data_dir(&self) -> &std::path::Path {
+        self.data.path()
+    }
+
+    /// The token that shuts the server down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Shuts the server down gracefully and waits for it to finish.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("stop runs once");
+        task.await.expect("the server task does not panic")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,128 @@
+//! The `duplex` command: `duplex serve` runs the server; client and bench commands come next.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use duplex_server::config::ByteSize;
+use duplex_server::{Config, ConfigLayer, Server};
+use tokio_util::sync::CancellationToken;
+
+/// One server for HTTP and sockets.
+#[derive(Debug, Parser)]
+#[command(name = "duplex", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the server (HTTP and WebSocket, raw TCP) on the embedded defaults or as configured.
+    Serve(ServeArgs),
+}
+
+/// Flags override `DUPLEX_*` variables, which override the config file, which overrides the
+/// defaults; every field is optional so a missing one falls through to the next layer.
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// A TOML config file (default: ./duplex.toml when it exists).
+    #[arg(long, env = "DUPLEX_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTP and WebSocket address [default: 127.0.0.1:8080].
+    #[arg(long, env = "DUPLEX_HTTP")]
+    http: Option<std::net::SocketAddr>,
+    /// Raw TCP address [default: 127.0.0.1:7070].
+    #[arg(long, env = "DUPLEX_TCP")]
+    tcp: Option<std::net::SocketAddr>,
+    /// Folder for local data [default: ./duplex-data].
+    #[arg(long, env = "DUPLEX_DATA")]
+    data: Option<PathBuf>,
+    /// Store URL [default: sqlite://DATA/duplex.db].
+    #[arg(long, env = "DUPLEX_STORE")]
+    store: Option<String>,
+    /// Largest request body, e.g. 1MiB [default: 1MiB].
+    #[arg(long, env = "DUPLEX_MAX_BODY")]
+    max_body: Option<ByteSize>,
+    /// How long shutdown waits for in-flight requests, e.g. 10s [default: 10s].
+    #[arg(long, env = "DUPLEX_SHUTDOWN_GRACE")]
+    shutdown_grace: Option<String>,
+    /// Log format.
+    #[arg(long, env = "DUPLEX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Pretty,
+}
+
+impl ServeArgs {
+    fn resolve(self) -> anyhow::Result<Config> {
+        let file = match self.config {
+            Some(path) => Some(path),
+            None => Some(PathBuf::from("duplex.toml")).filter(|p| p.exists()),
+        };
+        let flags = ConfigLayer {
+            http: self.http,
+            tcp: self.tcp,
+            data: self.data,
+            store: self.store,
+            max_body: self.max_body,
+            shutdown_grace: self.shutdown_grace,
+        };
+        Ok(Config::resolve(flags, file.as_deref())?)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DUPLEX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}
+
+/// Cancels `token` on the first SIGINT or SIGTERM.
+fn cancel_on_signal(token: CancellationToken) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let config = args.resolve()?;
+    let server = Server::bind(config).await?;
+    // One plain line on stdout with the bound address, for people and for scripts (port 0).
+    println!(
+        "duplex {} serving HTTP on http://{}",
+        env!("CARGO_PKG_VERSION"),
+        server.http_addr()
+    );
+    tracing::info!(http = %server.http_addr(), store = %server.config().store_url(), "listening");
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone())?;
+    server.run(shutdown).await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+    }
+}
