@@ -9,6 +9,7 @@ use std::sync::Arc;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -31,6 +32,8 @@ pub struct Metrics {
     pub http_requests: Family<HttpLabels, Counter>,
     /// HTTP request latency in seconds.
     pub http_duration: Family<HttpLabels, Histogram>,
+    /// HTTP requests whose head has been read and whose response is not yet produced.
+    pub http_in_flight: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -55,10 +58,17 @@ impl Metrics {
             "HTTP request latency, by method, route and status",
             http_duration.clone(),
         );
+        let http_in_flight = Gauge::default();
+        registry.register(
+            "http_requests_in_flight",
+            "HTTP requests being handled",
+            http_in_flight.clone(),
+        );
         Arc::new(Metrics {
             registry,
             http_requests,
             http_duration,
+            http_in_flight,
         })
     }
 

@@ -65,7 +65,9 @@ async fn track_request(
         .get::<MatchedPath>()
         .map_or("unmatched", MatchedPath::as_str)
         .to_owned();
+    metrics.http_in_flight.inc();
     let response = next.run(request).await;
+    metrics.http_in_flight.dec();
     let labels = HttpLabels {
         method,
         route,

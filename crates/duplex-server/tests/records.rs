@@ -1,0 +1,736 @@
+//! The records API over real HTTP against a real server on an ephemeral port.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use duplex_testkit::TestServer;
+use reqwest::{Client, Response, StatusCode, header};
+use serde_json::{Value, json};
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+async fn create(server: &TestServer, collection: &str, body: Value) -> Value {
+    let response = client()
+        .post(server.url(&format!("/api/collections/{collection}/records")))
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    response.json().await.expect("json")
+}
+
+/// Asserts a problem+json response and returns its code.
+async fn problem_code(response: Response, status: StatusCode) -> String {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "application/problem+json"
+    );
+    let body: Value = response.json().await.expect("problem json");
+    assert_eq!(body["status"], status.as_u16());
+    let code = body["code"].as_str().expect("code").to_owned();
+    assert_eq!(body["type"], format!("urn:duplex:problem:{code}"));
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    code
+}
+
+#[tokio::test]
+async fn create_returns_201_with_location_etag_and_server_fields() {
+    let server = TestServer::start().await;
+    let response = client()
+        .post(server.url("/api/collections/posts/records"))
+        .json(&json!({"title": "hello", "author": "ana"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(response.headers()[header::ETAG], "\"1\"");
+    let location = response.headers()[header::LOCATION]
+        .to_str()
+        .expect("ascii")
+        .to_owned();
+    let record: Value = response.json().await.expect("json");
+    let id = record["id"].as_str().expect("id");
+    assert_eq!(location, format!("/api/collections/posts/records/{id}"));
+    assert_eq!(record["version"], 1);
+    assert_eq!(record["title"], "hello");
+    assert_eq!(record["created"], record["updated"]);
+    let created = record["created"].as_str().expect("created");
+    time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339)
+        .expect("created is RFC 3339");
+
+    let fetched: Value = client()
+        .get(server.url(&location))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(fetched, record);
+}
+
+#[tokio::test]
+async fn server_fields_in_a_body_are_ignored() {
+    let server = TestServer::start().await;
+    let record = create(
+        &server,
+        "posts",
+        json!({"id": "mine", "version": 99, "created": "x", "updated": "y", "title": "t"}),
+    )
+    .await;
+    assert_ne!(record["id"], "mine");
+    assert_eq!(record["version"], 1);
+    assert_ne!(record["created"], "x");
+    let id = record["id"].as_str().expect("id");
+    let replaced: Value = client()
+        .put(server.url(&format!("/api/collections/posts/records/{id}")))
+        .json(&json!({"id": "other", "version": 1000, "title": "u"}))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(replaced["id"], id);
+    assert_eq!(replaced["version"], 2);
+    assert_eq!(replaced["created"], record["created"]);
+}
+
+#[tokio::test]
+async fn if_none_match_answers_304_for_the_current_version_only() {
+    let server = TestServer::start().await;
+    let record = create(&server, "posts", json!({"title": "a"})).await;
+    let url = server.url(&format!(
+        "/api/collections/posts/records/{}",
+        record["id"].as_str().expect("id")
+    ));
+    let response = client().get(&url).send().await.expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let etag = response.headers()[header::ETAG].clone();
+
+    for tag in [etag.to_str().expect("ascii"), "W/\"1\"", "\"7\", \"1\"", "*"] {
+        let response = client()
+            .get(&url)
+            .header(header::IF_NONE_MATCH, tag)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::NOT_MODIFIED, "{tag}");
+        assert_eq!(response.headers()[header::ETAG], etag);
+        assert!(response.bytes().await.expect("body").is_empty());
+    }
+    let response = client()
+        .get(&url)
+        .header(header::IF_NONE_MATCH, "\"2\"")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn put_with_a_stale_if_match_is_412_and_nothing_is_lost() {
+    let server = TestServer::start().await;
+    let record = create(&server, "docs", json!({"text": "v1"})).await;
+    let url = server.url(&format!(
+        "/api/collections/docs/records/{}",
+        record["id"].as_str().expect("id")
+    ));
+
+    // Two writers both read version 1; the first wins, the second is told it lost.
+    let first = client()
+        .put(&url)
+        .header(header::IF_MATCH, "\"1\"")
+        .json(&json!({"text": "from first"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(first.headers()[header::ETAG], "\"2\"");
+    let second = client()
+        .put(&url)
+        .header(header::IF_MATCH, "\"1\"")
+        .json(&json!({"text": "from second"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        problem_code(second, StatusCode::PRECONDITION_FAILED).await,
+        "precondition_failed"
+    );
+    let now: Value = client()
+        .get(&url)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(now["text"], "from first");
+    assert_eq!(now["version"], 2);
+
+    // A weak tag never matches If-Match (strong comparison); * matches any existing record.
+    let weak = client()
+        .put(&url)
+        .header(header::IF_MATCH, "W/\"2\"")
+        .json(&json!({"text": "weak"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(weak.status(), StatusCode::PRECONDITION_FAILED);
+    let any = client()
+        .put(&url)
+        .header(header::IF_MATCH, "*")
+        .json(&json!({"text": "any"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(any.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn patch_applies_a_json_merge_patch_under_both_media_types() {
+    let server = TestServer::start().await;
+    let record = create(
+        &server,
+        "profiles",
+        json!({"name": "ana", "links": {"web": "a.example", "git": "g"}, "tags": ["x"]}),
+    )
+    .await;
+    let url = server.url(&format!(
+        "/api/collections/profiles/records/{}",
+        record["id"].as_str().expect("id")
+    ));
+    let patched: Value = client()
+        .patch(&url)
+        .header(header::CONTENT_TYPE, "application/merge-patch+json")
+        .body(r#"{"links": {"git": null, "mail": "m"}, "tags": null}"#)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(patched["links"], json!({"web": "a.example", "mail": "m"}));
+    assert!(patched.get("tags").is_none());
+    assert_eq!(patched["name"], "ana");
+    assert_eq!(patched["version"], 2);
+
+    let response = client()
+        .patch(&url)
+        .header(header::CONTENT_TYPE, "application/json; charset=utf-8")
+        .header(header::IF_MATCH, "\"2\"")
+        .body(r#"{"name": "bo"}"#)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let patched: Value = response.json().await.expect("json");
+    assert_eq!(patched["name"], "bo");
+    assert_eq!(patched["version"], 3);
+
+    let stale = client()
+        .patch(&url)
+        .header(header::CONTENT_TYPE, "application/merge-patch+json")
+        .header(header::IF_MATCH, "\"2\"")
+        .body(r#"{"name": "cy"}"#)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+
+    let not_object = client()
+        .patch(&url)
+        .header(header::CONTENT_TYPE, "application/merge-patch+json")
+        .body("[1, 2]")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        problem_code(not_object, StatusCode::UNPROCESSABLE_ENTITY).await,
+        "validation_failed"
+    );
+}
+
+#[tokio::test]
+async fn delete_answers_204_then_404_and_honours_if_match() {
+    let server = TestServer::start().await;
+    let record = create(&server, "posts", json!({"t": 1})).await;
+    let url = server.url(&format!(
+        "/api/collections/posts/records/{}",
+        record["id"].as_str().expect("id")
+    ));
+    let stale = client()
+        .delete(&url)
+        .header(header::IF_MATCH, "\"5\"")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(stale.status(), StatusCode::PRECONDITION_FAILED);
+    let deleted = client()
+        .delete(&url)
+        .header(header::IF_MATCH, "\"1\"")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    for response in [
+        client().get(&url).send().await.expect("request"),
+        client().delete(&url).send().await.expect("request"),
+        client()
+            .put(&url)
+            .json(&json!({"t": 2}))
+            .send()
+            .await
+            .expect("request"),
+    ] {
+        assert_eq!(
+            problem_code(response, StatusCode::NOT_FOUND).await,
+            "not_found"
+        );
+    }
+}
+
+#[tokio::test]
+async fn put_with_if_none_match_star_creates_with_a_chosen_id_once() {
+    let server = TestServer::start().await;
+    let url = server.url("/api/collections/settings/records/site-main");
+    let response = client()
+        .put(&url)
+        .header(header::IF_NONE_MATCH, "*")
+        .json(&json!({"theme": "dark"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(
+        response.headers()[header::LOCATION],
+        "/api/collections/settings/records/site-main"
+    );
+    let record: Value = response.json().await.expect("json");
+    assert_eq!(record["id"], "site-main");
+    let again = client()
+        .put(&url)
+        .header(header::IF_NONE_MATCH, "*")
+        .json(&json!({"theme": "light"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(again.status(), StatusCode::PRECONDITION_FAILED);
+}
+
+async fn list_page(server: &TestServer, collection: &str, query: &str) -> (Vec<Value>, Value) {
+    let response = client()
+        .get(server.url(&format!("/api/collections/{collection}/records?{query}")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK, "{query}");
+    let mut page: Value = response.json().await.expect("json");
+    let items = page["items"].as_array().expect("items").clone();
+    (items, page["next"].take())
+}
+
+#[tokio::test]
+async fn listing_pages_sorts_and_filters() {
+    let server = TestServer::start().await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let record = create(
+            &server,
+            "posts",
+            json!({"n": i, "author": if i % 2 == 0 { "ana" } else { "bo" }, "pinned": i == 3}),
+        )
+        .await;
+        ids.push(record["id"].as_str().expect("id").to_owned());
+    }
+
+    let (items, next) = list_page(&server, "posts", "").await;
+    assert_eq!(items.len(), 7);
+    assert!(next.is_null());
+
+    // Oldest first by default, in pages of 3.
+    let mut seen = Vec::new();
+    let mut query = "limit=3".to_owned();
+    loop {
+        let (items, next) = list_page(&server, "posts", &query).await;
+        assert!(items.len() <= 3);
+        seen.extend(items.iter().map(|r| r["id"].as_str().expect("id").to_owned()));
+        match next.as_str() {
+            Some(cursor) => query = format!("limit=3&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+
+    let (items, _) = list_page(&server, "posts", "sort=-created&limit=2").await;
+    assert_eq!(items[0]["id"], ids[6]);
+    assert_eq!(items[1]["id"], ids[5]);
+
+    // Touch the first record: it becomes the most recently updated.
+    let touched = client()
+        .patch(server.url(&format!("/api/collections/posts/records/{}", ids[0])))
+        .header(header::CONTENT_TYPE, "application/merge-patch+json")
+        .body(r#"{"touched": true}"#)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(touched.status(), StatusCode::OK);
+    let (items, _) = list_page(&server, "posts", "sort=-updated&limit=1").await;
+    assert_eq!(items[0]["id"], ids[0]);
+    let (items, _) = list_page(&server, "posts", "sort=updated").await;
+    assert_eq!(items.last().expect("items")["id"], ids[0]);
+
+    let (items, _) = list_page(&server, "posts", "filter.author=ana").await;
+    assert_eq!(items.len(), 4);
+    assert!(items.iter().all(|r| r["author"] == "ana"));
+    let (items, _) = list_page(&server, "posts", "filter.author=bo&filter.n=3").await;
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["n"], 3);
+    let (items, _) = list_page(&server, "posts", "filter.pinned=true").await;
+    assert_eq!(items.len(), 1);
+    let (items, _) = list_page(&server, "posts", "filter.missing=1").await;
+    assert!(items.is_empty());
+    let (items, _) = list_page(&server, "posts", &format!("filter.id={}", ids[2])).await;
+    assert_eq!(items.len(), 1);
+
+    let (items, next) = list_page(&server, "empty", "").await;
+    assert!(items.is_empty());
+    assert!(next.is_null());
+}
+
+#[tokio::test]
+async fn pagination_neither_skips_nor_repeats_under_concurrent_inserts() {
+    let server = TestServer::start().await;
+    let mut before = HashSet::new();
+    for i in 0..120 {
+        let record = create(&server, "feed", json!({"i": i})).await;
+        before.insert(record["id"].as_str().expect("id").to_owned());
+    }
+
+    for sort in ["created", "-created", "updated", "-updated"] {
+        let writer = {
+            let url = server.url("/api/collections/feed/records");
+            tokio::spawn(async move {
+                let client = client();
+                for i in 0..60 {
+                    let response = client
+                        .post(&url)
+                        .json(&json!({"during": i}))
+                        .send()
+                        .await
+                        .expect("request");
+                    assert_eq!(response.status(), StatusCode::CREATED);
+                }
+            })
+        };
+        let mut seen = Vec::new();
+        let mut query = format!("limit=7&sort={sort}");
+        loop {
+            let (items, next) = list_page(&server, "feed", &query).await;
+            seen.extend(items.iter().map(|r| r["id"].as_str().expect("id").to_owned()));
+            match next.as_str() {
+                Some(cursor) => query = format!("limit=7&sort={sort}&cursor={cursor}"),
+                None => break,
+            }
+        }
+        writer.await.expect("writer");
+        let unique: HashSet<_> = seen.iter().cloned().collect();
+        assert_eq!(unique.len(), seen.len(), "{sort}: a record was repeated");
+        assert!(
+            before.is_subset(&unique),
+            "{sort}: a record that existed before paging was skipped"
+        );
+        before = unique.union(&before).cloned().collect();
+    }
+}
+
+#[tokio::test]
+async fn collections_are_listed_with_record_counts() {
+    let server = TestServer::start().await;
+    for _ in 0..3 {
+        create(&server, "posts", json!({})).await;
+    }
+    create(&server, "comments", json!({})).await;
+    let body: Value = client()
+        .get(server.url("/api/collections"))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        body,
+        json!({"items": [{"name": "comments", "records": 1}, {"name": "posts", "records": 3}]})
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_problem_json_with_a_stable_code() {
+    let server = TestServer::start_with(|config| config.max_body = 1024).await;
+    let records = server.url("/api/collections/posts/records");
+    let existing = create(&server, "posts", json!({"a": 1})).await;
+    let record = server.url(&format!(
+        "/api/collections/posts/records/{}",
+        existing["id"].as_str().expect("id")
+    ));
+    let c = client();
+    let json_post = |url: &str, body: &'static str| {
+        c.post(url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+    };
+
+    let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
+        (json_post(&records, "{\"a\": "), StatusCode::BAD_REQUEST, "bad_json"),
+        (json_post(&records, ""), StatusCode::BAD_REQUEST, "bad_json"),
+        (
+            json_post(&records, "[1,2]"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        ),
+        (
+            json_post(&records, "\"text\""),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+        ),
+        (
+            c.post(&records).body("{}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            c.post(&records)
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body("{}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            c.post(&records)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(format!("{{\"big\": \"{}\"}}", "x".repeat(2048))),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            json_post(&server.url("/api/collections/Posts/records"), "{}"),
+            StatusCode::BAD_REQUEST,
+            "invalid_collection",
+        ),
+        (
+            c.get(server.url(&format!("/api/collections/{}/records", "x".repeat(65)))),
+            StatusCode::BAD_REQUEST,
+            "invalid_collection",
+        ),
+        (
+            c.get(server.url("/api/collections/posts/records/bad.id")),
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+        ),
+        (
+            c.get(server.url("/api/collections/posts/records/%FF")),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            c.get(server.url("/api/collections/posts/records/nosuchid")),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            c.get(server.url("/api/nothing-here")),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            c.delete(server.url("/api/collections")),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            c.post(&record)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body("{}"),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            c.get(format!("{records}?limit=0")),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            c.get(format!("{records}?limit=501")),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            c.get(format!("{records}?limit=ten")),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            c.get(format!("{records}?sort=title")),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            c.get(format!("{records}?cursor=garbage")),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            c.get(format!("{records}?filter.a%20b=1")),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            c.get(format!("{records}?page=2")),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            c.put(&record)
+                .header(header::IF_MATCH, "1")
+                .json(&json!({})),
+            StatusCode::BAD_REQUEST,
+            "invalid_header",
+        ),
+        (
+            c.get(&record).header(header::IF_NONE_MATCH, "garbage"),
+            StatusCode::BAD_REQUEST,
+            "invalid_header",
+        ),
+        (
+            c.patch(&record)
+                .header(header::CONTENT_TYPE, "application/merge-patch+json")
+                .header(header::IF_NONE_MATCH, "*")
+                .body("{}"),
+            StatusCode::BAD_REQUEST,
+            "invalid_header",
+        ),
+        (
+            c.patch(&record)
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body("{}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let request = request.build().expect("request");
+        let what = format!("{} {}", request.method(), request.url());
+        let response = c.execute(request).await.expect("response");
+        assert_eq!(problem_code(response, status).await, code, "{what}");
+    }
+
+    // A cursor is only valid for the sort order it was issued for.
+    for _ in 0..2 {
+        create(&server, "posts", json!({})).await;
+    }
+    let (_, next) = list_page(&server, "posts", "limit=1").await;
+    let cursor = next.as_str().expect("a next cursor");
+    let response = c
+        .get(format!("{records}?sort=-created&cursor={cursor}"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        problem_code(response, StatusCode::BAD_REQUEST).await,
+        "invalid_query"
+    );
+
+    // After all that, the server still serves and the record is intact.
+    let intact: Value = c
+        .get(&record)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(intact["a"], 1);
+    assert_eq!(intact["version"], 1);
+}
+
+#[tokio::test]
+async fn a_body_streamed_past_the_limit_without_a_length_is_413() {
+    let server = TestServer::start_with(|config| config.max_body = 1024).await;
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+        Ok(b"{\"a\": \"".to_vec()),
+        Ok(vec![b'x'; 4096]),
+        Ok(b"\"}".to_vec()),
+    ];
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let response = client()
+        .post(server.url("/api/collections/posts/records"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        problem_code(response, StatusCode::PAYLOAD_TOO_LARGE).await,
+        "payload_too_large"
+    );
+}
+
+#[tokio::test]
+async fn operations_endpoints_answer() {
+    let server = TestServer::start().await;
+    let c = client();
+    let health = c.get(server.url("/healthz")).send().await.expect("request");
+    assert_eq!(health.status(), StatusCode::OK);
+    let ready = c.get(server.url("/readyz")).send().await.expect("request");
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    create(&server, "posts", json!({})).await;
+    let metrics = c
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(
+            r#"duplex_http_requests_total{method="POST",route="/api/collections/{collection}/records",status="201"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("duplex_http_request_duration_seconds_bucket"));
+
+    let openapi: Value = c
+        .get(server.url("/openapi.json"))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    let paths = openapi["paths"].as_object().expect("paths");
+    for path in [
+        "/api/collections",
+        "/api/collections/{collection}/records",
+        "/api/collections/{collection}/records/{id}",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    ] {
+        assert!(paths.contains_key(path), "{path} missing from openapi.json");
+    }
+    let item = &paths["/api/collections/{collection}/records/{id}"];
+    for method in ["get", "put", "patch", "delete"] {
+        assert!(item.get(method).is_some(), "{method} missing");
+    }
+}
