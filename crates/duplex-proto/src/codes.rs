@@ -1,0 +1,125 @@
+//! The documented error and disconnect codes. Clients match on these strings; they never change
+//! meaning, and new ones are only added.
+
+use serde::Serialize;
+
+/// Why a request failed (the `code` of an `error` frame). The connection stays open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The frame is not a JSON object with a string `type`.
+    BadFrame,
+    /// The `type` is not one this server knows.
+    UnknownType,
+    /// A request type that needs an `id` came without one.
+    MissingId,
+    /// A field is missing or has the wrong type.
+    BadRequest,
+    /// The channel name is not `namespace:name`.
+    InvalidChannel,
+    /// The namespace's rules forbid this.
+    PermissionDenied,
+    /// The connection is already subscribed to the channel.
+    AlreadySubscribed,
+    /// The connection is not subscribed to the channel.
+    NotSubscribed,
+    /// The connection holds as many subscriptions as it may.
+    TooManySubscriptions,
+    /// The publication is larger than the namespace allows.
+    MessageTooLarge,
+    /// The namespace does not take binary publications.
+    BinaryNotAllowed,
+    /// The protocol version or framing asked for is not supported.
+    Unsupported,
+    /// The server failed; nothing the client can fix.
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadFrame => "bad_frame",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::MissingId => "missing_id",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::InvalidChannel => "invalid_channel",
+            ErrorCode::PermissionDenied => "permission_denied",
+            ErrorCode::AlreadySubscribed => "already_subscribed",
+            ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::BinaryNotAllowed => "binary_not_allowed",
+            ErrorCode::Unsupported => "unsupported",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// Why the server closed a connection (the `code` of a `disconnect` frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DisconnectCode {
+    /// The server is shutting down; reconnect (to another node).
+    Shutdown,
+    /// The client did not read fast enough and the namespace's policy is to disconnect.
+    SlowConsumer,
+    /// Nothing arrived from the client within the idle timeout.
+    IdleTimeout,
+    /// A frame was larger than the connection's limit.
+    FrameTooLarge,
+    /// The byte stream could not be read as frames (invalid UTF-8, broken framing).
+    ProtocolError,
+    /// The client sent too many bad frames in a row.
+    TooManyErrors,
+}
+
+impl DisconnectCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectCode::Shutdown => "shutdown",
+            DisconnectCode::SlowConsumer => "slow_consumer",
+            DisconnectCode::IdleTimeout => "idle_timeout",
+            DisconnectCode::FrameTooLarge => "frame_too_large",
+            DisconnectCode::ProtocolError => "protocol_error",
+            DisconnectCode::TooManyErrors => "too_many_errors",
+        }
+    }
+
+    /// Whether a client should reconnect after this.
+    pub fn reconnect(self) -> bool {
+        match self {
+            DisconnectCode::Shutdown | DisconnectCode::SlowConsumer | DisconnectCode::IdleTimeout => {
+                true
+            }
+            DisconnectCode::FrameTooLarge
+            | DisconnectCode::ProtocolError
+            | DisconnectCode::TooManyErrors => false,
+        }
+    }
+
+    /// The WebSocket close code that goes with it.
+    pub fn websocket_close_code(self) -> u16 {
+        match self {
+            DisconnectCode::Shutdown => 1001,
+            DisconnectCode::FrameTooLarge => 1009,
+            DisconnectCode::ProtocolError => 1007,
+            DisconnectCode::SlowConsumer => 4001,
+            DisconnectCode::IdleTimeout => 4002,
+            DisconnectCode::TooManyErrors => 4003,
+        }
+    }
+
+    /// A sentence for people.
+    pub fn reason(self) -> &'static str {
+        match self {
+            DisconnectCode::Shutdown => "the server is shutting down",
+            DisconnectCode::SlowConsumer => "the connection fell too far behind",
+            DisconnectCode::IdleTimeout => "nothing was received within the idle timeout",
+            DisconnectCode::FrameTooLarge => "a frame exceeded the size limit",
+            DisconnectCode::ProtocolError => "the stream could not be read as frames",
+            DisconnectCode::TooManyErrors => "too many bad frames",
+        }
+    }
+}
