@@ -153,7 +153,10 @@ mod tests {
     #[test]
     fn truncated_and_foreign_frames_are_errors() {
         assert_eq!(decode_publish(&[]), Err(BinaryFrameError::Truncated));
-        assert_eq!(decode_publish(&[0x09]), Err(BinaryFrameError::UnknownKind(9)));
+        assert_eq!(
+            decode_publish(&[0x09]),
+            Err(BinaryFrameError::UnknownKind(9))
+        );
         assert_eq!(
             decode_publish(&[KIND_PUBLISH, 0, 0, 0, 1, 0, 5, b'a']),
             Err(BinaryFrameError::Truncated)

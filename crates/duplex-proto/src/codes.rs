@@ -90,9 +90,9 @@ impl DisconnectCode {
     /// Whether a client should reconnect after this.
     pub fn reconnect(self) -> bool {
         match self {
-            DisconnectCode::Shutdown | DisconnectCode::SlowConsumer | DisconnectCode::IdleTimeout => {
-                true
-            }
+            DisconnectCode::Shutdown
+            | DisconnectCode::SlowConsumer
+            | DisconnectCode::IdleTimeout => true,
             DisconnectCode::FrameTooLarge
             | DisconnectCode::ProtocolError
             | DisconnectCode::TooManyErrors => false,

@@ -222,7 +222,8 @@ mod tests {
 
     #[test]
     fn client_frames_borrow_their_data() {
-        let text = br#"{"type":"publish","id":7,"channel":"chat:lobby","data":{"text":"hi \"you\""}}"#;
+        let text =
+            br#"{"type":"publish","id":7,"channel":"chat:lobby","data":{"text":"hi \"you\""}}"#;
         let frame = ClientFrame::parse(text).expect("valid");
         assert_eq!(frame.kind, "publish");
         assert_eq!(frame.id, Some(7));
@@ -270,7 +271,13 @@ mod tests {
             br#"{"type":"pong"}"#.to_vec()
         );
         assert_eq!(
-            to_json(&Reply { id: 1, result: Published { offset: 2, epoch: "e".into() } }),
+            to_json(&Reply {
+                id: 1,
+                result: Published {
+                    offset: 2,
+                    epoch: "e".into()
+                }
+            }),
             br#"{"type":"reply","id":1,"result":{"offset":2,"epoch":"e"}}"#.to_vec()
         );
     }

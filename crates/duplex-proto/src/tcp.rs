@@ -234,6 +234,9 @@ mod tests {
             Err(TcpFrameError::TooLarge { .. })
         ));
         let mut buf = BytesMut::from(&0u32.to_be_bytes()[..]);
-        assert!(matches!(decoder.decode(&mut buf), Err(TcpFrameError::Empty)));
+        assert!(matches!(
+            decoder.decode(&mut buf),
+            Err(TcpFrameError::Empty)
+        ));
     }
 }

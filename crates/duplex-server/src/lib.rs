@@ -23,3 +23,4 @@ pub mod store;
 
 pub use config::{Config, ConfigError, ConfigLayer};
 pub use server::{Server, ServerError};
+pub mod hub;

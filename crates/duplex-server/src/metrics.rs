@@ -24,6 +24,13 @@ pub struct HttpLabels {
     pub status: u16,
 }
 
+/// Labels of a connection metric.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct TransportLabels {
+    /// `websocket` or `tcp`.
+    pub transport: &'static str,
+}
+
 /// The server's metrics and the registry that renders them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -34,6 +41,22 @@ pub struct Metrics {
     pub http_duration: Family<HttpLabels, Histogram>,
     /// HTTP requests whose head has been read and whose response is not yet produced.
     pub http_in_flight: Gauge,
+    /// Open socket connections by transport.
+    pub connections: Family<TransportLabels, Gauge>,
+    /// Active subscriptions.
+    pub subscriptions: Gauge,
+    /// Publications accepted by the hub.
+    pub publications: Counter,
+    /// Publications queued to subscribers (one per subscriber per publication).
+    pub deliveries_queued: Counter,
+    /// Publication frames written to sockets.
+    pub deliveries_written: Counter,
+    /// Publications dropped from full queues (`drop_oldest`).
+    pub dropped: Counter,
+    /// Publications replaced by newer ones (`latest`).
+    pub conflated: Counter,
+    /// Connections closed because their queue filled (`disconnect`).
+    pub slow_consumer_disconnects: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -64,11 +87,67 @@ impl Metrics {
             "HTTP requests being handled",
             http_in_flight.clone(),
         );
+        let connections = Family::<TransportLabels, Gauge>::default();
+        registry.register(
+            "connections",
+            "Open socket connections by transport",
+            connections.clone(),
+        );
+        let subscriptions = Gauge::default();
+        registry.register(
+            "subscriptions",
+            "Active subscriptions",
+            subscriptions.clone(),
+        );
+        let publications = Counter::default();
+        registry.register(
+            "publications",
+            "Publications accepted by the hub",
+            publications.clone(),
+        );
+        let deliveries_queued = Counter::default();
+        registry.register(
+            "deliveries_queued",
+            "Publications queued to subscribers",
+            deliveries_queued.clone(),
+        );
+        let deliveries_written = Counter::default();
+        registry.register(
+            "deliveries_written",
+            "Publication frames written to sockets",
+            deliveries_written.clone(),
+        );
+        let dropped = Counter::default();
+        registry.register(
+            "dropped",
+            "Publications dropped from full subscriber queues (drop_oldest)",
+            dropped.clone(),
+        );
+        let conflated = Counter::default();
+        registry.register(
+            "conflated",
+            "Publications replaced by newer ones before being sent (latest)",
+            conflated.clone(),
+        );
+        let slow_consumer_disconnects = Counter::default();
+        registry.register(
+            "slow_consumer_disconnects",
+            "Connections closed because their queue filled (disconnect)",
+            slow_consumer_disconnects.clone(),
+        );
         Arc::new(Metrics {
             registry,
             http_requests,
             http_duration,
             http_in_flight,
+            connections,
+            subscriptions,
+            publications,
+            deliveries_queued,
+            deliveries_written,
+            dropped,
+            conflated,
+            slow_consumer_disconnects,
         })
     }
 

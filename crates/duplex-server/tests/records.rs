@@ -115,7 +115,12 @@ async fn if_none_match_answers_304_for_the_current_version_only() {
     assert_eq!(response.status(), StatusCode::OK);
     let etag = response.headers()[header::ETAG].clone();
 
-    for tag in [etag.to_str().expect("ascii"), "W/\"1\"", "\"7\", \"1\"", "*"] {
+    for tag in [
+        etag.to_str().expect("ascii"),
+        "W/\"1\"",
+        "\"7\", \"1\"",
+        "*",
+    ] {
         let response = client()
             .get(&url)
             .header(header::IF_NONE_MATCH, tag)
@@ -362,7 +367,11 @@ async fn listing_pages_sorts_and_filters() {
     loop {
         let (items, next) = list_page(&server, "posts", &query).await;
         assert!(items.len() <= 3);
-        seen.extend(items.iter().map(|r| r["id"].as_str().expect("id").to_owned()));
+        seen.extend(
+            items
+                .iter()
+                .map(|r| r["id"].as_str().expect("id").to_owned()),
+        );
         match next.as_str() {
             Some(cursor) => query = format!("limit=3&cursor={cursor}"),
             None => break,
@@ -435,7 +444,11 @@ async fn pagination_neither_skips_nor_repeats_under_concurrent_inserts() {
         let mut query = format!("limit=7&sort={sort}");
         loop {
             let (items, next) = list_page(&server, "feed", &query).await;
-            seen.extend(items.iter().map(|r| r["id"].as_str().expect("id").to_owned()));
+            seen.extend(
+                items
+                    .iter()
+                    .map(|r| r["id"].as_str().expect("id").to_owned()),
+            );
             match next.as_str() {
                 Some(cursor) => query = format!("limit=7&sort={sort}&cursor={cursor}"),
                 None => break,
@@ -490,7 +503,11 @@ async fn bad_input_gets_problem_json_with_a_stable_code() {
     };
 
     let cases: Vec<(reqwest::RequestBuilder, StatusCode, &str)> = vec![
-        (json_post(&records, "{\"a\": "), StatusCode::BAD_REQUEST, "bad_json"),
+        (
+            json_post(&records, "{\"a\": "),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
         (json_post(&records, ""), StatusCode::BAD_REQUEST, "bad_json"),
         (
             json_post(&records, "[1,2]"),

@@ -11,7 +11,14 @@ use tokio::time::timeout;
 /// Spawns `duplex serve` on port 0 and returns it with the HTTP address it printed.
 async fn spawn_server(data: &Path) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
-        .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0", "--data"])
+        .args([
+            "serve",
+            "--http",
+            "127.0.0.1:0",
+            "--tcp",
+            "127.0.0.1:0",
+            "--data",
+        ])
         .arg(data)
         .env("DUPLEX_LOG", "warn")
         .stdout(Stdio::piped())
@@ -67,7 +74,10 @@ async fn acknowledged_writes_survive_kill_9() {
     }
     // An update acknowledged just before the kill must survive too.
     let updated = client
-        .patch(format!("{url}/api/collections/journal/records/{}", acknowledged[0]))
+        .patch(format!(
+            "{url}/api/collections/journal/records/{}",
+            acknowledged[0]
+        ))
         .header("content-type", "application/merge-patch+json")
         .body(r#"{"edited": true}"#)
         .send()
@@ -84,10 +94,17 @@ async fn acknowledged_writes_survive_kill_9() {
             .send()
             .await
             .expect("request");
-        assert_eq!(response.status(), reqwest::StatusCode::OK, "record {id} lost");
+        assert_eq!(
+            response.status(),
+            reqwest::StatusCode::OK,
+            "record {id} lost"
+        );
     }
     let first: serde_json::Value = client
-        .get(format!("{url}/api/collections/journal/records/{}", acknowledged[0]))
+        .get(format!(
+            "{url}/api/collections/journal/records/{}",
+            acknowledged[0]
+        ))
         .send()
         .await
         .expect("request")
@@ -112,7 +129,9 @@ async fn acknowledged_writes_survive_kill_9() {
 async fn sigterm_shuts_down_cleanly() {
     let data = tempfile::tempdir().expect("tempdir");
     let (mut child, url) = spawn_server(data.path()).await;
-    let health = reqwest::get(format!("{url}/healthz")).await.expect("health");
+    let health = reqwest::get(format!("{url}/healthz"))
+        .await
+        .expect("health");
     assert!(health.status().is_success());
     let pid = child.id().expect("running");
     let status = std::process::Command::new("kill")

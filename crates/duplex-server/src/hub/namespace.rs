@@ -1,0 +1,274 @@
+//! Namespaces: the rules shared by every channel whose name starts with `namespace:`.
+//!
+//! Built-in namespaces ship sensible rules (`chat`, `records`, `stream`, `game`, `private`, and
+//! a default for any other name); `[namespaces.NAME]` tables in `duplex.toml` override them field
+//! by field, or define new ones on top of the default.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{ByteSize, parse_duration};
+
+/// Who may publish on a namespace's channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PublishRule {
+    /// Connected clients and the server API.
+    Clients,
+    /// Only the server (the records API, `POST /api/channels/{channel}/publish`).
+    Server,
+}
+
+/// Who may subscribe to a namespace's channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscribeRule {
+    /// Any connection.
+    Anyone,
+    /// Only connections whose token lists the channel (token support comes with auth; until
+    /// then such namespaces refuse every subscription).
+    TokenChannels,
+}
+
+/// What happens when a subscriber's outgoing queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumerPolicy {
+    /// Drop the oldest queued publication to make room.
+    DropOldest,
+    /// Conflate: a slow subscriber gets only the newest publication of each channel.
+    Latest,
+    /// Disconnect the subscriber with `slow_consumer`.
+    Disconnect,
+}
+
+/// The rules of one namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    /// The namespace's name (`default` for the fallback).
+    pub name: String,
+    /// Who may publish.
+    pub publish: PublishRule,
+    /// Who may subscribe.
+    pub subscribe: SubscribeRule,
+    /// How many recent publications each channel keeps.
+    pub history_size: usize,
+    /// How long a publication stays in history.
+    pub history_ttl: Duration,
+    /// Whether presence and join/leave events are on.
+    pub presence: bool,
+    /// Whether binary publications are allowed.
+    pub binary: bool,
+    /// The largest publication payload, in bytes.
+    pub max_message_size: usize,
+    /// What a full subscriber queue does.
+    pub slow_consumer: SlowConsumerPolicy,
+}
+
+/// A `[namespaces.NAME]` table: every field optional, falling back to the built-in rules.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// See [`Namespace::publish`].
+    pub publish: Option<PublishRule>,
+    /// See [`Namespace::subscribe`].
+    pub subscribe: Option<SubscribeRule>,
+    /// See [`Namespace::history_size`].
+    pub history_size: Option<usize>,
+    /// See [`Namespace::history_ttl`], as text such as `"5m"`.
+    pub history_ttl: Option<String>,
+    /// See [`Namespace::presence`].
+    pub presence: Option<bool>,
+    /// See [`Namespace::binary`].
+    pub binary: Option<bool>,
+    /// See [`Namespace::max_message_size`].
+    pub max_message_size: Option<ByteSize>,
+    /// See [`Namespace::slow_consumer`].
+    pub slow_consumer: Option<SlowConsumerPolicy>,
+}
+
+impl NamespaceConfig {
+    fn apply(&self, base: &Namespace, name: &str) -> Result<Namespace, String> {
+        let history_ttl = match &self.history_ttl {
+            Some(text) => parse_duration(text).ok_or_else(|| {
+                format!("namespaces.{name}.history_ttl: {text:?} is not a duration")
+            })?,
+            None => base.history_ttl,
+        };
+        Ok(Namespace {
+            name: name.to_owned(),
+            publish: self.publish.unwrap_or(base.publish),
+            subscribe: self.subscribe.unwrap_or(base.subscribe),
+            history_size: self.history_size.unwrap_or(base.history_size),
+            history_ttl,
+            presence: self.presence.unwrap_or(base.presence),
+            binary: self.binary.unwrap_or(base.binary),
+            max_message_size: self.max_message_size.map_or(base.max_message_size, |s| s.0),
+            slow_consumer: self.slow_consumer.unwrap_or(base.slow_consumer),
+        })
+    }
+}
+
+/// Every namespace's rules, looked up by channel name.
+#[derive(Debug, Clone)]
+pub struct Namespaces {
+    named: HashMap<String, Arc<Namespace>>,
+    fallback: Arc<Namespace>,
+}
+
+const KIB: usize = 1024;
+
+fn builtin(name: &str) -> Option<Namespace> {
+    let default = Namespace {
+        name: "default".into(),
+        publish: PublishRule::Clients,
+        subscribe: SubscribeRule::Anyone,
+        history_size: 100,
+        history_ttl: Duration::from_secs(300),
+        presence: false,
+        binary: false,
+        max_message_size: 64 * KIB,
+        slow_consumer: SlowConsumerPolicy::DropOldest,
+    };
+    let namespace = match name {
+        "default" => default,
+        "chat" => Namespace {
+            presence: true,
+            history_size: 100,
+            history_ttl: Duration::from_secs(3600),
+            ..default
+        },
+        "records" => Namespace {
+            publish: PublishRule::Server,
+            history_size: 1000,
+            history_ttl: Duration::from_secs(3600),
+            max_message_size: 2 * 1024 * KIB,
+            ..default
+        },
+        "stream" => Namespace {
+            binary: true,
+            history_size: 0,
+            max_message_size: 1024 * KIB,
+            slow_consumer: SlowConsumerPolicy::DropOldest,
+            ..default
+        },
+        "game" => Namespace {
+            binary: true,
+            history_size: 0,
+            slow_consumer: SlowConsumerPolicy::Latest,
+            presence: true,
+            ..default
+        },
+        "private" => Namespace {
+            subscribe: SubscribeRule::TokenChannels,
+            presence: true,
+            ..default
+        },
+        _ => return None,
+    };
+    Some(Namespace {
+        name: name.to_owned(),
+        ..namespace
+    })
+}
+
+impl Default for Namespaces {
+    fn default() -> Self {
+        Self::new(&HashMap::new()).expect("the built-in namespaces are valid")
+    }
+}
+
+impl Namespaces {
+    /// The built-in namespaces with `configured` applied on top.
+    pub fn new(configured: &HashMap<String, NamespaceConfig>) -> Result<Self, String> {
+        let mut fallback = builtin("default").expect("default is built in");
+        if let Some(config) = configured.get("default") {
+            fallback = config.apply(&fallback, "default")?;
+        }
+        let mut named = HashMap::new();
+        for name in ["chat", "records", "stream", "game", "private"] {
+            let namespace = builtin(name).expect("listed names are built in");
+            named.insert(name.to_owned(), namespace);
+        }
+        for (name, config) in configured {
+            if name == "default" {
+                continue;
+            }
+            if !duplex_proto::is_valid_namespace(name) {
+                return Err(format!(
+                    "namespace name {name:?} must be [a-z0-9_-]{{1,32}}"
+                ));
+            }
+            let base = named.get(name).unwrap_or(&fallback).clone();
+            named.insert(name.clone(), config.apply(&base, name)?);
+        }
+        Ok(Namespaces {
+            named: named.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+            fallback: Arc::new(fallback),
+        })
+    }
+
+    /// The rules for a channel (`namespace:name`); the caller has validated the name.
+    pub fn for_channel(&self, channel: &str) -> &Arc<Namespace> {
+        let namespace = channel.split_once(':').map_or(channel, |(ns, _)| ns);
+        self.named.get(namespace).unwrap_or(&self.fallback)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_and_the_fallback_apply_by_prefix() {
+        let namespaces = Namespaces::default();
+        assert_eq!(
+            namespaces.for_channel("records:posts").publish,
+            PublishRule::Server
+        );
+        assert!(namespaces.for_channel("stream:cam1").binary);
+        assert_eq!(
+            namespaces.for_channel("game:arena").slow_consumer,
+            SlowConsumerPolicy::Latest
+        );
+        assert!(namespaces.for_channel("chat:lobby").presence);
+        let other = namespaces.for_channel("news:today");
+        assert_eq!(other.name, "default");
+        assert_eq!(other.history_size, 100);
+        assert_eq!(other.history_ttl, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn configured_tables_override_field_by_field() {
+        let configured: HashMap<String, NamespaceConfig> = toml::from_str(
+            "[chat]\nhistory_size = 5\n[alerts]\npublish = \"server\"\nslow_consumer = \"disconnect\"\n[default]\nbinary = true",
+        )
+        .expect("valid");
+        let namespaces = Namespaces::new(&configured).expect("valid");
+        let chat = namespaces.for_channel("chat:x");
+        assert_eq!(chat.history_size, 5);
+        assert!(chat.presence, "unset fields keep the built-in value");
+        let alerts = namespaces.for_channel("alerts:x");
+        assert_eq!(alerts.publish, PublishRule::Server);
+        assert_eq!(alerts.slow_consumer, SlowConsumerPolicy::Disconnect);
+        assert!(
+            alerts.binary,
+            "new namespaces start from the configured default"
+        );
+        assert!(namespaces.for_channel("misc:x").binary);
+    }
+
+    #[test]
+    fn bad_tables_are_refused() {
+        assert!(toml::from_str::<HashMap<String, NamespaceConfig>>("[a]\npublsh = \"x\"").is_err());
+        let configured: HashMap<String, NamespaceConfig> =
+            toml::from_str("[a]\nhistory_ttl = \"soon\"").expect("valid toml");
+        assert!(Namespaces::new(&configured).is_err());
+        let configured: HashMap<String, NamespaceConfig> =
+            toml::from_str("[\"Bad Name\"]\nbinary = true").expect("valid toml");
+        assert!(Namespaces::new(&configured).is_err());
+    }
+}

@@ -1,0 +1,185 @@
+//! A publication, encoded once for every transport.
+//!
+//! One buffer holds `length u32 | kind u8 | frame` (plus `\n` after a JSON frame), and each
+//! transport sends a slice of it: WebSocket the frame, raw TCP in line mode the frame and its
+//! newline, raw TCP in length-prefixed mode the whole buffer. Subscribers share the buffer; no
+//! subscriber encodes anything.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
+use serde_json::value::RawValue;
+
+/// What a publication carries.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// Any JSON value.
+    Json(Box<RawValue>),
+    /// Bytes, for namespaces that allow binary.
+    Binary(Bytes),
+}
+
+impl Payload {
+    /// The payload's size in bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Payload::Json(raw) => raw.get().len(),
+            Payload::Binary(bytes) => bytes.len(),
+        }
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One publication on one channel, ready to send.
+#[derive(Debug)]
+pub struct Publication {
+    channel: Arc<str>,
+    offset: u64,
+    binary: bool,
+    /// `length | kind | frame [| \n]`.
+    encoded: Bytes,
+    /// The frame as WebSocket text, sharing `encoded` (JSON publications only).
+    ws_text: Option<Utf8Bytes>,
+    payload_start: usize,
+    /// A JSON line with the payload in base64, made on first use by a line-mode reader.
+    binary_as_line: OnceLock<Bytes>,
+}
+
+impl Publication {
+    /// Encodes a publication.
+    pub fn new(channel: Arc<str>, offset: u64, payload: &Payload) -> Publication {
+        let mut buf = Vec::with_capacity(64 + channel.len() + payload.len());
+        buf.extend_from_slice(&[0; 4]);
+        let (binary, payload_start) = match payload {
+            Payload::Json(data) => {
+                buf.push(duplex_proto::tcp::KIND_TEXT);
+                duplex_proto::frames::write_message(&mut buf, &channel, offset, data);
+                (false, 0)
+            }
+            Payload::Binary(bytes) => {
+                duplex_proto::binary::write_message(&mut buf, &channel, offset, bytes);
+                (true, buf.len() - bytes.len())
+            }
+        };
+        let len = u32::try_from(buf.len() - 4).expect("publications are smaller than 4 GiB");
+        buf[..4].copy_from_slice(&len.to_be_bytes());
+        if !binary {
+            buf.push(b'\n');
+        }
+        let encoded = Bytes::from(buf);
+        let ws_text = (!binary).then(|| {
+            Utf8Bytes::try_from(encoded.slice(5..encoded.len() - 1))
+                .expect("serde_json writes UTF-8")
+        });
+        Publication {
+            channel,
+            offset,
+            binary,
+            encoded,
+            ws_text,
+            payload_start,
+            binary_as_line: OnceLock::new(),
+        }
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> &Arc<str> {
+        &self.channel
+    }
+
+    /// The offset.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Whether the payload is binary.
+    pub fn is_binary(&self) -> bool {
+        self.binary
+    }
+
+    /// The WebSocket text frame of a JSON publication.
+    pub fn ws_text(&self) -> Option<&Utf8Bytes> {
+        self.ws_text.as_ref()
+    }
+
+    /// The binary frame (kind byte first) of a binary publication, for WebSocket.
+    pub fn binary_frame(&self) -> Bytes {
+        self.encoded.slice(4..)
+    }
+
+    /// The whole length-prefixed frame, for raw TCP in length-prefixed mode.
+    pub fn length_prefixed(&self) -> Bytes {
+        if self.binary {
+            self.encoded.clone()
+        } else {
+            self.encoded.slice(..self.encoded.len() - 1)
+        }
+    }
+
+    /// The JSON line (newline included), for raw TCP in line mode.
+    pub fn line(&self) -> Bytes {
+        if !self.binary {
+            return self.encoded.slice(5..);
+        }
+        self.binary_as_line
+            .get_or_init(|| {
+                let mut buf = Vec::new();
+                duplex_proto::frames::write_binary_message_as_text(
+                    &mut buf,
+                    &self.channel,
+                    self.offset,
+                    &self.encoded[self.payload_start..],
+                );
+                buf.push(b'\n');
+                Bytes::from(buf)
+            })
+            .clone()
+    }
+
+    /// The JSON text of the frame without newline (JSON publications), for the HTTP transports.
+    pub fn json_frame(&self) -> Option<Bytes> {
+        (!self.binary).then(|| self.encoded.slice(5..self.encoded.len() - 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_buffer_serves_every_transport() {
+        let data = RawValue::from_string(r#"{"text":"hi"}"#.into()).expect("json");
+        let publication = Publication::new("chat:lobby".into(), 9, &Payload::Json(data));
+        let frame = r#"{"type":"message","channel":"chat:lobby","offset":9,"data":{"text":"hi"}}"#;
+        assert_eq!(publication.ws_text().map(|t| t.as_str()), Some(frame));
+        assert_eq!(publication.line(), format!("{frame}\n").as_bytes());
+        let lp = publication.length_prefixed();
+        assert_eq!(&lp[..4], &((frame.len() + 1) as u32).to_be_bytes());
+        assert_eq!(lp[4], 0);
+        assert_eq!(&lp[5..], frame.as_bytes());
+    }
+
+    #[test]
+    fn binary_publications_have_binary_frames_and_a_base64_line() {
+        let payload = Bytes::from_static(&[0, 1, 2, 255]);
+        let publication = Publication::new("stream:cam".into(), 3, &Payload::Binary(payload));
+        let frame = publication.binary_frame();
+        let message = duplex_proto::binary::decode_message(&frame).expect("valid");
+        assert_eq!(message.channel, "stream:cam");
+        assert_eq!(message.offset, 3);
+        assert_eq!(message.payload, &[0, 1, 2, 255]);
+        assert_eq!(&publication.length_prefixed()[4..], &frame[..]);
+        assert_eq!(
+            publication.line(),
+            Bytes::from_static(
+                b"{\"type\":\"message\",\"channel\":\"stream:cam\",\"offset\":3,\"binary\":\"AAEC/w==\"}\n"
+            )
+        );
+        assert!(publication.ws_text().is_none());
+    }
+}
