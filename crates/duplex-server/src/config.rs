@@ -6,7 +6,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use serde::Deserialize;
+
+use crate::hub::namespace::{NamespaceConfig, Namespaces};
+use crate::socket::SocketLimits;
 
 /// Everything a server needs to start.
 #[derive(Debug, Clone)]
@@ -23,6 +28,10 @@ pub struct Config {
     pub max_body: usize,
     /// How long shutdown waits for in-flight requests before it gives up on them.
     pub shutdown_grace: Duration,
+    /// Per-connection socket limits.
+    pub sockets: SocketLimits,
+    /// Namespace rules.
+    pub namespaces: Namespaces,
 }
 
 impl Default for Config {
@@ -34,6 +43,14 @@ impl Default for Config {
             store: None,
             max_body: 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            sockets: SocketLimits {
+                max_frame: 64 * 1024,
+                queue_size: 1024,
+                max_subscriptions: 1024,
+                ping_interval: Duration::from_secs(25),
+                idle_timeout: Duration::from_secs(60),
+            },
+            namespaces: Namespaces::default(),
         }
     }
 }
@@ -76,6 +93,19 @@ pub struct ConfigLayer {
     pub max_body: Option<ByteSize>,
     /// See [`Config::shutdown_grace`], as text such as `"10s"`.
     pub shutdown_grace: Option<String>,
+    /// See [`SocketLimits::max_frame`].
+    pub max_frame: Option<ByteSize>,
+    /// See [`SocketLimits::queue_size`].
+    pub queue_size: Option<usize>,
+    /// See [`SocketLimits::max_subscriptions`].
+    pub max_subscriptions: Option<usize>,
+    /// See [`SocketLimits::ping_interval`], as text such as `"25s"`.
+    pub ping_interval: Option<String>,
+    /// See [`SocketLimits::idle_timeout`], as text such as `"60s"`.
+    pub idle_timeout: Option<String>,
+    /// `[namespaces.NAME]` tables (file only).
+    #[serde(default)]
+    pub namespaces: HashMap<String, NamespaceConfig>,
 }
 
 impl ConfigLayer {
@@ -100,19 +130,58 @@ impl ConfigLayer {
             store: self.store.or(lower.store),
             max_body: self.max_body.or(lower.max_body),
             shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
+            max_frame: self.max_frame.or(lower.max_frame),
+            queue_size: self.queue_size.or(lower.queue_size),
+            max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
+            ping_interval: self.ping_interval.or(lower.ping_interval),
+            idle_timeout: self.idle_timeout.or(lower.idle_timeout),
+            namespaces: if self.namespaces.is_empty() {
+                lower.namespaces
+            } else {
+                self.namespaces
+            },
         }
     }
 
     fn over_defaults(self) -> Result<Config, ConfigError> {
         let defaults = Config::default();
-        let shutdown_grace = match self.shutdown_grace {
+        let duration = |key: &'static str, text: Option<String>, default: Duration| match text {
             Some(text) => parse_duration(&text).ok_or(ConfigError::Invalid {
-                key: "shutdown_grace",
+                key,
                 message: format!("{text:?} is not a duration such as 500ms, 10s or 2m"),
-            })?,
-            None => defaults.shutdown_grace,
+            }),
+            None => Ok(default),
         };
+        let shutdown_grace = duration(
+            "shutdown_grace",
+            self.shutdown_grace,
+            defaults.shutdown_grace,
+        )?;
+        let sockets = SocketLimits {
+            max_frame: self.max_frame.map_or(defaults.sockets.max_frame, |b| b.0),
+            queue_size: self.queue_size.unwrap_or(defaults.sockets.queue_size),
+            max_subscriptions: self
+                .max_subscriptions
+                .unwrap_or(defaults.sockets.max_subscriptions),
+            ping_interval: duration(
+                "ping_interval",
+                self.ping_interval,
+                defaults.sockets.ping_interval,
+            )?,
+            idle_timeout: duration(
+                "idle_timeout",
+                self.idle_timeout,
+                defaults.sockets.idle_timeout,
+            )?,
+        };
+        let namespaces =
+            Namespaces::new(&self.namespaces).map_err(|message| ConfigError::Invalid {
+                key: "namespaces",
+                message,
+            })?;
         Ok(Config {
+            sockets,
+            namespaces,
             http: self.http.unwrap_or(defaults.http),
             tcp: self.tcp.unwrap_or(defaults.tcp),
             data_dir: self.data.unwrap_or(defaults.data_dir),

@@ -19,8 +19,10 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 mod server;
+mod socket;
 pub mod store;
 
 pub use config::{Config, ConfigError, ConfigLayer};
 pub use server::{Server, ServerError};
+pub use socket::SocketLimits;
 pub mod hub;

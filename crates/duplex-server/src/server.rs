@@ -6,14 +6,22 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::http::{self, AppState};
+use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::socket::{self, SocketContext};
 use crate::store::{self, Store, StoreError};
+
+/// How often expired history is dropped and unused channels removed.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +48,8 @@ pub struct Server {
     config: Config,
     http_listener: TcpListener,
     http_addr: SocketAddr,
+    tcp_listener: TcpListener,
+    tcp_addr: SocketAddr,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
 }
@@ -56,10 +66,20 @@ impl Server {
                     source,
                 })?;
         let http_addr = http_listener.local_addr()?;
+        let tcp_listener =
+            TcpListener::bind(config.tcp)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.tcp,
+                    source,
+                })?;
+        let tcp_addr = tcp_listener.local_addr()?;
         Ok(Server {
             config,
             http_listener,
             http_addr,
+            tcp_listener,
+            tcp_addr,
             store,
             metrics: Metrics::new(),
         })
@@ -70,6 +90,11 @@ impl Server {
         self.http_addr
     }
 
+    /// The address raw TCP clients connect to.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp_addr
+    }
+
     /// The configuration the server was bound with.
     pub fn config(&self) -> &Config {
         &self.config
@@ -78,8 +103,24 @@ impl Server {
     /// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight requests
     /// finish (for at most the configured grace period) and closes the store.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
+        let hub = Arc::new(Hub::new(
+            self.config.namespaces.clone(),
+            self.metrics.clone(),
+        ));
+        let tracker = TaskTracker::new();
+        let sockets = SocketContext {
+            hub: hub.clone(),
+            limits: Arc::new(self.config.sockets.clone()),
+            metrics: self.metrics.clone(),
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        };
+        tracker.spawn(socket::tcp::accept(self.tcp_listener, sockets.clone()));
+        tracker.spawn(sweep(hub.clone(), shutdown.clone()));
         let state = AppState {
             store: self.store.clone(),
+            hub,
+            sockets,
             metrics: self.metrics.clone(),
             max_body: self.config.max_body,
         };
@@ -95,18 +136,41 @@ impl Server {
         )
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let grace = self.config.shutdown_grace;
+        // The grace period starts at shutdown and covers HTTP requests and socket connections:
+        // hyper does not track upgraded WebSocket connections, so the tracker does.
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::pin!(deadline);
         let outcome = tokio::select! {
             outcome = serve => outcome.map_err(ServerError::from),
-            () = async {
-                shutdown.cancelled().await;
-                tokio::time::sleep(grace).await;
-            } => {
+            () = &mut deadline => {
                 tracing::warn!(?grace, "in-flight requests outlived the shutdown grace period");
                 Ok(())
             }
         };
+        tracker.close();
+        tokio::select! {
+            () = tracker.wait() => {}
+            () = &mut deadline => {
+                tracing::warn!(?grace, "connections outlived the shutdown grace period");
+            }
+        }
         self.store.close().await;
         tracing::info!("server stopped");
         outcome
+    }
+}
+
+/// Drops expired history and unused channels until shutdown.
+async fn sweep(hub: Arc<Hub>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => hub.sweep(),
+        }
     }
 }

@@ -71,6 +71,7 @@ impl ServeArgs {
             store: self.store,
             max_body: self.max_body,
             shutdown_grace: self.shutdown_grace,
+            ..ConfigLayer::default()
         };
         Ok(Config::resolve(flags, file.as_deref())?)
     }
@@ -109,11 +110,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let server = Server::bind(config).await?;
     // One plain line on stdout with the bound address, for people and for scripts (port 0).
     println!(
-        "duplex {} serving HTTP on http://{}",
+        "duplex {} serving HTTP on http://{} and raw TCP on {}",
         env!("CARGO_PKG_VERSION"),
-        server.http_addr()
+        server.http_addr(),
+        server.tcp_addr()
     );
-    tracing::info!(http = %server.http_addr(), store = %server.config().store_url(), "listening");
+    tracing::info!(
+        http = %server.http_addr(),
+        tcp = %server.tcp_addr(),
+        store = %server.config().store_url(),
+        "listening"
+    );
     let shutdown = CancellationToken::new();
     cancel_on_signal(shutdown.clone())?;
     server.run(shutdown).await?;

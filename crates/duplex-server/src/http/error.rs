@@ -62,6 +62,9 @@ pub enum ApiError {
     /// The body is valid JSON but not an acceptable value.
     #[error("{0}")]
     Validation(String),
+    /// `GET /ws` without a WebSocket upgrade.
+    #[error("this endpoint speaks WebSocket: {0}")]
+    UpgradeRequired(String),
     /// The store is not reachable right now.
     #[error("the store is unavailable")]
     Unavailable,
@@ -93,6 +96,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            ApiError::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

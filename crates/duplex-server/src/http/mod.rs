@@ -19,13 +19,17 @@ use tower_http::trace::TraceLayer;
 pub use error::{ApiError, PROBLEM_JSON, Problem};
 pub use records::{DEFAULT_LIMIT, MAX_FILTERS, MAX_LIMIT};
 
+use crate::hub::Hub;
 use crate::metrics::{HttpLabels, Metrics};
+use crate::socket::SocketContext;
 use crate::store::Store;
 
 /// What every handler can reach.
 #[derive(Debug, Clone)]
 pub(crate) struct AppState {
     pub(crate) store: Arc<dyn Store>,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) sockets: SocketContext,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) max_body: usize,
 }
@@ -36,6 +40,7 @@ pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .merge(records::router())
         .merge(ops::router())
+        .route("/ws", axum::routing::get(crate::socket::ws::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body))

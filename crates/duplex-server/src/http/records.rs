@@ -9,10 +9,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::AppState;
 use super::error::ApiError;
+use crate::hub::Origin;
+use crate::hub::publication::Payload;
 use crate::store::{
     Change, CollectionSummary, Cursor, FieldFilter, ListQuery, Precondition, Record, SortOrder,
     is_valid_collection, is_valid_field, is_valid_id,
@@ -98,6 +101,7 @@ pub(crate) async fn create_record(
     check_collection(&collection)?;
     let fields = read_object(&state, &headers, body, &[JSON])?;
     let record = state.store.create(&collection, fields).await?;
+    publish_record_event(&state, &collection, "created", &record);
     Ok(created(&collection, &record))
 }
 
@@ -151,12 +155,14 @@ pub(crate) async fn replace_record(
     let precondition = write_precondition(&headers)?;
     if precondition == Precondition::Absent {
         let record = state.store.create_with_id(&collection, &id, fields).await?;
+        publish_record_event(&state, &collection, "created", &record);
         return Ok(created(&collection, &record));
     }
     let record = state
         .store
         .update(&collection, &id, Change::Replace(fields), &precondition)
         .await?;
+    publish_record_event(&state, &collection, "updated", &record);
     Ok(record_response(StatusCode::OK, &record))
 }
 
@@ -188,6 +194,7 @@ pub(crate) async fn patch_record(
         .store
         .update(&collection, &id, Change::MergePatch(patch), &precondition)
         .await?;
+    publish_record_event(&state, &collection, "updated", &record);
     Ok(record_response(StatusCode::OK, &record))
 }
 
@@ -212,7 +219,8 @@ pub(crate) async fn delete_record(
             "If-None-Match: * cannot guard a delete".into(),
         ));
     }
-    state.store.delete(&collection, &id, &precondition).await?;
+    let record = state.store.delete(&collection, &id, &precondition).await?;
+    publish_record_event(&state, &collection, "deleted", &record);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -325,6 +333,31 @@ fn parse_list_query(query: &str) -> Result<ListQuery, ApiError> {
         list.after = Some(cursor);
     }
     Ok(list)
+}
+
+/// Publishes `{"op": …, "record": …}` on `records:{collection}` once the write is committed.
+fn publish_record_event(state: &AppState, collection: &str, op: &str, record: &Record) {
+    let mut data = Vec::with_capacity(record.document.len() + 32);
+    data.extend_from_slice(b"{\"op\":\"");
+    data.extend_from_slice(op.as_bytes());
+    data.extend_from_slice(b"\",\"record\":");
+    data.extend_from_slice(&record.document);
+    data.push(b'}');
+    let data = String::from_utf8(data).expect("stored documents are UTF-8 JSON");
+    let data = match RawValue::from_string(data) {
+        Ok(data) => data,
+        Err(error) => {
+            tracing::error!(%error, collection, "cannot publish a record event");
+            return;
+        }
+    };
+    let channel = format!("records:{collection}");
+    if let Err(error) = state
+        .hub
+        .publish(&channel, Payload::Json(data), Origin::Server)
+    {
+        tracing::error!(%error, channel, "cannot publish a record event");
+    }
 }
 
 fn check_collection(collection: &str) -> Result<(), ApiError> {

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use duplex_proto::DisconnectCode;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::namespace::SlowConsumerPolicy;
 use super::publication::Publication;
@@ -70,6 +71,8 @@ struct State {
 pub struct OutgoingQueue {
     state: Mutex<State>,
     notify: Notify,
+    /// Cancelled once the connection is closing, so the reader stops too.
+    closed: CancellationToken,
     capacity: usize,
 }
 
@@ -79,6 +82,7 @@ impl OutgoingQueue {
         OutgoingQueue {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
+            closed: CancellationToken::new(),
             capacity: capacity.max(1),
         }
     }
@@ -122,6 +126,7 @@ impl OutgoingQueue {
                 SlowConsumerPolicy::Disconnect => {
                     state.closing = Some(DisconnectCode::SlowConsumer);
                     drop(state);
+                    self.closed.cancel();
                     self.notify.notify_one();
                     return Pushed::Disconnecting;
                 }
@@ -151,6 +156,7 @@ impl OutgoingQueue {
         if state.items.len() - state.publications >= self.capacity * 4 {
             state.closing = Some(DisconnectCode::SlowConsumer);
             drop(state);
+            self.closed.cancel();
             self.notify.notify_one();
             return;
         }
@@ -164,7 +170,13 @@ impl OutgoingQueue {
             state.closing = Some(code);
         }
         drop(state);
+        self.closed.cancel();
         self.notify.notify_one();
+    }
+
+    /// Completes once the connection is closing.
+    pub fn closed(&self) -> WaitForCancellationFuture<'_> {
+        self.closed.cancelled()
     }
 
     /// Whether the connection is closing.

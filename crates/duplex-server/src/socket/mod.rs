@@ -1,0 +1,384 @@
+//! Socket connections: the session logic shared by WebSocket ([`ws`]) and raw TCP ([`tcp`]).
+//!
+//! Each connection is one reader task (which owns the [`Session`] and answers requests) and one
+//! writer task (which drains the connection's [`OutgoingQueue`] into one write per batch). The
+//! hub only ever pushes into the queue, so a slow socket never blocks a publisher.
+
+pub(crate) mod tcp;
+pub(crate) mod ws;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use duplex_proto::frames::{
+    ClientFrame, ConnectResult, Connected, ErrorFrame, Keepalive, Limits, Published, Reply, to_json,
+};
+use duplex_proto::{DisconnectCode, ErrorCode, PROTOCOL_VERSION};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::hub::publication::Payload;
+use crate::hub::queue::{Outgoing, OutgoingQueue};
+use crate::hub::{ConnectionId, Hub, HubError, Origin, Subscriber};
+use crate::metrics::{Metrics, TransportLabels};
+
+/// After this many bad frames in a row a connection is closed with `too_many_errors`.
+const MAX_BAD_FRAMES_IN_A_ROW: u32 = 20;
+
+/// How long a closing connection's writer gets to send what is queued and the `disconnect`.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Per-connection limits, from the configuration.
+#[derive(Debug, Clone)]
+pub struct SocketLimits {
+    /// Largest frame read, in bytes.
+    pub max_frame: usize,
+    /// Publications queued per connection before the slow-consumer policy applies.
+    pub queue_size: usize,
+    /// Subscriptions per connection.
+    pub max_subscriptions: usize,
+    /// Time between keepalive pings.
+    pub ping_interval: Duration,
+    /// Time without any frame from the client before it is disconnected.
+    pub idle_timeout: Duration,
+}
+
+impl SocketLimits {
+    fn announced(&self) -> Limits {
+        Limits {
+            max_frame: self.max_frame,
+            max_subscriptions: self.max_subscriptions,
+            queue: self.queue_size,
+            idle_timeout_ms: u64::try_from(self.idle_timeout.as_millis()).unwrap_or(u64::MAX),
+            ping_interval_ms: u64::try_from(self.ping_interval.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// What socket tasks share.
+#[derive(Debug, Clone)]
+pub(crate) struct SocketContext {
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) limits: Arc<SocketLimits>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+}
+
+/// Which transport a connection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transport {
+    WebSocket,
+    Tcp,
+}
+
+impl Transport {
+    fn label(self) -> TransportLabels {
+        TransportLabels {
+            transport: match self {
+                Transport::WebSocket => "websocket",
+                Transport::Tcp => "tcp",
+            },
+        }
+    }
+}
+
+/// What the reader must do after a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum After {
+    Continue,
+    /// Raw TCP: read length-prefixed frames from now on.
+    SwitchToLengthPrefixed,
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub(crate) struct Session {
+    id: ConnectionId,
+    transport: Transport,
+    context: SocketContext,
+    queue: Arc<OutgoingQueue>,
+    subscriptions: HashSet<String>,
+    bad_frames_in_a_row: u32,
+    meta: Option<Box<RawValue>>,
+}
+
+impl Session {
+    /// Starts a session and queues the `connected` frame.
+    pub(crate) fn start(context: SocketContext, transport: Transport) -> Session {
+        let id = ConnectionId::random();
+        let queue = Arc::new(OutgoingQueue::new(context.limits.queue_size));
+        let client = id.to_string();
+        queue.push_control(Bytes::from(to_json(&Connected {
+            client: client.as_str().into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol: PROTOCOL_VERSION,
+            limits: context.limits.announced(),
+        })));
+        context
+            .metrics
+            .connections
+            .get_or_create(&transport.label())
+            .inc();
+        Session {
+            id,
+            transport,
+            context,
+            queue,
+            subscriptions: HashSet::new(),
+            bad_frames_in_a_row: 0,
+            meta: None,
+        }
+    }
+
+    pub(crate) fn queue(&self) -> &Arc<OutgoingQueue> {
+        &self.queue
+    }
+
+    fn reply<T: Serialize>(&mut self, id: u64, result: T) {
+        self.bad_frames_in_a_row = 0;
+        self.queue
+            .push_control(Bytes::from(to_json(&Reply { id, result })));
+    }
+
+    fn error(&mut self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
+        self.queue.push_control(Bytes::from(to_json(&ErrorFrame {
+            id,
+            code,
+            message: message.into().into(),
+        })));
+    }
+
+    /// An error caused by a malformed frame; too many in a row close the connection.
+    fn bad_frame(&mut self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
+        self.error(id, code, message);
+        self.bad_frames_in_a_row += 1;
+        if self.bad_frames_in_a_row >= MAX_BAD_FRAMES_IN_A_ROW {
+            self.queue.close(DisconnectCode::TooManyErrors);
+        }
+    }
+
+    fn hub_error(&mut self, id: u64, error: &HubError) {
+        self.bad_frames_in_a_row = 0;
+        self.error(Some(id), error.code(), error.to_string());
+    }
+
+    /// Handles a JSON text frame.
+    pub(crate) fn on_text(&mut self, text: &[u8]) -> After {
+        let frame = match ClientFrame::parse(text) {
+            Ok(frame) => frame,
+            Err(error) => {
+                self.bad_frame(
+                    None,
+                    ErrorCode::BadFrame,
+                    format!("expected a JSON object with a string \"type\": {error}"),
+                );
+                return After::Continue;
+            }
+        };
+        let kind = frame.kind.as_ref();
+        match kind {
+            "ping" => {
+                self.bad_frames_in_a_row = 0;
+                self.queue
+                    .push_control(Bytes::from(to_json(&Keepalive::Pong { id: frame.id })));
+                return After::Continue;
+            }
+            "pong" => return After::Continue,
+            "connect" | "subscribe" | "unsubscribe" | "publish" | "framing" => {}
+            _ => {
+                self.bad_frame(
+                    frame.id,
+                    ErrorCode::UnknownType,
+                    format!("unknown frame type {kind:?}"),
+                );
+                return After::Continue;
+            }
+        }
+        let Some(id) = frame.id else {
+            self.bad_frame(
+                None,
+                ErrorCode::MissingId,
+                format!("a {kind} request needs an unsigned integer \"id\""),
+            );
+            return After::Continue;
+        };
+        match kind {
+            "connect" => self.connect(id, &frame),
+            "framing" => return self.framing(id, frame.mode.as_deref()),
+            _ => {
+                let Some(channel) = frame.channel.as_deref() else {
+                    self.bad_frame(
+                        Some(id),
+                        ErrorCode::BadRequest,
+                        format!("a {kind} request needs a \"channel\""),
+                    );
+                    return After::Continue;
+                };
+                match kind {
+                    "subscribe" => self.subscribe(id, channel),
+                    "unsubscribe" => self.unsubscribe(id, channel),
+                    _ => match frame.data {
+                        Some(data) => {
+                            self.publish(id, channel, Payload::Json(data.to_owned()));
+                        }
+                        None => self.bad_frame(
+                            Some(id),
+                            ErrorCode::BadRequest,
+                            "a publish request needs \"data\" (any JSON value but null)",
+                        ),
+                    },
+                }
+            }
+        }
+        After::Continue
+    }
+
+    /// Handles a binary frame (kind byte first).
+    pub(crate) fn on_binary(&mut self, frame: Bytes) {
+        let (id, channel, payload) = match duplex_proto::binary::decode_publish(&frame) {
+            Ok(publish) => {
+                let start = frame.len() - publish.payload.len();
+                (
+                    u64::from(publish.id),
+                    publish.channel.to_owned(),
+                    frame.slice(start..),
+                )
+            }
+            Err(error) => {
+                self.bad_frame(None, ErrorCode::BadFrame, error.to_string());
+                return;
+            }
+        };
+        self.publish(id, &channel, Payload::Binary(payload));
+    }
+
+    fn connect(&mut self, id: u64, frame: &ClientFrame<'_>) {
+        if let Some(version) = frame.version
+            && version != PROTOCOL_VERSION
+        {
+            self.error(
+                Some(id),
+                ErrorCode::Unsupported,
+                format!("this server speaks protocol version {PROTOCOL_VERSION}, not {version}"),
+            );
+            return;
+        }
+        self.meta = frame.meta.map(ToOwned::to_owned);
+        let client = self.id.to_string();
+        self.reply(
+            id,
+            ConnectResult {
+                client: client.into(),
+                user: None,
+            },
+        );
+    }
+
+    fn framing(&mut self, id: u64, mode: Option<&str>) -> After {
+        if self.transport != Transport::Tcp {
+            self.error(
+                Some(id),
+                ErrorCode::Unsupported,
+                "framing is chosen on raw TCP only",
+            );
+            return After::Continue;
+        }
+        match mode {
+            Some("length_prefixed") => {
+                self.reply(id, serde_json::json!({"mode": "length_prefixed"}));
+                self.queue.push_other(Outgoing::SwitchToLengthPrefixed);
+                After::SwitchToLengthPrefixed
+            }
+            _ => {
+                self.error(
+                    Some(id),
+                    ErrorCode::Unsupported,
+                    "mode must be \"length_prefixed\"",
+                );
+                After::Continue
+            }
+        }
+    }
+
+    fn subscribe(&mut self, id: u64, channel: &str) {
+        if self.subscriptions.contains(channel) {
+            self.hub_error(id, &HubError::AlreadySubscribed);
+            return;
+        }
+        if self.subscriptions.len() >= self.context.limits.max_subscriptions {
+            let max = self.context.limits.max_subscriptions;
+            self.error(
+                Some(id),
+                ErrorCode::TooManySubscriptions,
+                format!("a connection may hold at most {max} subscriptions"),
+            );
+            return;
+        }
+        let subscriber = Subscriber::new(self.queue.clone());
+        match self.context.hub.subscribe(channel, self.id, subscriber, id) {
+            Ok(()) => {
+                self.bad_frames_in_a_row = 0;
+                self.subscriptions.insert(channel.to_owned());
+            }
+            Err(error) => self.hub_error(id, &error),
+        }
+    }
+
+    fn unsubscribe(&mut self, id: u64, channel: &str) {
+        if !self.subscriptions.remove(channel) {
+            self.hub_error(id, &HubError::NotSubscribed);
+            return;
+        }
+        match self.context.hub.unsubscribe(channel, self.id) {
+            Ok(()) => self.reply(id, serde_json::json!({})),
+            Err(error) => self.hub_error(id, &error),
+        }
+    }
+
+    fn publish(&mut self, id: u64, channel: &str, payload: Payload) {
+        match self.context.hub.publish(channel, payload, Origin::Client) {
+            Ok(outcome) => self.reply(
+                id,
+                Published {
+                    offset: outcome.offset,
+                    epoch: (*outcome.epoch).into(),
+                },
+            ),
+            Err(error) => self.hub_error(id, &error),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for channel in self.subscriptions.drain() {
+            // The hub may already have dropped the channel; either way the subscription is gone.
+            let _ = self.context.hub.unsubscribe(&channel, self.id);
+        }
+        self.context
+            .metrics
+            .connections
+            .get_or_create(&self.transport.label())
+            .dec();
+    }
+}
+
+/// Waits for a closing connection's writer to finish, then gives up on it.
+async fn finish_writer(writer: tokio::task::JoinHandle<()>, queue: &OutgoingQueue) {
+    let mut writer = writer;
+    if queue.is_closing() {
+        if tokio::time::timeout(CLOSE_GRACE, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+    } else {
+        writer.abort();
+    }
+}

@@ -1,0 +1,164 @@
+//! Raw TCP: JSON lines a person can type into `nc`, switchable to length-prefixed frames that
+//! carry binary payloads without base64 (see `duplex_proto::tcp`).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use duplex_proto::DisconnectCode;
+use duplex_proto::frames::{Disconnect, Keepalive, to_json};
+use duplex_proto::tcp::{Framing, TcpDecoder, TcpFrame, TcpFrameError};
+use futures_util::StreamExt as _;
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::codec::FramedRead;
+
+use super::{After, Session, SocketContext, Transport, finish_writer};
+use crate::hub::queue::{Outgoing, OutgoingQueue};
+
+/// A writer's buffer shrinks back to this after a burst, so idle connections stay small.
+const IDLE_WRITE_BUFFER: usize = 4 * 1024;
+
+/// Accepts raw TCP connections until shutdown.
+pub(crate) async fn accept(listener: TcpListener, context: SocketContext) {
+    loop {
+        let accepted = tokio::select! {
+            () = context.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, _peer)) => {
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%error, "cannot set TCP_NODELAY");
+                }
+                context.tracker.spawn(serve(stream, context.clone()));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: wait a little instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve(stream: TcpStream, context: SocketContext) {
+    let mut session = Session::start(context.clone(), Transport::Tcp);
+    let queue = session.queue().clone();
+    let (read_half, write_half) = stream.into_split();
+    let mut frames =
+        FramedRead::with_capacity(read_half, TcpDecoder::new(context.limits.max_frame), 1024);
+    let writer = tokio::spawn(write(write_half, queue.clone(), context.clone()));
+    let idle_timeout = context.limits.idle_timeout;
+    loop {
+        let next = tokio::select! {
+            () = context.shutdown.cancelled() => {
+                queue.close(DisconnectCode::Shutdown);
+                break;
+            }
+            () = queue.closed() => break,
+            next = tokio::time::timeout(idle_timeout, frames.next()) => next,
+        };
+        match next {
+            Err(_) => {
+                queue.close(DisconnectCode::IdleTimeout);
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Ok(TcpFrame::Text(text)))) => {
+                if session.on_text(&text) == After::SwitchToLengthPrefixed {
+                    frames.decoder_mut().framing = Framing::LengthPrefixed;
+                }
+            }
+            Ok(Some(Ok(TcpFrame::Binary(frame)))) => session.on_binary(frame),
+            Ok(Some(Err(TcpFrameError::TooLarge { .. }))) => {
+                queue.close(DisconnectCode::FrameTooLarge);
+                break;
+            }
+            Ok(Some(Err(TcpFrameError::Empty))) => {
+                queue.close(DisconnectCode::ProtocolError);
+                break;
+            }
+            Ok(Some(Err(TcpFrameError::Io(_)))) => break,
+        }
+    }
+    drop(session);
+    finish_writer(writer, &queue).await;
+}
+
+fn push_control(buf: &mut Vec<u8>, framing: Framing, json: &[u8]) {
+    match framing {
+        Framing::Lines => {
+            buf.extend_from_slice(json);
+            buf.push(b'\n');
+        }
+        Framing::LengthPrefixed => {
+            let len = u32::try_from(json.len() + 1).expect("control frames are small");
+            buf.extend_from_slice(&len.to_be_bytes());
+            buf.push(duplex_proto::tcp::KIND_TEXT);
+            buf.extend_from_slice(json);
+        }
+    }
+}
+
+async fn write(mut socket: OwnedWriteHalf, queue: Arc<OutgoingQueue>, context: SocketContext) {
+    let mut batch = VecDeque::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(IDLE_WRITE_BUFFER);
+    let mut framing = Framing::Lines;
+    let mut ping = tokio::time::interval(context.limits.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    let ping_frame = Bytes::from(to_json(&Keepalive::Ping));
+    loop {
+        let closing = tokio::select! {
+            closing = queue.next_batch(&mut batch) => closing,
+            _ = ping.tick() => {
+                buf.clear();
+                push_control(&mut buf, framing, &ping_frame);
+                if socket.write_all(&buf).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        buf.clear();
+        let mut publications = 0;
+        for item in batch.drain(..) {
+            let publication = match item {
+                Outgoing::Publication(publication) => publication,
+                Outgoing::Latest(slot) => match slot.take() {
+                    Some(publication) => publication,
+                    None => continue,
+                },
+                Outgoing::Control(frame) => {
+                    push_control(&mut buf, framing, &frame);
+                    continue;
+                }
+                Outgoing::SwitchToLengthPrefixed => {
+                    framing = Framing::LengthPrefixed;
+                    continue;
+                }
+            };
+            publications += 1;
+            match framing {
+                Framing::Lines => buf.extend_from_slice(&publication.line()),
+                Framing::LengthPrefixed => buf.extend_from_slice(&publication.length_prefixed()),
+            }
+        }
+        if let Some(code) = closing {
+            push_control(&mut buf, framing, &to_json(&Disconnect::from(code)));
+        }
+        if socket.write_all(&buf).await.is_err() {
+            return;
+        }
+        context.metrics.deliveries_written.inc_by(publications);
+        if closing.is_some() {
+            let _ = socket.shutdown().await;
+            return;
+        }
+        if buf.capacity() > 16 * IDLE_WRITE_BUFFER {
+            buf = Vec::with_capacity(IDLE_WRITE_BUFFER);
+        }
+    }
+}

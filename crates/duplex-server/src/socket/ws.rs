@@ -1,0 +1,167 @@
+//! WebSocket at `GET /ws`: JSON text frames and binary frames, over axum's tungstenite.
+//!
+//! Buffers are sized deliberately (tungstenite would otherwise read into 128 KiB per
+//! connection), server pings keep the connection alive, and anything the client sends resets
+//! the idle timeout.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use bytes::Bytes;
+use duplex_proto::DisconnectCode;
+use duplex_proto::frames::{Disconnect, to_json};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt as _, StreamExt as _};
+
+use super::{Session, SocketContext, Transport, finish_writer};
+use crate::http::{ApiError, AppState};
+use crate::hub::publication::Publication;
+use crate::hub::queue::{Outgoing, OutgoingQueue};
+
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_FLUSH_THRESHOLD: usize = 16 * 1024;
+const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Upgrades `GET /ws` to a WebSocket connection.
+pub(crate) async fn upgrade(
+    State(state): State<AppState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade.map_err(|rejection| ApiError::UpgradeRequired(rejection.body_text()))?;
+    let context = state.sockets.clone();
+    let max_frame = context.limits.max_frame;
+    Ok(upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_FLUSH_THRESHOLD)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
+        .max_message_size(max_frame)
+        .max_frame_size(max_frame)
+        .on_upgrade(move |socket| {
+            let tracker = context.tracker.clone();
+            tracker.track_future(serve(socket, context))
+        }))
+}
+
+async fn serve(socket: WebSocket, context: SocketContext) {
+    let mut session = Session::start(context.clone(), Transport::WebSocket);
+    let queue = session.queue().clone();
+    let (sink, mut stream) = socket.split();
+    let writer = tokio::spawn(write(sink, queue.clone(), context.clone()));
+    let idle_timeout = context.limits.idle_timeout;
+    loop {
+        let next = tokio::select! {
+            () = context.shutdown.cancelled() => {
+                queue.close(DisconnectCode::Shutdown);
+                break;
+            }
+            () = queue.closed() => break,
+            next = tokio::time::timeout(idle_timeout, stream.next()) => next,
+        };
+        match next {
+            Err(_) => {
+                queue.close(DisconnectCode::IdleTimeout);
+                break;
+            }
+            Ok(None) | Ok(Some(Ok(Message::Close(_)))) => break,
+            Ok(Some(Ok(Message::Text(text)))) => {
+                session.on_text(text.as_bytes());
+            }
+            Ok(Some(Ok(Message::Binary(frame)))) => session.on_binary(frame),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+            Ok(Some(Err(error))) => {
+                if let Some(code) = disconnect_code_for(error) {
+                    queue.close(code);
+                }
+                break;
+            }
+        }
+    }
+    // Unsubscribe before waiting for the writer, so the hub stops queueing for us.
+    drop(session);
+    finish_writer(writer, &queue).await;
+}
+
+/// Which read errors get a `disconnect` (the rest mean the peer is gone).
+fn disconnect_code_for(error: axum::Error) -> Option<DisconnectCode> {
+    let inner = error.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>()? {
+        tungstenite::Error::Capacity(_) => Some(DisconnectCode::FrameTooLarge),
+        tungstenite::Error::Utf8(_) | tungstenite::Error::Protocol(_) => {
+            Some(DisconnectCode::ProtocolError)
+        }
+        _ => None,
+    }
+}
+
+fn publication_message(publication: &Publication) -> Message {
+    match publication.ws_text() {
+        Some(text) => Message::Text(text.clone()),
+        None => Message::Binary(publication.binary_frame()),
+    }
+}
+
+async fn write(
+    mut sink: SplitSink<WebSocket, Message>,
+    queue: Arc<OutgoingQueue>,
+    context: SocketContext,
+) {
+    let mut batch = VecDeque::new();
+    let mut ping = tokio::time::interval(context.limits.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    loop {
+        let closing = tokio::select! {
+            closing = queue.next_batch(&mut batch) => closing,
+            _ = ping.tick() => {
+                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let mut publications = 0;
+        for item in batch.drain(..) {
+            let message = match item {
+                Outgoing::Publication(publication) => {
+                    publications += 1;
+                    publication_message(&publication)
+                }
+                Outgoing::Latest(slot) => match slot.take() {
+                    Some(publication) => {
+                        publications += 1;
+                        publication_message(&publication)
+                    }
+                    None => continue,
+                },
+                Outgoing::Control(frame) => Message::Text(
+                    Utf8Bytes::try_from(frame).expect("control frames are serde_json output"),
+                ),
+                Outgoing::SwitchToLengthPrefixed => continue,
+            };
+            if sink.feed(message).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+        context.metrics.deliveries_written.inc_by(publications);
+        if let Some(code) = closing {
+            let disconnect = to_json(&Disconnect::from(code));
+            let disconnect =
+                Utf8Bytes::try_from(disconnect).expect("control frames are serde_json output");
+            let _ = sink.send(Message::Text(disconnect)).await;
+            let _ = sink
+                .send(Message::Close(Some(CloseFrame {
+                    code: code.websocket_close_code(),
+                    reason: Utf8Bytes::from_static(code.as_str()),
+                })))
+                .await;
+            return;
+        }
+    }
+}
