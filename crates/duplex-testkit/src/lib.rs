@@ -1,7 +1,12 @@
 //! Real duplex servers for integration tests: [`TestServer::start`] binds 127.0.0.1:0 with its
-//! own temporary data folder and serves in-process until stopped or dropped.
+//! own temporary data folder and serves in-process until stopped or dropped. [`WsClient`] and
+//! [`TcpClient`] are thin real clients that speak the wire protocol for socket tests.
+
+mod clients;
 
 use std::net::SocketAddr;
+
+pub use clients::{EVENT_TIMEOUT, TcpClient, WsClient, WsEvent, wait_for};
 
 use duplex_server::{Config, Server, ServerError};
 use tempfile::TempDir;
@@ -13,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 pub struct TestServer {
     /// Where HTTP is served.
     pub http_addr: SocketAddr,
+    /// Where raw TCP is served.
+    pub tcp_addr: SocketAddr,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), ServerError>>>,
     data: TempDir,
@@ -36,10 +43,12 @@ impl TestServer {
         configure(&mut config);
         let server = Server::bind(config).await.expect("the test server binds");
         let http_addr = server.http_addr();
+        let tcp_addr = server.tcp_addr();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server.run(shutdown.clone()));
         TestServer {
             http_addr,
+            tcp_addr,
             shutdown,
             task: Some(task),
             data,
@@ -49,6 +58,33 @@ impl TestServer {
     /// `http://127.0.0.1:PORT{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.http_addr)
+    }
+
+    /// `ws://127.0.0.1:PORT/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.http_addr)
+    }
+
+    /// Connects a WebSocket client and reads its `connected` frame.
+    pub async fn ws(&self) -> WsClient {
+        WsClient::connect(&self.ws_url()).await
+    }
+
+    /// Connects a raw TCP client (line mode) and reads its `connected` frame.
+    pub async fn tcp(&self) -> TcpClient {
+        TcpClient::connect(self.tcp_addr).await
+    }
+
+    /// The value of a counter or gauge in `/metrics` (0 when absent).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let url = self.url("/metrics");
+        let text = clients::http_get(&url).await;
+        text.lines()
+            .find_map(|line| {
+                let (key, value) = line.rsplit_once(' ')?;
+                (key == name).then(|| value.parse().ok())?
+            })
+            .unwrap_or(0.0)
     }
 
     /// The server's data folder.

@@ -167,9 +167,24 @@ impl Session {
         self.error(Some(id), error.code(), error.to_string());
     }
 
+    /// Handles a text frame that may not be UTF-8 (raw TCP).
+    pub(crate) fn on_unchecked_text(&mut self, text: &[u8]) -> After {
+        match std::str::from_utf8(text) {
+            Ok(text) => self.on_text(text),
+            Err(error) => {
+                self.bad_frame(
+                    None,
+                    ErrorCode::BadFrame,
+                    format!("a text frame must be UTF-8: {error}"),
+                );
+                After::Continue
+            }
+        }
+    }
+
     /// Handles a JSON text frame.
-    pub(crate) fn on_text(&mut self, text: &[u8]) -> After {
-        let frame = match ClientFrame::parse(text) {
+    pub(crate) fn on_text(&mut self, text: &str) -> After {
+        let frame = match ClientFrame::parse(text.as_bytes()) {
             Ok(frame) => frame,
             Err(error) => {
                 self.bad_frame(

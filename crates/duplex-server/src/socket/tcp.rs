@@ -67,7 +67,7 @@ async fn serve(stream: TcpStream, context: SocketContext) {
             }
             Ok(None) => break,
             Ok(Some(Ok(TcpFrame::Text(text)))) => {
-                if session.on_text(&text) == After::SwitchToLengthPrefixed {
+                if session.on_unchecked_text(&text) == After::SwitchToLengthPrefixed {
                     frames.decoder_mut().framing = Framing::LengthPrefixed;
                 }
             }

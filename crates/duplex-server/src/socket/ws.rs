@@ -68,7 +68,7 @@ async fn serve(socket: WebSocket, context: SocketContext) {
             }
             Ok(None) | Ok(Some(Ok(Message::Close(_)))) => break,
             Ok(Some(Ok(Message::Text(text)))) => {
-                session.on_text(text.as_bytes());
+                session.on_text(text.as_str());
             }
             Ok(Some(Ok(Message::Binary(frame)))) => session.on_binary(frame),
             Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}

@@ -1,0 +1,697 @@
+//! Channels over WebSocket and raw TCP against a real server, with real clients.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use duplex_proto::binary;
+use duplex_proto::tcp::TcpFrame;
+use duplex_server::hub::namespace::{NamespaceConfig, Namespaces, SlowConsumerPolicy};
+use duplex_testkit::{TestServer, WsEvent, wait_for};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+fn publish(channel: &str, data: Value) -> Value {
+    json!({"type": "publish", "channel": channel, "data": data})
+}
+
+#[tokio::test]
+async fn every_connection_starts_with_connected() {
+    let server = TestServer::start().await;
+    let ws = server.ws().await;
+    let tcp = server.tcp().await;
+    for connected in [&ws.connected, &tcp.connected] {
+        assert_eq!(connected["protocol"], 1);
+        assert_eq!(connected["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(connected["client"].as_str().map(str::len), Some(16));
+        assert_eq!(connected["limits"]["max_frame"], 64 * 1024);
+    }
+    assert_ne!(ws.connected["client"], tcp.connected["client"]);
+}
+
+#[tokio::test]
+async fn connect_and_ping_are_answered() {
+    let server = TestServer::start().await;
+    let mut ws = server.ws().await;
+    let reply = ws
+        .request(
+            json!({"type": "connect", "meta": {"name": "ana"}, "version": 1}),
+            1,
+        )
+        .await;
+    assert_eq!(reply["result"]["client"], ws.connected["client"]);
+    assert_eq!(reply["result"]["user"], Value::Null);
+    let error = ws
+        .request(json!({"type": "connect", "version": 99}), 2)
+        .await;
+    assert_eq!(error["code"], "unsupported");
+    ws.send_json(json!({"type": "ping", "id": 3})).await;
+    assert_eq!(ws.next_json().await, json!({"type": "pong", "id": 3}));
+    let mut tcp = server.tcp().await;
+    tcp.send_json(json!({"type": "ping"})).await;
+    assert_eq!(tcp.next_json().await, json!({"type": "pong"}));
+}
+
+#[tokio::test]
+async fn websocket_and_tcp_subscribers_see_the_same_ordered_stream() {
+    let server = TestServer::start().await;
+    let mut ws = server.ws().await;
+    let mut tcp = server.tcp().await;
+    let ws_reply = ws.subscribe("chat:lobby", 1).await;
+    let tcp_reply = tcp.subscribe("chat:lobby", 1).await;
+    assert_eq!(ws_reply["result"]["offset"], 0);
+    assert_eq!(ws_reply["result"]["epoch"], tcp_reply["result"]["epoch"]);
+
+    // Two publishers, one per transport, both publishing as fast as they can.
+    let mut ws_publisher = server.ws().await;
+    let mut tcp_publisher = server.tcp().await;
+    let count = 200u64;
+    for i in 0..count {
+        let mut frame = publish("chat:lobby", json!({"from": "ws", "i": i}));
+        frame["id"] = i.into();
+        ws_publisher.send_json(frame).await;
+        let mut frame = publish("chat:lobby", json!({"from": "tcp", "i": i}));
+        frame["id"] = i.into();
+        tcp_publisher.send_json(frame).await;
+    }
+    let mut ws_seen = Vec::new();
+    let mut tcp_seen = Vec::new();
+    for _ in 0..count * 2 {
+        let message = ws.next_json().await;
+        assert_eq!(message["type"], "message");
+        assert_eq!(message["channel"], "chat:lobby");
+        ws_seen.push((
+            message["offset"].as_u64().expect("offset"),
+            message["data"].clone(),
+        ));
+        let message = tcp.next_json().await;
+        tcp_seen.push((
+            message["offset"].as_u64().expect("offset"),
+            message["data"].clone(),
+        ));
+    }
+    let offsets: Vec<u64> = ws_seen.iter().map(|(offset, _)| *offset).collect();
+    assert_eq!(offsets, (1..=count * 2).collect::<Vec<_>>());
+    assert_eq!(ws_seen, tcp_seen);
+    // Each publisher's own messages keep their order inside the total order.
+    for from in ["ws", "tcp"] {
+        let own: Vec<u64> = ws_seen
+            .iter()
+            .filter(|(_, data)| data["from"] == from)
+            .map(|(_, data)| data["i"].as_u64().expect("i"))
+            .collect();
+        assert_eq!(own, (0..count).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn publishers_get_offsets_and_unsubscribed_clients_get_nothing_more() {
+    let server = TestServer::start().await;
+    let mut subscriber = server.ws().await;
+    subscriber.subscribe("news:today", 1).await;
+    let mut publisher = server.tcp().await;
+    let reply = publisher
+        .request(publish("news:today", json!("one")), 1)
+        .await;
+    assert_eq!(reply["result"]["offset"], 1);
+    assert_eq!(subscriber.next_json().await["data"], "one");
+    let reply = subscriber
+        .request(json!({"type": "unsubscribe", "channel": "news:today"}), 2)
+        .await;
+    assert_eq!(reply["type"], "reply");
+    publisher
+        .request(publish("news:today", json!("two")), 2)
+        .await;
+    // The next frame the subscriber gets is the pong, not "two".
+    subscriber.send_json(json!({"type": "ping", "id": 3})).await;
+    assert_eq!(subscriber.next_json().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn http_record_writes_arrive_as_records_events() {
+    let server = TestServer::start().await;
+    let mut ws = server.ws().await;
+    let mut tcp = server.tcp().await;
+    ws.subscribe("records:posts", 1).await;
+    tcp.subscribe("records:posts", 1).await;
+    let client = reqwest::Client::new();
+    let created: Value = client
+        .post(server.url("/api/collections/posts/records"))
+        .json(&json!({"title": "live"}))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    let id = created["id"].as_str().expect("id");
+    let url = server.url(&format!("/api/collections/posts/records/{id}"));
+    client
+        .patch(&url)
+        .header("content-type", "application/merge-patch+json")
+        .body(r#"{"title": "edited"}"#)
+        .send()
+        .await
+        .expect("request");
+    client.delete(&url).send().await.expect("request");
+    // A write to another collection is not on this channel.
+    client
+        .post(server.url("/api/collections/other/records"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("request");
+
+    for (op, title, version) in [
+        ("created", "live", 1),
+        ("updated", "edited", 2),
+        ("deleted", "edited", 2),
+    ] {
+        let ws_message = ws.next_json().await;
+        let tcp_message = tcp.next_json().await;
+        assert_eq!(ws_message, tcp_message);
+        assert_eq!(ws_message["channel"], "records:posts");
+        assert_eq!(ws_message["data"]["op"], op);
+        assert_eq!(ws_message["data"]["record"]["id"], id);
+        assert_eq!(ws_message["data"]["record"]["title"], title);
+        assert_eq!(ws_message["data"]["record"]["version"], version);
+    }
+    let error = ws
+        .request(publish("records:posts", json!({"op": "forged"})), 9)
+        .await;
+    assert_eq!(error["code"], "permission_denied");
+}
+
+#[tokio::test]
+async fn binary_publications_arrive_byte_exact_on_both_transports() {
+    let server = TestServer::start().await;
+    let mut ws = server.ws().await;
+    ws.subscribe("stream:cam1", 1).await;
+    let mut tcp_framed = server.tcp().await;
+    tcp_framed.switch_to_length_prefixed(1).await;
+    tcp_framed.subscribe("stream:cam1", 2).await;
+    let mut tcp_lines = server.tcp().await;
+    tcp_lines.subscribe("stream:cam1", 1).await;
+
+    let payload: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+    // From a WebSocket publisher...
+    let mut publisher = server.ws().await;
+    publisher
+        .send(Message::binary(binary::encode_publish(
+            7,
+            "stream:cam1",
+            &payload,
+        )))
+        .await;
+    let reply = publisher.next_json().await;
+    assert_eq!(reply["type"], "reply");
+    assert_eq!(reply["id"], 7);
+    assert_eq!(reply["result"]["offset"], 1);
+    // ...and from a raw TCP publisher in length-prefixed mode.
+    let mut tcp_publisher = server.tcp().await;
+    tcp_publisher.switch_to_length_prefixed(1).await;
+    tcp_publisher
+        .write_raw(&duplex_proto::tcp::length_prefixed_binary(
+            &binary::encode_publish(8, "stream:cam1", &payload[..100]),
+        ))
+        .await;
+    let reply = tcp_publisher.next_json().await;
+    assert_eq!(reply["result"]["offset"], 2);
+
+    for (offset, expected) in [(1u64, &payload[..]), (2, &payload[..100])] {
+        let Some(WsEvent::Binary(frame)) = ws.next_event().await else {
+            panic!("expected a binary frame");
+        };
+        let message = binary::decode_message(&frame).expect("valid binary message");
+        assert_eq!((message.channel, message.offset), ("stream:cam1", offset));
+        assert_eq!(message.payload, expected);
+
+        let Some(TcpFrame::Binary(frame)) = tcp_framed.next_frame().await else {
+            panic!("expected a binary frame");
+        };
+        let message = binary::decode_message(&frame).expect("valid binary message");
+        assert_eq!(message.offset, offset);
+        assert_eq!(message.payload, expected);
+
+        let line = tcp_lines.next_json().await;
+        assert_eq!(line["offset"], offset);
+        use base64::Engine as _;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(line["binary"].as_str().expect("base64"))
+            .expect("valid base64");
+        assert_eq!(decoded, expected);
+    }
+
+    // Binary where the namespace does not allow it.
+    publisher
+        .send(Message::binary(binary::encode_publish(
+            9,
+            "chat:lobby",
+            b"x",
+        )))
+        .await;
+    let error = publisher.next_json().await;
+    assert_eq!(
+        (error["id"].clone(), error["code"].clone()),
+        (json!(9), json!("binary_not_allowed"))
+    );
+    // A binary frame that is not a publish.
+    publisher.send(Message::binary(vec![0x7f, 1, 2])).await;
+    assert_eq!(publisher.next_json().await["code"], "bad_frame");
+}
+
+#[tokio::test]
+async fn bad_frames_get_documented_error_codes_and_the_connection_survives() {
+    let server = TestServer::start().await;
+    let mut ws = server.ws().await;
+    let mut tcp = server.tcp().await;
+    let cases: Vec<(&str, Option<u64>, &str)> = vec![
+        ("{not json", None, "bad_frame"),
+        ("[1,2]", None, "bad_frame"),
+        (r#"{"id":1}"#, None, "bad_frame"),
+        (r#"{"type":"launch","id":2}"#, Some(2), "unknown_type"),
+        (
+            r#"{"type":"subscribe","channel":"chat:a"}"#,
+            None,
+            "missing_id",
+        ),
+        (
+            r#"{"type":"subscribe","id":-4,"channel":"chat:a"}"#,
+            None,
+            "bad_frame",
+        ),
+        (r#"{"type":"subscribe","id":5}"#, Some(5), "bad_request"),
+        (
+            r#"{"type":"subscribe","id":6,"channel":"nocolon"}"#,
+            Some(6),
+            "invalid_channel",
+        ),
+        (
+            r#"{"type":"subscribe","id":7,"channel":"private:x"}"#,
+            Some(7),
+            "permission_denied",
+        ),
+        (
+            r#"{"type":"publish","id":8,"channel":"chat:a"}"#,
+            Some(8),
+            "bad_request",
+        ),
+        (
+            r#"{"type":"publish","id":9,"channel":"chat:a","data":null}"#,
+            Some(9),
+            "bad_request",
+        ),
+        (
+            r#"{"type":"unsubscribe","id":10,"channel":"chat:a"}"#,
+            Some(10),
+            "not_subscribed",
+        ),
+        (
+            r#"{"type":"framing","id":11,"mode":"morse"}"#,
+            Some(11),
+            "unsupported",
+        ),
+    ];
+    for (text, id, code) in &cases {
+        ws.send(Message::text(*text)).await;
+        let error = ws.next_json().await;
+        assert_eq!(error["type"], "error", "{text}");
+        assert_eq!(error["code"], *code, "{text}");
+        assert_eq!(error.get("id").and_then(Value::as_u64), *id, "{text}");
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+
+        tcp.write_raw(format!("{text}\n").as_bytes()).await;
+        let error = tcp.next_json().await;
+        assert_eq!(error["code"], *code, "tcp: {text}");
+    }
+    // Framing is a raw TCP matter.
+    let error = ws
+        .request(json!({"type": "framing", "mode": "length_prefixed"}), 12)
+        .await;
+    assert_eq!(error["code"], "unsupported");
+    // Invalid UTF-8 in a line is a bad frame on TCP.
+    tcp.write_raw(b"{\"type\":\"ping\",\"x\":\"\xff\"}\n").await;
+    assert_eq!(tcp.next_json().await["code"], "bad_frame");
+
+    // Subscribing twice, then everything still works.
+    ws.subscribe("chat:a", 20).await;
+    let error = ws
+        .request(json!({"type": "subscribe", "channel": "chat:a"}), 21)
+        .await;
+    assert_eq!(error["code"], "already_subscribed");
+    let reply = tcp
+        .request(publish("chat:a", json!("still fine")), 22)
+        .await;
+    assert_eq!(reply["type"], "reply");
+    assert_eq!(ws.next_json().await["data"], "still fine");
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_websocket_text_frame_closes_with_protocol_error() {
+    let server = TestServer::start().await;
+    let mut ws = server.ws().await;
+    ws.send(Message::Frame(Frame::message(
+        vec![b'{', 0xff, b'}'],
+        OpCode::Data(Data::Text),
+        true,
+    )))
+    .await;
+    let disconnect = ws.next_json().await;
+    assert_eq!(disconnect["type"], "disconnect");
+    assert_eq!(disconnect["code"], "protocol_error");
+    assert_eq!(disconnect["reconnect"], false);
+    assert_eq!(ws.next_event().await, Some(WsEvent::Close(Some(1007))));
+    // The server is unharmed.
+    let mut other = server.ws().await;
+    other.send_json(json!({"type": "ping", "id": 1})).await;
+    assert_eq!(other.next_json().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn oversized_frames_disconnect_with_frame_too_large() {
+    let server = TestServer::start_with(|c| c.sockets.max_frame = 1024).await;
+    let big = format!("{{\"type\":\"ping\",\"pad\":\"{}\"}}", "x".repeat(2048));
+
+    let mut ws = server.ws().await;
+    ws.send(Message::text(big.clone())).await;
+    let disconnect = ws.next_json().await;
+    assert_eq!(disconnect["code"], "frame_too_large");
+    assert_eq!(ws.next_event().await, Some(WsEvent::Close(Some(1009))));
+
+    let mut tcp = server.tcp().await;
+    tcp.write_raw(big.as_bytes()).await;
+    let disconnect = tcp.next_json().await;
+    assert_eq!(disconnect["code"], "frame_too_large");
+    assert_eq!(tcp.next_frame().await, None);
+
+    let mut framed = server.tcp().await;
+    framed.switch_to_length_prefixed(1).await;
+    framed.write_raw(&u32::MAX.to_be_bytes()).await;
+    assert_eq!(framed.next_json().await["code"], "frame_too_large");
+}
+
+#[tokio::test]
+async fn too_many_bad_frames_in_a_row_disconnect() {
+    let server = TestServer::start().await;
+    let mut tcp = server.tcp().await;
+    for _ in 0..20 {
+        tcp.write_raw(b"nonsense\n").await;
+    }
+    let mut codes = Vec::new();
+    loop {
+        let frame = tcp.next_json().await;
+        codes.push(frame["code"].as_str().expect("code").to_owned());
+        if frame["type"] == "disconnect" {
+            break;
+        }
+    }
+    assert_eq!(codes.len(), 21);
+    assert_eq!(codes.last().map(String::as_str), Some("too_many_errors"));
+}
+
+#[tokio::test]
+async fn thousands_of_subscribe_calls_hit_the_subscription_limit() {
+    let server = TestServer::start_with(|c| c.sockets.max_subscriptions = 100).await;
+    let mut tcp = server.tcp().await;
+    let mut batch = Vec::new();
+    for i in 0..2000u64 {
+        batch.extend_from_slice(
+            format!("{{\"type\":\"subscribe\",\"id\":{i},\"channel\":\"chat:room{i}\"}}\n")
+                .as_bytes(),
+        );
+    }
+    tcp.write_raw(&batch).await;
+    let mut replies = 0;
+    let mut refused = 0;
+    for _ in 0..2000 {
+        let frame = tcp.next_json().await;
+        match frame["type"].as_str() {
+            Some("reply") => replies += 1,
+            Some("error") => {
+                assert_eq!(frame["code"], "too_many_subscriptions");
+                refused += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((replies, refused), (100, 1900));
+    assert_eq!(server.metric("duplex_subscriptions").await, 100.0);
+    drop(tcp);
+    wait_for("subscriptions to be released", || async {
+        (server.metric("duplex_subscriptions").await == 0.0).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_leaves_the_server_and_others_unharmed() {
+    let server = TestServer::start().await;
+    let mut survivor = server.ws().await;
+    survivor.subscribe("chat:x", 1).await;
+    for _ in 0..5 {
+        let mut ws = server.ws().await;
+        ws.subscribe("chat:x", 1).await;
+        let mut tcp = server.tcp().await;
+        tcp.subscribe("chat:x", 1).await;
+        // Half a frame, then gone without a close.
+        tcp.write_raw(b"{\"type\":\"publ").await;
+        drop(ws);
+        drop(tcp);
+    }
+    let mut publisher = server.tcp().await;
+    for i in 0..100 {
+        publisher.request(publish("chat:x", json!(i)), i).await;
+    }
+    for i in 0..100 {
+        assert_eq!(survivor.next_json().await["data"], i);
+    }
+    wait_for("vanished connections to be cleaned up", || async {
+        (server.metric("duplex_subscriptions").await == 1.0).then_some(())
+    })
+    .await;
+}
+
+fn slow_consumer_server_namespaces() -> Namespaces {
+    let mut configured = HashMap::new();
+    for (name, policy) in [
+        ("slowdrop", SlowConsumerPolicy::DropOldest),
+        ("slowlatest", SlowConsumerPolicy::Latest),
+        ("slowkick", SlowConsumerPolicy::Disconnect),
+    ] {
+        configured.insert(
+            name.to_owned(),
+            NamespaceConfig {
+                slow_consumer: Some(policy),
+                history_size: Some(0),
+                max_message_size: Some(duplex_server::config::ByteSize(1 << 20)),
+                ..NamespaceConfig::default()
+            },
+        );
+    }
+    Namespaces::new(&configured).expect("valid namespaces")
+}
+
+/// Publishes `count` large messages while a WebSocket subscriber reads along and a raw TCP
+/// subscriber reads nothing; returns what the stalled one then reads, and what the reading one
+/// got (all of it, except under conflation).
+async fn publish_past_a_stalled_reader(
+    server: &TestServer,
+    channel: &str,
+    count: u64,
+) -> (Vec<Value>, Vec<u64>) {
+    let mut slow = server.tcp().await;
+    slow.subscribe(channel, 1).await;
+    let mut fast = server.ws().await;
+    fast.subscribe(channel, 1).await;
+    let fast_reader = tokio::spawn(async move {
+        let mut offsets = Vec::new();
+        while offsets.last() != Some(&count) {
+            let message = fast.next_json().await;
+            offsets.push(message["offset"].as_u64().expect("offset"));
+        }
+        offsets
+    });
+
+    let padding = "x".repeat(64 * 1024);
+    let mut publisher = server.ws().await;
+    for i in 0..count {
+        let mut frame = publish(channel, json!({"i": i, "pad": padding}));
+        frame["id"] = i.into();
+        publisher.send_json(frame).await;
+    }
+    for _ in 0..count {
+        assert_eq!(publisher.next_json().await["type"], "reply");
+    }
+    let fast_offsets = fast_reader.await.expect("fast reader");
+
+    let mut received = Vec::new();
+    loop {
+        match slow.next_frame().await {
+            None => break,
+            Some(TcpFrame::Text(text)) => {
+                let value: Value = serde_json::from_slice(&text).expect("json");
+                let done = value["type"] == "disconnect"
+                    || (value["type"] == "message" && value["offset"] == count);
+                received.push(value);
+                if done {
+                    break;
+                }
+            }
+            Some(other) => panic!("unexpected {other:?}"),
+        }
+    }
+    (received, fast_offsets)
+}
+
+fn message_offsets(received: &[Value]) -> Vec<u64> {
+    received
+        .iter()
+        .filter(|v| v["type"] == "message")
+        .map(|v| v["offset"].as_u64().expect("offset"))
+        .collect()
+}
+
+fn slow_server_config(config: &mut duplex_server::Config) {
+    config.sockets.queue_size = 8;
+    config.sockets.max_frame = 1 << 20;
+    config.namespaces = slow_consumer_server_namespaces();
+}
+
+#[tokio::test]
+async fn drop_oldest_keeps_a_stalled_reader_on_the_newest_messages() {
+    let server = TestServer::start_with(slow_server_config).await;
+    let count = 400;
+    let (received, fast) = publish_past_a_stalled_reader(&server, "slowdrop:feed", count).await;
+    let offsets = message_offsets(&received);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "in order");
+    assert_eq!(offsets.last(), Some(&count), "the newest message arrives");
+    assert!(
+        (offsets.len() as u64) < count,
+        "older messages were dropped"
+    );
+    assert!(server.metric("duplex_dropped_total").await > 0.0);
+    assert_eq!(
+        fast,
+        (1..=count).collect::<Vec<_>>(),
+        "the reader kept up and got everything"
+    );
+}
+
+#[tokio::test]
+async fn latest_conflates_a_stalled_reader_to_the_newest_message() {
+    let server = TestServer::start_with(slow_server_config).await;
+    let count = 400;
+    let (received, fast) = publish_past_a_stalled_reader(&server, "slowlatest:state", count).await;
+    let offsets = message_offsets(&received);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "in order");
+    assert_eq!(offsets.last(), Some(&count), "the newest state arrives");
+    assert!((offsets.len() as u64) < count);
+    assert!(server.metric("duplex_conflated_total").await > 0.0);
+    assert!(fast.windows(2).all(|w| w[0] < w[1]) && fast.last() == Some(&count));
+}
+
+#[tokio::test]
+async fn disconnect_policy_cuts_off_a_stalled_reader_with_slow_consumer() {
+    let server = TestServer::start_with(slow_server_config).await;
+    let count = 400;
+    let (received, fast) = publish_past_a_stalled_reader(&server, "slowkick:orders", count).await;
+    let offsets = message_offsets(&received);
+    assert!(
+        offsets.windows(2).all(|w| w[0] + 1 == w[1]),
+        "no gaps before the cut"
+    );
+    assert!((offsets.len() as u64) < count, "the reader was cut off");
+    assert_eq!(
+        server
+            .metric("duplex_slow_consumer_disconnects_total")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        fast,
+        (1..=count).collect::<Vec<_>>(),
+        "the reader kept up and got everything"
+    );
+    if let Some(last) = received.last().filter(|v| v["type"] == "disconnect") {
+        assert_eq!(last["code"], "slow_consumer");
+        assert_eq!(last["reconnect"], true);
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_are_disconnected_and_live_ones_are_pinged() {
+    let server = TestServer::start_with(|c| {
+        c.sockets.idle_timeout = Duration::from_millis(400);
+        c.sockets.ping_interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut tcp = server.tcp().await;
+    // The server's keepalive ping arrives first.
+    let Some(TcpFrame::Text(text)) = tcp.next_frame().await else {
+        panic!("expected a ping");
+    };
+    assert_eq!(&text[..], br#"{"type":"ping"}"#);
+    let disconnect = tcp.next_json().await;
+    assert_eq!(disconnect["code"], "idle_timeout");
+    assert_eq!(disconnect["reconnect"], true);
+
+    // A WebSocket client answers pings (tungstenite does so as it reads), so it stays.
+    let mut ws = server.ws().await;
+    for _ in 0..8 {
+        assert_eq!(ws.next_event().await, Some(WsEvent::Ping));
+    }
+    ws.send_json(json!({"type": "ping", "id": 1})).await;
+    assert_eq!(ws.next_json().await["type"], "pong");
+
+    // A WebSocket peer that never answers is cut off: handshake by hand, then only read.
+    let mut raw = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .expect("connect");
+    let handshake = format!(
+        "GET /ws HTTP/1.1\r\nhost: {}\r\nupgrade: websocket\r\nconnection: upgrade\r\n\
+         sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n",
+        server.http_addr
+    );
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    raw.write_all(handshake.as_bytes()).await.expect("write");
+    let mut received = Vec::new();
+    tokio::time::timeout(
+        duplex_testkit::EVENT_TIMEOUT,
+        raw.read_to_end(&mut received),
+    )
+    .await
+    .expect("the server closes the silent peer")
+    .expect("read");
+    let received = String::from_utf8_lossy(&received);
+    assert!(received.starts_with("HTTP/1.1 101"), "{received}");
+    assert!(received.contains(r#""code":"idle_timeout""#), "{received}");
+}
+
+#[tokio::test]
+async fn shutdown_tells_socket_clients_to_reconnect_elsewhere() {
+    let server = TestServer::start().await;
+    let mut ws = server.ws().await;
+    ws.subscribe("chat:x", 1).await;
+    let mut tcp = server.tcp().await;
+    let stopping = tokio::spawn(server.stop());
+    let disconnect = ws.next_json().await;
+    assert_eq!(disconnect["code"], "shutdown");
+    assert_eq!(disconnect["reconnect"], true);
+    assert_eq!(ws.next_event().await, Some(WsEvent::Close(Some(1001))));
+    assert_eq!(tcp.next_json().await["code"], "shutdown");
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the server stops in time")
+        .expect("no panic")
+        .expect("clean stop");
+}
+
+#[tokio::test]
+async fn get_ws_without_an_upgrade_is_a_problem() {
+    let server = TestServer::start().await;
+    let response = reqwest::get(server.url("/ws")).await.expect("request");
+    assert_eq!(response.status(), reqwest::StatusCode::UPGRADE_REQUIRED);
+    let body: Value = response.json().await.expect("problem json");
+    assert_eq!(body["code"], "upgrade_required");
+}
