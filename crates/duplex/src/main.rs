@@ -1,4 +1,6 @@
-//! The `duplex` command: `duplex serve` runs the server; client and bench commands come next.
+//! The `duplex` command: `duplex serve` runs the server, `duplex bench` measures one.
+
+mod bench;
 
 use std::path::PathBuf;
 
@@ -20,6 +22,9 @@ struct Cli {
 enum Command {
     /// Run the server (HTTP and WebSocket, raw TCP) on the embedded defaults or as configured.
     Serve(ServeArgs),
+    /// Measure a server: fan-out throughput and latency, connection memory.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Flags override `DUPLEX_*` variables, which override the config file, which overrides the
@@ -131,5 +136,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
+        Command::Bench(command) => bench::run(command).await,
     }
 }

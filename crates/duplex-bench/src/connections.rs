@@ -1,0 +1,72 @@
+//! Connection capacity: opens N idle WebSocket connections and reads how much resident memory
+//! the server gained per connection, and how fast they connected.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
+use serde::Serialize;
+
+use crate::server::usage_of;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct ConnectionsOptions {
+    /// `127.0.0.1:PORT` of the server's HTTP port.
+    pub http_addr: String,
+    /// The server's process id, for its memory.
+    pub server_pid: u32,
+    /// How many connections.
+    pub connections: usize,
+    /// How many connect at once.
+    pub concurrency: usize,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnectionsReport {
+    /// Connections held open.
+    pub connections: usize,
+    /// Connections per second while connecting.
+    pub connect_rate: f64,
+    /// Server resident memory before, in bytes.
+    pub rss_before: u64,
+    /// Server resident memory with every connection open, in bytes.
+    pub rss_after: u64,
+    /// (after − before) / connections.
+    pub rss_per_connection: f64,
+}
+
+/// Opens the connections, measures, and closes them.
+pub async fn run_connections(options: &ConnectionsOptions) -> anyhow::Result<ConnectionsReport> {
+    let url = format!("ws://{}/ws", options.http_addr);
+    let before = usage_of(options.server_pid)?.rss_bytes;
+    let started = Instant::now();
+    let mut open = Vec::with_capacity(options.connections);
+    let mut pending = futures_util::stream::iter((0..options.connections).map(|_| {
+        let url = url.clone();
+        async move {
+            let (mut socket, _) = tokio_tungstenite::connect_async(&url).await?;
+            // Wait for `connected`, so the server has fully set the connection up.
+            socket.next().await.context("closed early")??;
+            anyhow::Ok(socket)
+        }
+    }))
+    .buffer_unordered(options.concurrency.max(1));
+    while let Some(socket) = pending.next().await {
+        open.push(socket?);
+    }
+    let connecting = started.elapsed();
+    // Let the allocator settle: idle connections hold what they will hold.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = usage_of(options.server_pid)?.rss_bytes;
+    let report = ConnectionsReport {
+        connections: open.len(),
+        connect_rate: open.len() as f64 / connecting.as_secs_f64().max(1e-9),
+        rss_before: before,
+        rss_after: after,
+        rss_per_connection: after.saturating_sub(before) as f64 / open.len().max(1) as f64,
+    };
+    drop(open);
+    Ok(report)
+}

@@ -1,0 +1,13 @@
+//! Load generators for a duplex server, used by `duplex bench`.
+//!
+//! Each run is bounded in time and count and stops by itself. By default a run starts its own
+//! server as a child process (`duplex serve` on loopback port 0, with a temporary data folder),
+//! so the server's CPU and memory can be read from `/proc` apart from the load generator's.
+
+mod connections;
+mod fanout;
+mod server;
+
+pub use connections::{ConnectionsOptions, ConnectionsReport, run_connections};
+pub use fanout::{FanoutOptions, FanoutReport, Transport, run_fanout};
+pub use server::{ServerProcess, ServerUsage};

@@ -1,0 +1,118 @@
+//! The server under test, as a child process whose CPU time and memory we can read.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+/// A `duplex serve` child process on loopback ports.
+#[derive(Debug)]
+pub struct ServerProcess {
+    child: Child,
+    /// `127.0.0.1:PORT` of HTTP and WebSocket.
+    pub http_addr: String,
+    /// `127.0.0.1:PORT` of raw TCP.
+    pub tcp_addr: String,
+    _data: tempfile::TempDir,
+}
+
+/// CPU and memory of a process, read from `/proc`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerUsage {
+    /// User plus system CPU seconds so far.
+    pub cpu_seconds: f64,
+    /// Resident memory in bytes.
+    pub rss_bytes: u64,
+}
+
+impl ServerProcess {
+    /// Starts `exe serve` and waits for the line with its addresses.
+    pub async fn start(exe: &Path) -> anyhow::Result<ServerProcess> {
+        let data = tempfile::tempdir()?;
+        let mut child = Command::new(exe)
+            .args([
+                "serve",
+                "--http",
+                "127.0.0.1:0",
+                "--tcp",
+                "127.0.0.1:0",
+                "--data",
+            ])
+            .arg(data.path())
+            .env("DUPLEX_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("the server did not start within 30 s")??
+            .context("the server exited before printing its address")?;
+        let http_addr = line
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("http://"))
+            .context("no HTTP address in the server's first line")?
+            .to_owned();
+        let Some(tcp_addr) = line.split_whitespace().last().map(str::to_owned) else {
+            bail!("no TCP address in {line:?}");
+        };
+        Ok(ServerProcess {
+            child,
+            http_addr,
+            tcp_addr,
+            _data: data,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// CPU time and resident memory now.
+    pub fn usage(&self) -> anyhow::Result<ServerUsage> {
+        usage_of(self.pid().context("the server has exited")?)
+    }
+
+    /// Stops the server (SIGKILL: nothing of it is kept).
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.child.kill().await?;
+        Ok(())
+    }
+}
+
+impl ServerUsage {
+    /// CPU time and resident memory of process `pid`.
+    pub fn of(pid: u32) -> anyhow::Result<ServerUsage> {
+        usage_of(pid)
+    }
+}
+
+/// CPU time and resident memory of process `pid`.
+pub(crate) fn usage_of(pid: u32) -> anyhow::Result<ServerUsage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let after_name = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .context("no VmRSS")?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()?;
+    // Linux reports CPU time in clock ticks of 1/100 s on every platform we run on.
+    Ok(ServerUsage {
+        cpu_seconds: ticks / 100.0,
+        rss_bytes: rss_kib * 1024,
+    })
+}

@@ -1,0 +1,211 @@
+//! `duplex bench`: runs the load generators of `duplex-bench` and prints their reports.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand, ValueEnum};
+use duplex_bench::{
+    ConnectionsOptions, FanoutOptions, ServerProcess, Transport, run_connections, run_fanout,
+};
+
+/// Benchmarks. Each run is bounded and stops by itself; by default it starts its own server.
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Fan-out: subscribers follow one channel while a publisher sends at a fixed rate.
+    Fanout(FanoutArgs),
+    /// Idle connections: server memory per connection and connect rate.
+    Connections(ConnectionsArgs),
+}
+
+/// Where the server under test is.
+#[derive(Debug, Args)]
+pub(crate) struct Target {
+    /// HTTP address of a running server (127.0.0.1:PORT); default: start one.
+    #[arg(long)]
+    server: Option<String>,
+    /// Raw TCP address of that server.
+    #[arg(long)]
+    tcp_server: Option<String>,
+    /// Process id of that server, for its CPU and memory.
+    #[arg(long)]
+    pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TransportArg {
+    Websocket,
+    Tcp,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct FanoutArgs {
+    /// Subscribers.
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Publications per second (comma-separated for several runs).
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    rate: Vec<u32>,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 95)]
+    size: usize,
+    /// Publishing time per run, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Subscriber transport.
+    #[arg(long, value_enum, default_value_t = TransportArg::Websocket)]
+    transport: TransportArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ConnectionsArgs {
+    /// Connections to open (the fd limit here is 20,000 per process).
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    target: Target,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    duplex_server::config::parse_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 500ms, 10s or 2m"))
+}
+
+/// The server a run measures: a child process we started, or one the user named.
+async fn server_for(
+    target: &Target,
+) -> anyhow::Result<(Option<ServerProcess>, String, String, Option<u32>)> {
+    match &target.server {
+        Some(http) => Ok((
+            None,
+            http.clone(),
+            target.tcp_server.clone().unwrap_or_default(),
+            target.pid,
+        )),
+        None => {
+            let exe = std::env::current_exe().context("cannot find the duplex executable")?;
+            let server = ServerProcess::start(&exe).await?;
+            let (http, tcp, pid) = (
+                server.http_addr.clone(),
+                server.tcp_addr.clone(),
+                server.pid(),
+            );
+            Ok((Some(server), http, tcp, pid))
+        }
+    }
+}
+
+pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Fanout(args) => fanout(args).await,
+        BenchCommand::Connections(args) => connections(args).await,
+    }
+}
+
+async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
+    let (server, http_addr, tcp_addr, pid) = server_for(&args.target).await?;
+    let transport = match args.transport {
+        TransportArg::Websocket => Transport::Websocket,
+        TransportArg::Tcp => Transport::Tcp,
+    };
+    if !args.json {
+        println!(
+            "fan-out over {transport:?}: {} subscribers, {} B payloads, {:?} per rate",
+            args.subscribers, args.size, args.duration
+        );
+        println!(
+            "{:>8} {:>12} {:>14} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8}",
+            "rate/s",
+            "deliveries",
+            "deliveries/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "missed",
+            "cpu s"
+        );
+    }
+    let mut reports = Vec::new();
+    for rate in &args.rate {
+        let before = pid.map(duplex_bench::ServerUsage::of).transpose()?;
+        let report = run_fanout(&FanoutOptions {
+            http_addr: http_addr.clone(),
+            tcp_addr: tcp_addr.clone(),
+            subscribers: args.subscribers,
+            rate: *rate,
+            size: args.size,
+            duration: args.duration,
+            transport,
+        })
+        .await?;
+        let after = pid.map(duplex_bench::ServerUsage::of).transpose()?;
+        let cpu = match (before, after) {
+            (Some(b), Some(a)) => Some(a.cpu_seconds - b.cpu_seconds),
+            _ => None,
+        };
+        if args.json {
+            let mut value = serde_json::to_value(&report)?;
+            value["server_cpu_seconds"] = cpu.into();
+            reports.push(value);
+        } else {
+            println!(
+                "{:>8} {:>12} {:>14.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8}",
+                rate,
+                report.deliveries,
+                report.deliveries_per_second,
+                report.latency_ms.p50,
+                report.latency_ms.p90,
+                report.latency_ms.p99,
+                report.latency_ms.max,
+                report.missed + report.duplicated,
+                cpu.map_or("-".to_owned(), |c| format!("{c:.2}")),
+            );
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    }
+    if let Some(server) = server {
+        server.stop().await?;
+    }
+    Ok(())
+}
+
+async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
+    let (server, http_addr, _, pid) = server_for(&args.target).await?;
+    let pid = pid.context("--pid is needed to read a running server's memory")?;
+    let report = run_connections(&ConnectionsOptions {
+        http_addr,
+        server_pid: pid,
+        connections: args.connections,
+        concurrency: args.concurrency,
+    })
+    .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} idle WebSocket connections: {:.0} connects/s; server RSS {:.1} MiB → {:.1} MiB, {:.2} KiB per connection",
+            report.connections,
+            report.connect_rate,
+            report.rss_before as f64 / 1048576.0,
+            report.rss_after as f64 / 1048576.0,
+            report.rss_per_connection / 1024.0
+        );
+    }
+    if let Some(server) = server {
+        server.stop().await?;
+    }
+    Ok(())
+}
