@@ -22,7 +22,7 @@ use crate::http::{ApiError, AppState};
 use crate::hub::publication::Publication;
 use crate::hub::queue::{Outgoing, OutgoingQueue};
 
-const READ_BUFFER: usize = 4 * 1024;
+const READ_BUFFER: usize = 1024;
 const WRITE_FLUSH_THRESHOLD: usize = 16 * 1024;
 const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
 
