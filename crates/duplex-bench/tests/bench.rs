@@ -1,0 +1,52 @@
+//! The load generators against a real server: short runs that check the reports, not timings.
+
+use std::time::Duration;
+
+use duplex_bench::{ConnectionsOptions, FanoutOptions, Transport, run_connections, run_fanout};
+use duplex_testkit::TestServer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fanout_reports_every_delivery_on_both_transports() {
+    let server = TestServer::start().await;
+    for transport in [Transport::Websocket, Transport::Tcp] {
+        let report = run_fanout(&FanoutOptions {
+            http_addr: server.http_addr.to_string(),
+            tcp_addr: server.tcp_addr.to_string(),
+            subscribers: 20,
+            rate: 200,
+            size: 64,
+            duration: Duration::from_millis(500),
+            transport,
+        })
+        .await
+        .expect("a short run completes");
+        assert_eq!(report.publications, 100);
+        assert_eq!(report.deliveries, 100 * 20, "{transport:?}");
+        assert_eq!((report.missed, report.duplicated), (0, 0));
+        assert!(report.latency_ms.p50 <= report.latency_ms.p99);
+        assert!(report.latency_ms.p99 <= report.latency_ms.max);
+        let json = serde_json::to_value(&report).expect("serialises");
+        for key in ["deliveries_per_second", "latency_ms", "missed", "transport"] {
+            assert!(
+                json.get(key).is_some(),
+                "{key} missing from the JSON report"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_reports_memory_per_connection() {
+    let server = TestServer::start().await;
+    let report = run_connections(&ConnectionsOptions {
+        http_addr: server.http_addr.to_string(),
+        server_pid: std::process::id(),
+        connections: 50,
+        concurrency: 10,
+    })
+    .await
+    .expect("a short run completes");
+    assert_eq!(report.connections, 50);
+    assert!(report.connect_rate > 0.0);
+    assert!(report.rss_after > 0);
+}
