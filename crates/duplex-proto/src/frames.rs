@@ -40,6 +40,56 @@ pub struct ClientFrame<'a> {
     /// `lines` or `length_prefixed`, in `framing` (raw TCP only).
     #[serde(default, borrow)]
     pub mode: Option<Cow<'a, str>>,
+    /// Where to resume: `{"offset", "epoch"}` in `subscribe`, an offset in `history`.
+    #[serde(default)]
+    pub since: Option<Since>,
+    /// At most this many publications, in `history`.
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// The result of a client's `reply` to a server `request`.
+    #[serde(default, borrow)]
+    pub result: Option<&'a RawValue>,
+    /// The code of a client's `error` answer to a server `request`.
+    #[serde(default, borrow)]
+    pub code: Option<Cow<'a, str>>,
+    /// The message of a client's `error` answer to a server `request`.
+    #[serde(default, borrow)]
+    pub message: Option<Cow<'a, str>>,
+}
+
+/// A position in a channel: an offset, with the epoch it belongs to when the client knows it.
+///
+/// Written as an object `{"offset": 41, "epoch": "5f0e3a12"}` or, in `history`, a bare offset.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum Since {
+    /// `{"offset": …, "epoch": …}`.
+    Position {
+        /// The last offset the client has.
+        offset: u64,
+        /// The epoch that offset belongs to.
+        #[serde(default)]
+        epoch: Option<String>,
+    },
+    /// A bare offset.
+    Offset(u64),
+}
+
+impl Since {
+    /// The offset.
+    pub fn offset(&self) -> u64 {
+        match self {
+            Since::Position { offset, .. } | Since::Offset(offset) => *offset,
+        }
+    }
+
+    /// The epoch, when given.
+    pub fn epoch(&self) -> Option<&str> {
+        match self {
+            Since::Position { epoch, .. } => epoch.as_deref(),
+            Since::Offset(_) => None,
+        }
+    }
 }
 
 impl<'a> ClientFrame<'a> {
@@ -144,10 +194,70 @@ pub enum Keepalive {
 pub struct Subscribed<'a> {
     /// The channel.
     pub channel: Cow<'a, str>,
-    /// The offset of the last publication (0 before the first).
+    /// The offset of the last publication (0 before the first). With `since`, the missed
+    /// publications up to this offset follow the reply when `recovered` is true.
     pub offset: u64,
     /// The channel's epoch; it changes when the channel's history is lost.
     pub epoch: Cow<'a, str>,
+    /// With `since`: whether every publication after it follows the reply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+    /// With `since`: how many publications follow the reply (recovered) or why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed: Option<u64>,
+    /// Why recovery failed: `epoch_changed`, `epoch_required`, `offset_ahead`, `history_trimmed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Cow<'a, str>>,
+}
+
+/// A request of the server's own: answer with `reply` (`id`, `result`) or `error` (`id`,
+/// `code`, `message`).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename = "request")]
+pub struct ServerRequest<'a> {
+    /// The id, in the server's id space.
+    pub id: u64,
+    /// What the server asks.
+    pub data: &'a RawValue,
+}
+
+/// Someone subscribed to a channel with presence on.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename = "join")]
+pub struct Join<'a> {
+    /// The channel.
+    pub channel: &'a str,
+    /// Who joined.
+    pub client: &'a str,
+    /// Their user, if any.
+    pub user: Option<&'a str>,
+    /// Their `connect` metadata, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<&'a RawValue>,
+}
+
+/// Someone left a channel with presence on (unsubscribed or disconnected).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename = "leave")]
+pub struct Leave<'a> {
+    /// The channel.
+    pub channel: &'a str,
+    /// Who left.
+    pub client: &'a str,
+    /// Their user, if any.
+    pub user: Option<&'a str>,
+}
+
+/// One subscriber as presence lists it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PresenceEntry<'a> {
+    /// The connection's id.
+    pub client: String,
+    /// The user its token named, if any.
+    pub user: Option<&'a str>,
+    /// The metadata it gave in `connect`, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<&'a RawValue>,
 }
 
 /// The result of `publish`.

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub conflated: Counter,
     /// Connections closed because their queue filled (`disconnect`).
     pub slow_consumer_disconnects: Counter,
+    /// Client answers to server requests that matched no waiting request (late, repeated, unknown).
+    pub unmatched_answers: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -135,7 +137,14 @@ impl Metrics {
             "Connections closed because their queue filled (disconnect)",
             slow_consumer_disconnects.clone(),
         );
+        let unmatched_answers = Counter::default();
+        registry.register(
+            "unmatched_answers",
+            "Client answers to server requests that matched no waiting request",
+            unmatched_answers.clone(),
+        );
         Arc::new(Metrics {
+            unmatched_answers,
             registry,
             http_requests,
             http_duration,

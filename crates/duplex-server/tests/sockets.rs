@@ -58,8 +58,8 @@ async fn websocket_and_tcp_subscribers_see_the_same_ordered_stream() {
     let server = TestServer::start().await;
     let mut ws = server.ws().await;
     let mut tcp = server.tcp().await;
-    let ws_reply = ws.subscribe("chat:lobby", 1).await;
-    let tcp_reply = tcp.subscribe("chat:lobby", 1).await;
+    let ws_reply = ws.subscribe("news:lobby", 1).await;
+    let tcp_reply = tcp.subscribe("news:lobby", 1).await;
     assert_eq!(ws_reply["result"]["offset"], 0);
     assert_eq!(ws_reply["result"]["epoch"], tcp_reply["result"]["epoch"]);
 
@@ -68,10 +68,10 @@ async fn websocket_and_tcp_subscribers_see_the_same_ordered_stream() {
     let mut tcp_publisher = server.tcp().await;
     let count = 200u64;
     for i in 0..count {
-        let mut frame = publish("chat:lobby", json!({"from": "ws", "i": i}));
+        let mut frame = publish("news:lobby", json!({"from": "ws", "i": i}));
         frame["id"] = i.into();
         ws_publisher.send_json(frame).await;
-        let mut frame = publish("chat:lobby", json!({"from": "tcp", "i": i}));
+        let mut frame = publish("news:lobby", json!({"from": "tcp", "i": i}));
         frame["id"] = i.into();
         tcp_publisher.send_json(frame).await;
     }
@@ -80,7 +80,7 @@ async fn websocket_and_tcp_subscribers_see_the_same_ordered_stream() {
     for _ in 0..count * 2 {
         let message = ws.next_json().await;
         assert_eq!(message["type"], "message");
-        assert_eq!(message["channel"], "chat:lobby");
+        assert_eq!(message["channel"], "news:lobby");
         ws_seen.push((
             message["offset"].as_u64().expect("offset"),
             message["data"].clone(),
@@ -448,12 +448,12 @@ async fn thousands_of_subscribe_calls_hit_the_subscription_limit() {
 async fn a_client_that_vanishes_leaves_the_server_and_others_unharmed() {
     let server = TestServer::start().await;
     let mut survivor = server.ws().await;
-    survivor.subscribe("chat:x", 1).await;
+    survivor.subscribe("news:x", 1).await;
     for _ in 0..5 {
         let mut ws = server.ws().await;
-        ws.subscribe("chat:x", 1).await;
+        ws.subscribe("news:x", 1).await;
         let mut tcp = server.tcp().await;
-        tcp.subscribe("chat:x", 1).await;
+        tcp.subscribe("news:x", 1).await;
         // Half a frame, then gone without a close.
         tcp.write_raw(b"{\"type\":\"publ").await;
         drop(ws);
@@ -461,7 +461,7 @@ async fn a_client_that_vanishes_leaves_the_server_and_others_unharmed() {
     }
     let mut publisher = server.tcp().await;
     for i in 0..100 {
-        publisher.request(publish("chat:x", json!(i)), i).await;
+        publisher.request(publish("news:x", json!(i)), i).await;
     }
     for i in 0..100 {
         assert_eq!(survivor.next_json().await["data"], i);

@@ -7,6 +7,7 @@
 //! channel totally ordered for every subscriber. Pushing never waits: a full queue applies the
 //! namespace's slow-consumer policy, so a slow subscriber never delays the others.
 
+pub mod connection;
 pub mod namespace;
 pub mod publication;
 pub mod queue;
@@ -19,14 +20,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dashmap::DashMap;
 use duplex_proto::ErrorCode;
-use duplex_proto::frames::{Reply, Subscribed, to_json};
+use duplex_proto::frames::{Join, Leave, Reply, Since, Subscribed, to_json};
 use indexmap::IndexMap;
 use parking_lot::Mutex;
 
 use crate::metrics::Metrics;
+use connection::ConnectionHandle;
 use namespace::{Namespace, Namespaces, PublishRule, SlowConsumerPolicy, SubscribeRule};
 use publication::{Payload, Publication};
-use queue::{LatestSlot, OutgoingQueue, Pushed};
+use queue::{LatestSlot, Pushed};
+
+/// Publication rates are measured over windows this long.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// A connection's id: random, shown as 16 hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,6 +73,9 @@ pub enum HubError {
     /// The namespace forbids it.
     #[error("{0}")]
     PermissionDenied(&'static str),
+    /// The namespace keeps no presence.
+    #[error("presence is off in this namespace")]
+    PresenceDisabled,
     /// Already subscribed.
     #[error("already subscribed to this channel")]
     AlreadySubscribed,
@@ -90,7 +98,9 @@ impl HubError {
     pub fn code(&self) -> ErrorCode {
         match self {
             HubError::InvalidChannel => ErrorCode::InvalidChannel,
-            HubError::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            HubError::PermissionDenied(_) | HubError::PresenceDisabled => {
+                ErrorCode::PermissionDenied
+            }
             HubError::AlreadySubscribed => ErrorCode::AlreadySubscribed,
             HubError::NotSubscribed => ErrorCode::NotSubscribed,
             HubError::MessageTooLarge { .. } => ErrorCode::MessageTooLarge,
@@ -110,21 +120,63 @@ pub struct PublishOutcome {
 
 /// A connection's subscription as the channel sees it.
 #[derive(Debug, Clone)]
-pub struct Subscriber {
-    /// The connection's queue.
-    pub queue: Arc<OutgoingQueue>,
+struct Subscriber {
+    connection: Arc<ConnectionHandle>,
     /// The conflation slot, for `latest` namespaces.
     latest: Option<Arc<LatestSlot>>,
 }
 
-impl Subscriber {
-    /// A subscriber that receives through `queue`.
-    pub fn new(queue: Arc<OutgoingQueue>) -> Self {
-        Subscriber {
-            queue,
-            latest: None,
+/// Why a `since` could not be honoured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRecovered {
+    /// The channel's epoch is not the one the client knew: history was lost.
+    EpochChanged,
+    /// The client gave no epoch, so its offset cannot be trusted.
+    EpochRequired,
+    /// The offset is beyond the channel's last offset.
+    OffsetAhead,
+    /// Publications after the offset were trimmed from history (or none is kept).
+    HistoryTrimmed,
+}
+
+impl NotRecovered {
+    /// The reason as the protocol writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotRecovered::EpochChanged => "epoch_changed",
+            NotRecovered::EpochRequired => "epoch_required",
+            NotRecovered::OffsetAhead => "offset_ahead",
+            NotRecovered::HistoryTrimmed => "history_trimmed",
         }
     }
+}
+
+/// A page of a channel's history.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    /// Publications in offset order.
+    pub publications: Vec<Arc<Publication>>,
+    /// The channel's last offset.
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: Arc<str>,
+    /// With `since`: whether nothing after it was lost (or why it was).
+    pub recovered: Option<Result<(), NotRecovered>>,
+}
+
+/// A channel as `GET /api/channels` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelSummary {
+    /// The channel's name.
+    pub name: Arc<str>,
+    /// Its subscribers.
+    pub subscribers: usize,
+    /// Its last offset.
+    pub offset: u64,
+    /// Its epoch.
+    pub epoch: Arc<str>,
+    /// Publications per second over the last complete window.
+    pub rate: f64,
 }
 
 #[derive(Debug)]
@@ -135,6 +187,62 @@ struct ChannelState {
     history: VecDeque<(Instant, Arc<Publication>)>,
     /// Set when the channel was removed from the map; whoever holds the Arc must look it up again.
     closed: bool,
+    rate_window_start: Instant,
+    rate_window_count: u64,
+    rate: f64,
+}
+
+impl ChannelState {
+    fn count_publication(&mut self, now: Instant) {
+        let elapsed = now.duration_since(self.rate_window_start);
+        if elapsed >= RATE_WINDOW {
+            self.rate = self.rate_window_count as f64 / elapsed.as_secs_f64();
+            self.rate_window_start = now;
+            self.rate_window_count = 0;
+        }
+        self.rate_window_count += 1;
+    }
+
+    fn current_rate(&self, now: Instant) -> f64 {
+        let elapsed = now.duration_since(self.rate_window_start);
+        if elapsed >= RATE_WINDOW * 2 {
+            0.0
+        } else if elapsed >= RATE_WINDOW {
+            self.rate_window_count as f64 / elapsed.as_secs_f64()
+        } else {
+            self.rate
+        }
+    }
+
+    /// Whether every publication after `since` is still in history.
+    fn recoverable(&self, since: &Since, namespace: &Namespace) -> Result<(), NotRecovered> {
+        let Some(epoch) = since.epoch() else {
+            return Err(NotRecovered::EpochRequired);
+        };
+        if epoch != &*self.epoch {
+            return Err(NotRecovered::EpochChanged);
+        }
+        let offset = since.offset();
+        if offset > self.last_offset {
+            return Err(NotRecovered::OffsetAhead);
+        }
+        if offset == self.last_offset {
+            return Ok(());
+        }
+        match self.history.front() {
+            Some((_, first)) if namespace.history_size > 0 && first.offset() <= offset + 1 => {
+                Ok(())
+            }
+            _ => Err(NotRecovered::HistoryTrimmed),
+        }
+    }
+
+    fn publications_after(&self, offset: u64) -> impl Iterator<Item = &Arc<Publication>> {
+        self.history
+            .iter()
+            .map(|(_, publication)| publication)
+            .filter(move |publication| publication.offset() > offset)
+    }
 }
 
 /// One channel.
@@ -156,6 +264,9 @@ impl Channel {
                 subscribers: IndexMap::new(),
                 history: VecDeque::new(),
                 closed: false,
+                rate_window_start: Instant::now(),
+                rate_window_count: 0,
+                rate: 0.0,
             }),
         }
     }
@@ -165,10 +276,11 @@ fn new_epoch() -> Arc<str> {
     format!("{:08x}", rand_u64() as u32).into()
 }
 
-/// Channels and their subscribers.
+/// Channels, their subscribers, and the connections of this node.
 #[derive(Debug)]
 pub struct Hub {
     channels: DashMap<Arc<str>, Arc<Channel>>,
+    connections: DashMap<ConnectionId, Arc<ConnectionHandle>>,
     namespaces: Namespaces,
     metrics: Arc<Metrics>,
 }
@@ -178,9 +290,56 @@ impl Hub {
     pub fn new(namespaces: Namespaces, metrics: Arc<Metrics>) -> Self {
         Hub {
             channels: DashMap::new(),
+            connections: DashMap::new(),
             namespaces,
             metrics,
         }
+    }
+
+    /// Makes a connection reachable by id.
+    pub fn register(&self, connection: Arc<ConnectionHandle>) {
+        self.connections.insert(connection.id, connection);
+    }
+
+    /// Ends a connection: unsubscribes it everywhere and fails its pending requests.
+    pub fn deregister(&self, connection: &ConnectionHandle) {
+        self.connections.remove(&connection.id);
+        for channel in connection.take_subscriptions() {
+            // The channel may already be gone; either way the subscription is.
+            let _ = self.remove_subscriber(&channel, connection.id);
+        }
+        connection.abandon_requests();
+    }
+
+    /// A connection of this node.
+    pub fn connection(&self, id: ConnectionId) -> Option<Arc<ConnectionHandle>> {
+        self.connections.get(&id).map(|c| c.clone())
+    }
+
+    /// Connections in id order, after `after`, at most `limit`.
+    pub fn connections_page(
+        &self,
+        after: Option<ConnectionId>,
+        limit: usize,
+    ) -> Vec<Arc<ConnectionHandle>> {
+        let mut all: Vec<Arc<ConnectionHandle>> = self
+            .connections
+            .iter()
+            .filter(|c| after.is_none_or(|after| c.id > after))
+            .map(|c| c.clone())
+            .collect();
+        all.sort_by_key(|c| c.id);
+        all.truncate(limit);
+        all
+    }
+
+    /// Every connection whose token named `user`.
+    pub fn connections_of_user(&self, user: &str) -> Vec<Arc<ConnectionHandle>> {
+        self.connections
+            .iter()
+            .filter(|c| c.user().as_deref() == Some(user))
+            .map(|c| c.clone())
+            .collect()
     }
 
     /// The namespace rules.
@@ -251,7 +410,7 @@ impl Hub {
             let policy = channel.namespace.slow_consumer;
             let (mut dropped, mut conflated, mut disconnected) = (0, 0, 0);
             for subscriber in state.subscribers.values() {
-                match subscriber.queue.push_publication(
+                match subscriber.connection.queue.push_publication(
                     &publication,
                     policy,
                     subscriber.latest.as_ref(),
@@ -264,8 +423,9 @@ impl Hub {
             }
             let delivered = state.subscribers.len() as u64;
             let namespace = &channel.namespace;
+            let now = Instant::now();
+            state.count_publication(now);
             if namespace.history_size > 0 {
-                let now = Instant::now();
                 state.history.push_back((now, publication));
                 trim_history(&mut state.history, namespace, now);
             }
@@ -296,13 +456,16 @@ impl Hub {
     }
 
     /// Subscribes a connection, queueing the `reply` (with the channel's current offset and
-    /// epoch) before any publication the subscription will receive.
+    /// epoch) before any publication the subscription will receive. With `since`, the reply
+    /// says whether every publication after it can be replayed, and those publications follow
+    /// the reply, before any live one: both are queued under the channel's lock, so no live
+    /// publication can slip in between, and none is sent twice.
     pub fn subscribe(
         &self,
         channel_name: &str,
-        connection: ConnectionId,
-        mut subscriber: Subscriber,
+        connection: &Arc<ConnectionHandle>,
         reply_id: u64,
+        since: Option<&Since>,
     ) -> Result<(), HubError> {
         if !duplex_proto::is_valid_channel(channel_name) {
             return Err(HubError::InvalidChannel);
@@ -313,28 +476,58 @@ impl Hub {
                 "this namespace needs a token that lists the channel",
             ));
         }
-        if namespace.slow_consumer == SlowConsumerPolicy::Latest {
-            subscriber.latest = Some(Arc::new(LatestSlot::default()));
-        }
+        let subscriber = Subscriber {
+            connection: connection.clone(),
+            latest: (namespace.slow_consumer == SlowConsumerPolicy::Latest)
+                .then(|| Arc::new(LatestSlot::default())),
+        };
         loop {
             let channel = self.channel(channel_name);
             let mut state = channel.state.lock();
             if state.closed {
                 continue;
             }
-            if state.subscribers.contains_key(&connection) {
+            if state.subscribers.contains_key(&connection.id) {
                 return Err(HubError::AlreadySubscribed);
             }
+            let recovery = since.map(|since| state.recoverable(since, &channel.namespace));
+            let missed = match (since, recovery) {
+                (Some(since), Some(Ok(()))) => state.last_offset - since.offset(),
+                _ => 0,
+            };
             let reply = to_json(&Reply {
                 id: reply_id,
                 result: Subscribed {
                     channel: channel_name.into(),
                     offset: state.last_offset,
                     epoch: (*state.epoch).into(),
+                    recovered: recovery.map(|r| r.is_ok()),
+                    missed: recovery.and_then(|r| r.ok()).map(|()| missed),
+                    reason: recovery.and_then(|r| r.err()).map(|e| e.as_str().into()),
                 },
             });
-            subscriber.queue.push_control(Bytes::from(reply));
-            state.subscribers.insert(connection, subscriber);
+            let queue = &connection.queue;
+            queue.push_control(Bytes::from(reply));
+            if let (Some(since), Some(Ok(()))) = (since, recovery) {
+                for publication in state.publications_after(since.offset()) {
+                    queue.push_recovered(publication);
+                }
+            }
+            if channel.namespace.presence {
+                let meta = connection.meta();
+                let user = connection.user();
+                let join = Bytes::from(to_json(&Join {
+                    channel: channel_name,
+                    client: &connection.id.to_string(),
+                    user: user.as_deref(),
+                    meta: meta.as_deref(),
+                }));
+                for other in state.subscribers.values() {
+                    other.connection.queue.push_control(join.clone());
+                }
+            }
+            state.subscribers.insert(connection.id, subscriber);
+            connection.add_subscription(channel_name);
             self.metrics.subscriptions.inc();
             return Ok(());
         }
@@ -344,22 +537,149 @@ impl Hub {
     pub fn unsubscribe(
         &self,
         channel_name: &str,
+        connection: &ConnectionHandle,
+    ) -> Result<(), HubError> {
+        if !connection.remove_subscription(channel_name) {
+            return Err(HubError::NotSubscribed);
+        }
+        self.remove_subscriber(channel_name, connection.id)
+    }
+
+    fn remove_subscriber(
+        &self,
+        channel_name: &str,
         connection: ConnectionId,
     ) -> Result<(), HubError> {
         let Some(channel) = self.channels.get(channel_name).map(|c| c.clone()) else {
             return Err(HubError::NotSubscribed);
         };
         let mut state = channel.state.lock();
-        if state.subscribers.swap_remove(&connection).is_none() {
+        let Some(removed) = state.subscribers.swap_remove(&connection) else {
             return Err(HubError::NotSubscribed);
-        }
+        };
         self.metrics.subscriptions.dec();
+        if channel.namespace.presence && !state.subscribers.is_empty() {
+            let user = removed.connection.user();
+            let leave = Bytes::from(to_json(&Leave {
+                channel: channel_name,
+                client: &connection.to_string(),
+                user: user.as_deref(),
+            }));
+            for other in state.subscribers.values() {
+                other.connection.queue.push_control(leave.clone());
+            }
+        }
         let unused = state.subscribers.is_empty() && state.history.is_empty();
         drop(state);
         if unused {
             self.remove_if_unused(channel_name);
         }
         Ok(())
+    }
+
+    /// Who is subscribed to a channel (namespaces with presence on).
+    pub fn presence(&self, channel_name: &str) -> Result<Vec<Arc<ConnectionHandle>>, HubError> {
+        if !duplex_proto::is_valid_channel(channel_name) {
+            return Err(HubError::InvalidChannel);
+        }
+        if !self.namespaces.for_channel(channel_name).presence {
+            return Err(HubError::PresenceDisabled);
+        }
+        let Some(channel) = self.channels.get(channel_name).map(|c| c.clone()) else {
+            return Ok(Vec::new());
+        };
+        let state = channel.state.lock();
+        Ok(state
+            .subscribers
+            .values()
+            .map(|s| s.connection.clone())
+            .collect())
+    }
+
+    /// A page of a channel's history: with `since`, the first `limit` publications after it;
+    /// without, the last `limit`.
+    pub fn history(
+        &self,
+        channel_name: &str,
+        since: Option<&Since>,
+        limit: usize,
+    ) -> Result<HistoryPage, HubError> {
+        if !duplex_proto::is_valid_channel(channel_name) {
+            return Err(HubError::InvalidChannel);
+        }
+        let Some(channel) = self.channels.get(channel_name).map(|c| c.clone()) else {
+            // Nothing was ever kept: an empty channel in a fresh epoch.
+            let recovered = since.map(|since| {
+                if since.offset() == 0 {
+                    Ok(())
+                } else {
+                    Err(NotRecovered::EpochChanged)
+                }
+            });
+            return Ok(HistoryPage {
+                publications: Vec::new(),
+                offset: 0,
+                epoch: "".into(),
+                recovered,
+            });
+        };
+        let mut state = channel.state.lock();
+        trim_history(&mut state.history, &channel.namespace, Instant::now());
+        let publications: Vec<Arc<Publication>> = match since {
+            Some(since) => state
+                .publications_after(since.offset())
+                .take(limit)
+                .cloned()
+                .collect(),
+            None => {
+                let skip = state.history.len().saturating_sub(limit);
+                state
+                    .history
+                    .iter()
+                    .skip(skip)
+                    .map(|(_, p)| p.clone())
+                    .collect()
+            }
+        };
+        let recovered = since.map(|since| match since.epoch() {
+            // A bare offset (HTTP `?since=` without `epoch`) is checked against history only.
+            None => {
+                let position = Since::Position {
+                    offset: since.offset(),
+                    epoch: Some(state.epoch.to_string()),
+                };
+                state.recoverable(&position, &channel.namespace)
+            }
+            Some(_) => state.recoverable(since, &channel.namespace),
+        });
+        Ok(HistoryPage {
+            publications,
+            offset: state.last_offset,
+            epoch: state.epoch.clone(),
+            recovered,
+        })
+    }
+
+    /// Every channel with its subscribers, offset, epoch and publication rate, by name.
+    pub fn channels(&self) -> Vec<ChannelSummary> {
+        let now = Instant::now();
+        let mut summaries: Vec<ChannelSummary> = self
+            .channels
+            .iter()
+            .map(|entry| {
+                let channel = entry.value();
+                let state = channel.state.lock();
+                ChannelSummary {
+                    name: channel.name.clone(),
+                    subscribers: state.subscribers.len(),
+                    offset: state.last_offset,
+                    epoch: state.epoch.clone(),
+                    rate: state.current_rate(now),
+                }
+            })
+            .collect();
+        summaries.sort_by(|a, b| a.name.cmp(&b.name));
+        summaries
     }
 
     /// How many channels exist.
@@ -406,6 +726,7 @@ fn trim_history(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use queue::{Outgoing, OutgoingQueue};
     use serde_json::value::RawValue;
 
     fn json(text: &str) -> Payload {
@@ -416,12 +737,32 @@ mod tests {
         Hub::new(Namespaces::default(), Metrics::new())
     }
 
+    fn connection(id: u64) -> Arc<ConnectionHandle> {
+        let queue = Arc::new(OutgoingQueue::new(100));
+        Arc::new(ConnectionHandle::new(ConnectionId(id), "test", None, queue))
+    }
+
+    async fn drain(connection: &ConnectionHandle) -> VecDeque<Outgoing> {
+        let mut batch = VecDeque::new();
+        connection.queue.next_batch(&mut batch).await;
+        batch
+    }
+
+    fn offsets(batch: &VecDeque<Outgoing>) -> Vec<u64> {
+        batch
+            .iter()
+            .filter_map(|item| match item {
+                Outgoing::Publication(p) => Some(p.offset()),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn subscribers_get_every_publication_in_offset_order_after_the_reply() {
         let hub = hub();
-        let queue = Arc::new(OutgoingQueue::new(100));
-        let id = ConnectionId(1);
-        hub.subscribe("chat:a", id, Subscriber::new(queue.clone()), 7)
+        let subscriber = connection(1);
+        hub.subscribe("chat:a", &subscriber, 7, None)
             .expect("subscribe");
         for i in 0..3 {
             let outcome = hub
@@ -429,19 +770,85 @@ mod tests {
                 .expect("publish");
             assert_eq!(outcome.offset, i + 1);
         }
-        let mut batch = VecDeque::new();
-        queue.next_batch(&mut batch).await;
+        let batch = drain(&subscriber).await;
         assert!(
-            matches!(&batch[0], queue::Outgoing::Control(reply) if reply.starts_with(b"{\"type\":\"reply\",\"id\":7"))
+            matches!(&batch[0], Outgoing::Control(reply) if reply.starts_with(b"{\"type\":\"reply\",\"id\":7"))
         );
-        let offsets: Vec<u64> = batch
-            .iter()
-            .filter_map(|item| match item {
-                queue::Outgoing::Publication(p) => Some(p.offset()),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(offsets, vec![1, 2, 3]);
+        assert_eq!(offsets(&batch), vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn since_replays_missed_publications_after_the_reply() {
+        let hub = hub();
+        let epoch = hub
+            .publish("chat:a", json("1"), Origin::Client)
+            .expect("publish")
+            .epoch;
+        for i in 2..=5 {
+            hub.publish("chat:a", json(&i.to_string()), Origin::Client)
+                .expect("publish");
+        }
+        let subscriber = connection(1);
+        let since = Since::Position {
+            offset: 2,
+            epoch: Some(epoch.to_string()),
+        };
+        hub.subscribe("chat:a", &subscriber, 1, Some(&since))
+            .expect("subscribe");
+        let batch = drain(&subscriber).await;
+        let Outgoing::Control(reply) = &batch[0] else {
+            panic!("reply first");
+        };
+        let reply: serde_json::Value = serde_json::from_slice(reply).expect("json");
+        assert_eq!(reply["result"]["recovered"], true);
+        assert_eq!(reply["result"]["missed"], 3);
+        assert_eq!(offsets(&batch), vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn recovery_is_refused_with_a_reason() {
+        let hub = hub();
+        let epoch = hub
+            .publish("chat:a", json("1"), Origin::Client)
+            .expect("publish")
+            .epoch
+            .to_string();
+        let state_of = |since: Since| {
+            let channel = hub.channel("chat:a");
+            let state = channel.state.lock();
+            state.recoverable(&since, &channel.namespace)
+        };
+        assert_eq!(
+            state_of(Since::Position {
+                offset: 1,
+                epoch: Some("other".into())
+            }),
+            Err(NotRecovered::EpochChanged)
+        );
+        assert_eq!(state_of(Since::Offset(1)), Err(NotRecovered::EpochRequired));
+        assert_eq!(
+            state_of(Since::Position {
+                offset: 9,
+                epoch: Some(epoch.clone())
+            }),
+            Err(NotRecovered::OffsetAhead)
+        );
+        assert_eq!(
+            state_of(Since::Position {
+                offset: 0,
+                epoch: Some(epoch.clone())
+            }),
+            Ok(())
+        );
+        // A namespace without history cannot recover anything but "nothing missed".
+        let stream = hub
+            .publish(
+                "stream:a",
+                Payload::Binary(Bytes::from_static(b"x")),
+                Origin::Client,
+            )
+            .expect("publish");
+        assert_eq!(stream.offset, 1);
     }
 
     #[test]
@@ -482,34 +889,64 @@ mod tests {
             hub.publish("chat:a", json(&big), Origin::Client),
             Err(HubError::MessageTooLarge { .. })
         ));
+        assert_eq!(
+            hub.presence("news:a").map(|p| p.len()),
+            Err(HubError::PresenceDisabled)
+        );
     }
 
     #[test]
     fn channels_without_subscribers_or_history_are_removed() {
         let hub = hub();
-        let queue = Arc::new(OutgoingQueue::new(10));
-        hub.subscribe(
-            "stream:a",
-            ConnectionId(1),
-            Subscriber::new(queue.clone()),
-            1,
-        )
-        .expect("subscribe");
+        let subscriber = connection(1);
+        hub.subscribe("stream:a", &subscriber, 1, None)
+            .expect("subscribe");
         assert_eq!(hub.channel_count(), 1);
         assert_eq!(
-            hub.subscribe("stream:a", ConnectionId(1), Subscriber::new(queue), 2),
+            hub.subscribe("stream:a", &subscriber, 2, None),
             Err(HubError::AlreadySubscribed)
         );
-        hub.unsubscribe("stream:a", ConnectionId(1))
+        hub.unsubscribe("stream:a", &subscriber)
             .expect("unsubscribe");
         assert_eq!(hub.channel_count(), 0);
         assert_eq!(
-            hub.unsubscribe("stream:a", ConnectionId(1)),
+            hub.unsubscribe("stream:a", &subscriber),
             Err(HubError::NotSubscribed)
         );
         // A channel with history stays until the history expires.
         hub.publish("chat:a", json("1"), Origin::Client)
             .expect("publish");
         assert_eq!(hub.channel_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn presence_lists_subscribers_and_announces_joins_and_leaves() {
+        let hub = hub();
+        let first = connection(1);
+        let second = connection(2);
+        hub.subscribe("chat:room", &first, 1, None)
+            .expect("subscribe");
+        hub.subscribe("chat:room", &second, 1, None)
+            .expect("subscribe");
+        let ids: Vec<ConnectionId> = hub
+            .presence("chat:room")
+            .expect("presence")
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(ids, vec![ConnectionId(1), ConnectionId(2)]);
+        hub.deregister(&second);
+        let batch = drain(&first).await;
+        let frames: Vec<serde_json::Value> = batch
+            .iter()
+            .filter_map(|item| match item {
+                Outgoing::Control(bytes) => serde_json::from_slice(bytes).ok(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(frames[1]["type"], "join");
+        assert_eq!(frames[1]["client"], ConnectionId(2).to_string());
+        assert_eq!(frames[2]["type"], "leave");
+        assert_eq!(hub.presence("chat:room").expect("presence").len(), 1);
     }
 }

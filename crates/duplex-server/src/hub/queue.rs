@@ -141,6 +141,16 @@ impl OutgoingQueue {
         outcome
     }
 
+    /// Queues a publication replayed for recovery: never dropped, whatever the queue holds,
+    /// because the client was promised every one of them.
+    pub fn push_recovered(&self, publication: &Arc<Publication>) {
+        let state = self.state.lock();
+        if state.closing.is_some() {
+            return;
+        }
+        self.enqueue(state, Outgoing::Publication(publication.clone()), true);
+    }
+
     /// Queues a control frame. A client that keeps asking without ever reading is disconnected
     /// once control frames alone fill the queue four times over.
     pub fn push_control(&self, frame: Bytes) {

@@ -7,7 +7,7 @@
 pub(crate) mod tcp;
 pub(crate) mod ws;
 
-use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,10 +21,16 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::hub::connection::{ClientAnswer, ConnectionHandle};
 use crate::hub::publication::Payload;
 use crate::hub::queue::{Outgoing, OutgoingQueue};
-use crate::hub::{ConnectionId, Hub, HubError, Origin, Subscriber};
+use crate::hub::{ConnectionId, Hub, HubError, Origin};
 use crate::metrics::{Metrics, TransportLabels};
+
+/// Publications a `history` request returns when it names no `limit`, and at most.
+pub(crate) const HISTORY_DEFAULT_LIMIT: usize = 100;
+/// The largest `limit` of a `history` request.
+pub(crate) const HISTORY_MAX_LIMIT: usize = 1000;
 
 /// After this many bad frames in a row a connection is closed with `too_many_errors`.
 const MAX_BAD_FRAMES_IN_A_ROW: u32 = 20;
@@ -77,12 +83,16 @@ pub(crate) enum Transport {
 }
 
 impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Tcp => "tcp",
+        }
+    }
+
     fn label(self) -> TransportLabels {
         TransportLabels {
-            transport: match self {
-                Transport::WebSocket => "websocket",
-                Transport::Tcp => "tcp",
-            },
+            transport: self.name(),
         }
     }
 }
@@ -102,16 +112,25 @@ pub(crate) struct Session {
     transport: Transport,
     context: SocketContext,
     queue: Arc<OutgoingQueue>,
-    subscriptions: HashSet<String>,
+    connection: Arc<ConnectionHandle>,
     bad_frames_in_a_row: u32,
-    meta: Option<Box<RawValue>>,
 }
 
 impl Session {
-    /// Starts a session and queues the `connected` frame.
-    pub(crate) fn start(context: SocketContext, transport: Transport) -> Session {
+    /// Starts a session, registers the connection with the hub and queues `connected`.
+    pub(crate) fn start(
+        context: SocketContext,
+        transport: Transport,
+        remote: Option<SocketAddr>,
+    ) -> Session {
         let id = ConnectionId::random();
         let queue = Arc::new(OutgoingQueue::new(context.limits.queue_size));
+        let connection = Arc::new(ConnectionHandle::new(
+            id,
+            transport.name(),
+            remote,
+            queue.clone(),
+        ));
         let client = id.to_string();
         queue.push_control(Bytes::from(to_json(&Connected {
             client: client.as_str().into(),
@@ -124,14 +143,14 @@ impl Session {
             .connections
             .get_or_create(&transport.label())
             .inc();
+        context.hub.register(connection.clone());
         Session {
             id,
             transport,
             context,
             queue,
-            subscriptions: HashSet::new(),
+            connection,
             bad_frames_in_a_row: 0,
-            meta: None,
         }
     }
 
@@ -204,7 +223,12 @@ impl Session {
                 return After::Continue;
             }
             "pong" => return After::Continue,
-            "connect" | "subscribe" | "unsubscribe" | "publish" | "framing" => {}
+            "reply" | "error" => {
+                self.answer(&frame);
+                return After::Continue;
+            }
+            "connect" | "subscribe" | "unsubscribe" | "publish" | "framing" | "history"
+            | "presence" => {}
             _ => {
                 self.bad_frame(
                     frame.id,
@@ -235,8 +259,10 @@ impl Session {
                     return After::Continue;
                 };
                 match kind {
-                    "subscribe" => self.subscribe(id, channel),
+                    "subscribe" => self.subscribe(id, channel, frame.since.as_ref()),
                     "unsubscribe" => self.unsubscribe(id, channel),
+                    "history" => self.history(id, channel, frame.since.as_ref(), frame.limit),
+                    "presence" => self.presence(id, channel),
                     _ => match frame.data {
                         Some(data) => {
                             self.publish(id, channel, Payload::Json(data.to_owned()));
@@ -283,15 +309,47 @@ impl Session {
             );
             return;
         }
-        self.meta = frame.meta.map(ToOwned::to_owned);
+        self.connection
+            .set_meta(frame.meta.map(|meta| Arc::from(meta.to_owned())));
         let client = self.id.to_string();
+        let user = self.connection.user();
         self.reply(
             id,
             ConnectResult {
                 client: client.into(),
-                user: None,
+                user: user.as_deref().map(Into::into),
             },
         );
+    }
+
+    /// A client's `reply` or `error` to one of the server's requests.
+    fn answer(&mut self, frame: &ClientFrame<'_>) {
+        let Some(id) = frame.id else {
+            self.bad_frame(
+                None,
+                ErrorCode::MissingId,
+                format!("a {} needs the \"id\" of the server's request", frame.kind),
+            );
+            return;
+        };
+        let answer = if frame.kind == "reply" {
+            ClientAnswer::Result(
+                frame
+                    .result
+                    .map(ToOwned::to_owned)
+                    .unwrap_or_else(|| RawValue::from_string("null".into()).expect("null is JSON")),
+            )
+        } else {
+            ClientAnswer::Error {
+                code: frame.code.as_deref().unwrap_or("error").to_owned(),
+                message: frame.message.as_deref().unwrap_or("").to_owned(),
+            }
+        };
+        self.bad_frames_in_a_row = 0;
+        if !self.connection.answer(id, answer) {
+            // Late (after the timeout), repeated, or for an id never asked: counted, not fatal.
+            self.context.metrics.unmatched_answers.inc();
+        }
     }
 
     fn framing(&mut self, id: u64, mode: Option<&str>) -> After {
@@ -320,12 +378,12 @@ impl Session {
         }
     }
 
-    fn subscribe(&mut self, id: u64, channel: &str) {
-        if self.subscriptions.contains(channel) {
+    fn subscribe(&mut self, id: u64, channel: &str, since: Option<&duplex_proto::frames::Since>) {
+        if self.connection.is_subscribed(channel) {
             self.hub_error(id, &HubError::AlreadySubscribed);
             return;
         }
-        if self.subscriptions.len() >= self.context.limits.max_subscriptions {
+        if self.connection.subscription_count() >= self.context.limits.max_subscriptions {
             let max = self.context.limits.max_subscriptions;
             self.error(
                 Some(id),
@@ -334,23 +392,58 @@ impl Session {
             );
             return;
         }
-        let subscriber = Subscriber::new(self.queue.clone());
-        match self.context.hub.subscribe(channel, self.id, subscriber, id) {
-            Ok(()) => {
-                self.bad_frames_in_a_row = 0;
-                self.subscriptions.insert(channel.to_owned());
-            }
+        match self
+            .context
+            .hub
+            .subscribe(channel, &self.connection, id, since)
+        {
+            Ok(()) => self.bad_frames_in_a_row = 0,
             Err(error) => self.hub_error(id, &error),
         }
     }
 
     fn unsubscribe(&mut self, id: u64, channel: &str) {
-        if !self.subscriptions.remove(channel) {
-            self.hub_error(id, &HubError::NotSubscribed);
+        match self.context.hub.unsubscribe(channel, &self.connection) {
+            Ok(()) => self.reply(id, serde_json::json!({})),
+            Err(error) => self.hub_error(id, &error),
+        }
+    }
+
+    fn history(
+        &mut self,
+        id: u64,
+        channel: &str,
+        since: Option<&duplex_proto::frames::Since>,
+        limit: Option<u32>,
+    ) {
+        let limit = limit.map_or(HISTORY_DEFAULT_LIMIT, |l| l as usize);
+        if limit == 0 || limit > HISTORY_MAX_LIMIT {
+            self.bad_frame(
+                Some(id),
+                ErrorCode::BadRequest,
+                format!("limit must be from 1 to {HISTORY_MAX_LIMIT}"),
+            );
             return;
         }
-        match self.context.hub.unsubscribe(channel, self.id) {
-            Ok(()) => self.reply(id, serde_json::json!({})),
+        match self.context.hub.history(channel, since, limit) {
+            Ok(page) => {
+                self.bad_frames_in_a_row = 0;
+                let mut result = history_json(channel, &page);
+                let reply = format!("{{\"type\":\"reply\",\"id\":{id},\"result\":");
+                result.splice(0..0, reply.into_bytes());
+                result.push(b'}');
+                self.queue.push_control(Bytes::from(result));
+            }
+            Err(error) => self.hub_error(id, &error),
+        }
+    }
+
+    fn presence(&mut self, id: u64, channel: &str) {
+        match self.context.hub.presence(channel) {
+            Ok(connections) => {
+                let result = presence_json(channel, &connections);
+                self.reply(id, result);
+            }
             Err(error) => self.hub_error(id, &error),
         }
     }
@@ -371,10 +464,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        for channel in self.subscriptions.drain() {
-            // The hub may already have dropped the channel; either way the subscription is gone.
-            let _ = self.context.hub.unsubscribe(&channel, self.id);
-        }
+        self.context.hub.deregister(&self.connection);
         self.context
             .metrics
             .connections
@@ -396,4 +486,63 @@ async fn finish_writer(writer: tokio::task::JoinHandle<()>, queue: &OutgoingQueu
     } else {
         writer.abort();
     }
+}
+
+/// `{"channel","offset","epoch","recovered"?,"reason"?,"publications":[message frames]}`,
+/// spliced from the publications' encoded frames.
+pub(crate) fn history_json(channel: &str, page: &crate::hub::HistoryPage) -> Vec<u8> {
+    #[derive(Serialize)]
+    struct Head<'a> {
+        channel: &'a str,
+        offset: u64,
+        epoch: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'static str>,
+    }
+    let mut out = to_json(&Head {
+        channel,
+        offset: page.offset,
+        epoch: &page.epoch,
+        recovered: page.recovered.map(|r| r.is_ok()),
+        reason: page.recovered.and_then(|r| r.err()).map(|e| e.as_str()),
+    });
+    out.pop();
+    out.extend_from_slice(b",\"publications\":[");
+    for (i, publication) in page.publications.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        match publication.json_frame() {
+            Some(frame) => out.extend_from_slice(&frame),
+            None => {
+                let line = publication.line();
+                out.extend_from_slice(&line[..line.len() - 1]);
+            }
+        }
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// `{"channel","clients":[{"client","user","meta"?}]}`.
+pub(crate) fn presence_json(
+    channel: &str,
+    connections: &[Arc<ConnectionHandle>],
+) -> serde_json::Value {
+    let clients: Vec<serde_json::Value> = connections
+        .iter()
+        .map(|c| {
+            let meta = c.meta();
+            let user = c.user();
+            serde_json::to_value(duplex_proto::frames::PresenceEntry {
+                client: c.id.to_string(),
+                user: user.as_deref(),
+                meta: meta.as_deref(),
+            })
+            .expect("presence entries serialise")
+        })
+        .collect();
+    serde_json::json!({"channel": channel, "clients": clients})
 }

@@ -28,11 +28,11 @@ pub(crate) async fn accept(listener: TcpListener, context: SocketContext) {
             accepted = listener.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 if let Err(error) = stream.set_nodelay(true) {
                     tracing::debug!(%error, "cannot set TCP_NODELAY");
                 }
-                context.tracker.spawn(serve(stream, context.clone()));
+                context.tracker.spawn(serve(stream, peer, context.clone()));
             }
             Err(error) => {
                 // Out of file descriptors and the like: wait a little instead of spinning.
@@ -43,8 +43,8 @@ pub(crate) async fn accept(listener: TcpListener, context: SocketContext) {
     }
 }
 
-async fn serve(stream: TcpStream, context: SocketContext) {
-    let mut session = Session::start(context.clone(), Transport::Tcp);
+async fn serve(stream: TcpStream, peer: std::net::SocketAddr, context: SocketContext) {
+    let mut session = Session::start(context.clone(), Transport::Tcp, Some(peer));
     let queue = session.queue().clone();
     let (read_half, write_half) = stream.into_split();
     let mut frames =

@@ -7,9 +7,9 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
 use axum::response::Response;
 use bytes::Bytes;
 use duplex_proto::DisconnectCode;
@@ -29,6 +29,7 @@ const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
 /// Upgrades `GET /ws` to a WebSocket connection.
 pub(crate) async fn upgrade(
     State(state): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|rejection| ApiError::UpgradeRequired(rejection.body_text()))?;
@@ -42,12 +43,12 @@ pub(crate) async fn upgrade(
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| {
             let tracker = context.tracker.clone();
-            tracker.track_future(serve(socket, context))
+            tracker.track_future(serve(socket, remote, context))
         }))
 }
 
-async fn serve(socket: WebSocket, context: SocketContext) {
-    let mut session = Session::start(context.clone(), Transport::WebSocket);
+async fn serve(socket: WebSocket, remote: std::net::SocketAddr, context: SocketContext) {
+    let mut session = Session::start(context.clone(), Transport::WebSocket, Some(remote));
     let queue = session.queue().clone();
     let (sink, mut stream) = socket.split();
     let writer = tokio::spawn(write(sink, queue.clone(), context.clone()));

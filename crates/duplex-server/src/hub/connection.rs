@@ -1,0 +1,201 @@
+//! A connected client as the rest of the server sees it: who it is (for presence and the
+//! connections API), its outgoing queue, and the table of requests the server asked it.
+//!
+//! Server → client requests follow socketioxide's ack table: an id counter, id → `oneshot`, a
+//! timeout, and the entry removed on every exit path (answer, timeout, the caller giving up,
+//! the connection closing).
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use duplex_proto::frames::{ServerRequest, to_json};
+use parking_lot::Mutex;
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
+use super::ConnectionId;
+use super::queue::OutgoingQueue;
+
+/// The most server requests one connection may have unanswered.
+pub const MAX_PENDING_REQUESTS: usize = 1024;
+
+/// What a client answered to a server request.
+#[derive(Debug)]
+pub enum ClientAnswer {
+    /// `{"type":"reply","id":…,"result":…}`.
+    Result(Box<RawValue>),
+    /// `{"type":"error","id":…,"code":…,"message":…}`.
+    Error {
+        /// The client's code.
+        code: String,
+        /// The client's message.
+        message: String,
+    },
+}
+
+/// Why a server request got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// No such connection on this node.
+    #[error("no connection with this id is connected here")]
+    NotConnected,
+    /// The client has too many unanswered requests.
+    #[error("the connection has too many unanswered requests")]
+    TooManyPending,
+    /// No answer within the timeout.
+    #[error("the client did not answer in time")]
+    Timeout,
+    /// The connection closed before answering.
+    #[error("the connection closed before answering")]
+    Closed,
+}
+
+/// One connected client.
+#[derive(Debug)]
+pub struct ConnectionHandle {
+    /// Its id.
+    pub id: ConnectionId,
+    /// `websocket` or `tcp`.
+    pub transport: &'static str,
+    /// Where it connected from.
+    pub remote: Option<SocketAddr>,
+    /// When it connected, RFC 3339.
+    pub connected_at: String,
+    /// Its outgoing queue.
+    pub queue: Arc<OutgoingQueue>,
+    user: Mutex<Option<Arc<str>>>,
+    meta: Mutex<Option<Arc<RawValue>>>,
+    subscriptions: Mutex<BTreeSet<String>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<ClientAnswer>>>,
+    next_request: AtomicU64,
+}
+
+impl ConnectionHandle {
+    /// A handle for a new connection.
+    pub fn new(
+        id: ConnectionId,
+        transport: &'static str,
+        remote: Option<SocketAddr>,
+        queue: Arc<OutgoingQueue>,
+    ) -> Self {
+        let connected_at = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("RFC 3339 formats the current time");
+        ConnectionHandle {
+            id,
+            transport,
+            remote,
+            connected_at,
+            queue,
+            user: Mutex::new(None),
+            meta: Mutex::new(None),
+            subscriptions: Mutex::new(BTreeSet::new()),
+            pending: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+        }
+    }
+
+    /// The user its token named, if any.
+    pub fn user(&self) -> Option<Arc<str>> {
+        self.user.lock().clone()
+    }
+
+    /// Sets the user (from a verified token).
+    pub fn set_user(&self, user: Option<Arc<str>>) {
+        *self.user.lock() = user;
+    }
+
+    /// The metadata it gave in `connect`.
+    pub fn meta(&self) -> Option<Arc<RawValue>> {
+        self.meta.lock().clone()
+    }
+
+    /// Sets the metadata.
+    pub fn set_meta(&self, meta: Option<Arc<RawValue>>) {
+        *self.meta.lock() = meta;
+    }
+
+    /// Its subscriptions, by name.
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.subscriptions.lock().iter().cloned().collect()
+    }
+
+    pub(crate) fn subscription_count(&self) -> usize {
+        self.subscriptions.lock().len()
+    }
+
+    pub(crate) fn is_subscribed(&self, channel: &str) -> bool {
+        self.subscriptions.lock().contains(channel)
+    }
+
+    pub(crate) fn add_subscription(&self, channel: &str) {
+        self.subscriptions.lock().insert(channel.to_owned());
+    }
+
+    pub(crate) fn remove_subscription(&self, channel: &str) -> bool {
+        self.subscriptions.lock().remove(channel)
+    }
+
+    pub(crate) fn take_subscriptions(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *self.subscriptions.lock())
+    }
+
+    /// Asks the client and waits for its answer.
+    pub async fn request(
+        &self,
+        data: &RawValue,
+        timeout: Duration,
+    ) -> Result<ClientAnswer, RequestError> {
+        if self.queue.is_closing() {
+            return Err(RequestError::Closed);
+        }
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock();
+            if pending.len() >= MAX_PENDING_REQUESTS {
+                return Err(RequestError::TooManyPending);
+            }
+            pending.insert(id, sender);
+        }
+        // Removes the entry however this function ends, including the caller dropping it.
+        let _entry = PendingEntry { handle: self, id };
+        self.queue
+            .push_control(Bytes::from(to_json(&ServerRequest { id, data })));
+        match tokio::time::timeout(timeout, receiver).await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(_)) => Err(RequestError::Closed),
+            Err(_) => Err(RequestError::Timeout),
+        }
+    }
+
+    /// Delivers a client's answer; false when no request with that id is waiting (late,
+    /// duplicated or unknown).
+    pub fn answer(&self, id: u64, answer: ClientAnswer) -> bool {
+        let sender = self.pending.lock().remove(&id);
+        match sender {
+            Some(sender) => sender.send(answer).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Fails every waiting request: the connection is closing.
+    pub(crate) fn abandon_requests(&self) {
+        self.pending.lock().clear();
+    }
+}
+
+struct PendingEntry<'a> {
+    handle: &'a ConnectionHandle,
+    id: u64,
+}
+
+impl Drop for PendingEntry<'_> {
+    fn drop(&mut self) {
+        self.handle.pending.lock().remove(&self.id);
+    }
+}
