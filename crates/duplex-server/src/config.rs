@@ -32,6 +32,9 @@ pub struct Config {
     pub sockets: SocketLimits,
     /// Namespace rules.
     pub namespaces: Namespaces,
+    /// The key the server API (`/api/channels`, `/api/connections`, `/api/users`) requires as
+    /// `Authorization: Bearer KEY`; `None` leaves it open (bind to loopback then).
+    pub api_key: Option<String>,
 }
 
 impl Default for Config {
@@ -51,6 +54,7 @@ impl Default for Config {
                 idle_timeout: Duration::from_secs(60),
             },
             namespaces: Namespaces::default(),
+            api_key: None,
         }
     }
 }
@@ -103,6 +107,8 @@ pub struct ConfigLayer {
     pub ping_interval: Option<String>,
     /// See [`SocketLimits::idle_timeout`], as text such as `"60s"`.
     pub idle_timeout: Option<String>,
+    /// See [`Config::api_key`].
+    pub api_key: Option<String>,
     /// `[namespaces.NAME]` tables (file only).
     #[serde(default)]
     pub namespaces: HashMap<String, NamespaceConfig>,
@@ -135,6 +141,7 @@ impl ConfigLayer {
             max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
             ping_interval: self.ping_interval.or(lower.ping_interval),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
+            api_key: self.api_key.or(lower.api_key),
             namespaces: if self.namespaces.is_empty() {
                 lower.namespaces
             } else {
@@ -179,7 +186,14 @@ impl ConfigLayer {
                 key: "namespaces",
                 message,
             })?;
+        if self.api_key.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::Invalid {
+                key: "api_key",
+                message: "an empty API key would let anyone in; leave it unset instead".into(),
+            });
+        }
         Ok(Config {
+            api_key: self.api_key,
             sockets,
             namespaces,
             http: self.http.unwrap_or(defaults.http),

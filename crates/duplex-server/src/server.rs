@@ -123,6 +123,7 @@ impl Server {
             sockets,
             metrics: self.metrics.clone(),
             max_body: self.config.max_body,
+            api_key: self.config.api_key.as_deref().map(Arc::from),
         };
         let app = http::router(state);
         let listener = self.http_listener.tap_io(|stream| {

@@ -52,6 +52,9 @@ struct ServeArgs {
     /// How long shutdown waits for in-flight requests, e.g. 10s [default: 10s].
     #[arg(long, env = "DUPLEX_SHUTDOWN_GRACE")]
     shutdown_grace: Option<String>,
+    /// Key the server API requires as `Authorization: Bearer KEY` [default: none].
+    #[arg(long, env = "DUPLEX_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Log format.
     #[arg(long, env = "DUPLEX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -76,6 +79,7 @@ impl ServeArgs {
             store: self.store,
             max_body: self.max_body,
             shutdown_grace: self.shutdown_grace,
+            api_key: self.api_key,
             ..ConfigLayer::default()
         };
         Ok(Config::resolve(flags, file.as_deref())?)

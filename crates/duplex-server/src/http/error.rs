@@ -62,6 +62,32 @@ pub enum ApiError {
     /// The body is valid JSON but not an acceptable value.
     #[error("{0}")]
     Validation(String),
+    /// The channel name is not `namespace:name`.
+    #[error("channel names are namespace:name")]
+    InvalidChannel,
+    /// The namespace does not take binary publications.
+    #[error("this namespace does not take binary publications")]
+    BinaryNotAllowed,
+    /// The namespace keeps no presence.
+    #[error("presence is off in this namespace")]
+    PresenceDisabled,
+    /// The server API needs an API key and none was given.
+    #[error("this endpoint needs Authorization: Bearer API_KEY")]
+    Unauthorized,
+    /// The credentials do not allow this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A client did not answer the server's request in time.
+    #[error("the client did not answer within {0:?}")]
+    ClientTimeout(std::time::Duration),
+    /// A client answered the server's request with an error.
+    #[error("the client answered with an error: {code}: {message}")]
+    ClientError {
+        /// The client's code.
+        code: String,
+        /// The client's message.
+        message: String,
+    },
     /// `GET /ws` without a WebSocket upgrade.
     #[error("this endpoint speaks WebSocket: {0}")]
     UpgradeRequired(String),
@@ -96,6 +122,13 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }
             ApiError::Validation(_) => (StatusCode::UNPROCESSABLE_ENTITY, "validation_failed"),
+            ApiError::InvalidChannel => (StatusCode::BAD_REQUEST, "invalid_channel"),
+            ApiError::BinaryNotAllowed => (StatusCode::UNPROCESSABLE_ENTITY, "binary_not_allowed"),
+            ApiError::PresenceDisabled => (StatusCode::FORBIDDEN, "presence_disabled"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::ClientTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ApiError::ClientError { .. } => (StatusCode::BAD_GATEWAY, "client_error"),
             ApiError::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -122,6 +155,9 @@ pub struct Problem {
     pub detail: String,
     /// The stable code to match on.
     pub code: String,
+    /// With `client_error`: what the client answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_error: Option<serde_json::Value>,
 }
 
 impl IntoResponse for ApiError {
@@ -130,12 +166,19 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = ?self, code, "request failed");
         }
+        let client_error = match &self {
+            ApiError::ClientError { code, message } => {
+                Some(serde_json::json!({"code": code, "message": message}))
+            }
+            _ => None,
+        };
         let problem = Problem {
             kind: format!("urn:duplex:problem:{code}"),
             title: status.canonical_reason().unwrap_or("Error").to_owned(),
             status: status.as_u16(),
             detail: self.to_string(),
             code: code.to_owned(),
+            client_error,
         };
         let body = serde_json::to_vec(&problem).expect("a problem always serialises");
         let mut response = (status, body).into_response();
@@ -164,6 +207,22 @@ impl From<StoreError> for ApiError {
                 ApiError::Unavailable
             }
             other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::hub::HubError> for ApiError {
+    fn from(error: crate::hub::HubError) -> Self {
+        use crate::hub::HubError;
+        match error {
+            HubError::InvalidChannel => ApiError::InvalidChannel,
+            HubError::BinaryNotAllowed => ApiError::BinaryNotAllowed,
+            HubError::MessageTooLarge { limit } => ApiError::PayloadTooLarge { limit },
+            HubError::PresenceDisabled => ApiError::PresenceDisabled,
+            HubError::PermissionDenied(why) => ApiError::Forbidden(why.into()),
+            HubError::AlreadySubscribed | HubError::NotSubscribed => {
+                ApiError::Internal(error.to_string())
+            }
         }
     }
 }

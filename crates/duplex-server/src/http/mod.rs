@@ -3,6 +3,8 @@
 //! Every response passes through [`track_request`], which counts it and times it by route
 //! template; unknown paths and methods answer with problem+json like every other error.
 
+mod channels;
+mod connections;
 mod error;
 mod ops;
 mod records;
@@ -11,11 +13,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderMap, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
+use bytes::Bytes;
 use tower_http::trace::TraceLayer;
 
+pub use connections::{DEFAULT_REQUEST_TIMEOUT, MAX_REQUEST_TIMEOUT};
 pub use error::{ApiError, PROBLEM_JSON, Problem};
 pub use records::{DEFAULT_LIMIT, MAX_FILTERS, MAX_LIMIT};
 
@@ -32,13 +38,63 @@ pub(crate) struct AppState {
     pub(crate) sockets: SocketContext,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) max_body: usize,
+    /// The key the server API requires, when one is configured.
+    pub(crate) api_key: Option<Arc<str>>,
+}
+
+/// The JSON media type.
+pub(crate) const JSON: &str = "application/json";
+
+/// Checks that the body's media type (parameters aside) is one of `accepted`.
+pub(crate) fn check_media_type(
+    headers: &HeaderMap,
+    accepted: &[&'static str],
+) -> Result<(), ApiError> {
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    if media_type.is_some_and(|m| accepted.contains(&m.as_str())) {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType {
+            expected: accepted[0],
+        })
+    }
+}
+
+/// The body, or 413 with the configured limit.
+pub(crate) fn body_bytes(
+    state: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| match ApiError::from(rejection) {
+        ApiError::PayloadTooLarge { .. } => ApiError::PayloadTooLarge {
+            limit: state.max_body,
+        },
+        other => other,
+    })
 }
 
 /// The whole HTTP API.
 pub(crate) fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
+    let server_api = Router::new()
+        .merge(channels::router())
+        .merge(connections::router())
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
     Router::new()
         .merge(records::router())
+        .merge(server_api)
         .merge(ops::router())
         .route("/ws", axum::routing::get(crate::socket::ws::upgrade))
         .fallback(not_found)
@@ -47,6 +103,28 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
         .layer(middleware::from_fn_with_state(metrics, track_request))
         .layer(TraceLayer::new_for_http())
+}
+
+/// The server API answers only to `Authorization: Bearer KEY` when a key is configured.
+async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    use axum::response::IntoResponse as _;
+    use subtle::ConstantTimeEq as _;
+    let Some(expected) = &state.api_key else {
+        return next.run(request).await;
+    };
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        None => ApiError::Unauthorized.into_response(),
+        // Constant time, so the comparison does not reveal how much of a guess was right.
+        Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => {
+            next.run(request).await
+        }
+        Some(_) => ApiError::Forbidden("the API key is not valid".into()).into_response(),
+    }
 }
 
 async fn not_found() -> ApiError {

@@ -30,12 +30,21 @@ pub(crate) fn router() -> Router<AppState> {
         super::records::replace_record,
         super::records::patch_record,
         super::records::delete_record,
+        super::channels::publish,
+        super::channels::history,
+        super::channels::presence,
+        super::channels::list_channels,
+        super::connections::list_connections,
+        super::connections::request_connection,
+        super::connections::request_user,
         healthz,
         readyz,
         metrics,
     ),
     components(schemas(super::error::Problem)),
     tags((name = "records", description = "JSON records in named collections"),
+         (name = "channels", description = "Server API: publish, history, presence (API key when set)"),
+         (name = "connections", description = "Server API: connections and server-to-client requests (API key when set)"),
          (name = "operations", description = "Health, readiness and metrics"))
 )]
 pub(crate) struct ApiDoc;

@@ -28,7 +28,7 @@ pub const MAX_LIMIT: u32 = 500;
 /// The most `filter.*` parameters in one listing.
 pub const MAX_FILTERS: usize = 16;
 
-const JSON: &str = "application/json";
+const JSON: &str = super::JSON;
 const MERGE_PATCH_JSON: &str = "application/merge-patch+json";
 
 /// The records routes.
@@ -399,27 +399,8 @@ fn read_json(
     body: Result<Bytes, BytesRejection>,
     accepted: &[&'static str],
 ) -> Result<Value, ApiError> {
-    let media_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        });
-    if !media_type.is_some_and(|m| accepted.contains(&m.as_str())) {
-        return Err(ApiError::UnsupportedMediaType {
-            expected: accepted[0],
-        });
-    }
-    let body = body.map_err(|rejection| match ApiError::from(rejection) {
-        ApiError::PayloadTooLarge { .. } => ApiError::PayloadTooLarge {
-            limit: state.max_body,
-        },
-        other => other,
-    })?;
+    super::check_media_type(headers, accepted)?;
+    let body = super::body_bytes(state, body)?;
     serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))
 }
 

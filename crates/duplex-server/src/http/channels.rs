@@ -1,0 +1,185 @@
+//! The channels side of the server API: publish from a backend, read history and presence,
+//! list channels.
+
+use axum::Router;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use duplex_proto::frames::Since;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use super::error::ApiError;
+use super::{AppState, JSON};
+use crate::hub::Origin;
+use crate::hub::publication::Payload;
+use crate::socket::{HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, history_json, presence_json};
+
+const OCTET_STREAM: &str = "application/octet-stream";
+
+pub(crate) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/channels", get(list_channels))
+        .route("/api/channels/{channel}/publish", post(publish))
+        .route("/api/channels/{channel}/history", get(history))
+        .route("/api/channels/{channel}/presence", get(presence))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct Published {
+    offset: u64,
+    epoch: String,
+}
+
+/// Publishes on a channel: a JSON body as JSON data, an `application/octet-stream` body as
+/// bytes (namespaces with `binary` on).
+#[utoipa::path(post, path = "/api/channels/{channel}/publish", tag = "channels",
+    params(("channel" = String, Path, description = "namespace:name")),
+    request_body(content = Object, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Published", body = Published),
+        (status = 400, description = "Bad channel name or JSON", body = super::error::Problem),
+        (status = 413, description = "Over the namespace's or the body limit", body = super::error::Problem),
+        (status = 415, description = "Neither JSON nor octet-stream", body = super::error::Problem),
+        (status = 422, description = "Binary where the namespace forbids it", body = super::error::Problem)))]
+pub(crate) async fn publish(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<axum::Json<Published>, ApiError> {
+    let Path(channel) = path?;
+    if !duplex_proto::is_valid_channel(&channel) {
+        return Err(ApiError::InvalidChannel);
+    }
+    super::check_media_type(&headers, &[JSON, OCTET_STREAM])?;
+    let binary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with(OCTET_STREAM));
+    let body = super::body_bytes(&state, body)?;
+    let payload = if binary {
+        Payload::Binary(body)
+    } else {
+        let data: Box<RawValue> =
+            serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
+        Payload::Json(data)
+    };
+    let outcome = state.hub.publish(&channel, payload, Origin::Server)?;
+    Ok(axum::Json(Published {
+        offset: outcome.offset,
+        epoch: outcome.epoch.to_string(),
+    }))
+}
+
+/// A channel's recent publications: with `since`, the ones after that offset (and whether
+/// any were lost: `recovered`); without, the last `limit`.
+#[utoipa::path(get, path = "/api/channels/{channel}/history", tag = "channels",
+    params(("channel" = String, Path),
+        ("since" = Option<u64>, Query, description = "return publications after this offset"),
+        ("epoch" = Option<String>, Query, description = "the epoch `since` belongs to"),
+        ("limit" = Option<u32>, Query, description = "1 to 1000, default 100")),
+    responses(
+        (status = 200, description = "`{channel, offset, epoch, recovered?, reason?, publications}`", body = Object),
+        (status = 400, description = "Bad parameter", body = super::error::Problem)))]
+pub(crate) async fn history(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let Path(channel) = path?;
+    let mut since = None;
+    let mut epoch = None;
+    let mut limit = HISTORY_DEFAULT_LIMIT;
+    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "since" => {
+                since = Some(value.parse::<u64>().map_err(|_| {
+                    ApiError::InvalidQuery(format!("since must be an offset, not {value:?}"))
+                })?);
+            }
+            "epoch" => epoch = Some(value.into_owned()),
+            "limit" => {
+                limit = value
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=HISTORY_MAX_LIMIT).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::InvalidQuery(format!(
+                            "limit must be from 1 to {HISTORY_MAX_LIMIT}, not {value:?}"
+                        ))
+                    })?;
+            }
+            other => {
+                return Err(ApiError::InvalidQuery(format!(
+                    "unknown parameter {other:?}: expected since, epoch or limit"
+                )));
+            }
+        }
+    }
+    let since = match (since, epoch) {
+        (Some(offset), epoch) => Some(Since::Position { offset, epoch }),
+        (None, Some(_)) => {
+            return Err(ApiError::InvalidQuery("epoch goes with since".into()));
+        }
+        (None, None) => None,
+    };
+    let page = state.hub.history(&channel, since.as_ref(), limit)?;
+    Ok((
+        [(header::CONTENT_TYPE, JSON)],
+        history_json(&channel, &page),
+    )
+        .into_response())
+}
+
+/// Who is subscribed to a channel (namespaces with presence on).
+#[utoipa::path(get, path = "/api/channels/{channel}/presence", tag = "channels",
+    params(("channel" = String, Path)),
+    responses(
+        (status = 200, description = "`{channel, clients: [{client, user, meta}]}`", body = Object),
+        (status = 403, description = "Presence is off in this namespace", body = super::error::Problem)))]
+pub(crate) async fn presence(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let Path(channel) = path?;
+    let connections = state.hub.presence(&channel)?;
+    Ok(axum::Json(presence_json(&channel, &connections)))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct ChannelList {
+    items: Vec<ChannelItem>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+struct ChannelItem {
+    channel: String,
+    subscribers: usize,
+    offset: u64,
+    epoch: String,
+    /// Publications per second over the last 10 s window.
+    rate: f64,
+}
+
+/// Active channels: those with subscribers or history.
+#[utoipa::path(get, path = "/api/channels", tag = "channels",
+    responses((status = 200, description = "Channels by name", body = ChannelList)))]
+pub(crate) async fn list_channels(State(state): State<AppState>) -> axum::Json<ChannelList> {
+    let items = state
+        .hub
+        .channels()
+        .into_iter()
+        .map(|c| ChannelItem {
+            channel: c.name.to_string(),
+            subscribers: c.subscribers,
+            offset: c.offset,
+            epoch: c.epoch.to_string(),
+            rate: c.rate,
+        })
+        .collect();
+    axum::Json(ChannelList { items })
+}
