@@ -1,0 +1,472 @@
+//! Presence, the server asking clients, and the server API for backends, against a real server.
+
+use std::time::Duration;
+
+use duplex_proto::binary;
+use duplex_testkit::{TestServer, WsEvent, wait_for};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+async fn problem(response: reqwest::Response, status: StatusCode) -> Value {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    response.json().await.expect("problem json")
+}
+
+#[tokio::test]
+async fn presence_spans_websocket_and_tcp_and_a_silent_connection_leaves() {
+    let server = TestServer::start_with(|c| {
+        c.sockets.idle_timeout = Duration::from_millis(500);
+        c.sockets.ping_interval = Duration::from_millis(100);
+    })
+    .await;
+    let mut ana = server.ws().await;
+    ana.request(json!({"type": "connect", "meta": {"name": "ana"}}), 1)
+        .await;
+    ana.subscribe("chat:room", 2).await;
+    let ana_id = ana.connected["client"].as_str().expect("id").to_owned();
+
+    let mut bo = server.tcp().await;
+    bo.request(json!({"type": "connect", "meta": {"name": "bo"}}), 1)
+        .await;
+    bo.subscribe("chat:room", 2).await;
+    let bo_id = bo.connected["client"].as_str().expect("id").to_owned();
+
+    let join = ana.next_json().await;
+    assert_eq!(join["type"], "join");
+    assert_eq!(join["channel"], "chat:room");
+    assert_eq!(join["client"], bo_id.as_str());
+    assert_eq!(join["meta"]["name"], "bo");
+
+    let reply = bo
+        .request(json!({"type": "presence", "channel": "chat:room"}), 3)
+        .await;
+    let names: Vec<&str> = reply["result"]["clients"]
+        .as_array()
+        .expect("clients")
+        .iter()
+        .map(|c| c["meta"]["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, vec!["ana", "bo"]);
+    let http: Value = reqwest::get(server.url("/api/channels/chat:room/presence"))
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(http["clients"].as_array().map(Vec::len), Some(2));
+    assert_eq!(http["clients"][0]["client"], ana_id.as_str());
+
+    // Bo goes silent (no close, no answers to pings): gone within the idle timeout.
+    let leave = ana.next_json().await;
+    assert_eq!(leave["type"], "leave");
+    assert_eq!(leave["client"], bo_id.as_str());
+    let http: Value = reqwest::get(server.url("/api/channels/chat:room/presence"))
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(http["clients"].as_array().map(Vec::len), Some(1));
+    drop(bo);
+
+    // A killed connection leaves at once.
+    let mut cy = server.ws().await;
+    cy.subscribe("chat:room", 1).await;
+    assert_eq!(ana.next_json().await["type"], "join");
+    drop(cy);
+    assert_eq!(ana.next_json().await["type"], "leave");
+
+    // Namespaces without presence say so.
+    let error = ana
+        .request(json!({"type": "presence", "channel": "news:x"}), 9)
+        .await;
+    assert_eq!(error["code"], "permission_denied");
+    let response = reqwest::get(server.url("/api/channels/news:x/presence"))
+        .await
+        .expect("request");
+    assert_eq!(
+        problem(response, StatusCode::FORBIDDEN).await["code"],
+        "presence_disabled"
+    );
+}
+
+/// Starts `POST /api/connections/{id}/request` in the background.
+fn ask(
+    server: &TestServer,
+    id: &str,
+    query: &str,
+    body: Value,
+) -> tokio::task::JoinHandle<reqwest::Response> {
+    let url = server.url(&format!("/api/connections/{id}/request{query}"));
+    tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    })
+}
+
+#[tokio::test]
+async fn the_server_asks_a_client_over_either_transport_and_gets_its_reply() {
+    let server = TestServer::start().await;
+    let mut ws = server.ws().await;
+    let ws_id = ws.connected["client"].as_str().expect("id").to_owned();
+    let pending = ask(&server, &ws_id, "", json!({"question": "ready?"}));
+    let request = ws.next_json().await;
+    assert_eq!(request["type"], "request");
+    assert_eq!(request["data"], json!({"question": "ready?"}));
+    ws.send_json(json!({"type": "reply", "id": request["id"], "result": {"ready": true}}))
+        .await;
+    let response = pending.await.expect("task");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.json::<Value>().await.expect("json"),
+        json!({"ready": true})
+    );
+
+    let mut tcp = server.tcp().await;
+    let tcp_id = tcp.connected["client"].as_str().expect("id").to_owned();
+    let pending = ask(&server, &tcp_id, "?timeout=2s", json!([1, 2, 3]));
+    let request = tcp.next_json().await;
+    assert_eq!(request["data"], json!([1, 2, 3]));
+    tcp.send_json(json!({"type": "reply", "id": request["id"], "result": 6}))
+        .await;
+    let response = pending.await.expect("task");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.text().await.expect("text"), "6");
+
+    // The client declines: 502 with what it said.
+    let pending = ask(&server, &ws_id, "", json!("do it"));
+    let request = ws.next_json().await;
+    ws.send_json(
+        json!({"type": "error", "id": request["id"], "code": "busy", "message": "not now"}),
+    )
+    .await;
+    let body = problem(pending.await.expect("task"), StatusCode::BAD_GATEWAY).await;
+    assert_eq!(body["code"], "client_error");
+    assert_eq!(
+        body["client_error"],
+        json!({"code": "busy", "message": "not now"})
+    );
+}
+
+#[tokio::test]
+async fn timeouts_late_and_stray_replies_are_handled() {
+    let server = TestServer::start().await;
+    let mut ws = server.ws().await;
+    let id = ws.connected["client"].as_str().expect("id").to_owned();
+    let pending = ask(&server, &id, "?timeout=200ms", json!("anyone?"));
+    let request = ws.next_json().await;
+    let body = problem(pending.await.expect("task"), StatusCode::GATEWAY_TIMEOUT).await;
+    assert_eq!(body["code"], "timeout");
+
+    // The answer comes too late, then twice, then for an id never asked: counted, harmless.
+    for stray in [request["id"].clone(), request["id"].clone(), json!(987_654)] {
+        ws.send_json(json!({"type": "reply", "id": stray, "result": "late"}))
+            .await;
+    }
+    ws.send_json(json!({"type": "error", "id": 123_456, "code": "x"}))
+        .await;
+    wait_for("stray answers to be counted", || async {
+        (server.metric("duplex_unmatched_answers_total").await == 4.0).then_some(())
+    })
+    .await;
+    ws.send_json(json!({"type": "ping", "id": 1})).await;
+    assert_eq!(ws.next_json().await["type"], "pong");
+
+    // A client that disconnects while asked: the caller hears at once.
+    let pending = ask(&server, &id, "?timeout=30s", json!("still there?"));
+    assert_eq!(ws.next_json().await["type"], "request");
+    drop(ws);
+    let response = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("answered before the timeout")
+        .expect("task");
+    assert_eq!(
+        problem(response, StatusCode::NOT_FOUND).await["code"],
+        "not_found"
+    );
+}
+
+#[tokio::test]
+async fn requests_to_nobody_or_with_bad_input_are_refused() {
+    let server = TestServer::start().await;
+    let ws = server.ws().await;
+    let id = ws.connected["client"].as_str().expect("id").to_owned();
+    let http = reqwest::Client::new();
+    let post = |path: String| http.post(server.url(&path));
+    let cases = [
+        (
+            post("/api/connections/00000000000000ff/request".into()).json(&json!(1)),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            post("/api/connections/not-an-id/request".into()).json(&json!(1)),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            post(format!("/api/connections/{id}/request?timeout=0s")).json(&json!(1)),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            post(format!("/api/connections/{id}/request?timeout=61s")).json(&json!(1)),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            post(format!("/api/connections/{id}/request?timeout=soon")).json(&json!(1)),
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            post(format!("/api/connections/{id}/request"))
+                .header("content-type", "application/json")
+                .body("{nope"),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
+        (
+            post(format!("/api/connections/{id}/request")).body("{}"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            post("/api/users/ana/request".into()).json(&json!(1)),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let response = request.send().await.expect("request");
+        assert_eq!(problem(response, status).await["code"], code);
+    }
+}
+
+#[tokio::test]
+async fn backends_publish_json_and_bytes_and_bad_input_is_refused() {
+    let server = TestServer::start().await;
+    let mut ws = server.ws().await;
+    ws.subscribe("news:today", 1).await;
+    ws.subscribe("stream:cam", 2).await;
+    let http = reqwest::Client::new();
+
+    let response = http
+        .post(server.url("/api/channels/news:today/publish"))
+        .json(&json!({"headline": "hello"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let published: Value = response.json().await.expect("json");
+    assert_eq!(published["offset"], 1);
+    let message = ws.next_json().await;
+    assert_eq!(message["data"]["headline"], "hello");
+
+    let response = http
+        .post(server.url("/api/channels/stream:cam/publish"))
+        .header("content-type", "application/octet-stream")
+        .body(vec![0u8, 1, 2, 255])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let Some(WsEvent::Binary(frame)) = ws.next_event().await else {
+        panic!("expected a binary frame");
+    };
+    assert_eq!(
+        binary::decode_message(&frame).expect("valid").payload,
+        &[0, 1, 2, 255]
+    );
+
+    // The server may publish where clients may not.
+    let response = http
+        .post(server.url("/api/channels/records:custom/publish"))
+        .json(&json!({"op": "note"}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let big = format!("\"{}\"", "x".repeat(70 * 1024));
+    let cases = [
+        (
+            http.post(server.url("/api/channels/nocolon/publish"))
+                .json(&json!(1)),
+            StatusCode::BAD_REQUEST,
+            "invalid_channel",
+        ),
+        (
+            http.post(server.url("/api/channels/news:x/publish"))
+                .header("content-type", "application/json")
+                .body("{oops"),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
+        (
+            http.post(server.url("/api/channels/news:x/publish"))
+                .header("content-type", "text/plain")
+                .body("hi"),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            http.post(server.url("/api/channels/news:x/publish"))
+                .header("content-type", "application/octet-stream")
+                .body("hi"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "binary_not_allowed",
+        ),
+        (
+            http.post(server.url("/api/channels/news:x/publish"))
+                .header("content-type", "application/json")
+                .body(big),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let response = request.send().await.expect("request");
+        assert_eq!(problem(response, status).await["code"], code);
+    }
+
+    let channels: Value = http
+        .get(server.url("/api/channels"))
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    let news = channels["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .find(|c| c["channel"] == "news:today")
+        .expect("news:today listed");
+    assert_eq!(news["subscribers"], 1);
+    assert_eq!(news["offset"], 1);
+}
+
+#[tokio::test]
+async fn connections_are_listed_page_by_page() {
+    let server = TestServer::start().await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut ws = server.ws().await;
+        ws.subscribe("news:a", 1).await;
+        clients.push(ws);
+    }
+    for _ in 0..2 {
+        clients.push(server.ws().await);
+    }
+    let _tcp = server.tcp().await;
+    let http = reqwest::Client::new();
+    let mut seen = Vec::new();
+    let mut query = "limit=2".to_owned();
+    loop {
+        let page: Value = http
+            .get(server.url(&format!("/api/connections?{query}")))
+            .send()
+            .await
+            .expect("request")
+            .json()
+            .await
+            .expect("json");
+        for item in page["items"].as_array().expect("items") {
+            assert!(
+                item["remote"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("127.0.0.1:"))
+            );
+            assert!(item["connected"].as_str().is_some());
+            seen.push(item.clone());
+        }
+        match page["next"].as_str() {
+            Some(cursor) => query = format!("limit=2&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 6);
+    let ids: Vec<&str> = seen
+        .iter()
+        .map(|c| c["client"].as_str().expect("id"))
+        .collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(ids, sorted, "in id order, none twice");
+    assert_eq!(
+        seen.iter()
+            .filter(|c| c["subscriptions"] == json!(["news:a"]))
+            .count(),
+        3
+    );
+    assert_eq!(seen.iter().filter(|c| c["transport"] == "tcp").count(), 1);
+    for query in ["limit=0", "cursor=zz", "sort=x"] {
+        let response = http
+            .get(server.url(&format!("/api/connections?{query}")))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            problem(response, StatusCode::BAD_REQUEST).await["code"],
+            "invalid_query"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_api_key_guards_the_server_api_only() {
+    let server = TestServer::start_with(|c| c.api_key = Some("s3cret".into())).await;
+    let http = reqwest::Client::new();
+    let endpoints = [
+        http.get(server.url("/api/channels")),
+        http.get(server.url("/api/connections")),
+        http.get(server.url("/api/channels/news:a/history")),
+        http.post(server.url("/api/channels/news:a/publish"))
+            .json(&json!(1)),
+    ];
+    for request in endpoints {
+        let request = request.build().expect("request");
+        let anonymous = http
+            .execute(request.try_clone().expect("clone"))
+            .await
+            .expect("response");
+        assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+        assert_eq!(
+            problem(anonymous, StatusCode::UNAUTHORIZED).await["code"],
+            "unauthorized"
+        );
+
+        let mut wrong = request.try_clone().expect("clone");
+        wrong
+            .headers_mut()
+            .insert("authorization", "Bearer guess".parse().expect("header"));
+        let response = http.execute(wrong).await.expect("response");
+        assert_eq!(
+            problem(response, StatusCode::FORBIDDEN).await["code"],
+            "forbidden"
+        );
+
+        let mut right = request;
+        right
+            .headers_mut()
+            .insert("authorization", "Bearer s3cret".parse().expect("header"));
+        let response = http.execute(right).await.expect("response");
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+    // Records, health and metrics are not the server API.
+    for path in ["/api/collections", "/healthz", "/metrics"] {
+        let response = http.get(server.url(path)).send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+}
