@@ -6,8 +6,10 @@
 
 mod connections;
 mod fanout;
+mod roundtrip;
 mod server;
 
 pub use connections::{ConnectionsOptions, ConnectionsReport, run_connections};
-pub use fanout::{FanoutOptions, FanoutReport, Transport, run_fanout};
+pub use fanout::{FanoutOptions, FanoutReport, Percentiles, Transport, run_fanout};
+pub use roundtrip::{RoundtripReport, run_recovery, run_requests};
 pub use server::{ServerProcess, ServerUsage};

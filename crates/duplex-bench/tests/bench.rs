@@ -50,3 +50,19 @@ async fn connections_reports_memory_per_connection() {
     assert!(report.connect_rate > 0.0);
     assert!(report.rss_after > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roundtrips_report_requests_and_recoveries() {
+    let server = TestServer::start().await;
+    let addr = server.http_addr.to_string();
+    let requests = duplex_bench::run_requests(&addr, 20)
+        .await
+        .expect("requests");
+    assert_eq!(requests.samples, 20);
+    assert!(requests.latency_ms.p50 > 0.0);
+    let recovery = duplex_bench::run_recovery(&addr, 15, 3)
+        .await
+        .expect("recovery");
+    assert_eq!(recovery.samples, 3);
+    assert!(recovery.latency_ms.p50 <= recovery.latency_ms.max);
+}

@@ -15,6 +15,26 @@ pub(crate) enum BenchCommand {
     Fanout(FanoutArgs),
     /// Idle connections: server memory per connection and connect rate.
     Connections(ConnectionsArgs),
+    /// Round trips: the server asking a client, and recovery after a reconnect.
+    Roundtrip(RoundtripArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RoundtripArgs {
+    /// Server → client requests to time.
+    #[arg(long, default_value_t = 2000)]
+    requests: u64,
+    /// Missed publications per recovery (comma-separated for several runs).
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    missed: Vec<u64>,
+    /// Reconnects per recovery run.
+    #[arg(long, default_value_t = 20)]
+    rounds: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    target: Target,
 }
 
 /// Where the server under test is.
@@ -109,7 +129,39 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Fanout(args) => fanout(args).await,
         BenchCommand::Connections(args) => connections(args).await,
+        BenchCommand::Roundtrip(args) => roundtrip(args).await,
     }
+}
+
+async fn roundtrip(args: RoundtripArgs) -> anyhow::Result<()> {
+    let (server, http_addr, _, _) = server_for(&args.target).await?;
+    let mut reports = vec![duplex_bench::run_requests(&http_addr, args.requests).await?];
+    for missed in &args.missed {
+        reports.push(duplex_bench::run_recovery(&http_addr, *missed, args.rounds).await?);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        println!(
+            "{:<56} {:>8} {:>8} {:>8} {:>8} {:>8}",
+            "round trip", "samples", "p50 ms", "p90 ms", "p99 ms", "max ms"
+        );
+        for report in &reports {
+            println!(
+                "{:<56} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+                report.what,
+                report.samples,
+                report.latency_ms.p50,
+                report.latency_ms.p90,
+                report.latency_ms.p99,
+                report.latency_ms.max
+            );
+        }
+    }
+    if let Some(server) = server {
+        server.stop().await?;
+    }
+    Ok(())
 }
 
 async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
