@@ -309,3 +309,27 @@ async fn record_channels_keep_history_so_a_returning_client_learns_what_changed(
         assert_eq!(message["data"]["record"]["title"], title);
     }
 }
+
+#[tokio::test]
+async fn a_server_restart_changes_the_epoch_so_clients_are_told_to_refetch() {
+    let server = TestServer::start().await;
+    let mut client = server.ws().await;
+    let reply = client
+        .request(json!({"type": "publish", "channel": "chat:lobby", "data": "before"}), 1)
+        .await;
+    let epoch = reply["result"]["epoch"].as_str().expect("epoch").to_owned();
+    drop(client);
+    server.stop().await.expect("stop");
+
+    let restarted = TestServer::start().await;
+    let mut client = restarted.ws().await;
+    let reply = client
+        .request(
+            json!({"type": "subscribe", "channel": "chat:lobby", "since": {"offset": 1, "epoch": epoch}}),
+            1,
+        )
+        .await;
+    assert_eq!(reply["result"]["recovered"], false);
+    assert_eq!(reply["result"]["reason"], "epoch_changed");
+    assert_ne!(reply["result"]["epoch"], epoch.as_str());
+}
