@@ -31,6 +31,10 @@ pub enum ErrorCode {
     BinaryNotAllowed,
     /// The protocol version or framing asked for is not supported.
     Unsupported,
+    /// The token's signature, algorithm or claims are not valid.
+    InvalidToken,
+    /// The token has expired.
+    TokenExpired,
     /// The server failed; nothing the client can fix.
     Internal,
 }
@@ -51,6 +55,8 @@ impl ErrorCode {
             ErrorCode::MessageTooLarge => "message_too_large",
             ErrorCode::BinaryNotAllowed => "binary_not_allowed",
             ErrorCode::Unsupported => "unsupported",
+            ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::TokenExpired => "token_expired",
             ErrorCode::Internal => "internal",
         }
     }

@@ -35,6 +35,8 @@ pub struct Config {
     /// The key the server API (`/api/channels`, `/api/connections`, `/api/users`) requires as
     /// `Authorization: Bearer KEY`; `None` leaves it open (bind to loopback then).
     pub api_key: Option<String>,
+    /// The HS256 secret connection tokens are signed with; `None` refuses tokens.
+    pub jwt_secret: Option<String>,
 }
 
 impl Default for Config {
@@ -55,6 +57,7 @@ impl Default for Config {
             },
             namespaces: Namespaces::default(),
             api_key: None,
+            jwt_secret: None,
         }
     }
 }
@@ -109,6 +112,8 @@ pub struct ConfigLayer {
     pub idle_timeout: Option<String>,
     /// See [`Config::api_key`].
     pub api_key: Option<String>,
+    /// See [`Config::jwt_secret`].
+    pub jwt_secret: Option<String>,
     /// `[namespaces.NAME]` tables (file only).
     #[serde(default)]
     pub namespaces: HashMap<String, NamespaceConfig>,
@@ -142,6 +147,7 @@ impl ConfigLayer {
             ping_interval: self.ping_interval.or(lower.ping_interval),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
             api_key: self.api_key.or(lower.api_key),
+            jwt_secret: self.jwt_secret.or(lower.jwt_secret),
             namespaces: if self.namespaces.is_empty() {
                 lower.namespaces
             } else {
@@ -192,8 +198,16 @@ impl ConfigLayer {
                 message: "an empty API key would let anyone in; leave it unset instead".into(),
             });
         }
+        if self.jwt_secret.as_deref().is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError::Invalid {
+                key: "jwt_secret",
+                message: "use at least 16 characters; a short HS256 secret can be guessed offline"
+                    .into(),
+            });
+        }
         Ok(Config {
             api_key: self.api_key,
+            jwt_secret: self.jwt_secret,
             sockets,
             namespaces,
             http: self.http.unwrap_or(defaults.http),

@@ -110,6 +110,11 @@ impl Server {
         let tracker = TaskTracker::new();
         let sockets = SocketContext {
             hub: hub.clone(),
+            tokens: self
+                .config
+                .jwt_secret
+                .as_deref()
+                .map(|secret| crate::auth::TokenVerifier::hs256(secret.as_bytes())),
             limits: Arc::new(self.config.sockets.clone()),
             metrics: self.metrics.clone(),
             shutdown: shutdown.clone(),

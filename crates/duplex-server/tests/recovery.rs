@@ -315,7 +315,10 @@ async fn a_server_restart_changes_the_epoch_so_clients_are_told_to_refetch() {
     let server = TestServer::start().await;
     let mut client = server.ws().await;
     let reply = client
-        .request(json!({"type": "publish", "channel": "chat:lobby", "data": "before"}), 1)
+        .request(
+            json!({"type": "publish", "channel": "chat:lobby", "data": "before"}),
+            1,
+        )
         .await;
     let epoch = reply["result"]["epoch"].as_str().expect("epoch").to_owned();
     drop(client);

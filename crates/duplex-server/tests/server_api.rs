@@ -470,3 +470,118 @@ async fn the_api_key_guards_the_server_api_only() {
         assert_eq!(response.status(), StatusCode::OK, "{path}");
     }
 }
+
+const SECRET: &str = "a-test-secret-of-some-length";
+
+fn token_for(user: &str, expires_in: i64) -> String {
+    let exp = jsonwebtoken::get_current_timestamp() as i64 + expires_in;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("encode")
+}
+
+#[tokio::test]
+async fn tokens_name_users_whom_the_server_can_ask_on_every_connection() {
+    let server = TestServer::start_with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    let mut phone = server.ws().await;
+    let reply = phone
+        .request(
+            json!({"type": "connect", "token": token_for("ana", 3600)}),
+            1,
+        )
+        .await;
+    assert_eq!(reply["result"]["user"], "ana");
+    let mut laptop = server.tcp().await;
+    laptop
+        .request(
+            json!({"type": "connect", "token": token_for("ana", 3600)}),
+            1,
+        )
+        .await;
+    let mut other = server.ws().await;
+    other
+        .request(
+            json!({"type": "connect", "token": token_for("bo", 3600)}),
+            1,
+        )
+        .await;
+
+    // Presence shows the user.
+    phone.subscribe("chat:family", 2).await;
+    let presence = phone
+        .request(json!({"type": "presence", "channel": "chat:family"}), 3)
+        .await;
+    assert_eq!(presence["result"]["clients"][0]["user"], "ana");
+
+    let pending = tokio::spawn({
+        let url = server.url("/api/users/ana/request?timeout=5s");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .json(&json!({"sync": true}))
+                .send()
+                .await
+                .expect("request")
+        }
+    });
+    let request = phone.next_json().await;
+    assert_eq!(request["type"], "request");
+    phone
+        .send_json(json!({"type": "reply", "id": request["id"], "result": "phone ok"}))
+        .await;
+    let request = laptop.next_json().await;
+    laptop
+        .send_json(json!({"type": "error", "id": request["id"], "code": "asleep", "message": "lid closed"}))
+        .await;
+    let response = pending.await.expect("task");
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.expect("json");
+    let replies = body["replies"].as_array().expect("replies");
+    assert_eq!(replies.len(), 2, "bo is not asked");
+    assert!(replies.iter().any(|r| r["result"] == "phone ok"));
+    assert!(replies.iter().any(|r| r["error"]["code"] == "asleep"));
+
+    // Bad tokens are refused with a code, and the connection stays anonymous.
+    let mut stranger = server.ws().await;
+    for (token, code) in [
+        (token_for("eve", -10), "token_expired"),
+        ("not.a.token".to_owned(), "invalid_token"),
+        (
+            jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &json!({"sub": "eve", "exp": jsonwebtoken::get_current_timestamp() + 60}),
+                &jsonwebtoken::EncodingKey::from_secret(b"a-different-secret-entirely"),
+            )
+            .expect("encode"),
+            "invalid_token",
+        ),
+    ] {
+        let error = stranger
+            .request(json!({"type": "connect", "token": token}), 9)
+            .await;
+        assert_eq!(error["code"], code);
+    }
+    let response = reqwest::Client::new()
+        .post(server.url("/api/users/eve/request"))
+        .json(&json!(1))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        problem(response, StatusCode::NOT_FOUND).await["code"],
+        "not_found"
+    );
+}
+
+#[tokio::test]
+async fn a_server_without_a_secret_refuses_tokens() {
+    let server = TestServer::start().await;
+    let mut client = server.ws().await;
+    let error = client
+        .request(json!({"type": "connect", "token": token_for("ana", 60)}), 1)
+        .await;
+    assert_eq!(error["code"], "invalid_token");
+}

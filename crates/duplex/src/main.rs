@@ -55,6 +55,9 @@ struct ServeArgs {
     /// Key the server API requires as `Authorization: Bearer KEY` [default: none].
     #[arg(long, env = "DUPLEX_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+    /// HS256 secret of connection tokens (JWT), at least 16 characters [default: none].
+    #[arg(long, env = "DUPLEX_JWT_SECRET", hide_env_values = true)]
+    jwt_secret: Option<String>,
     /// Log format.
     #[arg(long, env = "DUPLEX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -80,6 +83,7 @@ impl ServeArgs {
             max_body: self.max_body,
             shutdown_grace: self.shutdown_grace,
             api_key: self.api_key,
+            jwt_secret: self.jwt_secret,
             ..ConfigLayer::default()
         };
         Ok(Config::resolve(flags, file.as_deref())?)

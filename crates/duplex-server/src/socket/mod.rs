@@ -69,6 +69,7 @@ impl SocketLimits {
 #[derive(Debug, Clone)]
 pub(crate) struct SocketContext {
     pub(crate) hub: Arc<Hub>,
+    pub(crate) tokens: Option<crate::auth::TokenVerifier>,
     pub(crate) limits: Arc<SocketLimits>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: CancellationToken,
@@ -308,6 +309,23 @@ impl Session {
                 format!("this server speaks protocol version {PROTOCOL_VERSION}, not {version}"),
             );
             return;
+        }
+        if let Some(token) = &frame.token {
+            let verified = match &self.context.tokens {
+                Some(verifier) => verifier.user_of(token),
+                None => Err(crate::auth::TokenError::NotConfigured),
+            };
+            match verified {
+                Ok(user) => self.connection.set_user(Some(Arc::from(user))),
+                Err(error) => {
+                    let code = match error {
+                        crate::auth::TokenError::Expired => ErrorCode::TokenExpired,
+                        _ => ErrorCode::InvalidToken,
+                    };
+                    self.error(Some(id), code, error.to_string());
+                    return;
+                }
+            }
         }
         self.connection
             .set_meta(frame.meta.map(|meta| Arc::from(meta.to_owned())));

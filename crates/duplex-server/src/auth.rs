@@ -1,0 +1,150 @@
+//! Connection tokens: JWTs that name the user (`sub`) of a connection.
+//!
+//! This is the first step of authentication: HS256 tokens signed with `--jwt-secret`, checked
+//! for signature, algorithm (HS256 only: `alg: none` and algorithm confusion are refused by
+//! construction) and expiry. The user a token names is what presence shows and what
+//! `POST /api/users/{user}/request` addresses.
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+/// Checks connection tokens.
+#[derive(Clone)]
+pub struct TokenVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for TokenVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenVerifier").finish_non_exhaustive()
+    }
+}
+
+/// The claims duplex reads.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// The token's `exp` has passed.
+    #[error("the token has expired")]
+    Expired,
+    /// Anything else: bad signature, wrong algorithm, malformed, missing claims.
+    #[error("the token is not valid: {0}")]
+    Invalid(String),
+    /// The server has no secret to check tokens with.
+    #[error("this server does not accept tokens (no JWT secret is configured)")]
+    NotConfigured,
+}
+
+impl TokenVerifier {
+    /// Verifies HS256 tokens signed with `secret`.
+    pub fn hs256(secret: &[u8]) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 0;
+        TokenVerifier {
+            key: DecodingKey::from_secret(secret),
+            validation,
+        }
+    }
+
+    /// The user (`sub`) of a valid token.
+    pub fn user_of(&self, token: &str) -> Result<String, TokenError> {
+        match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
+            Ok(data) => Ok(data.claims.sub),
+            Err(error) => match error.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => Err(TokenError::Expired),
+                _ => Err(TokenError::Invalid(error.to_string())),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+
+    fn token(secret: &[u8], algorithm: Algorithm, claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(algorithm),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .expect("encode")
+    }
+
+    fn in_an_hour() -> u64 {
+        jsonwebtoken::get_current_timestamp() + 3600
+    }
+
+    #[test]
+    fn valid_tokens_name_their_user() {
+        let verifier = TokenVerifier::hs256(b"secret");
+        let good = token(
+            b"secret",
+            Algorithm::HS256,
+            serde_json::json!({"sub": "ana", "exp": in_an_hour()}),
+        );
+        assert_eq!(verifier.user_of(&good), Ok("ana".into()));
+    }
+
+    #[test]
+    fn forged_expired_and_wrong_algorithm_tokens_are_refused() {
+        let verifier = TokenVerifier::hs256(b"secret");
+        let wrong_key = token(
+            b"other",
+            Algorithm::HS256,
+            serde_json::json!({"sub": "ana", "exp": in_an_hour()}),
+        );
+        assert!(matches!(
+            verifier.user_of(&wrong_key),
+            Err(TokenError::Invalid(_))
+        ));
+        let expired = token(
+            b"secret",
+            Algorithm::HS256,
+            serde_json::json!({"sub": "ana", "exp": 1000}),
+        );
+        assert_eq!(verifier.user_of(&expired), Err(TokenError::Expired));
+        let hs512 = token(
+            b"secret",
+            Algorithm::HS512,
+            serde_json::json!({"sub": "ana", "exp": in_an_hour()}),
+        );
+        assert!(matches!(
+            verifier.user_of(&hs512),
+            Err(TokenError::Invalid(_))
+        ));
+        let no_sub = token(
+            b"secret",
+            Algorithm::HS256,
+            serde_json::json!({"exp": in_an_hour()}),
+        );
+        assert!(matches!(
+            verifier.user_of(&no_sub),
+            Err(TokenError::Invalid(_))
+        ));
+        // alg: none, unsigned.
+        use base64::Engine as _;
+        let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let none = format!(
+            "{}.{}.",
+            b64(r#"{"alg":"none","typ":"JWT"}"#),
+            b64(&format!(r#"{{"sub":"ana","exp":{}}}"#, in_an_hour()))
+        );
+        assert!(matches!(
+            verifier.user_of(&none),
+            Err(TokenError::Invalid(_))
+        ));
+        assert!(matches!(
+            verifier.user_of("garbage"),
+            Err(TokenError::Invalid(_))
+        ));
+    }
+}
