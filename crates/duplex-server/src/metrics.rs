@@ -59,6 +59,8 @@ pub struct Metrics {
     pub slow_consumer_disconnects: Counter,
     /// Client answers to server requests that matched no waiting request (late, repeated, unknown).
     pub unmatched_answers: Counter,
+    /// Long polls waiting for a publication.
+    pub long_polls: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -143,7 +145,14 @@ impl Metrics {
             "Client answers to server requests that matched no waiting request",
             unmatched_answers.clone(),
         );
+        let long_polls = Gauge::default();
+        registry.register(
+            "long_polls",
+            "Long polls waiting for a publication",
+            long_polls.clone(),
+        );
         Arc::new(Metrics {
+            long_polls,
             unmatched_answers,
             registry,
             http_requests,

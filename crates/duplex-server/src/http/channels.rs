@@ -130,7 +130,7 @@ pub(crate) async fn history(
     let page = state.hub.history(&channel, since.as_ref(), limit)?;
     Ok((
         [(header::CONTENT_TYPE, JSON)],
-        history_json(&channel, &page),
+        history_json(&channel, &page, None),
     )
         .into_response())
 }

@@ -8,6 +8,7 @@ mod connections;
 mod error;
 mod ops;
 mod records;
+mod transports;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -94,6 +95,7 @@ pub(crate) fn router(state: AppState) -> Router {
         ));
     Router::new()
         .merge(records::router())
+        .merge(transports::router())
         .merge(server_api)
         .merge(ops::router())
         .route("/ws", axum::routing::get(crate::socket::ws::upgrade))

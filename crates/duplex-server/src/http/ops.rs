@@ -34,6 +34,8 @@ pub(crate) fn router() -> Router<AppState> {
         super::channels::history,
         super::channels::presence,
         super::channels::list_channels,
+        super::transports::poll,
+        super::transports::events,
         super::connections::list_connections,
         super::connections::request_connection,
         super::connections::request_user,
@@ -44,6 +46,7 @@ pub(crate) fn router() -> Router<AppState> {
     components(schemas(super::error::Problem)),
     tags((name = "records", description = "JSON records in named collections"),
          (name = "channels", description = "Server API: publish, history, presence (API key when set)"),
+         (name = "transports", description = "Channels over plain HTTP: short and long polling, Server-Sent Events"),
          (name = "connections", description = "Server API: connections and server-to-client requests (API key when set)"),
          (name = "operations", description = "Health, readiness and metrics"))
 )]

@@ -187,6 +187,11 @@ struct ChannelState {
     history: VecDeque<(Instant, Arc<Publication>)>,
     /// Set when the channel was removed from the map; whoever holds the Arc must look it up again.
     closed: bool,
+    /// The newest publication, kept even when the namespace keeps no history, so that pollers
+    /// of such channels still get the latest state.
+    latest: Option<Arc<Publication>>,
+    /// Long polls waiting on this channel; they keep it (and its epoch) alive like subscribers.
+    watchers: usize,
     rate_window_start: Instant,
     rate_window_count: u64,
     rate: f64,
@@ -215,7 +220,7 @@ impl ChannelState {
     }
 
     /// Whether every publication after `since` is still in history.
-    fn recoverable(&self, since: &Since, namespace: &Namespace) -> Result<(), NotRecovered> {
+    fn recoverable(&self, since: &Since) -> Result<(), NotRecovered> {
         let Some(epoch) = since.epoch() else {
             return Err(NotRecovered::EpochRequired);
         };
@@ -229,19 +234,34 @@ impl ChannelState {
         if offset == self.last_offset {
             return Ok(());
         }
-        match self.history.front() {
-            Some((_, first)) if namespace.history_size > 0 && first.offset() <= offset + 1 => {
-                Ok(())
-            }
+        match self.oldest_available() {
+            Some(first) if first <= offset + 1 => Ok(()),
             _ => Err(NotRecovered::HistoryTrimmed),
         }
     }
 
-    fn publications_after(&self, offset: u64) -> impl Iterator<Item = &Arc<Publication>> {
-        self.history
-            .iter()
-            .map(|(_, publication)| publication)
-            .filter(move |publication| publication.offset() > offset)
+    /// The offset of the oldest publication that can still be sent.
+    fn oldest_available(&self) -> Option<u64> {
+        match self.history.front() {
+            Some((_, first)) => Some(first.offset()),
+            None => self.latest.as_ref().map(|p| p.offset()),
+        }
+    }
+
+    fn publications_after(&self, offset: u64) -> Box<dyn Iterator<Item = &Arc<Publication>> + '_> {
+        if self.history.is_empty() {
+            return Box::new(self.latest.iter().filter(move |p| p.offset() > offset));
+        }
+        Box::new(
+            self.history
+                .iter()
+                .map(|(_, publication)| publication)
+                .filter(move |publication| publication.offset() > offset),
+        )
+    }
+
+    fn unused(&self) -> bool {
+        self.subscribers.is_empty() && self.history.is_empty() && self.watchers == 0
     }
 }
 
@@ -251,6 +271,8 @@ struct Channel {
     name: Arc<str>,
     namespace: Arc<Namespace>,
     state: Mutex<ChannelState>,
+    /// Wakes long polls when a publication arrives.
+    published: tokio::sync::Notify,
 }
 
 impl Channel {
@@ -258,12 +280,15 @@ impl Channel {
         Channel {
             name: name.into(),
             namespace,
+            published: tokio::sync::Notify::new(),
             state: Mutex::new(ChannelState {
                 last_offset: 0,
                 epoch: new_epoch(),
                 subscribers: IndexMap::new(),
                 history: VecDeque::new(),
                 closed: false,
+                latest: None,
+                watchers: 0,
                 rate_window_start: Instant::now(),
                 rate_window_count: 0,
                 rate: 0.0,
@@ -366,7 +391,7 @@ impl Hub {
     fn remove_if_unused(&self, name: &str) {
         self.channels.remove_if(name, |_, channel| {
             let mut state = channel.state.lock();
-            let unused = state.subscribers.is_empty() && state.history.is_empty();
+            let unused = state.unused();
             if unused {
                 state.closed = true;
             }
@@ -425,6 +450,7 @@ impl Hub {
             let namespace = &channel.namespace;
             let now = Instant::now();
             state.count_publication(now);
+            state.latest = Some(publication.clone());
             if namespace.history_size > 0 {
                 state.history.push_back((now, publication));
                 trim_history(&mut state.history, namespace, now);
@@ -433,8 +459,12 @@ impl Hub {
                 offset,
                 epoch: state.epoch.clone(),
             };
-            let unused = state.subscribers.is_empty() && state.history.is_empty();
+            let unused = state.unused();
+            let watched = state.watchers > 0;
             drop(state);
+            if watched {
+                channel.published.notify_waiters();
+            }
 
             let metrics = &self.metrics;
             metrics.publications.inc();
@@ -490,7 +520,7 @@ impl Hub {
             if state.subscribers.contains_key(&connection.id) {
                 return Err(HubError::AlreadySubscribed);
             }
-            let recovery = since.map(|since| state.recoverable(since, &channel.namespace));
+            let recovery = since.map(|since| state.recoverable(since));
             let missed = match (since, recovery) {
                 (Some(since), Some(Ok(()))) => state.last_offset - since.offset(),
                 _ => 0,
@@ -569,12 +599,100 @@ impl Hub {
                 other.connection.queue.push_control(leave.clone());
             }
         }
-        let unused = state.subscribers.is_empty() && state.history.is_empty();
+        let unused = state.unused();
         drop(state);
         if unused {
             self.remove_if_unused(channel_name);
         }
         Ok(())
+    }
+
+    /// Checks that a client may read a channel (subscribe, poll, stream).
+    pub fn check_readable(&self, channel_name: &str) -> Result<(), HubError> {
+        if !duplex_proto::is_valid_channel(channel_name) {
+            return Err(HubError::InvalidChannel);
+        }
+        if self.namespaces.for_channel(channel_name).subscribe == SubscribeRule::TokenChannels {
+            return Err(HubError::PermissionDenied(
+                "this namespace needs a token that lists the channel",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Polls a channel: the first `limit` publications after `since`. With a `wait`, holds on
+    /// until one arrives or the wait ends; a waiting poll costs a registration on the
+    /// channel's `Notify` and nothing else until a publication wakes it.
+    pub async fn poll(
+        &self,
+        channel_name: &str,
+        since: Option<&Since>,
+        limit: usize,
+        wait: Duration,
+    ) -> Result<HistoryPage, HubError> {
+        self.check_readable(channel_name)?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let channel = self.channel(channel_name);
+            let watcher = {
+                let mut state = channel.state.lock();
+                if state.closed {
+                    continue;
+                }
+                state.watchers += 1;
+                Watcher {
+                    hub: self,
+                    channel: &channel,
+                }
+            };
+            loop {
+                let notified = channel.published.notified();
+                tokio::pin!(notified);
+                // Registered before looking, so a publication between the look and the wait
+                // still wakes us.
+                notified.as_mut().enable();
+                let page = {
+                    let state = channel.state.lock();
+                    let recovered = since.map(|since| match since.epoch() {
+                        None => {
+                            let position = Since::Position {
+                                offset: since.offset(),
+                                epoch: Some(state.epoch.to_string()),
+                            };
+                            state.recoverable(&position)
+                        }
+                        Some(_) => state.recoverable(since),
+                    });
+                    let publications: Vec<Arc<Publication>> = match (since, recovered) {
+                        (Some(since), Some(Ok(()) | Err(NotRecovered::HistoryTrimmed))) => state
+                            .publications_after(since.offset())
+                            .take(limit)
+                            .cloned()
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    HistoryPage {
+                        publications,
+                        offset: state.last_offset,
+                        epoch: state.epoch.clone(),
+                        recovered,
+                    }
+                };
+                let nothing_yet = page.publications.is_empty()
+                    && matches!(page.recovered, Some(Ok(())));
+                if !nothing_yet || tokio::time::Instant::now() >= deadline {
+                    drop(watcher);
+                    return Ok(page);
+                }
+                let waiting = WaitingPoll::new(&self.metrics);
+                let woken = tokio::time::timeout_at(deadline, notified).await;
+                drop(waiting);
+                if woken.is_err() {
+                    drop(watcher);
+                    return Ok(page);
+                }
+            }
+        }
     }
 
     /// Who is subscribed to a channel (namespaces with presence on).
@@ -648,9 +766,9 @@ impl Hub {
                     offset: since.offset(),
                     epoch: Some(state.epoch.to_string()),
                 };
-                state.recoverable(&position, &channel.namespace)
+                state.recoverable(&position)
             }
-            Some(_) => state.recoverable(since, &channel.namespace),
+            Some(_) => state.recoverable(since),
         });
         Ok(HistoryPage {
             publications,
@@ -695,12 +813,46 @@ impl Hub {
             let channel = entry.value();
             let mut state = channel.state.lock();
             trim_history(&mut state.history, &channel.namespace, now);
-            if state.subscribers.is_empty() && state.history.is_empty() {
+            if state.unused() {
                 unused.push(channel.name.clone());
             }
         }
         for name in unused {
             self.remove_if_unused(&name);
+        }
+    }
+}
+
+/// Counts a long poll as waiting for as long as it waits, however the wait ends.
+struct WaitingPoll<'a>(&'a Metrics);
+
+impl<'a> WaitingPoll<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.long_polls.inc();
+        WaitingPoll(metrics)
+    }
+}
+
+impl Drop for WaitingPoll<'_> {
+    fn drop(&mut self) {
+        self.0.long_polls.dec();
+    }
+}
+
+/// A long poll's hold on a channel: while it lives the channel is not dropped.
+struct Watcher<'a> {
+    hub: &'a Hub,
+    channel: &'a Arc<Channel>,
+}
+
+impl Drop for Watcher<'_> {
+    fn drop(&mut self) {
+        let mut state = self.channel.state.lock();
+        state.watchers -= 1;
+        let unused = state.unused();
+        drop(state);
+        if unused {
+            self.hub.remove_if_unused(&self.channel.name);
         }
     }
 }
@@ -816,7 +968,7 @@ mod tests {
         let state_of = |since: Since| {
             let channel = hub.channel("chat:a");
             let state = channel.state.lock();
-            state.recoverable(&since, &channel.namespace)
+            state.recoverable(&since)
         };
         assert_eq!(
             state_of(Since::Position {

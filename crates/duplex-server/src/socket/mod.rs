@@ -446,7 +446,7 @@ impl Session {
         match self.context.hub.history(channel, since, limit) {
             Ok(page) => {
                 self.bad_frames_in_a_row = 0;
-                let mut result = history_json(channel, &page);
+                let mut result = history_json(channel, &page, None);
                 let reply = format!("{{\"type\":\"reply\",\"id\":{id},\"result\":");
                 result.splice(0..0, reply.into_bytes());
                 result.push(b'}');
@@ -508,12 +508,18 @@ async fn finish_writer(writer: tokio::task::JoinHandle<()>, queue: &OutgoingQueu
 
 /// `{"channel","offset","epoch","recovered"?,"reason"?,"publications":[message frames]}`,
 /// spliced from the publications' encoded frames.
-pub(crate) fn history_json(channel: &str, page: &crate::hub::HistoryPage) -> Vec<u8> {
+pub(crate) fn history_json(
+    channel: &str,
+    page: &crate::hub::HistoryPage,
+    next: Option<u64>,
+) -> Vec<u8> {
     #[derive(Serialize)]
     struct Head<'a> {
         channel: &'a str,
         offset: u64,
         epoch: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        next: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]
         recovered: Option<bool>,
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -523,6 +529,7 @@ pub(crate) fn history_json(channel: &str, page: &crate::hub::HistoryPage) -> Vec
         channel,
         offset: page.offset,
         epoch: &page.epoch,
+        next,
         recovered: page.recovered.map(|r| r.is_ok()),
         reason: page.recovered.and_then(|r| r.err()).map(|e| e.as_str()),
     });
