@@ -172,7 +172,9 @@ pub(crate) async fn events(
         connection: connection.clone(),
     };
     state.metrics.connections.get_or_create(&SSE).inc();
-    state.hub.subscribe(&channel, &connection, 0, since.as_ref())?;
+    state
+        .hub
+        .subscribe(&channel, &connection, 0, since.as_ref())?;
 
     let stream = event_stream(SseState {
         queue,
@@ -264,16 +266,22 @@ impl SseState {
                     let reason = result["reason"]
                         .as_str()
                         .unwrap_or(NotRecovered::HistoryTrimmed.as_str());
-                    events.push(Event::default().event("not_recovered").data(
-                        serde_json::json!({
-                            "reason": reason,
-                            "offset": result["offset"],
-                            "epoch": result["epoch"],
-                        })
-                        .to_string(),
-                    ));
+                    events.push(
+                        Event::default().event("not_recovered").data(
+                            serde_json::json!({
+                                "reason": reason,
+                                "offset": result["offset"],
+                                "epoch": result["epoch"],
+                            })
+                            .to_string(),
+                        ),
+                    );
                 }
-                events.push(Event::default().event("subscribed").data(result.to_string()));
+                events.push(
+                    Event::default()
+                        .event("subscribed")
+                        .data(result.to_string()),
+                );
                 events
             }
             Some(kind @ ("join" | "leave")) => {
@@ -319,7 +327,8 @@ fn event_stream(state: SseState) -> impl Stream<Item = Result<Event, Infallible>
                 }
             }
             if let Some(code) = closing {
-                let disconnect = String::from_utf8_lossy(&to_json(&Disconnect::from(code))).into_owned();
+                let disconnect =
+                    String::from_utf8_lossy(&to_json(&Disconnect::from(code))).into_owned();
                 state
                     .ready
                     .push_back(Event::default().event("disconnect").data(disconnect));

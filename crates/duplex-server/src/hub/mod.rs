@@ -678,8 +678,8 @@ impl Hub {
                         recovered,
                     }
                 };
-                let nothing_yet = page.publications.is_empty()
-                    && matches!(page.recovered, Some(Ok(())));
+                let nothing_yet =
+                    page.publications.is_empty() && matches!(page.recovered, Some(Ok(())));
                 if !nothing_yet || tokio::time::Instant::now() >= deadline {
                     drop(watcher);
                     return Ok(page);
