@@ -6,10 +6,15 @@
 
 mod connections;
 mod fanout;
+mod records;
+pub mod report;
 mod roundtrip;
 mod server;
+mod transports;
 
 pub use connections::{ConnectionsOptions, ConnectionsReport, run_connections};
 pub use fanout::{FanoutOptions, FanoutReport, Percentiles, Transport, run_fanout};
+pub use records::{RecordsPhase, run_records};
 pub use roundtrip::{RoundtripReport, run_recovery, run_requests};
 pub use server::{ServerProcess, ServerUsage};
+pub use transports::{Method, MethodReport, TransportsOptions, TransportsReport, run_transports};

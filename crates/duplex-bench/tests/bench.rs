@@ -66,3 +66,63 @@ async fn roundtrips_report_requests_and_recoveries() {
     assert_eq!(recovery.samples, 3);
     assert!(recovery.latency_ms.p50 <= recovery.latency_ms.max);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transports_report_every_method_with_nothing_lost() {
+    let server = TestServer::start().await;
+    let report = duplex_bench::run_transports(
+        &duplex_bench::TransportsOptions {
+            http_addr: server.http_addr.to_string(),
+            tcp_addr: server.tcp_addr.to_string(),
+            server_pid: Some(std::process::id()),
+            clients: 10,
+            rate: 20,
+            size: 64,
+            duration: Duration::from_millis(1000),
+            poll_interval: Duration::from_millis(200),
+            methods: duplex_bench::Method::ALL.to_vec(),
+        },
+        &|_, _, _| {},
+    )
+    .await
+    .expect("a short run completes");
+    assert_eq!(report.methods.len(), 5);
+    for method in &report.methods {
+        assert_eq!(method.publications, 20, "{:?}", method.method);
+        assert_eq!(method.deliveries, 20 * 10, "{:?}", method.method);
+        assert_eq!(
+            (method.missed, method.duplicated),
+            (0, 0),
+            "{:?}",
+            method.method
+        );
+        assert!(method.bytes_per_delivery > 0.0);
+        assert!(method.server_cpu_per_1000_deliveries.is_some());
+    }
+    let polls = &report.methods[0];
+    assert!(
+        polls.requests_per_delivery > 0.0,
+        "short polling costs requests"
+    );
+    let websocket = &report.methods[3];
+    assert_eq!(websocket.requests_per_delivery, 0.0);
+    let html = duplex_bench::report::html(&report);
+    assert!(html.starts_with("<!doctype html>"));
+    assert_eq!(html.matches("<svg").count(), 6, "six charts");
+    assert!(duplex_bench::report::latency_svg(&report).starts_with("<svg"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_bench_reports_each_operation() {
+    let server = TestServer::start().await;
+    let phases =
+        duplex_bench::run_records(&server.http_addr.to_string(), 4, Duration::from_millis(300))
+            .await
+            .expect("a short run completes");
+    let names: Vec<&str> = phases.iter().map(|p| p.operation).collect();
+    assert_eq!(names, vec!["create", "get", "list"]);
+    for phase in &phases {
+        assert!(phase.requests > 0);
+        assert_eq!(phase.errors, 0);
+    }
+}

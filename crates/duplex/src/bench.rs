@@ -17,6 +17,67 @@ pub(crate) enum BenchCommand {
     Connections(ConnectionsArgs),
     /// Round trips: the server asking a client, and recovery after a reconnect.
     Roundtrip(RoundtripArgs),
+    /// The same updates by short polling, long polling, SSE, WebSocket and raw TCP.
+    Transports(TransportsArgs),
+    /// Records over HTTP: create, get and list throughput and latency.
+    Http(HttpArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct HttpArgs {
+    /// Concurrent keep-alive clients.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Time per operation, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum MethodArg {
+    ShortPoll,
+    LongPoll,
+    Sse,
+    Websocket,
+    Tcp,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TransportsArgs {
+    /// Clients per transport.
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Updates per second.
+    #[arg(long, default_value_t = 10)]
+    rate: u32,
+    /// Payload bytes.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Publishing time per transport, e.g. 20s.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Short polling interval.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    poll_interval: Duration,
+    /// Which transports (comma-separated; default all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    transports: Vec<MethodArg>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Write a self-contained HTML report with charts.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+    /// Write the latency chart alone as SVG.
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    target: Target,
 }
 
 #[derive(Debug, Args)]
@@ -130,7 +191,143 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Fanout(args) => fanout(args).await,
         BenchCommand::Connections(args) => connections(args).await,
         BenchCommand::Roundtrip(args) => roundtrip(args).await,
+        BenchCommand::Transports(args) => transports(args).await,
+        BenchCommand::Http(args) => http(args).await,
     }
+}
+
+async fn http(args: HttpArgs) -> anyhow::Result<()> {
+    let (server, http_addr, _, _) = server_for(&args.target).await?;
+    let phases = duplex_bench::run_records(&http_addr, args.concurrency, args.duration).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&phases)?);
+    } else {
+        println!(
+            "records over HTTP, {} clients, {:?} per operation",
+            args.concurrency, args.duration
+        );
+        println!(
+            "{:<8} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}",
+            "op", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"
+        );
+        for phase in &phases {
+            println!(
+                "{:<8} {:>10} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7}",
+                phase.operation,
+                phase.requests,
+                phase.requests_per_second,
+                phase.latency_ms.p50,
+                phase.latency_ms.p90,
+                phase.latency_ms.p99,
+                phase.latency_ms.max,
+                phase.errors
+            );
+        }
+    }
+    if let Some(server) = server {
+        server.stop().await?;
+    }
+    Ok(())
+}
+
+async fn transports(args: TransportsArgs) -> anyhow::Result<()> {
+    use duplex_bench::Method;
+    let (server, http_addr, tcp_addr, pid) = server_for(&args.target).await?;
+    let methods: Vec<Method> = if args.transports.is_empty() {
+        Method::ALL.to_vec()
+    } else {
+        args.transports
+            .iter()
+            .map(|m| match m {
+                MethodArg::ShortPoll => Method::ShortPoll,
+                MethodArg::LongPoll => Method::LongPoll,
+                MethodArg::Sse => Method::Sse,
+                MethodArg::Websocket => Method::Websocket,
+                MethodArg::Tcp => Method::Tcp,
+            })
+            .collect()
+    };
+    let bar = indicatif::ProgressBar::new(args.duration.as_secs().max(1));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix:>10} [{bar:40}] {pos}/{len} s")
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .progress_chars("=> "),
+    );
+    if args.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let progress = |method: Method, done: u64, _total: u64| {
+        bar.set_prefix(method.name());
+        bar.set_position(done);
+    };
+    let report = duplex_bench::run_transports(
+        &duplex_bench::TransportsOptions {
+            http_addr,
+            tcp_addr,
+            server_pid: pid,
+            clients: args.clients,
+            rate: args.rate,
+            size: args.size,
+            duration: args.duration,
+            poll_interval: args.poll_interval,
+            methods,
+        },
+        &progress,
+    )
+    .await?;
+    bar.finish_and_clear();
+    if let Some(path) = &args.report {
+        std::fs::write(path, duplex_bench::report::html(&report))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.svg {
+        std::fs::write(path, duplex_bench::report::latency_svg(&report))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} clients per transport, {} updates/s of {} B for {:?}, short polls every {:?}",
+            args.clients, args.rate, args.size, args.duration, args.poll_interval
+        );
+        println!(
+            "{:<11} {:>12} {:>8} {:>8} {:>8} {:>8} {:>14} {:>10} {:>10} {:>7}",
+            "transport",
+            "deliveries/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "cpu s/1k deliv",
+            "bytes/deliv",
+            "reqs/deliv",
+            "missed"
+        );
+        for m in &report.methods {
+            println!(
+                "{:<11} {:>12.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>14} {:>10.0} {:>10.3} {:>7}",
+                m.method.name(),
+                m.deliveries_per_second,
+                m.latency_ms.p50,
+                m.latency_ms.p90,
+                m.latency_ms.p99,
+                m.latency_ms.max,
+                m.server_cpu_per_1000_deliveries
+                    .map_or("-".to_owned(), |c| format!("{c:.4}")),
+                m.bytes_per_delivery,
+                m.requests_per_delivery,
+                m.missed + m.duplicated,
+            );
+        }
+        if let Some(path) = &args.report {
+            println!("report: {}", path.display());
+        }
+    }
+    if let Some(server) = server {
+        server.stop().await?;
+    }
+    Ok(())
 }
 
 async fn roundtrip(args: RoundtripArgs) -> anyhow::Result<()> {

@@ -221,6 +221,14 @@ impl ChannelState {
 
     /// Whether every publication after `since` is still in history.
     fn recoverable(&self, since: &Since) -> Result<(), NotRecovered> {
+        // Offset 0 means "from the beginning": nothing was ever received, so any epoch will do,
+        // as long as the channel still has its first publication (or none yet).
+        if since.offset() == 0 {
+            return match self.oldest_available() {
+                Some(first) if first > 1 => Err(NotRecovered::HistoryTrimmed),
+                _ => Ok(()),
+            };
+        }
         let Some(epoch) = since.epoch() else {
             return Err(NotRecovered::EpochRequired);
         };

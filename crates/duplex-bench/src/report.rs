@@ -1,0 +1,303 @@
+//! A self-contained HTML report of the transport comparison, with SVG charts drawn here (no
+//! scripts, no external assets), so the file opens anywhere.
+
+use std::fmt::Write as _;
+
+use crate::transports::{MethodReport, TransportsReport};
+
+const WIDTH: f64 = 720.0;
+const HEIGHT: f64 = 300.0;
+const MARGIN: f64 = 56.0;
+const COLOURS: [&str; 5] = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2"];
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// A bar chart: one group per method, one bar per series.
+pub fn bar_chart(title: &str, unit: &str, methods: &[&str], series: &[(&str, Vec<f64>)]) -> String {
+    let max = series
+        .iter()
+        .flat_map(|(_, values)| values.iter().copied())
+        .fold(0.0_f64, f64::max)
+        .max(1e-9);
+    let plot_width = WIDTH - 2.0 * MARGIN;
+    let plot_height = HEIGHT - 2.0 * MARGIN;
+    let group = plot_width / methods.len().max(1) as f64;
+    let bar = group * 0.8 / series.len().max(1) as f64;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="20" text-anchor="middle" font-size="15">{}</text>"#,
+        WIDTH / 2.0,
+        escape(title)
+    );
+    let base = HEIGHT - MARGIN;
+    let _ = write!(
+        svg,
+        r##"<line x1="{MARGIN}" y1="{base}" x2="{}" y2="{base}" stroke="#333"/><text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">{}</text>"##,
+        WIDTH - MARGIN,
+        HEIGHT / 2.0,
+        HEIGHT / 2.0,
+        escape(unit)
+    );
+    for (m, method) in methods.iter().enumerate() {
+        let x0 = MARGIN + group * m as f64 + group * 0.1;
+        for (s, (_, values)) in series.iter().enumerate() {
+            let value = values.get(m).copied().unwrap_or(0.0);
+            let height = value / max * plot_height;
+            let x = x0 + bar * s as f64;
+            let _ = write!(
+                svg,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{height:.1}" fill="{}"><title>{}: {value:.3} {}</title></rect><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}</text>"#,
+                base - height,
+                bar * 0.9,
+                COLOURS[s % COLOURS.len()],
+                escape(method),
+                escape(unit),
+                x + bar * 0.45,
+                base - height - 3.0,
+                format_value(value)
+            );
+        }
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+            x0 + group * 0.4,
+            base + 16.0,
+            escape(method)
+        );
+    }
+    for (s, (name, _)) in series.iter().enumerate() {
+        let _ = write!(
+            svg,
+            r#"<rect x="{:.1}" y="32" width="10" height="10" fill="{}"/><text x="{:.1}" y="41">{}</text>"#,
+            MARGIN + 110.0 * s as f64,
+            COLOURS[s % COLOURS.len()],
+            MARGIN + 110.0 * s as f64 + 14.0,
+            escape(name)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn format_value(value: f64) -> String {
+    if value >= 100.0 {
+        format!("{value:.0}")
+    } else if value >= 1.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.3}")
+    }
+}
+
+/// A line chart of one series per method; `log_y` draws the y axis in log10.
+pub fn line_chart(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+    log_y: bool,
+) -> String {
+    let y_of = |v: f64| if log_y { v.max(1e-3).log10() } else { v };
+    let points = series.iter().flat_map(|(_, p)| p.iter().copied());
+    let (mut x_max, mut y_min, mut y_max) = (1e-9_f64, f64::MAX, f64::MIN);
+    for (x, y) in points {
+        x_max = x_max.max(x);
+        y_min = y_min.min(y_of(y));
+        y_max = y_max.max(y_of(y));
+    }
+    if y_min >= y_max {
+        y_min -= 1.0;
+        y_max += 1.0;
+    }
+    let plot_width = WIDTH - 2.0 * MARGIN;
+    let plot_height = HEIGHT - 2.0 * MARGIN;
+    let sx = |x: f64| MARGIN + x / x_max * plot_width;
+    let sy = |y: f64| HEIGHT - MARGIN - (y_of(y) - y_min) / (y_max - y_min) * plot_height;
+    let mut svg = format!(
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="{}" y="20" text-anchor="middle" font-size="15">{}</text><line x1="{MARGIN}" y1="{}" x2="{}" y2="{}" stroke="#333"/><line x1="{MARGIN}" y1="{MARGIN}" x2="{MARGIN}" y2="{}" stroke="#333"/><text x="{}" y="{}" text-anchor="middle">{}</text><text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">{}</text>"##,
+        WIDTH / 2.0,
+        escape(title),
+        HEIGHT - MARGIN,
+        WIDTH - MARGIN,
+        HEIGHT - MARGIN,
+        HEIGHT - MARGIN,
+        WIDTH / 2.0,
+        HEIGHT - 12.0,
+        escape(x_label),
+        HEIGHT / 2.0,
+        HEIGHT / 2.0,
+        escape(y_label)
+    );
+    let (low, high) = if log_y {
+        (10f64.powf(y_min), 10f64.powf(y_max))
+    } else {
+        (y_min, y_max)
+    };
+    let _ = write!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="end" font-size="10">{}</text><text x="{}" y="{}" text-anchor="end" font-size="10">{}</text>"#,
+        MARGIN - 4.0,
+        HEIGHT - MARGIN,
+        format_value(low),
+        MARGIN - 4.0,
+        MARGIN + 4.0,
+        format_value(high)
+    );
+    for (s, (name, points)) in series.iter().enumerate() {
+        let path: Vec<String> = points
+            .iter()
+            .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
+            .collect();
+        let _ = write!(
+            svg,
+            r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/><rect x="{:.1}" y="32" width="10" height="10" fill="{}"/><text x="{:.1}" y="41">{}</text>"#,
+            COLOURS[s % COLOURS.len()],
+            path.join(" "),
+            MARGIN + 110.0 * s as f64,
+            COLOURS[s % COLOURS.len()],
+            MARGIN + 110.0 * s as f64 + 14.0,
+            escape(name)
+        );
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+/// The latency chart (p50 and p99 per method), on its own, for documentation.
+pub fn latency_svg(report: &TransportsReport) -> String {
+    let names: Vec<&str> = report.methods.iter().map(|m| m.method.name()).collect();
+    bar_chart(
+        "Delivery latency by transport",
+        "milliseconds",
+        &names,
+        &[
+            (
+                "p50",
+                report.methods.iter().map(|m| m.latency_ms.p50).collect(),
+            ),
+            (
+                "p99",
+                report.methods.iter().map(|m| m.latency_ms.p99).collect(),
+            ),
+        ],
+    )
+}
+
+fn table(methods: &[MethodReport]) -> String {
+    let mut html = String::from(
+        "<table><tr><th>transport</th><th>deliveries/s</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>max ms</th><th>server CPU s / 1,000 deliveries</th><th>bytes / delivery</th><th>HTTP requests / delivery</th><th>missed</th><th>duplicated</th></tr>",
+    );
+    for m in methods {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{:.0}</td><td>{:.3}</td><td>{}</td><td>{}</td></tr>",
+            m.method.name(),
+            m.deliveries_per_second,
+            m.latency_ms.p50,
+            m.latency_ms.p90,
+            m.latency_ms.p99,
+            m.latency_ms.max,
+            m.server_cpu_per_1000_deliveries
+                .map_or("–".to_owned(), |c| format!("{c:.4}")),
+            m.bytes_per_delivery,
+            m.requests_per_delivery,
+            m.missed,
+            m.duplicated
+        );
+    }
+    html.push_str("</table>");
+    html
+}
+
+/// The whole report as one HTML page.
+pub fn html(report: &TransportsReport) -> String {
+    let names: Vec<&str> = report.methods.iter().map(|m| m.method.name()).collect();
+    let clients = report.methods.first().map_or(0, |m| m.clients);
+    let distribution: Vec<(&str, Vec<(f64, f64)>)> = report
+        .methods
+        .iter()
+        .map(|m| (m.method.name(), m.latency_distribution.clone()))
+        .collect();
+    let throughput: Vec<(&str, Vec<(f64, f64)>)> = report
+        .methods
+        .iter()
+        .map(|m| {
+            let points = m
+                .deliveries_per_second_series
+                .iter()
+                .enumerate()
+                .map(|(second, count)| (second as f64, *count as f64))
+                .collect();
+            (m.method.name(), points)
+        })
+        .collect();
+    let charts = [
+        latency_svg(report),
+        line_chart(
+            "Latency distribution",
+            "percentile",
+            "milliseconds (log scale)",
+            &distribution,
+            true,
+        ),
+        line_chart(
+            "Deliveries per second over the run",
+            "seconds",
+            "deliveries",
+            &throughput,
+            false,
+        ),
+        bar_chart(
+            "Server CPU per 1,000 deliveries",
+            "CPU seconds",
+            &names,
+            &[(
+                "cpu",
+                report
+                    .methods
+                    .iter()
+                    .map(|m| m.server_cpu_per_1000_deliveries.unwrap_or(0.0))
+                    .collect(),
+            )],
+        ),
+        bar_chart(
+            "Bytes received per delivery",
+            "bytes",
+            &names,
+            &[(
+                "bytes",
+                report
+                    .methods
+                    .iter()
+                    .map(|m| m.bytes_per_delivery)
+                    .collect(),
+            )],
+        ),
+        bar_chart(
+            "HTTP requests per delivery",
+            "requests",
+            &names,
+            &[(
+                "requests",
+                report
+                    .methods
+                    .iter()
+                    .map(|m| m.requests_per_delivery)
+                    .collect(),
+            )],
+        ),
+    ];
+    format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>duplex: HTTP against sockets</title><style>body{{font-family:sans-serif;max-width:800px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child{{text-align:left}}svg{{display:block;margin:1.5em 0}}</style></head><body><h1>The same updates by five transports</h1><p>{clients} clients per transport follow one channel while a publisher sends {} updates a second of {} bytes for {:.0} s; short polling asks every {:.1} s. Latency is from each update's due time to its receipt.</p>{}{}</body></html>"#,
+        report.rate,
+        report.size,
+        report.duration_seconds,
+        report.poll_interval_seconds,
+        table(&report.methods),
+        charts.join("")
+    )
+}
