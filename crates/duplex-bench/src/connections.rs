@@ -20,6 +20,8 @@ pub struct ConnectionsOptions {
     pub connections: usize,
     /// How many connect at once.
     pub concurrency: usize,
+    /// Connect from 127.0.0.1 … 127.0.0.N in turn (1: the system's choice).
+    pub sources: u8,
 }
 
 /// What a run measured.
@@ -43,10 +45,19 @@ pub async fn run_connections(options: &ConnectionsOptions) -> anyhow::Result<Con
     let before = usage_of(options.server_pid)?.rss_bytes;
     let started = Instant::now();
     let mut open = Vec::with_capacity(options.connections);
-    let mut pending = futures_util::stream::iter((0..options.connections).map(|_| {
+    let server: std::net::SocketAddr = options.http_addr.parse()?;
+    let sources = options.sources.max(1);
+    let mut pending = futures_util::stream::iter((0..options.connections).map(|i| {
         let url = url.clone();
         async move {
-            let (mut socket, _) = tokio_tungstenite::connect_async(&url).await?;
+            // Each loopback source address has its own ephemeral ports.
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            if sources > 1 {
+                let host = 1 + (i % usize::from(sources)) as u8;
+                socket.bind(std::net::SocketAddr::from(([127, 0, 0, host], 0)))?;
+            }
+            let stream = socket.connect(server).await?;
+            let (mut socket, _) = tokio_tungstenite::client_async(url.as_str(), stream).await?;
             // Wait for `connected`, so the server has fully set the connection up.
             socket.next().await.context("closed early")??;
             anyhow::Ok(socket)

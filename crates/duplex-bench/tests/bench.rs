@@ -43,6 +43,7 @@ async fn connections_reports_memory_per_connection() {
         server_pid: std::process::id(),
         connections: 50,
         concurrency: 10,
+        sources: 3,
     })
     .await
     .expect("a short run completes");

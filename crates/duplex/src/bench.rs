@@ -120,15 +120,18 @@ enum TransportArg {
 
 #[derive(Debug, Args)]
 pub(crate) struct FanoutArgs {
-    /// Subscribers.
-    #[arg(long, default_value_t = 1000)]
-    subscribers: usize,
-    /// Publications per second (comma-separated for several runs).
+    /// Subscribers (comma-separated for a matrix).
+    #[arg(long, value_delimiter = ',', default_value = "1000")]
+    subscribers: Vec<usize>,
+    /// Publications per second (comma-separated for a matrix).
     #[arg(long, value_delimiter = ',', default_value = "100")]
     rate: Vec<u32>,
-    /// Payload bytes.
-    #[arg(long, default_value_t = 95)]
-    size: usize,
+    /// Payload bytes (comma-separated for a matrix).
+    #[arg(long, value_delimiter = ',', default_value = "95")]
+    size: Vec<usize>,
+    /// Report, per subscribers × size, the highest rate whose p99 stayed under this, e.g. 20ms.
+    #[arg(long, value_parser = parse_duration)]
+    p99_under: Option<Duration>,
     /// Publishing time per run, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
@@ -150,6 +153,10 @@ pub(crate) struct ConnectionsArgs {
     /// Connections opened at once.
     #[arg(long, default_value_t = 200)]
     concurrency: usize,
+    /// Source addresses to connect from (127.0.0.1 … 127.0.0.N), past one address's
+    /// ephemeral ports.
+    #[arg(long, default_value_t = 4)]
+    sources: u8,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -187,6 +194,11 @@ async fn server_for(
 }
 
 pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    // Load runs open many sockets; the server we start inherits the raised limit.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
+    }
     match command {
         BenchCommand::Fanout(args) => fanout(args).await,
         BenchCommand::Connections(args) => connections(args).await,
@@ -368,12 +380,11 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         TransportArg::Tcp => Transport::Tcp,
     };
     if !args.json {
+        println!("fan-out over {transport:?}, {:?} per run", args.duration);
         println!(
-            "fan-out over {transport:?}: {} subscribers, {} B payloads, {:?} per rate",
-            args.subscribers, args.size, args.duration
-        );
-        println!(
-            "{:>8} {:>12} {:>14} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8}",
+            "{:>6} {:>6} {:>8} {:>12} {:>14} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8}",
+            "subs",
+            "bytes",
             "rate/s",
             "deliveries",
             "deliveries/s",
@@ -386,44 +397,82 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         );
     }
     let mut reports = Vec::new();
-    for rate in &args.rate {
-        let before = pid.map(duplex_bench::ServerUsage::of).transpose()?;
-        let report = run_fanout(&FanoutOptions {
-            http_addr: http_addr.clone(),
-            tcp_addr: tcp_addr.clone(),
-            subscribers: args.subscribers,
-            rate: *rate,
-            size: args.size,
-            duration: args.duration,
-            transport,
-        })
-        .await?;
-        let after = pid.map(duplex_bench::ServerUsage::of).transpose()?;
-        let cpu = match (before, after) {
-            (Some(b), Some(a)) => Some(a.cpu_seconds - b.cpu_seconds),
-            _ => None,
-        };
-        if args.json {
-            let mut value = serde_json::to_value(&report)?;
-            value["server_cpu_seconds"] = cpu.into();
-            reports.push(value);
-        } else {
-            println!(
-                "{:>8} {:>12} {:>14.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8}",
-                rate,
-                report.deliveries,
-                report.deliveries_per_second,
-                report.latency_ms.p50,
-                report.latency_ms.p90,
-                report.latency_ms.p99,
-                report.latency_ms.max,
-                report.missed + report.duplicated,
-                cpu.map_or("-".to_owned(), |c| format!("{c:.2}")),
-            );
+    let mut best: Vec<serde_json::Value> = Vec::new();
+    for subscribers in &args.subscribers {
+        for size in &args.size {
+            let mut highest: Option<u32> = None;
+            for rate in &args.rate {
+                let before = pid.map(duplex_bench::ServerUsage::of).transpose()?;
+                let report = run_fanout(&FanoutOptions {
+                    http_addr: http_addr.clone(),
+                    tcp_addr: tcp_addr.clone(),
+                    subscribers: *subscribers,
+                    rate: *rate,
+                    size: *size,
+                    duration: args.duration,
+                    transport,
+                })
+                .await?;
+                let after = pid.map(duplex_bench::ServerUsage::of).transpose()?;
+                let cpu = match (before, after) {
+                    (Some(b), Some(a)) => Some(a.cpu_seconds - b.cpu_seconds),
+                    _ => None,
+                };
+                let within_bound = args.p99_under.is_some_and(|bound| {
+                    report.latency_ms.p99 <= bound.as_secs_f64() * 1000.0
+                        && report.missed + report.duplicated == 0
+                });
+                if within_bound {
+                    highest = Some(highest.map_or(*rate, |h| h.max(*rate)));
+                }
+                if !args.json {
+                    println!(
+                        "{:>6} {:>6} {:>8} {:>12} {:>14.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7} {:>8}",
+                        subscribers,
+                        size,
+                        rate,
+                        report.deliveries,
+                        report.deliveries_per_second,
+                        report.latency_ms.p50,
+                        report.latency_ms.p90,
+                        report.latency_ms.p99,
+                        report.latency_ms.max,
+                        report.missed + report.duplicated,
+                        cpu.map_or("-".to_owned(), |c| format!("{c:.2}")),
+                    );
+                }
+                let mut value = serde_json::to_value(&report)?;
+                value["server_cpu_seconds"] = cpu.into();
+                reports.push(value);
+            }
+            if let Some(bound) = args.p99_under {
+                best.push(serde_json::json!({
+                    "subscribers": subscribers,
+                    "size": size,
+                    "p99_under_ms": bound.as_secs_f64() * 1000.0,
+                    "highest_rate": highest,
+                }));
+                if !args.json {
+                    match highest {
+                        Some(rate) => println!(
+                            "  {subscribers} subscribers, {size} B: highest rate with p99 under {bound:?}: {rate}/s ({} deliveries/s)",
+                            u64::from(rate) * *subscribers as u64
+                        ),
+                        None => println!(
+                            "  {subscribers} subscribers, {size} B: no rate tried kept p99 under {bound:?}"
+                        ),
+                    }
+                }
+            }
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"runs": reports, "highest_rates": best})
+            )?
+        );
     }
     if let Some(server) = server {
         server.stop().await?;
@@ -439,6 +488,7 @@ async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
         server_pid: pid,
         connections: args.connections,
         concurrency: args.concurrency,
+        sources: args.sources,
     })
     .await?;
     if args.json {
