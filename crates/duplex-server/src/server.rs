@@ -108,7 +108,7 @@ impl Server {
             self.metrics.clone(),
         ));
         let tracker = TaskTracker::new();
-        let sockets = SocketContext {
+        let sockets = Arc::new(SocketContext {
             hub: hub.clone(),
             tokens: self
                 .config
@@ -119,7 +119,7 @@ impl Server {
             metrics: self.metrics.clone(),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
-        };
+        });
         tracker.spawn(socket::tcp::accept(self.tcp_listener, sockets.clone()));
         tracker.spawn(sweep(hub.clone(), shutdown.clone()));
         let state = AppState {

@@ -36,7 +36,7 @@ use crate::store::Store;
 pub(crate) struct AppState {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) hub: Arc<Hub>,
-    pub(crate) sockets: SocketContext,
+    pub(crate) sockets: Arc<SocketContext>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) max_body: usize,
     /// The key the server API requires, when one is configured.

@@ -111,7 +111,7 @@ pub(crate) enum After {
 pub(crate) struct Session {
     id: ConnectionId,
     transport: Transport,
-    context: SocketContext,
+    context: Arc<SocketContext>,
     queue: Arc<OutgoingQueue>,
     connection: Arc<ConnectionHandle>,
     bad_frames_in_a_row: u32,
@@ -120,7 +120,7 @@ pub(crate) struct Session {
 impl Session {
     /// Starts a session, registers the connection with the hub and queues `connected`.
     pub(crate) fn start(
-        context: SocketContext,
+        context: Arc<SocketContext>,
         transport: Transport,
         remote: Option<SocketAddr>,
     ) -> Session {

@@ -21,7 +21,7 @@ use crate::hub::queue::{Outgoing, OutgoingQueue};
 const IDLE_WRITE_BUFFER: usize = 4 * 1024;
 
 /// Accepts raw TCP connections until shutdown.
-pub(crate) async fn accept(listener: TcpListener, context: SocketContext) {
+pub(crate) async fn accept(listener: TcpListener, context: Arc<SocketContext>) {
     loop {
         let accepted = tokio::select! {
             () = context.shutdown.cancelled() => return,
@@ -43,7 +43,7 @@ pub(crate) async fn accept(listener: TcpListener, context: SocketContext) {
     }
 }
 
-async fn serve(stream: TcpStream, peer: std::net::SocketAddr, context: SocketContext) {
+async fn serve(stream: TcpStream, peer: std::net::SocketAddr, context: Arc<SocketContext>) {
     let mut session = Session::start(context.clone(), Transport::Tcp, Some(peer));
     let queue = session.queue().clone();
     let (read_half, write_half) = stream.into_split();
@@ -102,7 +102,7 @@ fn push_control(buf: &mut Vec<u8>, framing: Framing, json: &[u8]) {
     }
 }
 
-async fn write(mut socket: OwnedWriteHalf, queue: Arc<OutgoingQueue>, context: SocketContext) {
+async fn write(mut socket: OwnedWriteHalf, queue: Arc<OutgoingQueue>, context: Arc<SocketContext>) {
     let mut batch = VecDeque::new();
     let mut buf: Vec<u8> = Vec::with_capacity(IDLE_WRITE_BUFFER);
     let mut framing = Framing::Lines;

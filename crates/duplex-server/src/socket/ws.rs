@@ -47,7 +47,7 @@ pub(crate) async fn upgrade(
         }))
 }
 
-async fn serve(socket: WebSocket, remote: std::net::SocketAddr, context: SocketContext) {
+async fn serve(socket: WebSocket, remote: std::net::SocketAddr, context: Arc<SocketContext>) {
     let mut session = Session::start(context.clone(), Transport::WebSocket, Some(remote));
     let queue = session.queue().clone();
     let (sink, mut stream) = socket.split();
@@ -108,7 +108,7 @@ fn publication_message(publication: &Publication) -> Message {
 async fn write(
     mut sink: SplitSink<WebSocket, Message>,
     queue: Arc<OutgoingQueue>,
-    context: SocketContext,
+    context: Arc<SocketContext>,
 ) {
     let mut batch = VecDeque::new();
     let mut ping = tokio::time::interval(context.limits.ping_interval);
