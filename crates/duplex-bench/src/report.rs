@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use crate::fanout::FanoutReport;
 use crate::transports::{MethodReport, TransportsReport};
 
 const WIDTH: f64 = 720.0;
@@ -299,5 +300,49 @@ pub fn html(report: &TransportsReport) -> String {
         report.poll_interval_seconds,
         table(&report.methods),
         charts.join("")
+    )
+}
+
+/// A fan-out run matrix as one HTML page: latency and throughput per run.
+pub fn fanout_html(runs: &[FanoutReport]) -> String {
+    let labels: Vec<String> = runs
+        .iter()
+        .map(|r| format!("{}×{}/s×{}B", r.subscribers, r.rate, r.size))
+        .collect();
+    let names: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let latency = bar_chart(
+        "Fan-out latency per run",
+        "milliseconds",
+        &names,
+        &[
+            ("p50", runs.iter().map(|r| r.latency_ms.p50).collect()),
+            ("p99", runs.iter().map(|r| r.latency_ms.p99).collect()),
+        ],
+    );
+    let throughput = bar_chart(
+        "Deliveries per second per run",
+        "deliveries/s",
+        &names,
+        &[(
+            "deliveries/s",
+            runs.iter().map(|r| r.deliveries_per_second).collect(),
+        )],
+    );
+    let mut rows = String::new();
+    for (label, r) in labels.iter().zip(runs) {
+        let _ = write!(
+            rows,
+            "<tr><td>{}</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td></tr>",
+            escape(label),
+            r.deliveries_per_second,
+            r.latency_ms.p50,
+            r.latency_ms.p90,
+            r.latency_ms.p99,
+            r.latency_ms.max,
+            r.missed + r.duplicated
+        );
+    }
+    format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>duplex: fan-out</title><style>body{{font-family:sans-serif;max-width:800px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child{{text-align:left}}svg{{display:block;margin:1.5em 0}}</style></head><body><h1>Fan-out</h1><table><tr><th>subscribers × rate × size</th><th>deliveries/s</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>max ms</th><th>missed</th></tr>{rows}</table>{latency}{throughput}</body></html>"#
     )
 }

@@ -101,7 +101,8 @@ pub(crate) struct RoundtripArgs {
 /// Where the server under test is.
 #[derive(Debug, Args)]
 pub(crate) struct Target {
-    /// HTTP address of a running server (127.0.0.1:PORT); default: start one.
+    /// A running server's HTTP address (http://127.0.0.1:PORT or 127.0.0.1:PORT); default:
+    /// start one as a child process, so its CPU and memory are measured apart from the load.
     #[arg(long)]
     server: Option<String>,
     /// Raw TCP address of that server.
@@ -132,6 +133,9 @@ pub(crate) struct FanoutArgs {
     /// Report, per subscribers × size, the highest rate whose p99 stayed under this, e.g. 20ms.
     #[arg(long, value_parser = parse_duration)]
     p99_under: Option<Duration>,
+    /// Write a self-contained HTML report with charts.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
     /// Publishing time per run, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
@@ -164,6 +168,48 @@ pub(crate) struct ConnectionsArgs {
     target: Target,
 }
 
+/// Runs `work` under a progress bar that fills over `expected` (a spinner when unknown),
+/// redrawn by a ticker rather than by the work itself, so it costs the measurement nothing.
+async fn with_progress<T>(
+    label: String,
+    expected: Option<Duration>,
+    quiet: bool,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let bar = match expected {
+        Some(expected) => {
+            let bar = indicatif::ProgressBar::new(expected.as_millis() as u64);
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{prefix:>24} [{bar:40}] {elapsed}")
+            {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar
+        }
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    if quiet {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_prefix(label);
+    let started = std::time::Instant::now();
+    let ticker = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                bar.set_position(started.elapsed().as_millis() as u64);
+                bar.tick();
+            }
+        })
+    };
+    let result = work.await;
+    ticker.abort();
+    bar.finish_and_clear();
+    result
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     duplex_server::config::parse_duration(text)
         .ok_or_else(|| format!("{text:?} is not a duration such as 500ms, 10s or 2m"))
@@ -174,12 +220,25 @@ async fn server_for(
     target: &Target,
 ) -> anyhow::Result<(Option<ServerProcess>, String, String, Option<u32>)> {
     match &target.server {
-        Some(http) => Ok((
-            None,
-            http.clone(),
-            target.tcp_server.clone().unwrap_or_default(),
-            target.pid,
-        )),
+        Some(http) => {
+            let addr = http
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned();
+            // Say plainly when the server is not there, before any load starts.
+            let health = format!("http://{addr}/healthz");
+            match reqwest::get(&health).await {
+                Ok(response) if response.status().is_success() => {}
+                Ok(response) => anyhow::bail!("{health} answered {}", response.status()),
+                Err(error) => anyhow::bail!("cannot reach the server at {addr}: {error}"),
+            }
+            Ok((
+                None,
+                addr,
+                target.tcp_server.clone().unwrap_or_default(),
+                target.pid,
+            ))
+        }
         None => {
             let exe = std::env::current_exe().context("cannot find the duplex executable")?;
             let server = ServerProcess::start(&exe).await?;
@@ -210,7 +269,13 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
 
 async fn http(args: HttpArgs) -> anyhow::Result<()> {
     let (server, http_addr, _, _) = server_for(&args.target).await?;
-    let phases = duplex_bench::run_records(&http_addr, args.concurrency, args.duration).await?;
+    let phases = with_progress(
+        "create, get, list".into(),
+        Some(args.duration * 3),
+        args.json,
+        duplex_bench::run_records(&http_addr, args.concurrency, args.duration),
+    )
+    .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&phases)?);
     } else {
@@ -344,9 +409,25 @@ async fn transports(args: TransportsArgs) -> anyhow::Result<()> {
 
 async fn roundtrip(args: RoundtripArgs) -> anyhow::Result<()> {
     let (server, http_addr, _, _) = server_for(&args.target).await?;
-    let mut reports = vec![duplex_bench::run_requests(&http_addr, args.requests).await?];
+    let mut reports = vec![
+        with_progress(
+            format!("{} requests", args.requests),
+            None,
+            args.json,
+            duplex_bench::run_requests(&http_addr, args.requests),
+        )
+        .await?,
+    ];
     for missed in &args.missed {
-        reports.push(duplex_bench::run_recovery(&http_addr, *missed, args.rounds).await?);
+        reports.push(
+            with_progress(
+                format!("recover {missed}"),
+                None,
+                args.json,
+                duplex_bench::run_recovery(&http_addr, *missed, args.rounds),
+            )
+            .await?,
+        );
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
@@ -397,13 +478,14 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         );
     }
     let mut reports = Vec::new();
+    let mut runs = Vec::new();
     let mut best: Vec<serde_json::Value> = Vec::new();
     for subscribers in &args.subscribers {
         for size in &args.size {
             let mut highest: Option<u32> = None;
             for rate in &args.rate {
                 let before = pid.map(duplex_bench::ServerUsage::of).transpose()?;
-                let report = run_fanout(&FanoutOptions {
+                let options = FanoutOptions {
                     http_addr: http_addr.clone(),
                     tcp_addr: tcp_addr.clone(),
                     subscribers: *subscribers,
@@ -411,8 +493,15 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
                     size: *size,
                     duration: args.duration,
                     transport,
-                })
+                };
+                let report = with_progress(
+                    format!("{subscribers} × {rate}/s × {size} B"),
+                    Some(args.duration),
+                    args.json,
+                    run_fanout(&options),
+                )
                 .await?;
+                runs.push(report.clone());
                 let after = pid.map(duplex_bench::ServerUsage::of).transpose()?;
                 let cpu = match (before, after) {
                     (Some(b), Some(a)) => Some(a.cpu_seconds - b.cpu_seconds),
@@ -466,6 +555,13 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
             }
         }
     }
+    if let Some(path) = &args.report {
+        std::fs::write(path, duplex_bench::report::fanout_html(&runs))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        if !args.json {
+            println!("report: {}", path.display());
+        }
+    }
     if args.json {
         println!(
             "{}",
@@ -483,13 +579,19 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
 async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
     let (server, http_addr, _, pid) = server_for(&args.target).await?;
     let pid = pid.context("--pid is needed to read a running server's memory")?;
-    let report = run_connections(&ConnectionsOptions {
+    let options = ConnectionsOptions {
         http_addr,
         server_pid: pid,
         connections: args.connections,
         concurrency: args.concurrency,
         sources: args.sources,
-    })
+    };
+    let report = with_progress(
+        format!("{} connections", args.connections),
+        None,
+        args.json,
+        run_connections(&options),
+    )
     .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -160,3 +160,27 @@ fn a_bad_config_file_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("unknown field"), "{stderr}");
 }
+
+#[test]
+fn bench_against_a_server_that_is_not_there_says_so() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args([
+            "bench",
+            "fanout",
+            "--subscribers",
+            "1",
+            "--duration",
+            "1s",
+            "--server",
+            "http://127.0.0.1:1",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot reach the server at 127.0.0.1:1"),
+        "{stderr}"
+    );
+}
