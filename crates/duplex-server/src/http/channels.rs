@@ -8,7 +8,6 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use duplex_proto::frames::Since;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -16,7 +15,7 @@ use super::error::ApiError;
 use super::{AppState, JSON};
 use crate::hub::Origin;
 use crate::hub::publication::Payload;
-use crate::socket::{HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, history_json, presence_json};
+use crate::socket::{history_json, presence_json};
 
 const OCTET_STREAM: &str = "application/octet-stream";
 
@@ -91,42 +90,12 @@ pub(crate) async fn history(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let Path(channel) = path?;
-    let mut since = None;
-    let mut epoch = None;
-    let mut limit = HISTORY_DEFAULT_LIMIT;
-    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
-        match key.as_ref() {
-            "since" => {
-                since = Some(value.parse::<u64>().map_err(|_| {
-                    ApiError::InvalidQuery(format!("since must be an offset, not {value:?}"))
-                })?);
-            }
-            "epoch" => epoch = Some(value.into_owned()),
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|l| (1..=HISTORY_MAX_LIMIT).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::InvalidQuery(format!(
-                            "limit must be from 1 to {HISTORY_MAX_LIMIT}, not {value:?}"
-                        ))
-                    })?;
-            }
-            other => {
-                return Err(ApiError::InvalidQuery(format!(
-                    "unknown parameter {other:?}: expected since, epoch or limit"
-                )));
-            }
-        }
-    }
-    let since = match (since, epoch) {
-        (Some(offset), epoch) => Some(Since::Position { offset, epoch }),
-        (None, Some(_)) => {
-            return Err(ApiError::InvalidQuery("epoch goes with since".into()));
-        }
-        (None, None) => None,
+    let accepts = super::transports::Accepts {
+        limit: true,
+        wait: false,
     };
+    let query = super::transports::parse_position_query(query.as_deref(), accepts)?;
+    let (since, limit) = (query.since, query.limit);
     let page = state.hub.history(&channel, since.as_ref(), limit)?;
     Ok((
         [(header::CONTENT_TYPE, JSON)],

@@ -43,13 +43,25 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/api/channels/{channel}/events", get(events))
 }
 
-struct PollQuery {
-    since: Option<Since>,
-    limit: usize,
-    wait: Duration,
+/// `since`, `epoch`, `limit` and `wait` of history, polls and event streams.
+pub(super) struct PositionQuery {
+    pub(super) since: Option<Since>,
+    pub(super) limit: usize,
+    pub(super) wait: Duration,
 }
 
-fn parse_poll_query(query: Option<&str>, allow_wait: bool) -> Result<PollQuery, ApiError> {
+/// Which of `limit` and `wait` an endpoint takes (`since` and `epoch` every one does).
+#[derive(Clone, Copy)]
+pub(super) struct Accepts {
+    pub(super) limit: bool,
+    pub(super) wait: bool,
+}
+
+/// Parses a position query; unknown or malformed parameters are 400s.
+pub(super) fn parse_position_query(
+    query: Option<&str>,
+    accepts: Accepts,
+) -> Result<PositionQuery, ApiError> {
     let mut since = None;
     let mut epoch = None;
     let mut limit = HISTORY_DEFAULT_LIMIT;
@@ -62,7 +74,7 @@ fn parse_poll_query(query: Option<&str>, allow_wait: bool) -> Result<PollQuery, 
                 })?);
             }
             "epoch" => epoch = Some(value.into_owned()),
-            "limit" if allow_wait => {
+            "limit" if accepts.limit => {
                 limit = value
                     .parse()
                     .ok()
@@ -73,7 +85,7 @@ fn parse_poll_query(query: Option<&str>, allow_wait: bool) -> Result<PollQuery, 
                         ))
                     })?;
             }
-            "wait" if allow_wait => {
+            "wait" if accepts.wait => {
                 wait = parse_duration(&value)
                     .filter(|w| *w <= MAX_WAIT)
                     .ok_or_else(|| {
@@ -94,7 +106,7 @@ fn parse_poll_query(query: Option<&str>, allow_wait: bool) -> Result<PollQuery, 
         (None, Some(_)) => return Err(ApiError::InvalidQuery("epoch goes with since".into())),
         (None, None) => None,
     };
-    Ok(PollQuery { since, limit, wait })
+    Ok(PositionQuery { since, limit, wait })
 }
 
 /// Short poll (no `wait`) or long poll (`wait=30s`): the publications after `since`, and
@@ -115,7 +127,13 @@ pub(crate) async fn poll(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let Path(channel) = path?;
-    let query = parse_poll_query(query.as_deref(), true)?;
+    let query = parse_position_query(
+        query.as_deref(),
+        Accepts {
+            limit: true,
+            wait: true,
+        },
+    )?;
     let wait = query.wait;
     let shutdown = state.sockets.shutdown.clone();
     let page = tokio::select! {
@@ -151,7 +169,11 @@ pub(crate) async fn events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Path(channel) = path?;
-    let mut since = parse_poll_query(query.as_deref(), false)?.since;
+    let accepts = Accepts {
+        limit: false,
+        wait: false,
+    };
+    let mut since = parse_position_query(query.as_deref(), accepts)?.since;
     if let Some(last) = headers.get("last-event-id") {
         since = Some(parse_last_event_id(last)?);
     }

@@ -248,6 +248,18 @@ impl ChannelState {
         }
     }
 
+    /// Whether a reader (history, polls) that has everything up to `since` misses nothing. A
+    /// bare offset, without an epoch (HTTP `?since=` alone), is checked against history only.
+    fn readable_since(&self, since: &Since) -> Result<(), NotRecovered> {
+        match since.epoch() {
+            Some(_) => self.recoverable(since),
+            None => self.recoverable(&Since::Position {
+                offset: since.offset(),
+                epoch: Some(self.epoch.to_string()),
+            }),
+        }
+    }
+
     /// The offset of the oldest publication that can still be sent.
     fn oldest_available(&self) -> Option<u64> {
         match self.history.front() {
@@ -661,16 +673,7 @@ impl Hub {
                 notified.as_mut().enable();
                 let page = {
                     let state = channel.state.lock();
-                    let recovered = since.map(|since| match since.epoch() {
-                        None => {
-                            let position = Since::Position {
-                                offset: since.offset(),
-                                epoch: Some(state.epoch.to_string()),
-                            };
-                            state.recoverable(&position)
-                        }
-                        Some(_) => state.recoverable(since),
-                    });
+                    let recovered = since.map(|since| state.readable_since(since));
                     let publications: Vec<Arc<Publication>> = match (since, recovered) {
                         (Some(since), Some(Ok(()) | Err(NotRecovered::HistoryTrimmed))) => state
                             .publications_after(since.offset())
@@ -767,17 +770,7 @@ impl Hub {
                     .collect()
             }
         };
-        let recovered = since.map(|since| match since.epoch() {
-            // A bare offset (HTTP `?since=` without `epoch`) is checked against history only.
-            None => {
-                let position = Since::Position {
-                    offset: since.offset(),
-                    epoch: Some(state.epoch.to_string()),
-                };
-                state.recoverable(&position)
-            }
-            Some(_) => state.recoverable(since),
-        });
+        let recovered = since.map(|since| state.readable_since(since));
         Ok(HistoryPage {
             publications,
             offset: state.last_offset,
