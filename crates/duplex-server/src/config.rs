@@ -359,6 +359,41 @@ mod tests {
     }
 
     #[test]
+    fn secrets_that_would_let_anyone_in_are_refused() {
+        let empty_key = ConfigLayer {
+            api_key: Some(String::new()),
+            ..ConfigLayer::default()
+        };
+        assert!(matches!(
+            empty_key.over_defaults(),
+            Err(ConfigError::Invalid { key: "api_key", .. })
+        ));
+        let short_secret = ConfigLayer {
+            jwt_secret: Some("short".into()),
+            ..ConfigLayer::default()
+        };
+        assert!(matches!(
+            short_secret.over_defaults(),
+            Err(ConfigError::Invalid {
+                key: "jwt_secret",
+                ..
+            })
+        ));
+        let bad_duration: ConfigLayer = toml::from_str("idle_timeout = \"soon\"").expect("toml");
+        assert!(matches!(
+            bad_duration.over_defaults(),
+            Err(ConfigError::Invalid {
+                key: "idle_timeout",
+                ..
+            })
+        ));
+        let namespaces: ConfigLayer =
+            toml::from_str("[namespaces.chat]\nhistory_size = 7").expect("toml");
+        let config = namespaces.over_defaults().expect("valid");
+        assert_eq!(config.namespaces.for_channel("chat:x").history_size, 7);
+    }
+
+    #[test]
     fn unknown_keys_in_the_file_are_errors() {
         assert!(toml::from_str::<ConfigLayer>("htpp = \"127.0.0.1:1\"").is_err());
     }
