@@ -2,11 +2,14 @@
 //!
 //! This is the first step of authentication: HS256 tokens signed with `--jwt-secret`, checked
 //! for signature, algorithm (HS256 only: `alg: none` and algorithm confusion are refused by
-//! construction) and expiry. The user a token names is what presence shows and what
-//! `POST /api/users/{user}/request` addresses.
+//! construction) and expiry. The user a token names (`sub`) is what presence shows and what
+//! `POST /api/users/{user}/request` addresses; its `channels` claim (names, or prefixes ending in
+//! `*`) is what `token_channels` namespace rules check.
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+
+use crate::hub::namespace::ClientAuth;
 
 /// Checks connection tokens.
 #[derive(Clone)]
@@ -25,6 +28,8 @@ impl std::fmt::Debug for TokenVerifier {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
+    #[serde(default)]
+    channels: Vec<String>,
 }
 
 /// Why a token was refused.
@@ -55,8 +60,17 @@ impl TokenVerifier {
 
     /// The user (`sub`) of a valid token.
     pub fn user_of(&self, token: &str) -> Result<String, TokenError> {
+        self.verify(token)
+            .map(|auth| auth.user.map(|u| u.to_string()).unwrap_or_default())
+    }
+
+    /// What a valid token says: its user and the channels it lists.
+    pub fn verify(&self, token: &str) -> Result<ClientAuth, TokenError> {
         match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
-            Ok(data) => Ok(data.claims.sub),
+            Ok(data) => Ok(ClientAuth {
+                user: Some(data.claims.sub.into()),
+                channels: data.claims.channels,
+            }),
             Err(error) => match error.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => Err(TokenError::Expired),
                 _ => Err(TokenError::Invalid(error.to_string())),

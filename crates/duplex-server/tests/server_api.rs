@@ -585,3 +585,129 @@ async fn a_server_without_a_secret_refuses_tokens() {
         .await;
     assert_eq!(error["code"], "invalid_token");
 }
+
+fn token_with_channels(user: &str, channels: &[&str]) -> String {
+    let exp = jsonwebtoken::get_current_timestamp() + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": user, "exp": exp, "channels": channels}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("encode")
+}
+
+#[tokio::test]
+async fn namespace_rules_allow_and_deny_on_every_transport() {
+    let server = TestServer::start_with(|c| {
+        c.jwt_secret = Some(SECRET.into());
+        let configured: std::collections::HashMap<
+            String,
+            duplex_server::hub::namespace::NamespaceConfig,
+        > = toml::from_str("[members]\npublish = \"authenticated\"\nread_history = \"server\"")
+            .expect("toml");
+        c.namespaces = duplex_server::hub::namespace::Namespaces::new(&configured).expect("valid");
+    })
+    .await;
+    let ana_token = token_with_channels("ana", &["private:ana-*"]);
+
+    // Anonymous sockets.
+    let mut anonymous = server.tcp().await;
+    let denied = anonymous
+        .request(
+            json!({"type": "publish", "channel": "members:x", "data": 1}),
+            1,
+        )
+        .await;
+    assert_eq!(denied["code"], "permission_denied");
+    let denied = anonymous
+        .request(
+            json!({"type": "subscribe", "channel": "private:ana-inbox"}),
+            2,
+        )
+        .await;
+    assert_eq!(denied["code"], "permission_denied");
+
+    // Ana's token lists her private channels and authenticates her.
+    let mut ana = server.ws().await;
+    ana.request(json!({"type": "connect", "token": ana_token}), 1)
+        .await;
+    ana.subscribe("private:ana-inbox", 2).await;
+    let denied = ana
+        .request(
+            json!({"type": "subscribe", "channel": "private:bo-inbox"}),
+            3,
+        )
+        .await;
+    assert_eq!(denied["code"], "permission_denied");
+    let published = ana
+        .request(
+            json!({"type": "publish", "channel": "members:x", "data": "hi"}),
+            4,
+        )
+        .await;
+    assert_eq!(published["type"], "reply");
+    let denied = ana
+        .request(json!({"type": "history", "channel": "members:x"}), 5)
+        .await;
+    assert_eq!(denied["code"], "permission_denied");
+    let (status, history) = {
+        let response = reqwest::get(server.url("/api/channels/members:x/history"))
+            .await
+            .expect("request");
+        (
+            response.status(),
+            response.json::<Value>().await.expect("json"),
+        )
+    };
+    assert_eq!(status, StatusCode::OK, "the server API may read it");
+    assert_eq!(history["publications"][0]["data"], "hi");
+
+    // HTTP transports take the token as a bearer header or ?token=.
+    let http = reqwest::Client::new();
+    let poll = "/api/channels/private:ana-inbox/poll";
+    let response = http.get(server.url(poll)).send().await.expect("request");
+    assert_eq!(
+        problem(response, StatusCode::FORBIDDEN).await["code"],
+        "forbidden"
+    );
+    let response = http
+        .get(server.url(&format!("{poll}?token={ana_token}")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = http
+        .get(server.url(poll))
+        .bearer_auth(&ana_token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = http
+        .get(server.url(&format!("{poll}?token=forged")))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        problem(response, StatusCode::UNAUTHORIZED).await["code"],
+        "invalid_token"
+    );
+    let response = http
+        .get(server.url(&format!(
+            "/api/channels/private:ana-inbox/events?token={ana_token}"
+        )))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let response = http
+        .get(server.url("/api/channels/private:bo-inbox/events"))
+        .bearer_auth(&ana_token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        problem(response, StatusCode::FORBIDDEN).await["code"],
+        "forbidden"
+    );
+}

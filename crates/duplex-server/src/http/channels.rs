@@ -13,7 +13,7 @@ use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use super::{AppState, JSON};
-use crate::hub::Origin;
+use crate::hub::namespace::Caller;
 use crate::hub::publication::Payload;
 use crate::socket::{history_json, presence_json};
 
@@ -67,7 +67,7 @@ pub(crate) async fn publish(
             serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
         Payload::Json(data)
     };
-    let outcome = state.hub.publish(&channel, payload, Origin::Server)?;
+    let outcome = state.hub.publish(&channel, payload, Caller::Server)?;
     Ok(axum::Json(Published {
         offset: outcome.offset,
         epoch: outcome.epoch.to_string(),
@@ -93,10 +93,13 @@ pub(crate) async fn history(
     let accepts = super::transports::Accepts {
         limit: true,
         wait: false,
+        token: false,
     };
     let query = super::transports::parse_position_query(query.as_deref(), accepts)?;
     let (since, limit) = (query.since, query.limit);
-    let page = state.hub.history(&channel, since.as_ref(), limit)?;
+    let page = state
+        .hub
+        .history(&channel, since.as_ref(), limit, Caller::Server)?;
     Ok((
         [(header::CONTENT_TYPE, JSON)],
         history_json(&channel, &page, None),
@@ -115,7 +118,7 @@ pub(crate) async fn presence(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let Path(channel) = path?;
-    let connections = state.hub.presence(&channel)?;
+    let connections = state.hub.presence(&channel, Caller::Server)?;
     Ok(axum::Json(presence_json(&channel, &connections)))
 }
 

@@ -71,6 +71,9 @@ pub enum ApiError {
     /// The namespace keeps no presence.
     #[error("presence is off in this namespace")]
     PresenceDisabled,
+    /// A connection token was refused.
+    #[error("{0}")]
+    InvalidToken(String),
     /// The server API needs an API key and none was given.
     #[error("this endpoint needs Authorization: Bearer API_KEY")]
     Unauthorized,
@@ -126,6 +129,7 @@ impl ApiError {
             ApiError::BinaryNotAllowed => (StatusCode::UNPROCESSABLE_ENTITY, "binary_not_allowed"),
             ApiError::PresenceDisabled => (StatusCode::FORBIDDEN, "presence_disabled"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::ClientTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ApiError::ClientError { .. } => (StatusCode::BAD_GATEWAY, "client_error"),

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use super::AppState;
 use super::error::ApiError;
-use crate::hub::Origin;
+use crate::hub::namespace::Caller;
 use crate::hub::publication::Payload;
 use crate::store::{
     Change, CollectionSummary, Cursor, FieldFilter, ListQuery, Precondition, Record, SortOrder,
@@ -354,7 +354,7 @@ fn publish_record_event(state: &AppState, collection: &str, op: &str, record: &R
     let channel = format!("records:{collection}");
     if let Err(error) = state
         .hub
-        .publish(&channel, Payload::Json(data), Origin::Server)
+        .publish(&channel, Payload::Json(data), Caller::Server)
     {
         tracing::error!(%error, channel, "cannot publish a record event");
     }

@@ -26,8 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use super::{AppState, JSON};
+use crate::auth::TokenError;
 use crate::config::parse_duration;
 use crate::hub::connection::ConnectionHandle;
+use crate::hub::namespace::{Caller, ClientAuth};
 use crate::hub::publication::Publication;
 use crate::hub::queue::{Outgoing, OutgoingQueue};
 use crate::hub::{ConnectionId, Hub, NotRecovered};
@@ -43,11 +45,13 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/api/channels/{channel}/events", get(events))
 }
 
-/// `since`, `epoch`, `limit` and `wait` of history, polls and event streams.
+/// `since`, `epoch`, `limit`, `wait` and `token` of history, polls and event streams.
 pub(super) struct PositionQuery {
     pub(super) since: Option<Since>,
     pub(super) limit: usize,
     pub(super) wait: Duration,
+    /// A connection token given as `?token=` (for `EventSource`, which cannot set headers).
+    pub(super) token: Option<String>,
 }
 
 /// Which of `limit` and `wait` an endpoint takes (`since` and `epoch` every one does).
@@ -55,6 +59,7 @@ pub(super) struct PositionQuery {
 pub(super) struct Accepts {
     pub(super) limit: bool,
     pub(super) wait: bool,
+    pub(super) token: bool,
 }
 
 /// Parses a position query; unknown or malformed parameters are 400s.
@@ -66,8 +71,10 @@ pub(super) fn parse_position_query(
     let mut epoch = None;
     let mut limit = HISTORY_DEFAULT_LIMIT;
     let mut wait = Duration::ZERO;
+    let mut token = None;
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match key.as_ref() {
+            "token" if accepts.token => token = Some(value.into_owned()),
             "since" => {
                 since = Some(value.parse::<u64>().map_err(|_| {
                     ApiError::InvalidQuery(format!("since must be an offset, not {value:?}"))
@@ -106,7 +113,12 @@ pub(super) fn parse_position_query(
         (None, Some(_)) => return Err(ApiError::InvalidQuery("epoch goes with since".into())),
         (None, None) => None,
     };
-    Ok(PositionQuery { since, limit, wait })
+    Ok(PositionQuery {
+        since,
+        limit,
+        wait,
+        token,
+    })
 }
 
 /// Short poll (no `wait`) or long poll (`wait=30s`): the publications after `since`, and
@@ -125,6 +137,7 @@ pub(crate) async fn poll(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Path(channel) = path?;
     let query = parse_position_query(
@@ -132,15 +145,20 @@ pub(crate) async fn poll(
         Accepts {
             limit: true,
             wait: true,
+            token: true,
         },
     )?;
+    let auth = client_auth(&state, &headers, query.token.as_deref())?;
     let wait = query.wait;
     let shutdown = state.sockets.shutdown.clone();
     let page = tokio::select! {
-        page = state.hub.poll(&channel, query.since.as_ref(), query.limit, wait) => page?,
+        page = state.hub.poll(&channel, query.since.as_ref(), query.limit, wait, Caller::Client(&auth)) => page?,
         // A long poll ends early at shutdown, answering where the channel stands.
         () = shutdown.cancelled() => {
-            state.hub.poll(&channel, query.since.as_ref(), query.limit, Duration::ZERO).await?
+            state
+                .hub
+                .poll(&channel, query.since.as_ref(), query.limit, Duration::ZERO, Caller::Client(&auth))
+                .await?
         }
     };
     let next = match (page.publications.last(), &query.since, page.recovered) {
@@ -172,12 +190,15 @@ pub(crate) async fn events(
     let accepts = Accepts {
         limit: false,
         wait: false,
+        token: true,
     };
-    let mut since = parse_position_query(query.as_deref(), accepts)?.since;
+    let query = parse_position_query(query.as_deref(), accepts)?;
+    let mut since = query.since;
     if let Some(last) = headers.get("last-event-id") {
         since = Some(parse_last_event_id(last)?);
     }
-    state.hub.check_readable(&channel)?;
+    let auth = client_auth(&state, &headers, query.token.as_deref())?;
+    state.hub.check_readable(&channel, Caller::Client(&auth))?;
 
     let context = &state.sockets;
     let queue = Arc::new(OutgoingQueue::new(context.limits.queue_size));
@@ -187,6 +208,7 @@ pub(crate) async fn events(
         None,
         queue.clone(),
     ));
+    connection.set_auth(auth);
     state.hub.register(connection.clone());
     let guard = SseConnection {
         hub: state.hub.clone(),
@@ -222,6 +244,26 @@ pub(crate) async fn events(
 }
 
 const SSE: TransportLabels = TransportLabels { transport: "sse" };
+
+/// What the request's token (`Authorization: Bearer …` or `?token=`) says; anonymous without one.
+fn client_auth(
+    state: &AppState,
+    headers: &HeaderMap,
+    query_token: Option<&str>,
+) -> Result<ClientAuth, ApiError> {
+    let header_token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(token) = header_token.or(query_token) else {
+        return Ok(ClientAuth::default());
+    };
+    let verified = match &state.sockets.tokens {
+        Some(verifier) => verifier.verify(token),
+        None => Err(TokenError::NotConfigured),
+    };
+    verified.map_err(|error| ApiError::InvalidToken(error.to_string()))
+}
 
 fn parse_last_event_id(value: &HeaderValue) -> Result<Since, ApiError> {
     let invalid = || ApiError::InvalidHeader("Last-Event-ID must be EPOCH:OFFSET".into());

@@ -18,6 +18,7 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use super::ConnectionId;
+use super::namespace::ClientAuth;
 use super::queue::OutgoingQueue;
 
 /// The most server requests one connection may have unanswered.
@@ -67,7 +68,7 @@ pub struct ConnectionHandle {
     pub connected_at: String,
     /// Its outgoing queue.
     pub queue: Arc<OutgoingQueue>,
-    user: Mutex<Option<Arc<str>>>,
+    auth: Mutex<Arc<ClientAuth>>,
     meta: Mutex<Option<Arc<RawValue>>>,
     subscriptions: Mutex<BTreeSet<String>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<ClientAnswer>>>,
@@ -91,7 +92,7 @@ impl ConnectionHandle {
             remote,
             connected_at,
             queue,
-            user: Mutex::new(None),
+            auth: Mutex::new(Arc::new(ClientAuth::default())),
             meta: Mutex::new(None),
             subscriptions: Mutex::new(BTreeSet::new()),
             pending: Mutex::new(HashMap::new()),
@@ -101,12 +102,17 @@ impl ConnectionHandle {
 
     /// The user its token named, if any.
     pub fn user(&self) -> Option<Arc<str>> {
-        self.user.lock().clone()
+        self.auth.lock().user.clone()
     }
 
-    /// Sets the user (from a verified token).
-    pub fn set_user(&self, user: Option<Arc<str>>) {
-        *self.user.lock() = user;
+    /// What its token says (anonymous without one).
+    pub fn auth(&self) -> Arc<ClientAuth> {
+        self.auth.lock().clone()
+    }
+
+    /// Sets what a verified token says.
+    pub fn set_auth(&self, auth: ClientAuth) {
+        *self.auth.lock() = Arc::new(auth);
     }
 
     /// The metadata it gave in `connect`.

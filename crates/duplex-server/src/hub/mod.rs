@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 
 use crate::metrics::Metrics;
 use connection::ConnectionHandle;
-use namespace::{Namespace, Namespaces, PublishRule, SlowConsumerPolicy, SubscribeRule};
+use namespace::{Access, Caller, Namespace, Namespaces, SlowConsumerPolicy};
 use publication::{Payload, Publication};
 use queue::{LatestSlot, Pushed};
 
@@ -53,15 +53,6 @@ impl fmt::Display for ConnectionId {
 fn rand_u64() -> u64 {
     let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
     high ^ low
-}
-
-/// Who is publishing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Origin {
-    /// A connected client.
-    Client,
-    /// The server itself (records API, server API).
-    Server,
 }
 
 /// Why the hub refused a request; each maps to one protocol error code.
@@ -424,17 +415,13 @@ impl Hub {
         &self,
         channel_name: &str,
         payload: Payload,
-        origin: Origin,
+        caller: Caller<'_>,
     ) -> Result<PublishOutcome, HubError> {
         if !duplex_proto::is_valid_channel(channel_name) {
             return Err(HubError::InvalidChannel);
         }
         let namespace = self.namespaces.for_channel(channel_name);
-        if origin == Origin::Client && namespace.publish == PublishRule::Server {
-            return Err(HubError::PermissionDenied(
-                "only the server publishes in this namespace",
-            ));
-        }
+        check_access(namespace.publish, caller, channel_name, "publish")?;
         if matches!(payload, Payload::Binary(_)) && !namespace.binary {
             return Err(HubError::BinaryNotAllowed);
         }
@@ -517,15 +504,8 @@ impl Hub {
         reply_id: u64,
         since: Option<&Since>,
     ) -> Result<(), HubError> {
-        if !duplex_proto::is_valid_channel(channel_name) {
-            return Err(HubError::InvalidChannel);
-        }
+        self.check_readable(channel_name, Caller::Client(&connection.auth()))?;
         let namespace = self.namespaces.for_channel(channel_name);
-        if namespace.subscribe == SubscribeRule::TokenChannels {
-            return Err(HubError::PermissionDenied(
-                "this namespace needs a token that lists the channel",
-            ));
-        }
         let subscriber = Subscriber {
             connection: connection.clone(),
             latest: (namespace.slow_consumer == SlowConsumerPolicy::Latest)
@@ -627,17 +607,13 @@ impl Hub {
         Ok(())
     }
 
-    /// Checks that a client may read a channel (subscribe, poll, stream).
-    pub fn check_readable(&self, channel_name: &str) -> Result<(), HubError> {
+    /// Checks that `caller` may follow a channel (subscribe, poll, stream).
+    pub fn check_readable(&self, channel_name: &str, caller: Caller<'_>) -> Result<(), HubError> {
         if !duplex_proto::is_valid_channel(channel_name) {
             return Err(HubError::InvalidChannel);
         }
-        if self.namespaces.for_channel(channel_name).subscribe == SubscribeRule::TokenChannels {
-            return Err(HubError::PermissionDenied(
-                "this namespace needs a token that lists the channel",
-            ));
-        }
-        Ok(())
+        let namespace = self.namespaces.for_channel(channel_name);
+        check_access(namespace.subscribe, caller, channel_name, "subscribe")
     }
 
     /// Polls a channel: the first `limit` publications after `since`. With a `wait`, holds on
@@ -649,8 +625,9 @@ impl Hub {
         since: Option<&Since>,
         limit: usize,
         wait: Duration,
+        caller: Caller<'_>,
     ) -> Result<HistoryPage, HubError> {
-        self.check_readable(channel_name)?;
+        self.check_readable(channel_name, caller)?;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let channel = self.channel(channel_name);
@@ -707,13 +684,24 @@ impl Hub {
     }
 
     /// Who is subscribed to a channel (namespaces with presence on).
-    pub fn presence(&self, channel_name: &str) -> Result<Vec<Arc<ConnectionHandle>>, HubError> {
+    pub fn presence(
+        &self,
+        channel_name: &str,
+        caller: Caller<'_>,
+    ) -> Result<Vec<Arc<ConnectionHandle>>, HubError> {
         if !duplex_proto::is_valid_channel(channel_name) {
             return Err(HubError::InvalidChannel);
         }
-        if !self.namespaces.for_channel(channel_name).presence {
+        let namespace = self.namespaces.for_channel(channel_name);
+        if !namespace.presence {
             return Err(HubError::PresenceDisabled);
         }
+        check_access(
+            namespace.read_presence,
+            caller,
+            channel_name,
+            "read presence",
+        )?;
         let Some(channel) = self.channels.get(channel_name).map(|c| c.clone()) else {
             return Ok(Vec::new());
         };
@@ -732,10 +720,13 @@ impl Hub {
         channel_name: &str,
         since: Option<&Since>,
         limit: usize,
+        caller: Caller<'_>,
     ) -> Result<HistoryPage, HubError> {
         if !duplex_proto::is_valid_channel(channel_name) {
             return Err(HubError::InvalidChannel);
         }
+        let namespace = self.namespaces.for_channel(channel_name);
+        check_access(namespace.read_history, caller, channel_name, "read history")?;
         let Some(channel) = self.channels.get(channel_name).map(|c| c.clone()) else {
             // Nothing was ever kept: an empty channel in a fresh epoch.
             let recovered = since.map(|since| {
@@ -824,6 +815,24 @@ impl Hub {
     }
 }
 
+/// Refuses `caller` unless `access` lets it do `what` on `channel`.
+fn check_access(
+    access: Access,
+    caller: Caller<'_>,
+    channel: &str,
+    what: &'static str,
+) -> Result<(), HubError> {
+    if access.allows(caller, channel) {
+        return Ok(());
+    }
+    Err(HubError::PermissionDenied(match (access, what) {
+        (Access::Server, "publish") => "only the server publishes in this namespace",
+        (Access::Server, _) => "only the server may do this in this namespace",
+        (Access::Authenticated, _) => "this needs a valid token in this namespace",
+        (_, _) => "this needs a token whose channels claim lists the channel",
+    }))
+}
+
 /// Counts a long poll as waiting for as long as it waits, however the wait ends.
 struct WaitingPoll<'a>(&'a Metrics);
 
@@ -879,6 +888,7 @@ fn trim_history(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use namespace::ClientAuth;
     use queue::{Outgoing, OutgoingQueue};
     use serde_json::value::RawValue;
 
@@ -919,7 +929,11 @@ mod tests {
             .expect("subscribe");
         for i in 0..3 {
             let outcome = hub
-                .publish("chat:a", json(&i.to_string()), Origin::Client)
+                .publish(
+                    "chat:a",
+                    json(&i.to_string()),
+                    Caller::Client(&ClientAuth::default()),
+                )
                 .expect("publish");
             assert_eq!(outcome.offset, i + 1);
         }
@@ -934,12 +948,16 @@ mod tests {
     async fn since_replays_missed_publications_after_the_reply() {
         let hub = hub();
         let epoch = hub
-            .publish("chat:a", json("1"), Origin::Client)
+            .publish("chat:a", json("1"), Caller::Client(&ClientAuth::default()))
             .expect("publish")
             .epoch;
         for i in 2..=5 {
-            hub.publish("chat:a", json(&i.to_string()), Origin::Client)
-                .expect("publish");
+            hub.publish(
+                "chat:a",
+                json(&i.to_string()),
+                Caller::Client(&ClientAuth::default()),
+            )
+            .expect("publish");
         }
         let subscriber = connection(1);
         let since = Since::Position {
@@ -962,7 +980,7 @@ mod tests {
     fn recovery_is_refused_with_a_reason() {
         let hub = hub();
         let epoch = hub
-            .publish("chat:a", json("1"), Origin::Client)
+            .publish("chat:a", json("1"), Caller::Client(&ClientAuth::default()))
             .expect("publish")
             .epoch
             .to_string();
@@ -998,7 +1016,7 @@ mod tests {
             .publish(
                 "stream:a",
                 Payload::Binary(Bytes::from_static(b"x")),
-                Origin::Client,
+                Caller::Client(&ClientAuth::default()),
             )
             .expect("publish");
         assert_eq!(stream.offset, 1);
@@ -1008,20 +1026,24 @@ mod tests {
     fn namespace_rules_are_enforced() {
         let hub = hub();
         assert_eq!(
-            hub.publish("records:posts", json("1"), Origin::Client),
+            hub.publish(
+                "records:posts",
+                json("1"),
+                Caller::Client(&ClientAuth::default())
+            ),
             Err(HubError::PermissionDenied(
                 "only the server publishes in this namespace"
             ))
         );
         assert!(
-            hub.publish("records:posts", json("1"), Origin::Server)
+            hub.publish("records:posts", json("1"), Caller::Server)
                 .is_ok()
         );
         assert_eq!(
             hub.publish(
                 "chat:a",
                 Payload::Binary(Bytes::from_static(b"x")),
-                Origin::Client
+                Caller::Client(&ClientAuth::default())
             ),
             Err(HubError::BinaryNotAllowed)
         );
@@ -1029,21 +1051,21 @@ mod tests {
             hub.publish(
                 "stream:a",
                 Payload::Binary(Bytes::from_static(b"x")),
-                Origin::Client
+                Caller::Client(&ClientAuth::default())
             )
             .is_ok()
         );
         assert_eq!(
-            hub.publish("nocolon", json("1"), Origin::Client),
+            hub.publish("nocolon", json("1"), Caller::Client(&ClientAuth::default())),
             Err(HubError::InvalidChannel)
         );
         let big = format!("\"{}\"", "x".repeat(70 * 1024));
         assert!(matches!(
-            hub.publish("chat:a", json(&big), Origin::Client),
+            hub.publish("chat:a", json(&big), Caller::Client(&ClientAuth::default())),
             Err(HubError::MessageTooLarge { .. })
         ));
         assert_eq!(
-            hub.presence("news:a").map(|p| p.len()),
+            hub.presence("news:a", Caller::Server).map(|p| p.len()),
             Err(HubError::PresenceDisabled)
         );
     }
@@ -1067,7 +1089,7 @@ mod tests {
             Err(HubError::NotSubscribed)
         );
         // A channel with history stays until the history expires.
-        hub.publish("chat:a", json("1"), Origin::Client)
+        hub.publish("chat:a", json("1"), Caller::Client(&ClientAuth::default()))
             .expect("publish");
         assert_eq!(hub.channel_count(), 1);
     }
@@ -1082,7 +1104,7 @@ mod tests {
         hub.subscribe("chat:room", &second, 1, None)
             .expect("subscribe");
         let ids: Vec<ConnectionId> = hub
-            .presence("chat:room")
+            .presence("chat:room", Caller::Server)
             .expect("presence")
             .iter()
             .map(|c| c.id)
@@ -1100,6 +1122,11 @@ mod tests {
         assert_eq!(frames[1]["type"], "join");
         assert_eq!(frames[1]["client"], ConnectionId(2).to_string());
         assert_eq!(frames[2]["type"], "leave");
-        assert_eq!(hub.presence("chat:room").expect("presence").len(), 1);
+        assert_eq!(
+            hub.presence("chat:room", Caller::Server)
+                .expect("presence")
+                .len(),
+            1
+        );
     }
 }

@@ -12,25 +12,61 @@ use serde::Deserialize;
 
 use crate::config::{ByteSize, parse_duration};
 
-/// Who may publish on a namespace's channels.
+/// Who may do something in a namespace: publish, subscribe, read presence or history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum PublishRule {
-    /// Connected clients and the server API.
-    Clients,
-    /// Only the server (the records API, `POST /api/channels/{channel}/publish`).
+pub enum Access {
+    /// Any connection or HTTP client, with or without a token.
+    #[serde(alias = "clients")]
+    Anyone,
+    /// Clients with a valid token (and the server).
+    Authenticated,
+    /// Clients whose token's `channels` claim lists the channel (and the server).
+    TokenChannels,
+    /// Only the server: the server API and the records API.
     Server,
 }
 
-/// Who may subscribe to a namespace's channels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SubscribeRule {
-    /// Any connection.
-    Anyone,
-    /// Only connections whose token lists the channel (token support comes with auth; until
-    /// then such namespaces refuse every subscription).
-    TokenChannels,
+/// Who is asking.
+#[derive(Debug, Clone, Copy)]
+pub enum Caller<'a> {
+    /// The server itself (server API, records API).
+    Server,
+    /// A client, with what its token (if any) says.
+    Client(&'a ClientAuth),
+}
+
+/// What a client's token says about it; the default is an anonymous client.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientAuth {
+    /// The token's `sub`.
+    pub user: Option<std::sync::Arc<str>>,
+    /// The token's `channels` claim: channel names, or prefixes ending in `*`.
+    pub channels: Vec<String>,
+}
+
+impl ClientAuth {
+    /// Whether the token's `channels` claim covers `channel`.
+    pub fn lists(&self, channel: &str) -> bool {
+        self.channels
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => channel.starts_with(prefix),
+                None => pattern == channel,
+            })
+    }
+}
+
+impl Access {
+    /// Whether `caller` may act on `channel`.
+    pub fn allows(self, caller: Caller<'_>, channel: &str) -> bool {
+        match (self, caller) {
+            (_, Caller::Server) | (Access::Anyone, _) => true,
+            (Access::Authenticated, Caller::Client(auth)) => auth.user.is_some(),
+            (Access::TokenChannels, Caller::Client(auth)) => auth.lists(channel),
+            (Access::Server, Caller::Client(_)) => false,
+        }
+    }
 }
 
 /// What happens when a subscriber's outgoing queue is full.
@@ -51,9 +87,13 @@ pub struct Namespace {
     /// The namespace's name (`default` for the fallback).
     pub name: String,
     /// Who may publish.
-    pub publish: PublishRule,
-    /// Who may subscribe.
-    pub subscribe: SubscribeRule,
+    pub publish: Access,
+    /// Who may subscribe (and poll, and stream events).
+    pub subscribe: Access,
+    /// Who may read presence (when presence is on).
+    pub read_presence: Access,
+    /// Who may read history (`history`; recovery on subscribe follows `subscribe`).
+    pub read_history: Access,
     /// How many recent publications each channel keeps.
     pub history_size: usize,
     /// How long a publication stays in history.
@@ -73,9 +113,13 @@ pub struct Namespace {
 #[serde(deny_unknown_fields)]
 pub struct NamespaceConfig {
     /// See [`Namespace::publish`].
-    pub publish: Option<PublishRule>,
+    pub publish: Option<Access>,
     /// See [`Namespace::subscribe`].
-    pub subscribe: Option<SubscribeRule>,
+    pub subscribe: Option<Access>,
+    /// See [`Namespace::read_presence`].
+    pub read_presence: Option<Access>,
+    /// See [`Namespace::read_history`].
+    pub read_history: Option<Access>,
     /// See [`Namespace::history_size`].
     pub history_size: Option<usize>,
     /// See [`Namespace::history_ttl`], as text such as `"5m"`.
@@ -102,6 +146,8 @@ impl NamespaceConfig {
             name: name.to_owned(),
             publish: self.publish.unwrap_or(base.publish),
             subscribe: self.subscribe.unwrap_or(base.subscribe),
+            read_presence: self.read_presence.unwrap_or(base.read_presence),
+            read_history: self.read_history.unwrap_or(base.read_history),
             history_size: self.history_size.unwrap_or(base.history_size),
             history_ttl,
             presence: self.presence.unwrap_or(base.presence),
@@ -124,8 +170,10 @@ const KIB: usize = 1024;
 fn builtin(name: &str) -> Option<Namespace> {
     let default = Namespace {
         name: "default".into(),
-        publish: PublishRule::Clients,
-        subscribe: SubscribeRule::Anyone,
+        publish: Access::Anyone,
+        subscribe: Access::Anyone,
+        read_presence: Access::Anyone,
+        read_history: Access::Anyone,
         history_size: 100,
         history_ttl: Duration::from_secs(300),
         presence: false,
@@ -142,7 +190,7 @@ fn builtin(name: &str) -> Option<Namespace> {
             ..default
         },
         "records" => Namespace {
-            publish: PublishRule::Server,
+            publish: Access::Server,
             history_size: 1000,
             history_ttl: Duration::from_secs(3600),
             max_message_size: 2 * 1024 * KIB,
@@ -163,7 +211,10 @@ fn builtin(name: &str) -> Option<Namespace> {
             ..default
         },
         "private" => Namespace {
-            subscribe: SubscribeRule::TokenChannels,
+            publish: Access::TokenChannels,
+            subscribe: Access::TokenChannels,
+            read_presence: Access::TokenChannels,
+            read_history: Access::TokenChannels,
             presence: true,
             ..default
         },
@@ -227,7 +278,7 @@ mod tests {
         let namespaces = Namespaces::default();
         assert_eq!(
             namespaces.for_channel("records:posts").publish,
-            PublishRule::Server
+            Access::Server
         );
         assert!(namespaces.for_channel("stream:cam1").binary);
         assert_eq!(
@@ -252,13 +303,34 @@ mod tests {
         assert_eq!(chat.history_size, 5);
         assert!(chat.presence, "unset fields keep the built-in value");
         let alerts = namespaces.for_channel("alerts:x");
-        assert_eq!(alerts.publish, PublishRule::Server);
+        assert_eq!(alerts.publish, Access::Server);
         assert_eq!(alerts.slow_consumer, SlowConsumerPolicy::Disconnect);
         assert!(
             alerts.binary,
             "new namespaces start from the configured default"
         );
         assert!(namespaces.for_channel("misc:x").binary);
+    }
+
+    #[test]
+    fn access_rules_decide_by_caller_and_token() {
+        let anonymous = ClientAuth::default();
+        let ana = ClientAuth {
+            user: Some("ana".into()),
+            channels: vec!["private:ana-*".into(), "private:team".into()],
+        };
+        let client = |auth| Caller::Client(auth);
+        assert!(Access::Anyone.allows(client(&anonymous), "x:y"));
+        assert!(!Access::Authenticated.allows(client(&anonymous), "x:y"));
+        assert!(Access::Authenticated.allows(client(&ana), "x:y"));
+        assert!(Access::TokenChannels.allows(client(&ana), "private:ana-inbox"));
+        assert!(Access::TokenChannels.allows(client(&ana), "private:team"));
+        assert!(!Access::TokenChannels.allows(client(&ana), "private:teams"));
+        assert!(!Access::TokenChannels.allows(client(&ana), "private:bo-inbox"));
+        assert!(!Access::Server.allows(client(&ana), "x:y"));
+        assert!(Access::Server.allows(Caller::Server, "x:y"));
+        let legacy: NamespaceConfig = toml::from_str("publish = \"clients\"").expect("toml");
+        assert_eq!(legacy.publish, Some(Access::Anyone));
     }
 
     #[test]

@@ -22,9 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::hub::connection::{ClientAnswer, ConnectionHandle};
+use crate::hub::namespace::Caller;
 use crate::hub::publication::Payload;
 use crate::hub::queue::{Outgoing, OutgoingQueue};
-use crate::hub::{ConnectionId, Hub, HubError, Origin};
+use crate::hub::{ConnectionId, Hub, HubError};
 use crate::metrics::{Metrics, TransportLabels};
 
 /// Publications a `history` request returns when it names no `limit`, and at most.
@@ -312,11 +313,11 @@ impl Session {
         }
         if let Some(token) = &frame.token {
             let verified = match &self.context.tokens {
-                Some(verifier) => verifier.user_of(token),
+                Some(verifier) => verifier.verify(token),
                 None => Err(crate::auth::TokenError::NotConfigured),
             };
             match verified {
-                Ok(user) => self.connection.set_user(Some(Arc::from(user))),
+                Ok(auth) => self.connection.set_auth(auth),
                 Err(error) => {
                     let code = match error {
                         crate::auth::TokenError::Expired => ErrorCode::TokenExpired,
@@ -443,7 +444,12 @@ impl Session {
             );
             return;
         }
-        match self.context.hub.history(channel, since, limit) {
+        let auth = self.connection.auth();
+        match self
+            .context
+            .hub
+            .history(channel, since, limit, Caller::Client(&auth))
+        {
             Ok(page) => {
                 self.bad_frames_in_a_row = 0;
                 let mut result = history_json(channel, &page, None);
@@ -457,7 +463,8 @@ impl Session {
     }
 
     fn presence(&mut self, id: u64, channel: &str) {
-        match self.context.hub.presence(channel) {
+        let auth = self.connection.auth();
+        match self.context.hub.presence(channel, Caller::Client(&auth)) {
             Ok(connections) => {
                 let result = presence_json(channel, &connections);
                 self.reply(id, result);
@@ -467,7 +474,12 @@ impl Session {
     }
 
     fn publish(&mut self, id: u64, channel: &str, payload: Payload) {
-        match self.context.hub.publish(channel, payload, Origin::Client) {
+        let auth = self.connection.auth();
+        match self
+            .context
+            .hub
+            .publish(channel, payload, Caller::Client(&auth))
+        {
             Ok(outcome) => self.reply(
                 id,
                 Published {
