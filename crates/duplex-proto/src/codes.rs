@@ -35,6 +35,8 @@ pub enum ErrorCode {
     InvalidToken,
     /// The token has expired.
     TokenExpired,
+    /// The connection publishes faster than its rate limit; wait and retry.
+    RateLimited,
     /// The server failed; nothing the client can fix.
     Internal,
 }
@@ -57,6 +59,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::InvalidToken => "invalid_token",
             ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
         }
     }

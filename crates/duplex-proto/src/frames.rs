@@ -112,6 +112,10 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// Milliseconds between the server's keepalive pings.
     pub ping_interval_ms: u64,
+    /// Publications per second one connection may make.
+    pub publish_rate: u32,
+    /// Publications that may come at once before the rate applies.
+    pub publish_burst: u32,
 }
 
 /// The first frame on every connection.

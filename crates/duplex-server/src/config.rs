@@ -54,6 +54,8 @@ impl Default for Config {
                 max_subscriptions: 1024,
                 ping_interval: Duration::from_secs(25),
                 idle_timeout: Duration::from_secs(60),
+                publish_rate: 1000,
+                publish_burst: 2000,
             },
             namespaces: Namespaces::default(),
             api_key: None,
@@ -110,6 +112,10 @@ pub struct ConfigLayer {
     pub ping_interval: Option<String>,
     /// See [`SocketLimits::idle_timeout`], as text such as `"60s"`.
     pub idle_timeout: Option<String>,
+    /// See [`SocketLimits::publish_rate`].
+    pub publish_rate: Option<u32>,
+    /// See [`SocketLimits::publish_burst`].
+    pub publish_burst: Option<u32>,
     /// See [`Config::api_key`].
     pub api_key: Option<String>,
     /// See [`Config::jwt_secret`].
@@ -146,6 +152,8 @@ impl ConfigLayer {
             max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
             ping_interval: self.ping_interval.or(lower.ping_interval),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
+            publish_rate: self.publish_rate.or(lower.publish_rate),
+            publish_burst: self.publish_burst.or(lower.publish_burst),
             api_key: self.api_key.or(lower.api_key),
             jwt_secret: self.jwt_secret.or(lower.jwt_secret),
             namespaces: if self.namespaces.is_empty() {
@@ -186,7 +194,15 @@ impl ConfigLayer {
                 self.idle_timeout,
                 defaults.sockets.idle_timeout,
             )?,
+            publish_rate: self.publish_rate.unwrap_or(defaults.sockets.publish_rate),
+            publish_burst: self.publish_burst.unwrap_or(defaults.sockets.publish_burst),
         };
+        if sockets.publish_rate == 0 {
+            return Err(ConfigError::Invalid {
+                key: "publish_rate",
+                message: "must be at least 1 publication a second".into(),
+            });
+        }
         let namespaces =
             Namespaces::new(&self.namespaces).map_err(|message| ConfigError::Invalid {
                 key: "namespaces",

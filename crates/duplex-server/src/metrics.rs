@@ -61,6 +61,8 @@ pub struct Metrics {
     pub unmatched_answers: Counter,
     /// Long polls waiting for a publication.
     pub long_polls: Gauge,
+    /// Publications refused by a connection's rate limit.
+    pub rate_limited: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -151,7 +153,14 @@ impl Metrics {
             "Long polls waiting for a publication",
             long_polls.clone(),
         );
+        let rate_limited = Counter::default();
+        registry.register(
+            "rate_limited",
+            "Publications refused by a connection's rate limit",
+            rate_limited.clone(),
+        );
         Arc::new(Metrics {
+            rate_limited,
             long_polls,
             unmatched_answers,
             registry,

@@ -28,6 +28,9 @@ async fn resubscribing_since_the_last_offset_under_a_full_speed_publisher_misses
     let server = TestServer::start_with(|c| {
         c.namespaces = namespaces(100_000);
         c.sockets.queue_size = 100_000;
+        // The publisher is meant to go flat out, past the default per-connection rate limit.
+        c.sockets.publish_rate = 1_000_000;
+        c.sockets.publish_burst = 1_000_000;
     })
     .await;
     let total: u64 = 5_000;

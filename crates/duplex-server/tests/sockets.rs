@@ -695,3 +695,48 @@ async fn get_ws_without_an_upgrade_is_a_problem() {
     let body: Value = response.json().await.expect("problem json");
     assert_eq!(body["code"], "upgrade_required");
 }
+
+#[tokio::test]
+async fn a_connection_publishing_past_its_rate_limit_is_refused_and_kept() {
+    let server = TestServer::start_with(|c| {
+        c.sockets.publish_rate = 1;
+        c.sockets.publish_burst = 5;
+    })
+    .await;
+    let mut subscriber = server.ws().await;
+    subscriber.subscribe("news:rl", 1).await;
+    let mut tcp = server.tcp().await;
+    assert_eq!(tcp.connected["limits"]["publish_burst"], 5);
+    let mut batch = Vec::new();
+    for i in 0..20u64 {
+        batch.extend_from_slice(
+            format!("{{\"type\":\"publish\",\"id\":{i},\"channel\":\"news:rl\",\"data\":{i}}}\n")
+                .as_bytes(),
+        );
+    }
+    tcp.write_raw(&batch).await;
+    let (mut accepted, mut limited) = (Vec::new(), 0);
+    for _ in 0..20 {
+        let answer = tcp.next_json().await;
+        match answer["type"].as_str() {
+            Some("reply") => accepted.push(answer["id"].clone()),
+            Some("error") => {
+                assert_eq!(answer["code"], "rate_limited");
+                limited += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!((5..=6).contains(&accepted.len()), "{accepted:?} accepted");
+    assert_eq!(accepted.len() + limited, 20);
+    assert_eq!(
+        server.metric("duplex_rate_limited_total").await,
+        limited as f64
+    );
+    // The others only ever saw the accepted ones, and the connection still works.
+    for id in &accepted {
+        assert_eq!(&subscriber.next_json().await["data"], id);
+    }
+    tcp.send_json(json!({"type": "ping", "id": 99})).await;
+    assert_eq!(tcp.next_json().await["type"], "pong");
+}

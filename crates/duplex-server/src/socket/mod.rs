@@ -52,6 +52,10 @@ pub struct SocketLimits {
     pub ping_interval: Duration,
     /// Time without any frame from the client before it is disconnected.
     pub idle_timeout: Duration,
+    /// Publications per second one connection may make (a token bucket refilled at this rate).
+    pub publish_rate: u32,
+    /// How many publications may come at once before the rate applies.
+    pub publish_burst: u32,
 }
 
 impl SocketLimits {
@@ -62,6 +66,8 @@ impl SocketLimits {
             queue: self.queue_size,
             idle_timeout_ms: u64::try_from(self.idle_timeout.as_millis()).unwrap_or(u64::MAX),
             ping_interval_ms: u64::try_from(self.ping_interval.as_millis()).unwrap_or(u64::MAX),
+            publish_rate: self.publish_rate,
+            publish_burst: self.publish_burst,
         }
     }
 }
@@ -116,6 +122,14 @@ pub(crate) struct Session {
     queue: Arc<OutgoingQueue>,
     connection: Arc<ConnectionHandle>,
     bad_frames_in_a_row: u32,
+    publish_limiter: governor::DefaultDirectRateLimiter,
+}
+
+/// A connection's publish rate limiter: `rate` a second, `burst` at once.
+fn publish_limiter(rate: u32, burst: u32) -> governor::DefaultDirectRateLimiter {
+    let rate = std::num::NonZeroU32::new(rate).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst = std::num::NonZeroU32::new(burst).unwrap_or(rate);
+    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
 }
 
 impl Session {
@@ -146,6 +160,8 @@ impl Session {
             .get_or_create(&transport.label())
             .inc();
         context.hub.register(connection.clone());
+        let publish_limiter =
+            publish_limiter(context.limits.publish_rate, context.limits.publish_burst);
         Session {
             id,
             transport,
@@ -153,6 +169,7 @@ impl Session {
             queue,
             connection,
             bad_frames_in_a_row: 0,
+            publish_limiter,
         }
     }
 
@@ -474,6 +491,19 @@ impl Session {
     }
 
     fn publish(&mut self, id: u64, channel: &str, payload: Payload) {
+        if self.publish_limiter.check().is_err() {
+            self.context.metrics.rate_limited.inc();
+            let limits = &self.context.limits;
+            self.error(
+                Some(id),
+                ErrorCode::RateLimited,
+                format!(
+                    "at most {} publications a second (bursts of {})",
+                    limits.publish_rate, limits.publish_burst
+                ),
+            );
+            return;
+        }
         let auth = self.connection.auth();
         match self
             .context
