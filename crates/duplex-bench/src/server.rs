@@ -32,15 +32,18 @@ impl ServerProcess {
     /// Starts `exe serve` and waits for the line with its addresses.
     pub async fn start(exe: &Path) -> anyhow::Result<ServerProcess> {
         let data = tempfile::tempdir()?;
+        // The fan-out publisher is one connection sending as fast as asked: lift the
+        // per-connection publish limit so the bench measures delivery, not the limiter.
+        let config = data.path().join("duplex.toml");
+        std::fs::write(
+            &config,
+            "publish_rate = 100000000\npublish_burst = 100000000\n",
+        )?;
         let mut child = Command::new(exe)
-            .args([
-                "serve",
-                "--http",
-                "127.0.0.1:0",
-                "--tcp",
-                "127.0.0.1:0",
-                "--data",
-            ])
+            .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
+            .arg("--config")
+            .arg(&config)
+            .arg("--data")
             .arg(data.path())
             .env("DUPLEX_LOG", "warn")
             .stdout(Stdio::piped())
