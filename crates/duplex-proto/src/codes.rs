@@ -81,6 +81,8 @@ pub enum DisconnectCode {
     ProtocolError,
     /// The client sent too many bad frames in a row.
     TooManyErrors,
+    /// The server, or the client's address, holds as many connections as it may.
+    TooManyConnections,
 }
 
 impl DisconnectCode {
@@ -93,6 +95,7 @@ impl DisconnectCode {
             DisconnectCode::FrameTooLarge => "frame_too_large",
             DisconnectCode::ProtocolError => "protocol_error",
             DisconnectCode::TooManyErrors => "too_many_errors",
+            DisconnectCode::TooManyConnections => "too_many_connections",
         }
     }
 
@@ -101,7 +104,8 @@ impl DisconnectCode {
         match self {
             DisconnectCode::Shutdown
             | DisconnectCode::SlowConsumer
-            | DisconnectCode::IdleTimeout => true,
+            | DisconnectCode::IdleTimeout
+            | DisconnectCode::TooManyConnections => true,
             DisconnectCode::FrameTooLarge
             | DisconnectCode::ProtocolError
             | DisconnectCode::TooManyErrors => false,
@@ -117,6 +121,7 @@ impl DisconnectCode {
             DisconnectCode::SlowConsumer => 4001,
             DisconnectCode::IdleTimeout => 4002,
             DisconnectCode::TooManyErrors => 4003,
+            DisconnectCode::TooManyConnections => 1013,
         }
     }
 
@@ -129,6 +134,7 @@ impl DisconnectCode {
             DisconnectCode::FrameTooLarge => "a frame exceeded the size limit",
             DisconnectCode::ProtocolError => "the stream could not be read as frames",
             DisconnectCode::TooManyErrors => "too many bad frames",
+            DisconnectCode::TooManyConnections => "too many connections; try again later",
         }
     }
 }

@@ -56,6 +56,8 @@ impl Default for Config {
                 idle_timeout: Duration::from_secs(60),
                 publish_rate: 1000,
                 publish_burst: 2000,
+                max_connections: 100_000,
+                max_connections_per_ip: 10_000,
             },
             namespaces: Namespaces::default(),
             api_key: None,
@@ -116,6 +118,10 @@ pub struct ConfigLayer {
     pub publish_rate: Option<u32>,
     /// See [`SocketLimits::publish_burst`].
     pub publish_burst: Option<u32>,
+    /// See [`SocketLimits::max_connections`].
+    pub max_connections: Option<usize>,
+    /// See [`SocketLimits::max_connections_per_ip`].
+    pub max_connections_per_ip: Option<usize>,
     /// See [`Config::api_key`].
     pub api_key: Option<String>,
     /// See [`Config::jwt_secret`].
@@ -154,6 +160,8 @@ impl ConfigLayer {
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
             publish_rate: self.publish_rate.or(lower.publish_rate),
             publish_burst: self.publish_burst.or(lower.publish_burst),
+            max_connections: self.max_connections.or(lower.max_connections),
+            max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
             api_key: self.api_key.or(lower.api_key),
             jwt_secret: self.jwt_secret.or(lower.jwt_secret),
             namespaces: if self.namespaces.is_empty() {
@@ -196,6 +204,12 @@ impl ConfigLayer {
             )?,
             publish_rate: self.publish_rate.unwrap_or(defaults.sockets.publish_rate),
             publish_burst: self.publish_burst.unwrap_or(defaults.sockets.publish_burst),
+            max_connections: self
+                .max_connections
+                .unwrap_or(defaults.sockets.max_connections),
+            max_connections_per_ip: self
+                .max_connections_per_ip
+                .unwrap_or(defaults.sockets.max_connections_per_ip),
         };
         if sockets.publish_rate == 0 {
             return Err(ConfigError::Invalid {

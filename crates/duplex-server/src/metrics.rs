@@ -63,6 +63,8 @@ pub struct Metrics {
     pub long_polls: Gauge,
     /// Publications refused by a connection's rate limit.
     pub rate_limited: Counter,
+    /// Connections refused by the connection limits.
+    pub connection_refusals: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -159,7 +161,14 @@ impl Metrics {
             "Publications refused by a connection's rate limit",
             rate_limited.clone(),
         );
+        let connection_refusals = Counter::default();
+        registry.register(
+            "connection_refusals",
+            "Connections refused by the connection limits",
+            connection_refusals.clone(),
+        );
         Arc::new(Metrics {
+            connection_refusals,
             rate_limited,
             long_polls,
             unmatched_answers,

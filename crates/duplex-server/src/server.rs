@@ -119,6 +119,10 @@ impl Server {
             metrics: self.metrics.clone(),
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
+            slots: socket::slots::ConnectionSlots::new(
+                self.config.sockets.max_connections,
+                self.config.sockets.max_connections_per_ip,
+            ),
         });
         tracker.spawn(socket::tcp::accept(self.tcp_listener, sockets.clone()));
         tracker.spawn(sweep(hub.clone(), shutdown.clone()));

@@ -740,3 +740,56 @@ async fn a_connection_publishing_past_its_rate_limit_is_refused_and_kept() {
     tcp.send_json(json!({"type": "ping", "id": 99})).await;
     assert_eq!(tcp.next_json().await["type"], "pong");
 }
+
+#[tokio::test]
+async fn connections_over_the_limits_are_refused_and_their_slots_come_back() {
+    let server = TestServer::start_with(|c| c.sockets.max_connections_per_ip = 2).await;
+    let first = server.ws().await;
+    let _second = server.tcp().await;
+
+    // A third WebSocket is refused before the upgrade.
+    let refused = tokio_tungstenite::connect_async(server.ws_url()).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+        }
+        other => panic!("expected a 503, got {other:?}"),
+    }
+    // A third raw TCP connection is told why and closed.
+    let mut stream = tokio::net::TcpStream::connect(server.tcp_addr)
+        .await
+        .expect("connect");
+    let mut line = String::new();
+    use tokio::io::AsyncReadExt as _;
+    tokio::time::timeout(
+        duplex_testkit::EVENT_TIMEOUT,
+        stream.read_to_string(&mut line),
+    )
+    .await
+    .expect("answered")
+    .expect("read");
+    let disconnect: Value = serde_json::from_str(line.trim()).expect("json");
+    assert_eq!(disconnect["code"], "too_many_connections");
+    assert_eq!(disconnect["reconnect"], true);
+    // So is an event stream.
+    let response = reqwest::get(server.url("/api/channels/news:x/events"))
+        .await
+        .expect("request");
+    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let problem: Value = response.json().await.expect("json");
+    assert_eq!(problem["code"], "too_many_connections");
+    assert_eq!(server.metric("duplex_connection_refusals_total").await, 3.0);
+
+    // When one leaves, its slot is free again.
+    drop(first);
+    let mut again = wait_for("a slot to come back", || async {
+        match tokio_tungstenite::connect_async(server.ws_url()).await {
+            Ok((socket, _)) => Some(socket),
+            Err(_) => None,
+        }
+    })
+    .await;
+    use futures_util::StreamExt as _;
+    let connected = again.next().await.expect("frame").expect("ok");
+    assert!(connected.to_text().expect("text").contains("\"connected\""));
+}

@@ -91,6 +91,9 @@ pub enum ApiError {
         /// The client's message.
         message: String,
     },
+    /// A connection limit refused a socket or event stream.
+    #[error("{0}; try again later")]
+    TooManyConnections(String),
     /// `GET /ws` without a WebSocket upgrade.
     #[error("this endpoint speaks WebSocket: {0}")]
     UpgradeRequired(String),
@@ -135,6 +138,9 @@ impl ApiError {
             ApiError::ClientError { .. } => (StatusCode::BAD_GATEWAY, "client_error"),
             ApiError::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::TooManyConnections(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -182,6 +182,7 @@ pub(crate) async fn poll(
         (status = 403, description = "The namespace forbids it", body = super::error::Problem)))]
 pub(crate) async fn events(
     State(state): State<AppState>,
+    ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -201,11 +202,15 @@ pub(crate) async fn events(
     state.hub.check_readable(&channel, Caller::Client(&auth))?;
 
     let context = &state.sockets;
+    let slot = context.slots.acquire(Some(remote.ip())).map_err(|limit| {
+        state.metrics.connection_refusals.inc();
+        ApiError::TooManyConnections(limit.to_string())
+    })?;
     let queue = Arc::new(OutgoingQueue::new(context.limits.queue_size));
     let connection = Arc::new(ConnectionHandle::new(
         ConnectionId::random(),
         "sse",
-        None,
+        Some(remote),
         queue.clone(),
     ));
     connection.set_auth(auth);
@@ -214,6 +219,7 @@ pub(crate) async fn events(
         hub: state.hub.clone(),
         metrics: state.metrics.clone(),
         connection: connection.clone(),
+        _slot: slot,
     };
     state.metrics.connections.get_or_create(&SSE).inc();
     state
@@ -282,6 +288,7 @@ struct SseConnection {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     connection: Arc<ConnectionHandle>,
+    _slot: crate::socket::slots::Slot,
 }
 
 impl Drop for SseConnection {

@@ -4,6 +4,7 @@
 //! writer task (which drains the connection's [`OutgoingQueue`] into one write per batch). The
 //! hub only ever pushes into the queue, so a slow socket never blocks a publisher.
 
+pub(crate) mod slots;
 pub(crate) mod tcp;
 pub(crate) mod ws;
 
@@ -56,6 +57,10 @@ pub struct SocketLimits {
     pub publish_rate: u32,
     /// How many publications may come at once before the rate applies.
     pub publish_burst: u32,
+    /// Socket connections (WebSocket, raw TCP, SSE) the server holds at most.
+    pub max_connections: usize,
+    /// Socket connections one IP address may hold.
+    pub max_connections_per_ip: usize,
 }
 
 impl SocketLimits {
@@ -81,6 +86,7 @@ pub(crate) struct SocketContext {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    pub(crate) slots: Arc<slots::ConnectionSlots>,
 }
 
 /// Which transport a connection uses.
@@ -123,6 +129,8 @@ pub(crate) struct Session {
     connection: Arc<ConnectionHandle>,
     bad_frames_in_a_row: u32,
     publish_limiter: governor::DefaultDirectRateLimiter,
+    /// The connection's place under the connection limits, given back when the session ends.
+    _slot: slots::Slot,
 }
 
 /// A connection's publish rate limiter: `rate` a second, `burst` at once.
@@ -138,6 +146,7 @@ impl Session {
         context: Arc<SocketContext>,
         transport: Transport,
         remote: Option<SocketAddr>,
+        slot: slots::Slot,
     ) -> Session {
         let id = ConnectionId::random();
         let queue = Arc::new(OutgoingQueue::new(context.limits.queue_size));
@@ -170,6 +179,7 @@ impl Session {
             connection,
             bad_frames_in_a_row: 0,
             publish_limiter,
+            _slot: slot,
         }
     }
 

@@ -32,7 +32,17 @@ pub(crate) async fn accept(listener: TcpListener, context: Arc<SocketContext>) {
                 if let Err(error) = stream.set_nodelay(true) {
                     tracing::debug!(%error, "cannot set TCP_NODELAY");
                 }
-                context.tracker.spawn(serve(stream, peer, context.clone()));
+                match context.slots.acquire(Some(peer.ip())) {
+                    Ok(slot) => {
+                        context
+                            .tracker
+                            .spawn(serve(stream, peer, context.clone(), slot));
+                    }
+                    Err(_) => {
+                        context.metrics.connection_refusals.inc();
+                        context.tracker.spawn(refuse(stream));
+                    }
+                }
             }
             Err(error) => {
                 // Out of file descriptors and the like: wait a little instead of spinning.
@@ -43,8 +53,24 @@ pub(crate) async fn accept(listener: TcpListener, context: Arc<SocketContext>) {
     }
 }
 
-async fn serve(stream: TcpStream, peer: std::net::SocketAddr, context: Arc<SocketContext>) {
-    let mut session = Session::start(context.clone(), Transport::Tcp, Some(peer));
+/// Tells a connection over the limits why it is closed, without waiting on it for long.
+async fn refuse(mut stream: TcpStream) {
+    let mut line = to_json(&Disconnect::from(DisconnectCode::TooManyConnections));
+    line.push(b'\n');
+    let write = async {
+        stream.write_all(&line).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
+}
+
+async fn serve(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    context: Arc<SocketContext>,
+    slot: super::slots::Slot,
+) {
+    let mut session = Session::start(context.clone(), Transport::Tcp, Some(peer), slot);
     let queue = session.queue().clone();
     let (read_half, write_half) = stream.into_split();
     let mut frames =

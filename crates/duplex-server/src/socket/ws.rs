@@ -34,6 +34,10 @@ pub(crate) async fn upgrade(
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|rejection| ApiError::UpgradeRequired(rejection.body_text()))?;
     let context = state.sockets.clone();
+    let slot = context.slots.acquire(Some(remote.ip())).map_err(|limit| {
+        context.metrics.connection_refusals.inc();
+        ApiError::TooManyConnections(limit.to_string())
+    })?;
     let max_frame = context.limits.max_frame;
     Ok(upgrade
         .read_buffer_size(READ_BUFFER)
@@ -43,12 +47,17 @@ pub(crate) async fn upgrade(
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| {
             let tracker = context.tracker.clone();
-            tracker.track_future(serve(socket, remote, context))
+            tracker.track_future(serve(socket, remote, context, slot))
         }))
 }
 
-async fn serve(socket: WebSocket, remote: std::net::SocketAddr, context: Arc<SocketContext>) {
-    let mut session = Session::start(context.clone(), Transport::WebSocket, Some(remote));
+async fn serve(
+    socket: WebSocket,
+    remote: std::net::SocketAddr,
+    context: Arc<SocketContext>,
+    slot: super::slots::Slot,
+) {
+    let mut session = Session::start(context.clone(), Transport::WebSocket, Some(remote), slot);
     let queue = session.queue().clone();
     let (sink, mut stream) = socket.split();
     let writer = tokio::spawn(write(sink, queue.clone(), context.clone()));
