@@ -37,6 +37,9 @@ pub struct Config {
     pub api_key: Option<String>,
     /// The HS256 secret connection tokens are signed with; `None` refuses tokens.
     pub jwt_secret: Option<String>,
+    /// Browser origins allowed to open WebSockets and event streams and to call the HTTP API
+    /// cross-origin (CORS). Empty: same-origin only. `"*"`: any.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Default for Config {
             namespaces: Namespaces::default(),
             api_key: None,
             jwt_secret: None,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -126,6 +130,8 @@ pub struct ConfigLayer {
     pub api_key: Option<String>,
     /// See [`Config::jwt_secret`].
     pub jwt_secret: Option<String>,
+    /// See [`Config::allowed_origins`].
+    pub allowed_origins: Option<Vec<String>>,
     /// `[namespaces.NAME]` tables (file only).
     #[serde(default)]
     pub namespaces: HashMap<String, NamespaceConfig>,
@@ -164,6 +170,7 @@ impl ConfigLayer {
             max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
             api_key: self.api_key.or(lower.api_key),
             jwt_secret: self.jwt_secret.or(lower.jwt_secret),
+            allowed_origins: self.allowed_origins.or(lower.allowed_origins),
             namespaces: if self.namespaces.is_empty() {
                 lower.namespaces
             } else {
@@ -238,6 +245,7 @@ impl ConfigLayer {
         Ok(Config {
             api_key: self.api_key,
             jwt_secret: self.jwt_secret,
+            allowed_origins: self.allowed_origins.unwrap_or_default(),
             sockets,
             namespaces,
             http: self.http.unwrap_or(defaults.http),

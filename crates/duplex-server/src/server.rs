@@ -133,6 +133,7 @@ impl Server {
             metrics: self.metrics.clone(),
             max_body: self.config.max_body,
             api_key: self.config.api_key.as_deref().map(Arc::from),
+            allowed_origins: self.config.allowed_origins.clone().into(),
         };
         let app = http::router(state);
         let listener = self.http_listener.tap_io(|stream| {

@@ -711,3 +711,70 @@ async fn namespace_rules_allow_and_deny_on_every_transport() {
         "forbidden"
     );
 }
+
+#[tokio::test]
+async fn browser_origins_are_checked_for_sockets_streams_and_cors() {
+    let server = TestServer::start_with(|c| {
+        c.allowed_origins = vec!["https://app.example".into()];
+    })
+    .await;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let handshake = |origin: Option<String>| {
+        let mut request = server.ws_url().into_client_request().expect("request");
+        if let Some(origin) = origin {
+            request
+                .headers_mut()
+                .insert("origin", origin.parse().expect("header"));
+        }
+        tokio_tungstenite::connect_async(request)
+    };
+    let same_origin = format!("http://{}", server.http_addr);
+    for allowed in [
+        None,
+        Some("https://app.example".to_owned()),
+        Some(same_origin),
+    ] {
+        assert!(handshake(allowed.clone()).await.is_ok(), "{allowed:?}");
+    }
+    match handshake(Some("https://evil.example".into())).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+        }
+        other => panic!("expected 403, got {other:?}"),
+    }
+    let http = reqwest::Client::new();
+    let response = http
+        .get(server.url("/api/channels/news:x/events"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        problem(response, StatusCode::FORBIDDEN).await["code"],
+        "forbidden"
+    );
+
+    // CORS: the allowed origin gets the headers, another does not.
+    let preflight = |origin: &'static str| {
+        http.request(
+            reqwest::Method::OPTIONS,
+            server.url("/api/collections/posts/records"),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+    };
+    let allowed = preflight("https://app.example").await.expect("request");
+    assert_eq!(
+        allowed.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let refused = preflight("https://evil.example").await.expect("request");
+    assert!(
+        refused
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+}

@@ -58,6 +58,14 @@ struct ServeArgs {
     /// HS256 secret of connection tokens (JWT), at least 16 characters [default: none].
     #[arg(long, env = "DUPLEX_JWT_SECRET", hide_env_values = true)]
     jwt_secret: Option<String>,
+    /// Browser origins allowed for WebSockets, event streams and CORS (comma-separated; `*`
+    /// for any) [default: same-origin only].
+    #[arg(
+        long = "allowed-origins",
+        env = "DUPLEX_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Vec<String>,
     /// Log format.
     #[arg(long, env = "DUPLEX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -84,6 +92,7 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace,
             api_key: self.api_key,
             jwt_secret: self.jwt_secret,
+            allowed_origins: (!self.allowed_origins.is_empty()).then_some(self.allowed_origins),
             ..ConfigLayer::default()
         };
         Ok(Config::resolve(flags, file.as_deref())?)

@@ -16,7 +16,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderMap, header};
+use axum::http::{self as http, HeaderMap, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use bytes::Bytes;
@@ -41,6 +41,66 @@ pub(crate) struct AppState {
     pub(crate) max_body: usize,
     /// The key the server API requires, when one is configured.
     pub(crate) api_key: Option<Arc<str>>,
+    /// Browser origins allowed besides the server's own (`*`: any).
+    pub(crate) allowed_origins: Arc<[String]>,
+}
+
+/// Checks a browser's `Origin` for WebSockets and event streams: none (not a browser), the
+/// server's own host, or one listed in `allowed_origins`.
+pub(crate) fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("");
+    let allowed = &state.allowed_origins;
+    if allowed.iter().any(|o| o == "*" || o == origin) {
+        return Ok(());
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let same_origin = origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| !host.is_empty() && rest == host);
+    if same_origin {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "origin {origin:?} is not allowed; list it in allowed_origins"
+        )))
+    }
+}
+
+/// CORS for the HTTP API: the listed origins (or any, with `*`) may call it from a browser.
+fn cors(allowed_origins: &[String]) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origin = if allowed_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            allowed_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods([
+            http::Method::GET,
+            http::Method::POST,
+            http::Method::PUT,
+            http::Method::PATCH,
+            http::Method::DELETE,
+        ])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            http::HeaderName::from_static("last-event-id"),
+        ])
+        .expose_headers([header::ETAG, header::LOCATION])
 }
 
 /// The JSON media type.
@@ -86,6 +146,7 @@ pub(crate) fn body_bytes(
 /// The whole HTTP API.
 pub(crate) fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
+    let origins = state.allowed_origins.clone();
     let server_api = Router::new()
         .merge(channels::router())
         .merge(connections::router())
@@ -103,6 +164,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body))
         .with_state(state)
+        .layer(cors(&origins))
         .layer(middleware::from_fn_with_state(metrics, track_request))
         .layer(TraceLayer::new_for_http())
 }

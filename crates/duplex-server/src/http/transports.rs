@@ -188,6 +188,7 @@ pub(crate) async fn events(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Path(channel) = path?;
+    super::check_origin(&state, &headers)?;
     let accepts = Accepts {
         limit: false,
         wait: false,

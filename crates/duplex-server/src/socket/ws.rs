@@ -30,8 +30,10 @@ const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
 pub(crate) async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
+    headers: axum::http::HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    crate::http::check_origin(&state, &headers)?;
     let upgrade = upgrade.map_err(|rejection| ApiError::UpgradeRequired(rejection.body_text()))?;
     let context = state.sockets.clone();
     let slot = context.slots.acquire(Some(remote.ip())).map_err(|limit| {
