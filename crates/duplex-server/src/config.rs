@@ -28,6 +28,8 @@ pub struct Config {
     pub max_body: usize,
     /// How long shutdown waits for in-flight requests before it gives up on them.
     pub shutdown_grace: Duration,
+    /// How long a client may take to send a request's head before its connection is closed.
+    pub header_read_timeout: Duration,
     /// Per-connection socket limits.
     pub sockets: SocketLimits,
     /// Namespace rules.
@@ -51,6 +53,7 @@ impl Default for Config {
             store: None,
             max_body: 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
             sockets: SocketLimits {
                 max_frame: 64 * 1024,
                 queue_size: 1024,
@@ -108,6 +111,8 @@ pub struct ConfigLayer {
     pub max_body: Option<ByteSize>,
     /// See [`Config::shutdown_grace`], as text such as `"10s"`.
     pub shutdown_grace: Option<String>,
+    /// See [`Config::header_read_timeout`], as text such as `"10s"`.
+    pub header_read_timeout: Option<String>,
     /// See [`SocketLimits::max_frame`].
     pub max_frame: Option<ByteSize>,
     /// See [`SocketLimits::queue_size`].
@@ -159,6 +164,7 @@ impl ConfigLayer {
             store: self.store.or(lower.store),
             max_body: self.max_body.or(lower.max_body),
             shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
+            header_read_timeout: self.header_read_timeout.or(lower.header_read_timeout),
             max_frame: self.max_frame.or(lower.max_frame),
             queue_size: self.queue_size.or(lower.queue_size),
             max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
@@ -192,6 +198,11 @@ impl ConfigLayer {
             "shutdown_grace",
             self.shutdown_grace,
             defaults.shutdown_grace,
+        )?;
+        let header_read_timeout = duration(
+            "header_read_timeout",
+            self.header_read_timeout,
+            defaults.header_read_timeout,
         )?;
         let sockets = SocketLimits {
             max_frame: self.max_frame.map_or(defaults.sockets.max_frame, |b| b.0),
@@ -254,6 +265,7 @@ impl ConfigLayer {
             store: self.store.or(defaults.store),
             max_body: self.max_body.map_or(defaults.max_body, |b| b.0),
             shutdown_grace,
+            header_read_timeout,
         })
     }
 }

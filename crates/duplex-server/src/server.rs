@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -136,31 +135,27 @@ impl Server {
             allowed_origins: self.config.allowed_origins.clone().into(),
         };
         let app = http::router(state);
-        let listener = self.http_listener.tap_io(|stream| {
-            if let Err(error) = stream.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        let serve = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let grace = self.config.shutdown_grace;
+        let http_connections = TaskTracker::new();
+        serve_http(
+            self.http_listener,
+            app,
+            shutdown.clone(),
+            self.config.header_read_timeout,
+            http_connections.clone(),
+        )
+        .await;
         // The grace period starts at shutdown and covers HTTP requests and socket connections:
-        // hyper does not track upgraded WebSocket connections, so the tracker does.
-        let deadline = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-        };
+        // upgraded WebSocket connections are tracked by the socket tracker, not by hyper.
+        let deadline = tokio::time::sleep(grace);
         tokio::pin!(deadline);
-        let outcome = tokio::select! {
-            outcome = serve => outcome.map_err(ServerError::from),
+        http_connections.close();
+        tokio::select! {
+            () = http_connections.wait() => {}
             () = &mut deadline => {
                 tracing::warn!(?grace, "in-flight requests outlived the shutdown grace period");
-                Ok(())
             }
-        };
+        }
         tracker.close();
         tokio::select! {
             () = tracker.wait() => {}
@@ -170,7 +165,72 @@ impl Server {
         }
         self.store.close().await;
         tracing::info!("server stopped");
-        outcome
+        Ok(())
+    }
+}
+
+/// Accepts HTTP connections until shutdown, each served by hyper (HTTP/1.1 with upgrades for
+/// WebSocket) with a header read timeout, so a client that trickles its request head
+/// (slowloris) is cut off instead of holding a connection forever. At shutdown the listener is
+/// closed and every connection finishes its in-flight request, then closes.
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: CancellationToken,
+    header_read_timeout: Duration,
+    connections: TaskTracker,
+) {
+    use axum::extract::ConnectInfo;
+    use hyper::body::Incoming;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt as _;
+
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait a little instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "cannot set TCP_NODELAY");
+        }
+        let service = app
+            .clone()
+            .map_request(move |mut request: axum::http::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request.map(axum::body::Body::new)
+            });
+        let service = TowerToHyperService::new(service);
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
+            let connection = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        tracing::trace!(%error, "connection ended with an error");
+                    }
+                }
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
     }
 }
 

@@ -108,3 +108,35 @@ async fn records_written_before_a_graceful_stop_are_there_after_a_restart() {
         assert_eq!(response.status(), reqwest::StatusCode::OK);
     }
 }
+
+#[tokio::test]
+async fn a_client_trickling_its_request_head_is_cut_off_while_others_are_served() {
+    let server = TestServer::start_with(|c| {
+        c.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let stream = TcpStream::connect(server.http_addr).await.expect("connect");
+    let (mut read, mut write) = stream.into_split();
+    // One byte of a never-ending header every 50 ms: 200 bytes would take 10 s.
+    let trickle = tokio::spawn(async move {
+        write
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: ")
+            .await?;
+        for _ in 0..200 {
+            write.write_all(b"a").await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        std::io::Result::Ok(())
+    });
+    let mut cut_off = Vec::new();
+    tokio::select! {
+        read = read.read_to_end(&mut cut_off) => {
+            // Closed by the server (maybe after a 408), long before the head could finish.
+            let _ = read;
+        }
+        done = trickle => panic!("the slow client was never cut off: {done:?}"),
+    }
+    // Meanwhile, and after, everyone else is served.
+    let health = reqwest::get(server.url("/healthz")).await.expect("request");
+    assert!(health.status().is_success());
+}
