@@ -42,6 +42,8 @@ pub struct Config {
     /// Browser origins allowed to open WebSockets and event streams and to call the HTTP API
     /// cross-origin (CORS). Empty: same-origin only. `"*"`: any.
     pub allowed_origins: Vec<String>,
+    /// PEM certificate chain and private key: with both, both ports speak TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             api_key: None,
             jwt_secret: None,
             allowed_origins: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -137,6 +140,10 @@ pub struct ConfigLayer {
     pub jwt_secret: Option<String>,
     /// See [`Config::allowed_origins`].
     pub allowed_origins: Option<Vec<String>>,
+    /// The PEM certificate chain of [`Config::tls`].
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of [`Config::tls`].
+    pub tls_key: Option<PathBuf>,
     /// `[namespaces.NAME]` tables (file only).
     #[serde(default)]
     pub namespaces: HashMap<String, NamespaceConfig>,
@@ -177,6 +184,8 @@ impl ConfigLayer {
             api_key: self.api_key.or(lower.api_key),
             jwt_secret: self.jwt_secret.or(lower.jwt_secret),
             allowed_origins: self.allowed_origins.or(lower.allowed_origins),
+            tls_cert: self.tls_cert.or(lower.tls_cert),
+            tls_key: self.tls_key.or(lower.tls_key),
             namespaces: if self.namespaces.is_empty() {
                 lower.namespaces
             } else {
@@ -253,7 +262,18 @@ impl ConfigLayer {
                     .into(),
             });
         }
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "tls_cert",
+                    message: "tls_cert and tls_key go together".into(),
+                });
+            }
+        };
         Ok(Config {
+            tls,
             api_key: self.api_key,
             jwt_secret: self.jwt_secret,
             allowed_origins: self.allowed_origins.unwrap_or_default(),

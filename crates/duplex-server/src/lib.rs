@@ -22,6 +22,7 @@ pub mod metrics;
 mod server;
 mod socket;
 pub mod store;
+pub mod tls;
 
 pub use config::{Config, ConfigError, ConfigLayer};
 pub use server::{Server, ServerError};

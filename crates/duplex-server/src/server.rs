@@ -36,13 +36,15 @@ pub enum ServerError {
     /// The store could not be opened.
     #[error("cannot open the store: {0}")]
     Store(#[from] StoreError),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// Serving failed.
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
 }
 
 /// A duplex server with its listeners bound, ready to [`run`](Server::run).
-#[derive(Debug)]
 pub struct Server {
     config: Config,
     http_listener: TcpListener,
@@ -51,11 +53,26 @@ pub struct Server {
     tcp_addr: SocketAddr,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("http_addr", &self.http_addr)
+            .field("tcp_addr", &self.tcp_addr)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Server {
     /// Opens the store and binds the listeners the configuration names.
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let tls = match &config.tls {
+            Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
+            None => None,
+        };
         let store = store::open(&config.store_url()).await?;
         let http_listener =
             TcpListener::bind(config.http)
@@ -81,6 +98,7 @@ impl Server {
             tcp_addr,
             store,
             metrics: Metrics::new(),
+            tls,
         })
     }
 
@@ -123,7 +141,11 @@ impl Server {
                 self.config.sockets.max_connections_per_ip,
             ),
         });
-        tracker.spawn(socket::tcp::accept(self.tcp_listener, sockets.clone()));
+        tracker.spawn(socket::tcp::accept(
+            self.tcp_listener,
+            sockets.clone(),
+            self.tls.clone(),
+        ));
         tracker.spawn(sweep(hub.clone(), shutdown.clone()));
         let state = AppState {
             store: self.store.clone(),
@@ -143,6 +165,7 @@ impl Server {
             shutdown.clone(),
             self.config.header_read_timeout,
             http_connections.clone(),
+            self.tls.clone(),
         )
         .await;
         // The grace period starts at shutdown and covers HTTP requests and socket connections:
@@ -171,19 +194,19 @@ impl Server {
 
 /// Accepts HTTP connections until shutdown, each served by hyper (HTTP/1.1 with upgrades for
 /// WebSocket) with a header read timeout, so a client that trickles its request head
-/// (slowloris) is cut off instead of holding a connection forever. At shutdown the listener is
-/// closed and every connection finishes its in-flight request, then closes.
+/// (slowloris) is cut off instead of holding a connection forever. With TLS, the handshake must
+/// also finish within that time. At shutdown the listener is closed and every connection
+/// finishes its in-flight request, then closes.
 async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
     shutdown: CancellationToken,
     header_read_timeout: Duration,
     connections: TaskTracker,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     use axum::extract::ConnectInfo;
     use hyper::body::Incoming;
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt as _;
 
     loop {
@@ -208,29 +231,64 @@ async fn serve_http(
                 request.extensions_mut().insert(ConnectInfo(peer));
                 request.map(axum::body::Body::new)
             });
-        let service = TowerToHyperService::new(service);
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout);
-            let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::trace!(%error, "connection ended with an error");
+            match tls {
+                None => serve_http_connection(stream, service, shutdown, header_read_timeout).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_read_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_http_connection(stream, service, shutdown, header_read_timeout)
+                                .await;
+                        }
+                        Ok(Err(error)) => tracing::debug!(%error, %peer, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                }
-                () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
                 }
             }
         });
+    }
+}
+
+/// Serves one HTTP connection (plain or TLS) until it ends or shutdown finishes it gracefully.
+async fn serve_http_connection<IO, S>(
+    io: IO,
+    service: S,
+    shutdown: CancellationToken,
+    header_read_timeout: Duration,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: tower::Service<
+            axum::http::Request<hyper::body::Incoming>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    let connection = builder
+        .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+        .with_upgrades();
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::trace!(%error, "connection ended with an error");
+            }
+        }
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
     }
 }
 

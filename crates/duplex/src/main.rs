@@ -66,6 +66,12 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     allowed_origins: Vec<String>,
+    /// PEM certificate chain: with --tls-key, HTTPS/wss:// and TLS on the raw TCP port.
+    #[arg(long, env = "DUPLEX_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "DUPLEX_TLS_KEY")]
+    tls_key: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "DUPLEX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
@@ -93,6 +99,8 @@ impl ServeArgs {
             api_key: self.api_key,
             jwt_secret: self.jwt_secret,
             allowed_origins: (!self.allowed_origins.is_empty()).then_some(self.allowed_origins),
+            tls_cert: self.tls_cert,
+            tls_key: self.tls_key,
             ..ConfigLayer::default()
         };
         Ok(Config::resolve(flags, file.as_deref())?)
@@ -131,8 +139,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
     let server = Server::bind(config).await?;
     // One plain line on stdout with the bound address, for people and for scripts (port 0).
+    let (scheme, tcp) = if server.config().tls.is_some() {
+        ("https", "raw TCP with TLS")
+    } else {
+        ("http", "raw TCP")
+    };
     println!(
-        "duplex {} serving HTTP on http://{} and raw TCP on {}",
+        "duplex {} serving HTTP on {scheme}://{} and {tcp} on {}",
         env!("CARGO_PKG_VERSION"),
         server.http_addr(),
         server.tcp_addr()

@@ -10,7 +10,6 @@ use duplex_proto::frames::{Disconnect, Keepalive, to_json};
 use duplex_proto::tcp::{Framing, TcpDecoder, TcpFrame, TcpFrameError};
 use futures_util::StreamExt as _;
 use tokio::io::AsyncWriteExt as _;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::FramedRead;
 
@@ -21,7 +20,11 @@ use crate::hub::queue::{Outgoing, OutgoingQueue};
 const IDLE_WRITE_BUFFER: usize = 4 * 1024;
 
 /// Accepts raw TCP connections until shutdown.
-pub(crate) async fn accept(listener: TcpListener, context: Arc<SocketContext>) {
+pub(crate) async fn accept(
+    listener: TcpListener,
+    context: Arc<SocketContext>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let accepted = tokio::select! {
             () = context.shutdown.cancelled() => return,
@@ -34,9 +37,26 @@ pub(crate) async fn accept(listener: TcpListener, context: Arc<SocketContext>) {
                 }
                 match context.slots.acquire(Some(peer.ip())) {
                     Ok(slot) => {
-                        context
-                            .tracker
-                            .spawn(serve(stream, peer, context.clone(), slot));
+                        let context = context.clone();
+                        let tls = tls.clone();
+                        context.tracker.clone().spawn(async move {
+                            match tls {
+                                None => serve(stream, peer, context, slot).await,
+                                Some(acceptor) => {
+                                    let handshake = tokio::time::timeout(
+                                        context.limits.idle_timeout,
+                                        acceptor.accept(stream),
+                                    );
+                                    match handshake.await {
+                                        Ok(Ok(stream)) => serve(stream, peer, context, slot).await,
+                                        Ok(Err(error)) => {
+                                            tracing::debug!(%error, %peer, "TLS handshake failed");
+                                        }
+                                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                                    }
+                                }
+                            }
+                        });
                     }
                     Err(_) => {
                         context.metrics.connection_refusals.inc();
@@ -64,15 +84,17 @@ async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
 }
 
-async fn serve(
-    stream: TcpStream,
+async fn serve<S>(
+    stream: S,
     peer: std::net::SocketAddr,
     context: Arc<SocketContext>,
     slot: super::slots::Slot,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
     let mut session = Session::start(context.clone(), Transport::Tcp, Some(peer), slot);
     let queue = session.queue().clone();
-    let (read_half, write_half) = stream.into_split();
+    let (read_half, write_half) = tokio::io::split(stream);
     let mut frames =
         FramedRead::with_capacity(read_half, TcpDecoder::new(context.limits.max_frame), 1024);
     let writer = tokio::spawn(write(write_half, queue.clone(), context.clone()));
@@ -128,7 +150,10 @@ fn push_control(buf: &mut Vec<u8>, framing: Framing, json: &[u8]) {
     }
 }
 
-async fn write(mut socket: OwnedWriteHalf, queue: Arc<OutgoingQueue>, context: Arc<SocketContext>) {
+async fn write<W>(mut socket: W, queue: Arc<OutgoingQueue>, context: Arc<SocketContext>)
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
     let mut batch = VecDeque::new();
     let mut buf: Vec<u8> = Vec::with_capacity(IDLE_WRITE_BUFFER);
     let mut framing = Framing::Lines;
