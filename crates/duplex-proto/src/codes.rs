@@ -83,6 +83,8 @@ pub enum DisconnectCode {
     TooManyErrors,
     /// The server, or the client's address, holds as many connections as it may.
     TooManyConnections,
+    /// The connection's token expired and was not refreshed.
+    TokenExpired,
 }
 
 impl DisconnectCode {
@@ -96,6 +98,7 @@ impl DisconnectCode {
             DisconnectCode::ProtocolError => "protocol_error",
             DisconnectCode::TooManyErrors => "too_many_errors",
             DisconnectCode::TooManyConnections => "too_many_connections",
+            DisconnectCode::TokenExpired => "token_expired",
         }
     }
 
@@ -105,7 +108,8 @@ impl DisconnectCode {
             DisconnectCode::Shutdown
             | DisconnectCode::SlowConsumer
             | DisconnectCode::IdleTimeout
-            | DisconnectCode::TooManyConnections => true,
+            | DisconnectCode::TooManyConnections
+            | DisconnectCode::TokenExpired => true,
             DisconnectCode::FrameTooLarge
             | DisconnectCode::ProtocolError
             | DisconnectCode::TooManyErrors => false,
@@ -122,6 +126,7 @@ impl DisconnectCode {
             DisconnectCode::IdleTimeout => 4002,
             DisconnectCode::TooManyErrors => 4003,
             DisconnectCode::TooManyConnections => 1013,
+            DisconnectCode::TokenExpired => 4004,
         }
     }
 
@@ -135,6 +140,7 @@ impl DisconnectCode {
             DisconnectCode::ProtocolError => "the stream could not be read as frames",
             DisconnectCode::TooManyErrors => "too many bad frames",
             DisconnectCode::TooManyConnections => "too many connections; try again later",
+            DisconnectCode::TokenExpired => "the token expired; reconnect with a fresh one",
         }
     }
 }

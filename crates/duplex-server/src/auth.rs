@@ -28,6 +28,7 @@ impl std::fmt::Debug for TokenVerifier {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
+    exp: u64,
     #[serde(default)]
     channels: Vec<String>,
 }
@@ -70,6 +71,7 @@ impl TokenVerifier {
             Ok(data) => Ok(ClientAuth {
                 user: Some(data.claims.sub.into()),
                 channels: data.claims.channels,
+                expires_at: Some(data.claims.exp),
             }),
             Err(error) => match error.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => Err(TokenError::Expired),

@@ -778,3 +778,74 @@ async fn browser_origins_are_checked_for_sockets_streams_and_cors() {
             .is_none()
     );
 }
+
+fn token_expiring_in(user: &str, seconds: u64) -> String {
+    let exp = jsonwebtoken::get_current_timestamp() + seconds;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("encode")
+}
+
+#[tokio::test]
+async fn expiring_tokens_disconnect_unless_refreshed() {
+    let server = TestServer::start_with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    let short = token_expiring_in("ana", 2);
+    let mut stays = server.ws().await;
+    stays
+        .request(json!({"type": "connect", "token": short}), 1)
+        .await;
+    let mut expires = server.tcp().await;
+    expires
+        .request(json!({"type": "connect", "token": short}), 1)
+        .await;
+
+    // Refreshing with another user's token, or with none, is refused.
+    let error = stays
+        .request(
+            json!({"type": "refresh", "token": token_expiring_in("bo", 3600)}),
+            2,
+        )
+        .await;
+    assert_eq!(error["code"], "invalid_token");
+    let error = stays.request(json!({"type": "refresh"}), 3).await;
+    assert_eq!(error["code"], "bad_request");
+    let refreshed = stays
+        .request(
+            json!({"type": "refresh", "token": token_expiring_in("ana", 3600)}),
+            4,
+        )
+        .await;
+    assert!(refreshed["result"]["expires_at"].as_u64().is_some());
+
+    // The connection that did not refresh is told, and closed.
+    let disconnect = expires.next_json().await;
+    assert_eq!(disconnect["type"], "disconnect");
+    assert_eq!(disconnect["code"], "token_expired");
+    assert_eq!(disconnect["reconnect"], true);
+    // The refreshed one, past the same moment, still answers.
+    stays.send_json(json!({"type": "ping", "id": 5})).await;
+    assert_eq!(stays.next_json().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn a_websocket_can_carry_its_token_in_the_url() {
+    let server = TestServer::start_with(|c| c.jwt_secret = Some(SECRET.into())).await;
+    let url = format!("{}?token={}", server.ws_url(), token_for("ana", 3600));
+    let mut ana = duplex_testkit::WsClient::connect(&url).await;
+    ana.subscribe("chat:url", 1).await;
+    let presence = ana
+        .request(json!({"type": "presence", "channel": "chat:url"}), 2)
+        .await;
+    assert_eq!(presence["result"]["clients"][0]["user"], "ana");
+    let refused =
+        tokio_tungstenite::connect_async(format!("{}?token=forged", server.ws_url())).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401);
+        }
+        other => panic!("expected a 401, got {other:?}"),
+    }
+}

@@ -72,6 +72,18 @@ pub(crate) fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), 
     }
 }
 
+/// Verifies a connection token given over HTTP; 401 `invalid_token` when refused.
+pub(crate) fn verify_token(
+    state: &AppState,
+    token: &str,
+) -> Result<crate::hub::namespace::ClientAuth, ApiError> {
+    let verified = match &state.sockets.tokens {
+        Some(verifier) => verifier.verify(token),
+        None => Err(crate::auth::TokenError::NotConfigured),
+    };
+    verified.map_err(|error| ApiError::InvalidToken(error.to_string()))
+}
+
 /// CORS for the HTTP API: the listed origins (or any, with `*`) may call it from a browser.
 fn cors(allowed_origins: &[String]) -> tower_http::cors::CorsLayer {
     use tower_http::cors::{AllowOrigin, CorsLayer};

@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use super::{AppState, JSON};
-use crate::auth::TokenError;
 use crate::config::parse_duration;
 use crate::hub::connection::ConnectionHandle;
 use crate::hub::namespace::{Caller, ClientAuth};
@@ -265,11 +264,7 @@ fn client_auth(
     let Some(token) = header_token.or(query_token) else {
         return Ok(ClientAuth::default());
     };
-    let verified = match &state.sockets.tokens {
-        Some(verifier) => verifier.verify(token),
-        None => Err(TokenError::NotConfigured),
-    };
-    verified.map_err(|error| ApiError::InvalidToken(error.to_string()))
+    super::verify_token(state, token)
 }
 
 fn parse_last_event_id(value: &HeaderValue) -> Result<Since, ApiError> {

@@ -43,6 +43,8 @@ pub struct ClientAuth {
     pub user: Option<std::sync::Arc<str>>,
     /// The token's `channels` claim: channel names, or prefixes ending in `*`.
     pub channels: Vec<String>,
+    /// The token's `exp`, seconds since the Unix epoch.
+    pub expires_at: Option<u64>,
 }
 
 impl ClientAuth {
@@ -318,6 +320,7 @@ mod tests {
         let ana = ClientAuth {
             user: Some("ana".into()),
             channels: vec!["private:ana-*".into(), "private:team".into()],
+            expires_at: None,
         };
         let client = |auth| Caller::Client(auth);
         assert!(Access::Anyone.allows(client(&anonymous), "x:y"));

@@ -187,6 +187,11 @@ impl Session {
         &self.queue
     }
 
+    /// Authenticates the connection with a token already verified (WebSocket `?token=`).
+    pub(crate) fn authenticate(&self, auth: crate::hub::namespace::ClientAuth) {
+        self.connection.set_auth(auth);
+    }
+
     fn reply<T: Serialize>(&mut self, id: u64, result: T) {
         self.bad_frames_in_a_row = 0;
         self.queue
@@ -257,7 +262,7 @@ impl Session {
                 return After::Continue;
             }
             "connect" | "subscribe" | "unsubscribe" | "publish" | "framing" | "history"
-            | "presence" => {}
+            | "presence" | "refresh" => {}
             _ => {
                 self.bad_frame(
                     frame.id,
@@ -277,6 +282,7 @@ impl Session {
         };
         match kind {
             "connect" => self.connect(id, &frame),
+            "refresh" => self.refresh(id, frame.token.as_deref()),
             "framing" => return self.framing(id, frame.mode.as_deref()),
             _ => {
                 let Some(channel) = frame.channel.as_deref() else {
@@ -338,22 +344,10 @@ impl Session {
             );
             return;
         }
-        if let Some(token) = &frame.token {
-            let verified = match &self.context.tokens {
-                Some(verifier) => verifier.verify(token),
-                None => Err(crate::auth::TokenError::NotConfigured),
-            };
-            match verified {
-                Ok(auth) => self.connection.set_auth(auth),
-                Err(error) => {
-                    let code = match error {
-                        crate::auth::TokenError::Expired => ErrorCode::TokenExpired,
-                        _ => ErrorCode::InvalidToken,
-                    };
-                    self.error(Some(id), code, error.to_string());
-                    return;
-                }
-            }
+        if let Some(token) = &frame.token
+            && !self.accept_token(id, token)
+        {
+            return;
         }
         self.connection
             .set_meta(frame.meta.map(|meta| Arc::from(meta.to_owned())));
@@ -366,6 +360,75 @@ impl Session {
                 user: user.as_deref().map(Into::into),
             },
         );
+    }
+
+    /// Verifies a token and makes it the connection's; answers the error and returns false when
+    /// it is refused.
+    fn accept_token(&mut self, id: u64, token: &str) -> bool {
+        let verified = match &self.context.tokens {
+            Some(verifier) => verifier.verify(token),
+            None => Err(crate::auth::TokenError::NotConfigured),
+        };
+        match verified {
+            Ok(auth) => {
+                self.connection.set_auth(auth);
+                true
+            }
+            Err(error) => {
+                let code = match error {
+                    crate::auth::TokenError::Expired => ErrorCode::TokenExpired,
+                    _ => ErrorCode::InvalidToken,
+                };
+                self.error(Some(id), code, error.to_string());
+                false
+            }
+        }
+    }
+
+    /// `refresh`: a fresh token for the same user before the current one expires.
+    fn refresh(&mut self, id: u64, token: Option<&str>) {
+        let Some(token) = token else {
+            self.bad_frame(
+                Some(id),
+                ErrorCode::BadRequest,
+                "a refresh request needs a \"token\"",
+            );
+            return;
+        };
+        let before = self.connection.user();
+        let verified = match &self.context.tokens {
+            Some(verifier) => verifier.verify(token),
+            None => Err(crate::auth::TokenError::NotConfigured),
+        };
+        match verified {
+            Ok(auth) if before.is_some() && auth.user != before => self.error(
+                Some(id),
+                ErrorCode::InvalidToken,
+                "a refresh token must name the same user",
+            ),
+            Ok(auth) => {
+                let expires_at = auth.expires_at;
+                self.connection.set_auth(auth);
+                self.reply(id, serde_json::json!({ "expires_at": expires_at }));
+            }
+            Err(error) => {
+                let code = match error {
+                    crate::auth::TokenError::Expired => ErrorCode::TokenExpired,
+                    _ => ErrorCode::InvalidToken,
+                };
+                self.error(Some(id), code, error.to_string());
+            }
+        }
+    }
+
+    /// When the connection's token expires, if it has one.
+    pub(crate) fn token_deadline(&self) -> Option<tokio::time::Instant> {
+        let expires_at = self.connection.auth().expires_at?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Some(tokio::time::Instant::now() + Duration::from_secs(expires_at.saturating_sub(now)))
     }
 
     /// A client's `reply` or `error` to one of the server's requests.
@@ -540,6 +603,14 @@ impl Drop for Session {
             .connections
             .get_or_create(&self.transport.label())
             .dec();
+    }
+}
+
+/// Completes when the token deadline passes; never without one.
+pub(crate) async fn token_expiry(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 

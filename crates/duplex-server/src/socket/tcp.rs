@@ -100,12 +100,17 @@ async fn serve<S>(
     let writer = tokio::spawn(write(write_half, queue.clone(), context.clone()));
     let idle_timeout = context.limits.idle_timeout;
     loop {
+        let token_deadline = session.token_deadline();
         let next = tokio::select! {
             () = context.shutdown.cancelled() => {
                 queue.close(DisconnectCode::Shutdown);
                 break;
             }
             () = queue.closed() => break,
+            () = super::token_expiry(token_deadline) => {
+                queue.close(DisconnectCode::TokenExpired);
+                break;
+            }
             next = tokio::time::timeout(idle_timeout, frames.next()) => next,
         };
         match next {

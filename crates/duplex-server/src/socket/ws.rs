@@ -31,9 +31,18 @@ pub(crate) async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
     headers: axum::http::HeaderMap,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     crate::http::check_origin(&state, &headers)?;
+    // Browsers cannot set headers on a WebSocket: a token may come as `?token=`.
+    let token = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+        .find(|(key, _)| key == "token")
+        .map(|(_, value)| value.into_owned());
+    let auth = match token {
+        Some(token) => Some(crate::http::verify_token(&state, &token)?),
+        None => None,
+    };
     let upgrade = upgrade.map_err(|rejection| ApiError::UpgradeRequired(rejection.body_text()))?;
     let context = state.sockets.clone();
     let slot = context.slots.acquire(Some(remote.ip())).map_err(|limit| {
@@ -49,7 +58,7 @@ pub(crate) async fn upgrade(
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| {
             let tracker = context.tracker.clone();
-            tracker.track_future(serve(socket, remote, context, slot))
+            tracker.track_future(serve(socket, remote, context, slot, auth))
         }))
 }
 
@@ -58,19 +67,28 @@ async fn serve(
     remote: std::net::SocketAddr,
     context: Arc<SocketContext>,
     slot: super::slots::Slot,
+    auth: Option<crate::hub::namespace::ClientAuth>,
 ) {
     let mut session = Session::start(context.clone(), Transport::WebSocket, Some(remote), slot);
+    if let Some(auth) = auth {
+        session.authenticate(auth);
+    }
     let queue = session.queue().clone();
     let (sink, mut stream) = socket.split();
     let writer = tokio::spawn(write(sink, queue.clone(), context.clone()));
     let idle_timeout = context.limits.idle_timeout;
     loop {
+        let token_deadline = session.token_deadline();
         let next = tokio::select! {
             () = context.shutdown.cancelled() => {
                 queue.close(DisconnectCode::Shutdown);
                 break;
             }
             () = queue.closed() => break,
+            () = super::token_expiry(token_deadline) => {
+                queue.close(DisconnectCode::TokenExpired);
+                break;
+            }
             next = tokio::time::timeout(idle_timeout, stream.next()) => next,
         };
         match next {
