@@ -1,8 +1,8 @@
 //! Connection tokens: JWTs that name the user (`sub`) of a connection.
 //!
-//! This is the first step of authentication: HS256 tokens signed with `--jwt-secret`, checked
-//! for signature, algorithm (HS256 only: `alg: none` and algorithm confusion are refused by
-//! construction) and expiry. The user a token names (`sub`) is what presence shows and what
+//! Tokens are HS256 signed with `--jwt-secret`, or ES256/RS256 checked against
+//! `--jwt-public-key`; signature, algorithm (exactly one, chosen by the configuration: `alg: none`
+//! and algorithm confusion are refused by construction) and expiry are verified. The user a token names (`sub`) is what presence shows and what
 //! `POST /api/users/{user}/request` addresses; its `channels` claim (names, or prefixes ending in
 //! `*`) is what `token_channels` namespace rules check.
 
@@ -48,6 +48,27 @@ pub enum TokenError {
 }
 
 impl TokenVerifier {
+    /// Verifies ES256 or RS256 tokens against a public key (PEM: EC P-256 or RSA); the
+    /// algorithm follows from the key, and no other is accepted (so an HS256 token "signed" with
+    /// the public key as a secret is refused).
+    pub fn public_key(pem: &[u8]) -> Result<Self, TokenError> {
+        let (key, algorithm) = match DecodingKey::from_ec_pem(pem) {
+            Ok(key) => (key, Algorithm::ES256),
+            Err(_) => match DecodingKey::from_rsa_pem(pem) {
+                Ok(key) => (key, Algorithm::RS256),
+                Err(error) => {
+                    return Err(TokenError::Invalid(format!(
+                        "the public key is neither EC nor RSA PEM: {error}"
+                    )));
+                }
+            },
+        };
+        let mut validation = Validation::new(algorithm);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.leeway = 0;
+        Ok(TokenVerifier { key, validation })
+    }
+
     /// Verifies HS256 tokens signed with `secret`.
     pub fn hs256(secret: &[u8]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
@@ -162,5 +183,38 @@ mod tests {
             verifier.user_of("garbage"),
             Err(TokenError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn es256_tokens_verify_against_the_public_key_and_nothing_else_does() {
+        let pair = rcgen::KeyPair::generate().expect("a P-256 key pair");
+        let verifier =
+            TokenVerifier::public_key(pair.public_key_pem().as_bytes()).expect("an EC key");
+        let claims = serde_json::json!({"sub": "ana", "exp": in_an_hour()});
+        let signing = EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).expect("key");
+        let good = encode(&Header::new(Algorithm::ES256), &claims, &signing).expect("encode");
+        assert_eq!(verifier.user_of(&good), Ok("ana".into()));
+        // HS/ES confusion: an HS256 token whose "secret" is the public key.
+        let confused = token(
+            pair.public_key_pem().as_bytes(),
+            Algorithm::HS256,
+            claims.clone(),
+        );
+        assert!(matches!(
+            verifier.user_of(&confused),
+            Err(TokenError::Invalid(_))
+        ));
+        let other = rcgen::KeyPair::generate().expect("another key pair");
+        let forged = encode(
+            &Header::new(Algorithm::ES256),
+            &claims,
+            &EncodingKey::from_ec_pem(other.serialize_pem().as_bytes()).expect("key"),
+        )
+        .expect("encode");
+        assert!(matches!(
+            verifier.user_of(&forged),
+            Err(TokenError::Invalid(_))
+        ));
+        assert!(TokenVerifier::public_key(b"not a key").is_err());
     }
 }

@@ -39,6 +39,9 @@ pub struct Config {
     pub api_key: Option<String>,
     /// The HS256 secret connection tokens are signed with; `None` refuses tokens.
     pub jwt_secret: Option<String>,
+    /// A PEM public key (EC P-256 for ES256, or RSA for RS256) tokens are checked against,
+    /// instead of a secret.
+    pub jwt_public_key: Option<PathBuf>,
     /// Browser origins allowed to open WebSockets and event streams and to call the HTTP API
     /// cross-origin (CORS). Empty: same-origin only. `"*"`: any.
     pub allowed_origins: Vec<String>,
@@ -70,6 +73,7 @@ impl Default for Config {
             namespaces: Namespaces::default(),
             api_key: None,
             jwt_secret: None,
+            jwt_public_key: None,
             allowed_origins: Vec::new(),
             tls: None,
         }
@@ -138,6 +142,8 @@ pub struct ConfigLayer {
     pub api_key: Option<String>,
     /// See [`Config::jwt_secret`].
     pub jwt_secret: Option<String>,
+    /// See [`Config::jwt_public_key`].
+    pub jwt_public_key: Option<PathBuf>,
     /// See [`Config::allowed_origins`].
     pub allowed_origins: Option<Vec<String>>,
     /// The PEM certificate chain of [`Config::tls`].
@@ -183,6 +189,7 @@ impl ConfigLayer {
             max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
             api_key: self.api_key.or(lower.api_key),
             jwt_secret: self.jwt_secret.or(lower.jwt_secret),
+            jwt_public_key: self.jwt_public_key.or(lower.jwt_public_key),
             allowed_origins: self.allowed_origins.or(lower.allowed_origins),
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),
@@ -272,8 +279,15 @@ impl ConfigLayer {
                 });
             }
         };
+        if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "jwt_public_key",
+                message: "use a JWT secret or a public key, not both".into(),
+            });
+        }
         Ok(Config {
             tls,
+            jwt_public_key: self.jwt_public_key,
             api_key: self.api_key,
             jwt_secret: self.jwt_secret,
             allowed_origins: self.allowed_origins.unwrap_or_default(),

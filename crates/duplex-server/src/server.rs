@@ -39,6 +39,9 @@ pub enum ServerError {
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// A configured file could not be used.
+    #[error("invalid configuration: {0}")]
+    Config(String),
     /// Serving failed.
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
@@ -54,6 +57,7 @@ pub struct Server {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    tokens: Option<crate::auth::TokenVerifier>,
 }
 
 impl std::fmt::Debug for Server {
@@ -72,6 +76,19 @@ impl Server {
         let tls = match &config.tls {
             Some((cert, key)) => Some(crate::tls::acceptor(cert, key)?),
             None => None,
+        };
+        let tokens = match (&config.jwt_secret, &config.jwt_public_key) {
+            (Some(secret), _) => Some(crate::auth::TokenVerifier::hs256(secret.as_bytes())),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    ServerError::Config(format!("cannot read {}: {e}", path.display()))
+                })?;
+                Some(
+                    crate::auth::TokenVerifier::public_key(&pem)
+                        .map_err(|e| ServerError::Config(format!("{}: {e}", path.display())))?,
+                )
+            }
+            (None, None) => None,
         };
         let store = store::open(&config.store_url()).await?;
         let http_listener =
@@ -99,6 +116,7 @@ impl Server {
             store,
             metrics: Metrics::new(),
             tls,
+            tokens,
         })
     }
 
@@ -127,11 +145,7 @@ impl Server {
         let tracker = TaskTracker::new();
         let sockets = Arc::new(SocketContext {
             hub: hub.clone(),
-            tokens: self
-                .config
-                .jwt_secret
-                .as_deref()
-                .map(|secret| crate::auth::TokenVerifier::hs256(secret.as_bytes())),
+            tokens: self.tokens.clone(),
             limits: Arc::new(self.config.sockets.clone()),
             metrics: self.metrics.clone(),
             shutdown: shutdown.clone(),

@@ -849,3 +849,35 @@ async fn a_websocket_can_carry_its_token_in_the_url() {
         other => panic!("expected a 401, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn es256_tokens_are_checked_against_a_configured_public_key() {
+    let pair = rcgen::KeyPair::generate().expect("a P-256 key pair");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let public_key = dir.path().join("jwt.pub.pem");
+    std::fs::write(&public_key, pair.public_key_pem()).expect("write");
+    let server = TestServer::start_with(|c| c.jwt_public_key = Some(public_key.clone())).await;
+    let claims = json!({"sub": "ana", "exp": jsonwebtoken::get_current_timestamp() + 3600});
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).expect("key"),
+    )
+    .expect("encode");
+    let mut client = server.ws().await;
+    let reply = client
+        .request(json!({"type": "connect", "token": token}), 1)
+        .await;
+    assert_eq!(reply["result"]["user"], "ana");
+    // An HS256 token "signed" with the public key is refused.
+    let confused = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(pair.public_key_pem().as_bytes()),
+    )
+    .expect("encode");
+    let error = client
+        .request(json!({"type": "connect", "token": confused}), 2)
+        .await;
+    assert_eq!(error["code"], "invalid_token");
+}

@@ -66,6 +66,10 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     allowed_origins: Vec<String>,
+    /// PEM public key (EC P-256 → ES256, RSA → RS256) tokens are checked against, instead of a
+    /// secret.
+    #[arg(long, env = "DUPLEX_JWT_PUBLIC_KEY")]
+    jwt_public_key: Option<PathBuf>,
     /// PEM certificate chain: with --tls-key, HTTPS/wss:// and TLS on the raw TCP port.
     #[arg(long, env = "DUPLEX_TLS_CERT")]
     tls_cert: Option<PathBuf>,
@@ -98,6 +102,7 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace,
             api_key: self.api_key,
             jwt_secret: self.jwt_secret,
+            jwt_public_key: self.jwt_public_key,
             allowed_origins: (!self.allowed_origins.is_empty()).then_some(self.allowed_origins),
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
