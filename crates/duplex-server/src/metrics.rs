@@ -31,6 +31,13 @@ pub struct TransportLabels {
     pub transport: &'static str,
 }
 
+/// Labels of a protocol code metric (`error` frames, `disconnect`s).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct CodeLabels {
+    /// The code, as the protocol writes it.
+    pub code: &'static str,
+}
+
 /// The server's metrics and the registry that renders them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -65,6 +72,10 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// Connections refused by the connection limits.
     pub connection_refusals: Counter,
+    /// `error` frames sent, by code.
+    pub socket_errors: Family<CodeLabels, Counter>,
+    /// Connections the server closed with a `disconnect`, by code.
+    pub disconnects: Family<CodeLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -167,7 +178,21 @@ impl Metrics {
             "Connections refused by the connection limits",
             connection_refusals.clone(),
         );
+        let socket_errors = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "socket_errors",
+            "Error frames sent to socket clients, by code",
+            socket_errors.clone(),
+        );
+        let disconnects = Family::<CodeLabels, Counter>::default();
+        registry.register(
+            "disconnects",
+            "Connections the server closed with a disconnect, by code",
+            disconnects.clone(),
+        );
         Arc::new(Metrics {
+            socket_errors,
+            disconnects,
             connection_refusals,
             rate_limited,
             long_polls,

@@ -408,6 +408,18 @@ async fn too_many_bad_frames_in_a_row_disconnect() {
     }
     assert_eq!(codes.len(), 21);
     assert_eq!(codes.last().map(String::as_str), Some("too_many_errors"));
+    assert_eq!(
+        server
+            .metric(r#"duplex_socket_errors_total{code="bad_frame"}"#)
+            .await,
+        20.0
+    );
+    assert_eq!(
+        server
+            .metric(r#"duplex_disconnects_total{code="too_many_errors"}"#)
+            .await,
+        1.0
+    );
 }
 
 #[tokio::test]

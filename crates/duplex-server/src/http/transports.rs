@@ -227,6 +227,7 @@ pub(crate) async fn events(
         .subscribe(&channel, &connection, 0, since.as_ref())?;
 
     let stream = event_stream(SseState {
+        metrics: state.metrics.clone(),
         queue,
         batch: VecDeque::new(),
         ready: VecDeque::new(),
@@ -295,6 +296,7 @@ impl Drop for SseConnection {
 }
 
 struct SseState {
+    metrics: Arc<Metrics>,
     queue: Arc<OutgoingQueue>,
     batch: VecDeque<Outgoing>,
     ready: VecDeque<Event>,
@@ -394,6 +396,7 @@ fn event_stream(state: SseState) -> impl Stream<Item = Result<Event, Infallible>
                 }
             }
             if let Some(code) = closing {
+                crate::socket::count_disconnect(&state.metrics, code);
                 let disconnect =
                     String::from_utf8_lossy(&to_json(&Disconnect::from(code))).into_owned();
                 state

@@ -27,7 +27,7 @@ use crate::hub::namespace::Caller;
 use crate::hub::publication::Payload;
 use crate::hub::queue::{Outgoing, OutgoingQueue};
 use crate::hub::{ConnectionId, Hub, HubError};
-use crate::metrics::{Metrics, TransportLabels};
+use crate::metrics::{CodeLabels, Metrics, TransportLabels};
 
 /// Publications a `history` request returns when it names no `limit`, and at most.
 pub(crate) const HISTORY_DEFAULT_LIMIT: usize = 100;
@@ -199,6 +199,13 @@ impl Session {
     }
 
     fn error(&mut self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
+        self.context
+            .metrics
+            .socket_errors
+            .get_or_create(&CodeLabels {
+                code: code.as_str(),
+            })
+            .inc();
         self.queue.push_control(Bytes::from(to_json(&ErrorFrame {
             id,
             code,
@@ -604,6 +611,16 @@ impl Drop for Session {
             .get_or_create(&self.transport.label())
             .dec();
     }
+}
+
+/// Counts a `disconnect` the server sends.
+pub(crate) fn count_disconnect(metrics: &Metrics, code: DisconnectCode) {
+    metrics
+        .disconnects
+        .get_or_create(&CodeLabels {
+            code: code.as_str(),
+        })
+        .inc();
 }
 
 /// Completes when the token deadline passes; never without one.

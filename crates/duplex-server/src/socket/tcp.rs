@@ -203,6 +203,7 @@ where
             }
         }
         if let Some(code) = closing {
+            super::count_disconnect(&context.metrics, code);
             push_control(&mut buf, framing, &to_json(&Disconnect::from(code)));
         }
         if socket.write_all(&buf).await.is_err() {

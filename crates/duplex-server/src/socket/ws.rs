@@ -181,6 +181,7 @@ async fn write(
         }
         context.metrics.deliveries_written.inc_by(publications);
         if let Some(code) = closing {
+            super::count_disconnect(&context.metrics, code);
             let disconnect = to_json(&Disconnect::from(code));
             let disconnect =
                 Utf8Bytes::try_from(disconnect).expect("control frames are serde_json output");
