@@ -131,6 +131,8 @@ pub(crate) struct Session {
     publish_limiter: governor::DefaultDirectRateLimiter,
     /// The connection's place under the connection limits, given back when the session ends.
     _slot: slots::Slot,
+    /// When the connection's token expires; kept here so the reader does not ask per frame.
+    token_deadline: Option<tokio::time::Instant>,
 }
 
 /// A connection's publish rate limiter: `rate` a second, `burst` at once.
@@ -180,6 +182,7 @@ impl Session {
             bad_frames_in_a_row: 0,
             publish_limiter,
             _slot: slot,
+            token_deadline: None,
         }
     }
 
@@ -188,7 +191,8 @@ impl Session {
     }
 
     /// Authenticates the connection with a token already verified (WebSocket `?token=`).
-    pub(crate) fn authenticate(&self, auth: crate::hub::namespace::ClientAuth) {
+    pub(crate) fn authenticate(&mut self, auth: crate::hub::namespace::ClientAuth) {
+        self.token_deadline = deadline_of(auth.expires_at);
         self.connection.set_auth(auth);
     }
 
@@ -378,7 +382,7 @@ impl Session {
         };
         match verified {
             Ok(auth) => {
-                self.connection.set_auth(auth);
+                self.authenticate(auth);
                 true
             }
             Err(error) => {
@@ -415,7 +419,7 @@ impl Session {
             ),
             Ok(auth) => {
                 let expires_at = auth.expires_at;
-                self.connection.set_auth(auth);
+                self.authenticate(auth);
                 self.reply(id, serde_json::json!({ "expires_at": expires_at }));
             }
             Err(error) => {
@@ -430,12 +434,7 @@ impl Session {
 
     /// When the connection's token expires, if it has one.
     pub(crate) fn token_deadline(&self) -> Option<tokio::time::Instant> {
-        let expires_at = self.connection.auth().expires_at?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        Some(tokio::time::Instant::now() + Duration::from_secs(expires_at.saturating_sub(now)))
+        self.token_deadline
     }
 
     /// A client's `reply` or `error` to one of the server's requests.
@@ -611,6 +610,16 @@ impl Drop for Session {
             .get_or_create(&self.transport.label())
             .dec();
     }
+}
+
+/// The monotonic deadline of a token expiring at `expires_at` (seconds since the Unix epoch).
+fn deadline_of(expires_at: Option<u64>) -> Option<tokio::time::Instant> {
+    let expires_at = expires_at?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Some(tokio::time::Instant::now() + Duration::from_secs(expires_at.saturating_sub(now)))
 }
 
 /// Counts a `disconnect` the server sends.
