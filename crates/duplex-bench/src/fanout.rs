@@ -265,20 +265,7 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
         });
     }
     drop(ready_tx);
-    let mut ready = 0;
-    while tokio::time::timeout(Duration::from_secs(60), ready_rx.recv())
-        .await
-        .context("subscribers did not connect within 60 s")?
-        .is_some()
-    {
-        ready += 1;
-    }
-    if ready < options.subscribers {
-        bail!(
-            "only {ready} of {} subscribers connected",
-            options.subscribers
-        );
-    }
+    crate::runs::wait_ready(&mut ready_rx, options.subscribers, "subscribers").await?;
 
     // The publisher: open-loop, each publication stamped with its due time.
     let (publisher, _) = tokio_tungstenite::connect_async(&ws_url).await?;
@@ -302,23 +289,10 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
     let publishing = start.elapsed();
 
     // Let the tail arrive, but not forever.
-    let drain_deadline = tokio::time::sleep(Duration::from_secs(5));
-    tokio::pin!(drain_deadline);
-    let collect = async {
-        let mut all = Vec::with_capacity(subscribers.len());
-        for subscriber in subscribers {
-            all.push(subscriber.await??);
-        }
-        anyhow::Ok(all)
-    };
-    tokio::pin!(collect);
-    let all = tokio::select! {
-        all = &mut collect => all?,
-        () = &mut drain_deadline => {
-            stop_tx.send(1).ok();
-            collect.await?
-        }
-    };
+    let all = crate::runs::collect_within(subscribers, Duration::from_secs(5), || {
+        stop_tx.send(1).ok();
+    })
+    .await?;
     drop(sink);
     drain.abort();
 

@@ -9,6 +9,7 @@ mod fanout;
 mod records;
 pub mod report;
 mod roundtrip;
+mod runs;
 mod server;
 mod transports;
 

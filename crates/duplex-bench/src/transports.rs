@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -508,21 +508,8 @@ async fn run_method(
         });
     }
     drop(ready_tx);
-    let mut ready = 0;
-    while tokio::time::timeout(Duration::from_secs(60), ready_rx.recv())
-        .await
-        .context("clients did not start within 60 s")?
-        .is_some()
-    {
-        ready += 1;
-    }
-    if ready < options.clients {
-        bail!(
-            "only {ready} of {} {} clients started",
-            options.clients,
-            method.name()
-        );
-    }
+    let what = format!("{} clients", method.name());
+    crate::runs::wait_ready(&mut ready_rx, options.clients, &what).await?;
 
     let before = options.server_pid.map(ServerUsage::of).transpose()?;
     let requests_before = tally.requests.load(Ordering::Relaxed);
@@ -550,21 +537,10 @@ async fn run_method(
     }
     let publishing = start.elapsed();
 
-    let collect = async {
-        let mut all = Vec::with_capacity(followers.len());
-        for follower in followers {
-            all.push(follower.await??);
-        }
-        anyhow::Ok(all)
-    };
-    tokio::pin!(collect);
-    let all = tokio::select! {
-        all = &mut collect => all?,
-        () = tokio::time::sleep(drain) => {
-            stop_tx.send(true).ok();
-            collect.await?
-        }
-    };
+    let all = crate::runs::collect_within(followers, drain, || {
+        stop_tx.send(true).ok();
+    })
+    .await?;
     let after = options.server_pid.map(ServerUsage::of).transpose()?;
 
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2)?;

@@ -56,6 +56,18 @@ async fn connect(
         .expect("TLS handshake")
 }
 
+/// `GET /healthz` over HTTPS; the whole response.
+async fn https_health(tls: &Tls, addr: std::net::SocketAddr) -> String {
+    let mut stream = connect(tls, addr).await;
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    response
+}
+
 #[tokio::test]
 async fn https_wss_and_raw_tcp_work_over_tls() {
     let tls = certificate();
@@ -63,13 +75,7 @@ async fn https_wss_and_raw_tcp_work_over_tls() {
     let server = TestServer::start_with(|c| c.tls = Some((cert, key))).await;
 
     // HTTPS.
-    let mut stream = connect(&tls, server.http_addr).await;
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
+    let response = https_health(&tls, server.http_addr).await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 
     // wss://
@@ -144,14 +150,8 @@ async fn plaintext_clients_on_a_tls_port_are_refused_and_the_server_carries_on()
             .ok();
         assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1 200"));
     }
-    let mut stream = connect(&tls, server.http_addr).await;
-    stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("read");
-    assert!(response.starts_with("HTTP/1.1 200"));
+    let response = https_health(&tls, server.http_addr).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
 }
 
 #[tokio::test]

@@ -53,6 +53,50 @@ pub(crate) async fn http_get(url: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The two things a protocol client does that the shared helpers build on.
+trait JsonFrames {
+    async fn send_json(&mut self, frame: Value);
+    async fn next_json(&mut self) -> Value;
+}
+
+impl JsonFrames for WsClient {
+    async fn send_json(&mut self, frame: Value) {
+        WsClient::send_json(self, frame).await;
+    }
+    async fn next_json(&mut self) -> Value {
+        WsClient::next_json(self).await
+    }
+}
+
+impl JsonFrames for TcpClient {
+    async fn send_json(&mut self, frame: Value) {
+        TcpClient::send_json(self, frame).await;
+    }
+    async fn next_json(&mut self) -> Value {
+        TcpClient::next_json(self).await
+    }
+}
+
+/// Sends a request and returns the `reply` or `error` with its id, skipping other frames.
+async fn request(client: &mut impl JsonFrames, mut frame: Value, id: u64) -> Value {
+    frame["id"] = id.into();
+    client.send_json(frame).await;
+    loop {
+        let value = client.next_json().await;
+        if value["id"] == id && (value["type"] == "reply" || value["type"] == "error") {
+            return value;
+        }
+    }
+}
+
+/// Subscribes and returns the reply, which must not be an error.
+async fn subscribe(client: &mut impl JsonFrames, channel: &str, id: u64) -> Value {
+    let frame = serde_json::json!({"type": "subscribe", "channel": channel});
+    let reply = request(client, frame, id).await;
+    assert_eq!(reply["type"], "reply", "{reply}");
+    reply
+}
+
 /// What a WebSocket client received.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WsEvent {
@@ -135,27 +179,13 @@ impl WsClient {
     }
 
     /// Sends a request and returns the `reply` or `error` with its id, skipping other frames.
-    pub async fn request(&mut self, mut frame: Value, id: u64) -> Value {
-        frame["id"] = id.into();
-        self.send_json(frame).await;
-        loop {
-            let value = self.next_json().await;
-            if value["id"] == id && (value["type"] == "reply" || value["type"] == "error") {
-                return value;
-            }
-        }
+    pub async fn request(&mut self, frame: Value, id: u64) -> Value {
+        request(self, frame, id).await
     }
 
     /// Subscribes and returns the reply.
     pub async fn subscribe(&mut self, channel: &str, id: u64) -> Value {
-        let reply = self
-            .request(
-                serde_json::json!({"type": "subscribe", "channel": channel}),
-                id,
-            )
-            .await;
-        assert_eq!(reply["type"], "reply", "{reply}");
-        reply
+        subscribe(self, channel, id).await
     }
 }
 
@@ -244,27 +274,13 @@ impl TcpClient {
     }
 
     /// Sends a request and returns the `reply` or `error` with its id, skipping other frames.
-    pub async fn request(&mut self, mut frame: Value, id: u64) -> Value {
-        frame["id"] = id.into();
-        self.send_json(frame).await;
-        loop {
-            let value = self.next_json().await;
-            if value["id"] == id && (value["type"] == "reply" || value["type"] == "error") {
-                return value;
-            }
-        }
+    pub async fn request(&mut self, frame: Value, id: u64) -> Value {
+        request(self, frame, id).await
     }
 
     /// Subscribes and returns the reply.
     pub async fn subscribe(&mut self, channel: &str, id: u64) -> Value {
-        let reply = self
-            .request(
-                serde_json::json!({"type": "subscribe", "channel": channel}),
-                id,
-            )
-            .await;
-        assert_eq!(reply["type"], "reply", "{reply}");
-        reply
+        subscribe(self, channel, id).await
     }
 
     /// Switches both directions to length-prefixed framing.
