@@ -432,11 +432,6 @@ impl Session {
         }
     }
 
-    /// When the connection's token expires, if it has one.
-    pub(crate) fn token_deadline(&self) -> Option<tokio::time::Instant> {
-        self.token_deadline
-    }
-
     /// A client's `reply` or `error` to one of the server's requests.
     fn answer(&mut self, frame: &ClientFrame<'_>) {
         let Some(id) = frame.id else {
@@ -632,8 +627,37 @@ pub(crate) fn count_disconnect(metrics: &Metrics, code: DisconnectCode) {
         .inc();
 }
 
+/// Waits for a connection's next incoming item, unless the connection must end first: at
+/// shutdown, when its queue closes, when its token expires or when nothing arrives within the
+/// idle timeout. Returns `None` when the reader should stop (the close code, if any, is set).
+pub(crate) async fn next_incoming<T>(
+    session: &Session,
+    next: impl std::future::Future<Output = Option<T>>,
+) -> Option<T> {
+    let context = &session.context;
+    let queue = &session.queue;
+    tokio::select! {
+        () = context.shutdown.cancelled() => {
+            queue.close(DisconnectCode::Shutdown);
+            None
+        }
+        () = queue.closed() => None,
+        () = token_expiry(session.token_deadline) => {
+            queue.close(DisconnectCode::TokenExpired);
+            None
+        }
+        next = tokio::time::timeout(context.limits.idle_timeout, next) => match next {
+            Ok(next) => next,
+            Err(_) => {
+                queue.close(DisconnectCode::IdleTimeout);
+                None
+            }
+        },
+    }
+}
+
 /// Completes when the token deadline passes; never without one.
-pub(crate) async fn token_expiry(deadline: Option<tokio::time::Instant>) {
+async fn token_expiry(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,

@@ -98,42 +98,26 @@ async fn serve<S>(
     let mut frames =
         FramedRead::with_capacity(read_half, TcpDecoder::new(context.limits.max_frame), 1024);
     let writer = tokio::spawn(write(write_half, queue.clone(), context.clone()));
-    let idle_timeout = context.limits.idle_timeout;
     loop {
-        let token_deadline = session.token_deadline();
-        let next = tokio::select! {
-            () = context.shutdown.cancelled() => {
-                queue.close(DisconnectCode::Shutdown);
-                break;
-            }
-            () = queue.closed() => break,
-            () = super::token_expiry(token_deadline) => {
-                queue.close(DisconnectCode::TokenExpired);
-                break;
-            }
-            next = tokio::time::timeout(idle_timeout, frames.next()) => next,
+        let Some(next) = super::next_incoming(&session, frames.next()).await else {
+            break;
         };
         match next {
-            Err(_) => {
-                queue.close(DisconnectCode::IdleTimeout);
-                break;
-            }
-            Ok(None) => break,
-            Ok(Some(Ok(TcpFrame::Text(text)))) => {
+            Ok(TcpFrame::Text(text)) => {
                 if session.on_unchecked_text(&text) == After::SwitchToLengthPrefixed {
                     frames.decoder_mut().framing = Framing::LengthPrefixed;
                 }
             }
-            Ok(Some(Ok(TcpFrame::Binary(frame)))) => session.on_binary(frame),
-            Ok(Some(Err(TcpFrameError::TooLarge { .. }))) => {
+            Ok(TcpFrame::Binary(frame)) => session.on_binary(frame),
+            Err(TcpFrameError::TooLarge { .. }) => {
                 queue.close(DisconnectCode::FrameTooLarge);
                 break;
             }
-            Ok(Some(Err(TcpFrameError::Empty))) => {
+            Err(TcpFrameError::Empty) => {
                 queue.close(DisconnectCode::ProtocolError);
                 break;
             }
-            Ok(Some(Err(TcpFrameError::Io(_)))) => break,
+            Err(TcpFrameError::Io(_)) => break,
         }
     }
     drop(session);

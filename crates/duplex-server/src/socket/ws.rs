@@ -76,33 +76,18 @@ async fn serve(
     let queue = session.queue().clone();
     let (sink, mut stream) = socket.split();
     let writer = tokio::spawn(write(sink, queue.clone(), context.clone()));
-    let idle_timeout = context.limits.idle_timeout;
     loop {
-        let token_deadline = session.token_deadline();
-        let next = tokio::select! {
-            () = context.shutdown.cancelled() => {
-                queue.close(DisconnectCode::Shutdown);
-                break;
-            }
-            () = queue.closed() => break,
-            () = super::token_expiry(token_deadline) => {
-                queue.close(DisconnectCode::TokenExpired);
-                break;
-            }
-            next = tokio::time::timeout(idle_timeout, stream.next()) => next,
+        let Some(next) = super::next_incoming(&session, stream.next()).await else {
+            break;
         };
         match next {
-            Err(_) => {
-                queue.close(DisconnectCode::IdleTimeout);
-                break;
-            }
-            Ok(None) | Ok(Some(Ok(Message::Close(_)))) => break,
-            Ok(Some(Ok(Message::Text(text)))) => {
+            Ok(Message::Close(_)) => break,
+            Ok(Message::Text(text)) => {
                 session.on_text(text.as_str());
             }
-            Ok(Some(Ok(Message::Binary(frame)))) => session.on_binary(frame),
-            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
-            Ok(Some(Err(error))) => {
+            Ok(Message::Binary(frame)) => session.on_binary(frame),
+            Ok(Message::Ping(_) | Message::Pong(_)) => {}
+            Err(error) => {
                 if let Some(code) = disconnect_code_for(error) {
                     queue.close(code);
                 }
