@@ -133,6 +133,8 @@ pub(crate) struct Session {
     _slot: slots::Slot,
     /// When the connection's token expires; kept here so the reader does not ask per frame.
     token_deadline: Option<tokio::time::Instant>,
+    /// What the token says, kept here so publishing does not lock the shared handle.
+    auth: Arc<crate::hub::namespace::ClientAuth>,
 }
 
 /// A connection's publish rate limiter: `rate` a second, `burst` at once.
@@ -183,6 +185,7 @@ impl Session {
             publish_limiter,
             _slot: slot,
             token_deadline: None,
+            auth: Arc::default(),
         }
     }
 
@@ -194,6 +197,7 @@ impl Session {
     pub(crate) fn authenticate(&mut self, auth: crate::hub::namespace::ClientAuth) {
         self.token_deadline = deadline_of(auth.expires_at);
         self.connection.set_auth(auth);
+        self.auth = self.connection.auth();
     }
 
     fn reply<T: Serialize>(&mut self, id: u64, result: T) {
@@ -535,7 +539,7 @@ impl Session {
             );
             return;
         }
-        let auth = self.connection.auth();
+        let auth = self.auth.clone();
         match self
             .context
             .hub
@@ -554,7 +558,7 @@ impl Session {
     }
 
     fn presence(&mut self, id: u64, channel: &str) {
-        let auth = self.connection.auth();
+        let auth = self.auth.clone();
         match self.context.hub.presence(channel, Caller::Client(&auth)) {
             Ok(connections) => {
                 let result = presence_json(channel, &connections);
@@ -578,7 +582,7 @@ impl Session {
             );
             return;
         }
-        let auth = self.connection.auth();
+        let auth = self.auth.clone();
         match self
             .context
             .hub
