@@ -28,17 +28,19 @@ pub struct ServerUsage {
     pub rss_bytes: u64,
 }
 
+/// The `duplex.toml` a bench server runs with; a server given with `--server` needs the same
+/// `[namespaces.bench]` table (or its publisher needs a token).
+pub(crate) const BENCH_CONFIG: &str = "publish_rate = 100000000\npublish_burst = 100000000\n\n[namespaces.bench]\npublish = \"anyone\"\n";
+
 impl ServerProcess {
     /// Starts `exe serve` and waits for the line with its addresses.
     pub async fn start(exe: &Path) -> anyhow::Result<ServerProcess> {
         let data = tempfile::tempdir()?;
         // The fan-out publisher is one connection sending as fast as asked: lift the
-        // per-connection publish limit so the bench measures delivery, not the limiter.
+        // per-connection publish limit so the bench measures delivery, not the limiter, and
+        // open the `bench` namespace to its anonymous publisher.
         let config = data.path().join("duplex.toml");
-        std::fs::write(
-            &config,
-            "publish_rate = 100000000\npublish_burst = 100000000\n",
-        )?;
+        std::fs::write(&config, BENCH_CONFIG)?;
         let mut child = Command::new(exe)
             .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
             .arg("--config")

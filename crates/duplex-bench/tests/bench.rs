@@ -7,7 +7,11 @@ use duplex_testkit::TestServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_reports_every_delivery_on_both_transports() {
-    let server = TestServer::start().await;
+    // The same open `bench` namespace as the config `duplex bench` gives its own server.
+    let server = TestServer::start_with(|c| {
+        c.namespaces = duplex_testkit::namespaces("[bench]\npublish = \"anyone\"\n");
+    })
+    .await;
     for transport in [Transport::Websocket, Transport::Tcp] {
         let report = run_fanout(&FanoutOptions {
             http_addr: server.http_addr.to_string(),

@@ -4,7 +4,8 @@
 //! `--jwt-public-key`; signature, algorithm (exactly one, chosen by the configuration: `alg: none`
 //! and algorithm confusion are refused by construction) and expiry are verified. The user a token names (`sub`) is what presence shows and what
 //! `POST /api/users/{user}/request` addresses; its `channels` claim (names, or prefixes ending in
-//! `*`) is what `token_channels` namespace rules check.
+//! `*`) is what `token_channels` namespace rules check; its `meta` (any JSON) is what presence
+//! shows for the connection.
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -31,6 +32,8 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     channels: Vec<String>,
+    #[serde(default)]
+    meta: Option<Box<serde_json::value::RawValue>>,
 }
 
 /// Why a token was refused.
@@ -93,6 +96,7 @@ impl TokenVerifier {
                 user: Some(data.claims.sub.into()),
                 channels: data.claims.channels,
                 expires_at: Some(data.claims.exp),
+                meta: data.claims.meta.map(std::sync::Arc::from),
             }),
             Err(error) => match error.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => Err(TokenError::Expired),

@@ -10,7 +10,8 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use crate::hub::namespace::{NamespaceConfig, Namespaces};
+use crate::api_keys::{ApiKey, ApiKeys};
+use crate::hub::namespace::{CollectionRule, NamespaceConfig, Namespaces};
 use crate::socket::SocketLimits;
 
 /// Everything a server needs to start.
@@ -30,13 +31,18 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How long a client may take to send a request's head before its connection is closed.
     pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's body once its head arrived (408).
+    pub body_read_timeout: Duration,
     /// Per-connection socket limits.
     pub sockets: SocketLimits,
-    /// Namespace rules.
+    /// Namespace rules, with the collections' read and write rules.
     pub namespaces: Namespaces,
-    /// The key the server API (`/api/channels`, `/api/connections`, `/api/users`) requires as
-    /// `Authorization: Bearer KEY`; `None` leaves it open (bind to loopback then).
+    /// A key with every scope: the server API (`/api/channels`, `/api/connections`,
+    /// `/api/users`) then requires `Authorization: Bearer KEY` (or a scoped key of
+    /// [`Config::api_keys`]); with no key at all it is open (bind to loopback then).
     pub api_key: Option<String>,
+    /// Named keys with scopes (`[[api_keys]]` in `duplex.toml`).
+    pub api_keys: Vec<ApiKey>,
     /// The HS256 secret connection tokens are signed with; `None` refuses tokens.
     pub jwt_secret: Option<String>,
     /// A PEM public key (EC P-256 for ES256, or RSA for RS256) tokens are checked against,
@@ -59,6 +65,7 @@ impl Default for Config {
             max_body: 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
             sockets: SocketLimits {
                 max_frame: 64 * 1024,
                 queue_size: 1024,
@@ -72,6 +79,7 @@ impl Default for Config {
             },
             namespaces: Namespaces::default(),
             api_key: None,
+            api_keys: Vec::new(),
             jwt_secret: None,
             jwt_public_key: None,
             allowed_origins: Vec::new(),
@@ -150,9 +158,17 @@ pub struct ConfigLayer {
     pub tls_cert: Option<PathBuf>,
     /// The PEM private key of [`Config::tls`].
     pub tls_key: Option<PathBuf>,
+    /// See [`Config::body_read_timeout`], as text such as `"30s"`.
+    pub body_read_timeout: Option<String>,
     /// `[namespaces.NAME]` tables (file only).
     #[serde(default)]
     pub namespaces: HashMap<String, NamespaceConfig>,
+    /// `[collections.NAME]` read/write rules (file only).
+    #[serde(default)]
+    pub collections: HashMap<String, CollectionRule>,
+    /// `[[api_keys]]` tables (file only).
+    #[serde(default)]
+    pub api_keys: Vec<ApiKey>,
 }
 
 impl ConfigLayer {
@@ -193,10 +209,21 @@ impl ConfigLayer {
             allowed_origins: self.allowed_origins.or(lower.allowed_origins),
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),
+            body_read_timeout: self.body_read_timeout.or(lower.body_read_timeout),
             namespaces: if self.namespaces.is_empty() {
                 lower.namespaces
             } else {
                 self.namespaces
+            },
+            collections: if self.collections.is_empty() {
+                lower.collections
+            } else {
+                self.collections
+            },
+            api_keys: if self.api_keys.is_empty() {
+                lower.api_keys
+            } else {
+                self.api_keys
             },
         }
     }
@@ -219,6 +246,11 @@ impl ConfigLayer {
             "header_read_timeout",
             self.header_read_timeout,
             defaults.header_read_timeout,
+        )?;
+        let body_read_timeout = duration(
+            "body_read_timeout",
+            self.body_read_timeout,
+            defaults.body_read_timeout,
         )?;
         let sockets = SocketLimits {
             max_frame: self.max_frame.map_or(defaults.sockets.max_frame, |b| b.0),
@@ -256,6 +288,16 @@ impl ConfigLayer {
                 key: "namespaces",
                 message,
             })?;
+        let namespaces = namespaces
+            .with_collections(&self.collections)
+            .map_err(|message| ConfigError::Invalid {
+                key: "collections",
+                message,
+            })?;
+        ApiKeys::new(None, &self.api_keys).map_err(|message| ConfigError::Invalid {
+            key: "api_keys",
+            message,
+        })?;
         if self.api_key.as_deref().is_some_and(str::is_empty) {
             return Err(ConfigError::Invalid {
                 key: "api_key",
@@ -289,6 +331,7 @@ impl ConfigLayer {
             tls,
             jwt_public_key: self.jwt_public_key,
             api_key: self.api_key,
+            api_keys: self.api_keys,
             jwt_secret: self.jwt_secret,
             allowed_origins: self.allowed_origins.unwrap_or_default(),
             sockets,
@@ -300,6 +343,7 @@ impl ConfigLayer {
             max_body: self.max_body.map_or(defaults.max_body, |b| b.0),
             shutdown_grace,
             header_read_timeout,
+            body_read_timeout,
         })
     }
 }

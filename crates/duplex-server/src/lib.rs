@@ -15,6 +15,7 @@
 //! # }
 //! ```
 
+pub mod api_keys;
 pub mod auth;
 pub mod config;
 pub mod http;

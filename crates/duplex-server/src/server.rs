@@ -167,7 +167,14 @@ impl Server {
             sockets,
             metrics: self.metrics.clone(),
             max_body: self.config.max_body,
-            api_key: self.config.api_key.as_deref().map(Arc::from),
+            body_read_timeout: self.config.body_read_timeout,
+            api_keys: Arc::new(
+                crate::api_keys::ApiKeys::new(
+                    self.config.api_key.as_deref(),
+                    &self.config.api_keys,
+                )
+                .map_err(ServerError::Config)?,
+            ),
             allowed_origins: self.config.allowed_origins.clone().into(),
         };
         let app = http::router(state);

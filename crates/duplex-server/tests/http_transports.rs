@@ -363,6 +363,35 @@ async fn sse_streams_end_with_a_disconnect_at_shutdown() {
 }
 
 #[tokio::test]
+async fn sse_streams_end_with_token_expired_when_their_token_runs_out() {
+    let secret = "a-test-secret-of-some-length";
+    let server = TestServer::start_with(|c| c.jwt_secret = Some(secret.into())).await;
+    let exp = jsonwebtoken::get_current_timestamp() + 1;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "ana", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("encode");
+    let path = format!("/api/channels/news:exp/events?token={token}");
+    let mut events = EventReader::open(&server, &path, None).await;
+    events.next().await.expect("subscribed");
+    let disconnect = events.next().await.expect("disconnect");
+    assert_eq!(disconnect.event.as_deref(), Some("disconnect"));
+    let disconnect: Value = serde_json::from_str(&disconnect.data).expect("json");
+    assert_eq!(disconnect["code"], "token_expired");
+    assert_eq!(events.next().await, None, "the stream ends");
+    wait_for(
+        "the expired stream to leave the connection list",
+        || async {
+            let (_, list) = get_json(&server, "/api/connections").await;
+            (list["items"] == json!([])).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn sse_streams_are_listed_as_connections_and_cleaned_up() {
     let server = TestServer::start().await;
     let events = EventReader::open(&server, "/api/channels/news:c/events", None).await;

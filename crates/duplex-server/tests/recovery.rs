@@ -1,24 +1,15 @@
 //! History and gapless recovery against a real server.
 
-use std::collections::HashMap;
-
-use duplex_server::hub::namespace::{NamespaceConfig, Namespaces};
+use duplex_server::hub::namespace::Namespaces;
 use duplex_testkit::{TestServer, WsClient};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 fn namespaces(history_size: usize) -> Namespaces {
-    let mut configured = HashMap::new();
-    configured.insert(
-        "feed".to_owned(),
-        NamespaceConfig {
-            history_size: Some(history_size),
-            history_ttl: Some("10m".into()),
-            ..NamespaceConfig::default()
-        },
-    );
-    Namespaces::new(&configured).expect("valid namespaces")
+    duplex_testkit::namespaces(&format!(
+        "[feed]\npublish = \"anyone\"\nhistory_size = {history_size}\nhistory_ttl = \"10m\"\n"
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use duplex_proto::binary;
+use duplex_server::hub::namespace::Namespaces;
 use duplex_testkit::{TestServer, WsEvent, wait_for};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -597,15 +598,64 @@ fn token_with_channels(user: &str, channels: &[&str]) -> String {
 }
 
 #[tokio::test]
+async fn anonymous_clients_publish_only_where_a_namespace_says_so() {
+    // The production defaults, without the test kit's open namespaces.
+    let server = TestServer::start_with(|c| {
+        c.jwt_secret = Some(SECRET.into());
+        c.namespaces = Namespaces::default();
+    })
+    .await;
+    let mut ws = server.ws().await;
+    let mut tcp = server.tcp().await;
+    for (i, channel) in ["news:today", "anything:else"].into_iter().enumerate() {
+        let frame = json!({"type": "publish", "channel": channel, "data": 1});
+        let id = i as u64 + 1;
+        assert_eq!(
+            ws.request(frame.clone(), id).await["code"],
+            "permission_denied"
+        );
+        assert_eq!(tcp.request(frame, id).await["code"], "permission_denied");
+    }
+    for (i, channel) in ["chat:lobby", "stream:cam1", "game:arena"]
+        .into_iter()
+        .enumerate()
+    {
+        let frame = json!({"type": "publish", "channel": channel, "data": 1});
+        let id = i as u64 + 10;
+        assert_eq!(
+            ws.request(frame.clone(), id).await["type"],
+            "reply",
+            "{channel}"
+        );
+        assert_eq!(tcp.request(frame, id).await["type"], "reply", "{channel}");
+    }
+    // A token is enough for the default namespace; the server API always may.
+    let token = token_with_channels("ana", &[]);
+    ws.request(json!({"type": "connect", "token": token}), 20)
+        .await;
+    let published = ws
+        .request(
+            json!({"type": "publish", "channel": "news:today", "data": 2}),
+            21,
+        )
+        .await;
+    assert_eq!(published["type"], "reply");
+    let response = reqwest::Client::new()
+        .post(server.url("/api/channels/anything:else/publish"))
+        .json(&json!({"data": 3}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
 async fn namespace_rules_allow_and_deny_on_every_transport() {
     let server = TestServer::start_with(|c| {
         c.jwt_secret = Some(SECRET.into());
-        let configured: std::collections::HashMap<
-            String,
-            duplex_server::hub::namespace::NamespaceConfig,
-        > = toml::from_str("[members]\npublish = \"authenticated\"\nread_history = \"server\"")
-            .expect("toml");
-        c.namespaces = duplex_server::hub::namespace::Namespaces::new(&configured).expect("valid");
+        c.namespaces = duplex_testkit::namespaces(
+            "[members]\npublish = \"authenticated\"\nread_history = \"server\"",
+        );
     })
     .await;
     let ana_token = token_with_channels("ana", &["private:ana-*"]);

@@ -1,11 +1,10 @@
 //! Channels over WebSocket and raw TCP against a real server, with real clients.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use duplex_proto::binary;
 use duplex_proto::tcp::TcpFrame;
-use duplex_server::hub::namespace::{NamespaceConfig, Namespaces, SlowConsumerPolicy};
+use duplex_server::hub::namespace::Namespaces;
 use duplex_testkit::{TestServer, WsEvent, wait_for};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -485,23 +484,17 @@ async fn a_client_that_vanishes_leaves_the_server_and_others_unharmed() {
 }
 
 fn slow_consumer_server_namespaces() -> Namespaces {
-    let mut configured = HashMap::new();
+    let mut tables = String::new();
     for (name, policy) in [
-        ("slowdrop", SlowConsumerPolicy::DropOldest),
-        ("slowlatest", SlowConsumerPolicy::Latest),
-        ("slowkick", SlowConsumerPolicy::Disconnect),
+        ("slowdrop", "drop_oldest"),
+        ("slowlatest", "latest"),
+        ("slowkick", "disconnect"),
     ] {
-        configured.insert(
-            name.to_owned(),
-            NamespaceConfig {
-                slow_consumer: Some(policy),
-                history_size: Some(0),
-                max_message_size: Some(duplex_server::config::ByteSize(1 << 20)),
-                ..NamespaceConfig::default()
-            },
-        );
+        tables.push_str(&format!(
+            "[{name}]\npublish = \"anyone\"\nslow_consumer = \"{policy}\"\nhistory_size = 0\nmax_message_size = \"1MiB\"\n"
+        ));
     }
-    Namespaces::new(&configured).expect("valid namespaces")
+    duplex_testkit::namespaces(&tables)
 }
 
 /// Publishes `count` large messages while a WebSocket subscriber reads along and a raw TCP

@@ -4,10 +4,12 @@
 
 mod clients;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
 pub use clients::{EVENT_TIMEOUT, TcpClient, WsClient, WsEvent, wait_for};
 
+use duplex_server::hub::namespace::{NamespaceConfig, Namespaces};
 use duplex_server::{Config, Server, ServerError};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
@@ -25,8 +27,24 @@ pub struct TestServer {
     data: TempDir,
 }
 
+/// `[namespaces.X]` tables every test server has: `news` and `feed` take anonymous
+/// publications (outside `chat`, `stream` and `game`, the defaults ask for a token).
+pub const OPEN_NAMESPACES: &str = "[news]\npublish = \"anyone\"\n[feed]\npublish = \"anyone\"\n";
+
+/// The built-in namespaces with [`OPEN_NAMESPACES`] and then `tables` (the body of
+/// `duplex.toml`'s `[namespaces]`, such as `"[alerts]\npublish = \"server\""`) on top.
+pub fn namespaces(tables: &str) -> Namespaces {
+    let mut configured: HashMap<String, NamespaceConfig> =
+        toml::from_str(OPEN_NAMESPACES).expect("valid test namespaces");
+    let extra: HashMap<String, NamespaceConfig> =
+        toml::from_str(tables).expect("valid namespace tables");
+    configured.extend(extra);
+    Namespaces::new(&configured).expect("valid namespaces")
+}
+
 impl TestServer {
-    /// Starts a server with the default configuration on loopback port 0.
+    /// Starts a server with the default configuration on loopback port 0, plus the
+    /// [`OPEN_NAMESPACES`] that tests publish to without a token.
     pub async fn start() -> TestServer {
         Self::start_with(|_| {}).await
     }
@@ -38,6 +56,7 @@ impl TestServer {
             http: SocketAddr::from(([127, 0, 0, 1], 0)),
             tcp: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data.path().to_owned(),
+            namespaces: namespaces(""),
             ..Config::default()
         };
         configure(&mut config);

@@ -103,6 +103,8 @@ pub(crate) struct RoundtripArgs {
 pub(crate) struct Target {
     /// A running server's HTTP address (http://127.0.0.1:PORT or 127.0.0.1:PORT); default:
     /// start one as a child process, so its CPU and memory are measured apart from the load.
+    /// A server of your own needs `[namespaces.bench]` with `publish = "anyone"` and a lifted
+    /// `publish_rate`, as the child gets.
     #[arg(long)]
     server: Option<String>,
     /// Raw TCP address of that server.

@@ -19,10 +19,15 @@ use crate::socket::{history_json, presence_json};
 
 const OCTET_STREAM: &str = "application/octet-stream";
 
-pub(crate) fn router() -> Router<AppState> {
+/// The channel route that publishes (scope `channels:publish`).
+pub(crate) fn publish_router() -> Router<AppState> {
+    Router::new().route("/api/channels/{channel}/publish", post(publish))
+}
+
+/// The channel routes that read (scope `channels:read`).
+pub(crate) fn read_router() -> Router<AppState> {
     Router::new()
         .route("/api/channels", get(list_channels))
-        .route("/api/channels/{channel}/publish", post(publish))
         .route("/api/channels/{channel}/history", get(history))
         .route("/api/channels/{channel}/presence", get(presence))
 }

@@ -80,6 +80,12 @@ pub enum ApiError {
     /// The credentials do not allow this.
     #[error("{0}")]
     Forbidden(String),
+    /// The request body did not arrive within `body_read_timeout`.
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
+    /// The request body broke off or could not be read.
+    #[error("{0}")]
+    BadBody(String),
     /// A client did not answer the server's request in time.
     #[error("the client did not answer within {0:?}")]
     ClientTimeout(std::time::Duration),
@@ -135,6 +141,8 @@ impl ApiError {
             ApiError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::ClientTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            ApiError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_body"),
             ApiError::ClientError { .. } => (StatusCode::BAD_GATEWAY, "client_error"),
             ApiError::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),

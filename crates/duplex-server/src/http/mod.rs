@@ -11,7 +11,7 @@ mod records;
 mod transports;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
@@ -26,7 +26,9 @@ pub use connections::{DEFAULT_REQUEST_TIMEOUT, MAX_REQUEST_TIMEOUT};
 pub use error::{ApiError, PROBLEM_JSON, Problem};
 pub use records::{DEFAULT_LIMIT, MAX_FILTERS, MAX_LIMIT};
 
+use crate::api_keys::{ApiKeys, KeyCheck, Scope};
 use crate::hub::Hub;
+use crate::hub::namespace::ClientAuth;
 use crate::metrics::{HttpLabels, Metrics};
 use crate::socket::SocketContext;
 use crate::store::Store;
@@ -39,8 +41,10 @@ pub(crate) struct AppState {
     pub(crate) sockets: Arc<SocketContext>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) max_body: usize,
-    /// The key the server API requires, when one is configured.
-    pub(crate) api_key: Option<Arc<str>>,
+    /// How long a request body may take to arrive.
+    pub(crate) body_read_timeout: Duration,
+    /// The keys the server API requires (open when there are none).
+    pub(crate) api_keys: Arc<ApiKeys>,
     /// Browser origins allowed besides the server's own (`*`: any).
     pub(crate) allowed_origins: Arc<[String]>,
 }
@@ -82,6 +86,50 @@ pub(crate) fn verify_token(
         None => Err(crate::auth::TokenError::NotConfigured),
     };
     verified.map_err(|error| ApiError::InvalidToken(error.to_string()))
+}
+
+/// The `Authorization: Bearer` value, if any.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Who is calling the records API: the server (an API key with the `records` scope), a client
+/// with a verified token, or an anonymous client (no `Authorization`).
+pub(crate) enum HttpCaller {
+    /// An API key with the `records` scope.
+    Server,
+    /// A client, with what its token (if any) says.
+    Client(ClientAuth),
+}
+
+impl HttpCaller {
+    /// The hub's view of this caller.
+    pub(crate) fn as_caller(&self) -> crate::hub::namespace::Caller<'_> {
+        match self {
+            HttpCaller::Server => crate::hub::namespace::Caller::Server,
+            HttpCaller::Client(auth) => crate::hub::namespace::Caller::Client(auth),
+        }
+    }
+
+    /// Reads the caller from `Authorization: Bearer`: an API key, else a connection token.
+    pub(crate) fn from_headers(state: &AppState, headers: &HeaderMap) -> Result<Self, ApiError> {
+        let Some(given) = bearer(headers) else {
+            return Ok(HttpCaller::Client(ClientAuth::default()));
+        };
+        match state.api_keys.check(Some(given), Scope::Records) {
+            KeyCheck::Granted => return Ok(HttpCaller::Server),
+            KeyCheck::MissingScope => {
+                return Err(ApiError::Forbidden(
+                    "the API key lacks the records scope".into(),
+                ));
+            }
+            KeyCheck::Open | KeyCheck::Unknown => {}
+        }
+        verify_token(state, given).map(HttpCaller::Client)
+    }
 }
 
 /// CORS for the HTTP API: the listed origins (or any, with `*`) may call it from a browser.
@@ -159,13 +207,16 @@ pub(crate) fn body_bytes(
 pub(crate) fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
     let origins = state.allowed_origins.clone();
+    let scoped = |routes: Router<AppState>, scope: Scope| {
+        routes.route_layer(middleware::from_fn_with_state(
+            (state.clone(), scope),
+            require_scope,
+        ))
+    };
     let server_api = Router::new()
-        .merge(channels::router())
-        .merge(connections::router())
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_api_key,
-        ));
+        .merge(scoped(channels::publish_router(), Scope::ChannelsPublish))
+        .merge(scoped(channels::read_router(), Scope::ChannelsRead))
+        .merge(scoped(connections::router(), Scope::Connections));
     Router::new()
         .merge(records::router())
         .merge(transports::router())
@@ -175,31 +226,69 @@ pub(crate) fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            read_body_in_time,
+        ))
         .with_state(state)
         .layer(cors(&origins))
         .layer(middleware::from_fn_with_state(metrics, track_request))
         .layer(TraceLayer::new_for_http())
 }
 
-/// The server API answers only to `Authorization: Bearer KEY` when a key is configured.
-async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// The server API answers only to a key with the route's scope, when keys are configured:
+/// 401 `unauthorized` without one, 403 `forbidden` with an unknown key or one lacking the scope.
+async fn require_scope(
+    State((state, scope)): State<(AppState, Scope)>,
+    request: Request,
+    next: Next,
+) -> Response {
     use axum::response::IntoResponse as _;
-    use subtle::ConstantTimeEq as _;
-    let Some(expected) = &state.api_key else {
-        return next.run(request).await;
-    };
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        None => ApiError::Unauthorized.into_response(),
-        // Constant time, so the comparison does not reveal how much of a guess was right.
-        Some(given) if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) => {
-            next.run(request).await
+    let given = bearer(request.headers());
+    match state.api_keys.check(given, scope) {
+        KeyCheck::Open | KeyCheck::Granted => next.run(request).await,
+        KeyCheck::Unknown if given.is_none() => ApiError::Unauthorized.into_response(),
+        KeyCheck::Unknown => ApiError::Forbidden("the API key is not valid".into()).into_response(),
+        KeyCheck::MissingScope => {
+            ApiError::Forbidden(format!("the API key lacks the {} scope", scope.as_str()))
+                .into_response()
         }
-        Some(_) => ApiError::Forbidden("the API key is not valid".into()).into_response(),
+    }
+}
+
+/// Reads a request's whole body within `body_read_timeout` (408 `request_timeout` after it), so
+/// a client that trickles a body cannot hold a request open. Bodies are bounded by `max_body`
+/// and every handler that takes one reads it whole anyway.
+async fn read_body_in_time(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    use axum::body::HttpBody as _;
+    use axum::response::IntoResponse as _;
+    use http_body_util::BodyExt as _;
+    if request.body().is_end_stream() {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    // One byte over the limit is enough to know the body is too large; the handler's own
+    // extractor then answers 413 with the limit.
+    let limited = http_body_util::Limited::new(body, state.max_body + 1);
+    match tokio::time::timeout(state.body_read_timeout, limited.collect()).await {
+        Ok(Ok(collected)) => {
+            let body = axum::body::Body::from(collected.to_bytes());
+            next.run(Request::from_parts(parts, body)).await
+        }
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            ApiError::PayloadTooLarge {
+                limit: state.max_body,
+            }
+            .into_response()
+        }
+        Ok(Err(error)) => {
+            ApiError::BadBody(format!("the body could not be read: {error}")).into_response()
+        }
+        Err(_) => ApiError::RequestTimeout(state.body_read_timeout).into_response(),
     }
 }
 

@@ -12,8 +12,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::AppState;
 use super::error::ApiError;
+use super::{AppState, HttpCaller};
 use crate::hub::namespace::Caller;
 use crate::hub::publication::Payload;
 use crate::store::{
@@ -74,11 +74,53 @@ impl From<CollectionSummary> for CollectionItem {
     responses((status = 200, description = "Collections that hold records", body = CollectionList)))]
 pub(crate) async fn list_collections(
     State(state): State<AppState>,
+    headers: HeaderMap,
 ) -> Result<axum::Json<CollectionList>, ApiError> {
+    let caller = HttpCaller::from_headers(&state, &headers)?;
     let items = state.store.collections().await?;
+    let namespaces = &state.hub.namespaces();
     Ok(axum::Json(CollectionList {
-        items: items.into_iter().map(CollectionItem::from).collect(),
+        items: items
+            .into_iter()
+            .filter(|c| {
+                let channel = format!("records:{}", c.name);
+                namespaces
+                    .collection(&c.name)
+                    .read
+                    .allows(caller.as_caller(), &channel)
+            })
+            .map(CollectionItem::from)
+            .collect(),
     }))
+}
+
+/// Reading or writing a collection's records.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Read,
+    Write,
+}
+
+/// Applies the collection's `read` or `write` rule to the caller named by `Authorization`.
+fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    collection: &str,
+    op: Op,
+) -> Result<(), ApiError> {
+    let caller = HttpCaller::from_headers(state, headers)?;
+    let rule = state.hub.namespaces().collection(collection);
+    let (access, verb) = match op {
+        Op::Read => (rule.read, "read"),
+        Op::Write => (rule.write, "write"),
+    };
+    if access.allows(caller.as_caller(), &format!("records:{collection}")) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!(
+            "this collection's records are not yours to {verb} (rule: {access:?})"
+        )))
+    }
 }
 
 /// Creates a record; the server assigns `id`, `created`, `updated` and `version`.
@@ -99,6 +141,7 @@ pub(crate) async fn create_record(
 ) -> Result<Response, ApiError> {
     let Path(collection) = path?;
     check_collection(&collection)?;
+    authorize(&state, &headers, &collection, Op::Write)?;
     let fields = read_object(&state, &headers, body, &[JSON])?;
     let record = state.store.create(&collection, fields).await?;
     publish_record_event(&state, &collection, "created", &record);
@@ -119,6 +162,7 @@ pub(crate) async fn get_record(
 ) -> Result<Response, ApiError> {
     let Path((collection, id)) = path?;
     check_collection(&collection)?;
+    authorize(&state, &headers, &collection, Op::Read)?;
     check_id(&id)?;
     let record = state
         .store
@@ -150,6 +194,7 @@ pub(crate) async fn replace_record(
 ) -> Result<Response, ApiError> {
     let Path((collection, id)) = path?;
     check_collection(&collection)?;
+    authorize(&state, &headers, &collection, Op::Write)?;
     check_id(&id)?;
     let fields = read_object(&state, &headers, body, &[JSON])?;
     let precondition = write_precondition(&headers)?;
@@ -182,6 +227,7 @@ pub(crate) async fn patch_record(
 ) -> Result<Response, ApiError> {
     let Path((collection, id)) = path?;
     check_collection(&collection)?;
+    authorize(&state, &headers, &collection, Op::Write)?;
     check_id(&id)?;
     let patch = read_json(&state, &headers, body, &[MERGE_PATCH_JSON, JSON])?;
     let precondition = write_precondition(&headers)?;
@@ -212,6 +258,7 @@ pub(crate) async fn delete_record(
 ) -> Result<Response, ApiError> {
     let Path((collection, id)) = path?;
     check_collection(&collection)?;
+    authorize(&state, &headers, &collection, Op::Write)?;
     check_id(&id)?;
     let precondition = write_precondition(&headers)?;
     if precondition == Precondition::Absent {
@@ -238,10 +285,12 @@ pub(crate) async fn delete_record(
 pub(crate) async fn list_records(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let Path(collection) = path?;
     check_collection(&collection)?;
+    authorize(&state, &headers, &collection, Op::Read)?;
     let query = parse_list_query(query.as_deref().unwrap_or(""))?;
     let page = state.store.list(&collection, &query).await?;
 

@@ -213,6 +213,8 @@ pub(crate) async fn events(
         Some(remote),
         queue.clone(),
     ));
+    // An event stream ends with `token_expired` when its token runs out, as a socket does.
+    let token_deadline = crate::socket::deadline_of(auth.expires_at);
     connection.set_auth(auth);
     state.hub.register(connection.clone());
     let guard = SseConnection {
@@ -233,6 +235,7 @@ pub(crate) async fn events(
         ready: VecDeque::new(),
         epoch: String::new(),
         shutdown: context.shutdown.clone(),
+        token_deadline,
         done: false,
         _guard: guard,
     });
@@ -302,6 +305,7 @@ struct SseState {
     ready: VecDeque<Event>,
     epoch: String,
     shutdown: CancellationToken,
+    token_deadline: Option<tokio::time::Instant>,
     done: bool,
     _guard: SseConnection,
 }
@@ -371,9 +375,11 @@ fn event_stream(state: SseState) -> impl Stream<Item = Result<Event, Infallible>
                 return None;
             }
             let queue = state.queue.clone();
+            let expiry = state.token_deadline;
             let closing = tokio::select! {
                 closing = queue.next_batch(&mut state.batch) => closing,
                 () = state.shutdown.cancelled() => Some(DisconnectCode::Shutdown),
+                () = crate::socket::token_expiry(expiry) => Some(DisconnectCode::TokenExpired),
             };
             let batch = std::mem::take(&mut state.batch);
             for item in batch {

@@ -37,7 +37,7 @@ pub enum Caller<'a> {
 }
 
 /// What a client's token says about it; the default is an anonymous client.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct ClientAuth {
     /// The token's `sub`.
     pub user: Option<std::sync::Arc<str>>,
@@ -45,6 +45,9 @@ pub struct ClientAuth {
     pub channels: Vec<String>,
     /// The token's `exp`, seconds since the Unix epoch.
     pub expires_at: Option<u64>,
+    /// The token's `meta` claim (any JSON, such as a display name): what presence shows for the
+    /// connection, in place of whatever `connect` says, since the token is the server's word.
+    pub meta: Option<Arc<serde_json::value::RawValue>>,
 }
 
 impl ClientAuth {
@@ -160,19 +163,53 @@ impl NamespaceConfig {
     }
 }
 
-/// Every namespace's rules, looked up by channel name.
+/// Who may read and write one collection's records over HTTP (`[collections.NAME]`, or
+/// `[collections.default]` for the rest). Reading also decides who may follow the collection's
+/// `records:{collection}` channel; `token_channels` looks for `records:{collection}` in the
+/// token's `channels` claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CollectionRule {
+    /// Who may list and get records (and subscribe to their events).
+    #[serde(default = "anyone")]
+    pub read: Access,
+    /// Who may create, replace, patch and delete records.
+    #[serde(default = "anyone")]
+    pub write: Access,
+}
+
+fn anyone() -> Access {
+    Access::Anyone
+}
+
+impl Default for CollectionRule {
+    fn default() -> Self {
+        CollectionRule {
+            read: Access::Anyone,
+            write: Access::Anyone,
+        }
+    }
+}
+
+/// Every namespace's rules, looked up by channel name, and every collection's.
 #[derive(Debug, Clone)]
 pub struct Namespaces {
     named: HashMap<String, Arc<Namespace>>,
     fallback: Arc<Namespace>,
+    /// `records:{collection}` channels of collections with their own read rule.
+    record_channels: HashMap<String, Arc<Namespace>>,
+    collections: HashMap<String, CollectionRule>,
+    default_collection: CollectionRule,
 }
 
 const KIB: usize = 1024;
 
 fn builtin(name: &str) -> Option<Namespace> {
+    // Outside the namespaces that ship open (chat, stream, game), publishing needs a token:
+    // a fresh server never lets anonymous clients write to any channel name they make up.
     let default = Namespace {
         name: "default".into(),
-        publish: Access::Anyone,
+        publish: Access::Authenticated,
         subscribe: Access::Anyone,
         read_presence: Access::Anyone,
         read_history: Access::Anyone,
@@ -186,6 +223,7 @@ fn builtin(name: &str) -> Option<Namespace> {
     let namespace = match name {
         "default" => default,
         "chat" => Namespace {
+            publish: Access::Anyone,
             presence: true,
             history_size: 100,
             history_ttl: Duration::from_secs(3600),
@@ -199,6 +237,7 @@ fn builtin(name: &str) -> Option<Namespace> {
             ..default
         },
         "stream" => Namespace {
+            publish: Access::Anyone,
             binary: true,
             history_size: 0,
             max_message_size: 1024 * KIB,
@@ -206,6 +245,7 @@ fn builtin(name: &str) -> Option<Namespace> {
             ..default
         },
         "game" => Namespace {
+            publish: Access::Anyone,
             binary: true,
             history_size: 0,
             slow_consumer: SlowConsumerPolicy::Latest,
@@ -261,12 +301,66 @@ impl Namespaces {
         Ok(Namespaces {
             named: named.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
             fallback: Arc::new(fallback),
+            record_channels: HashMap::new(),
+            collections: HashMap::new(),
+            default_collection: CollectionRule::default(),
         })
+    }
+
+    /// These namespaces with `[collections.NAME]` rules (and `[collections.default]`). A
+    /// collection's `read` rule also becomes the subscribe, presence and history rule of its
+    /// `records:{collection}` channel, so events never reach whoever may not read the records.
+    pub fn with_collections(
+        mut self,
+        configured: &HashMap<String, CollectionRule>,
+    ) -> Result<Self, String> {
+        let records = self
+            .named
+            .get("records")
+            .cloned()
+            .unwrap_or_else(|| self.fallback.clone());
+        let readable_by = |read: Access| {
+            Arc::new(Namespace {
+                subscribe: read,
+                read_history: read,
+                read_presence: read,
+                ..(*records).clone()
+            })
+        };
+        if let Some(rule) = configured.get("default") {
+            self.default_collection = *rule;
+            self.named.insert("records".into(), readable_by(rule.read));
+        }
+        for (name, rule) in configured {
+            if name == "default" {
+                continue;
+            }
+            if !crate::store::is_valid_collection(name) {
+                return Err(format!("collections.{name}: not a valid collection name"));
+            }
+            self.collections.insert(name.clone(), *rule);
+            self.record_channels
+                .insert(format!("records:{name}"), readable_by(rule.read));
+        }
+        Ok(self)
+    }
+
+    /// The read and write rule of a collection.
+    pub fn collection(&self, collection: &str) -> CollectionRule {
+        self.collections
+            .get(collection)
+            .copied()
+            .unwrap_or(self.default_collection)
     }
 
     /// The rules for a channel (`namespace:name`); the caller has validated the name.
     pub fn for_channel(&self, channel: &str) -> &Arc<Namespace> {
         let namespace = channel.split_once(':').map_or(channel, |(ns, _)| ns);
+        if namespace == "records"
+            && let Some(rules) = self.record_channels.get(channel)
+        {
+            return rules;
+        }
         self.named.get(namespace).unwrap_or(&self.fallback)
     }
 }
@@ -315,12 +409,45 @@ mod tests {
     }
 
     #[test]
+    fn a_collection_read_rule_guards_its_record_channel() {
+        let configured: HashMap<String, CollectionRule> = toml::from_str(
+            "[secrets]\nread = \"authenticated\"\nwrite = \"server\"\n[default]\nwrite = \"authenticated\"",
+        )
+        .expect("valid");
+        let namespaces = Namespaces::default()
+            .with_collections(&configured)
+            .expect("valid");
+        let secrets = namespaces.collection("secrets");
+        assert_eq!(
+            (secrets.read, secrets.write),
+            (Access::Authenticated, Access::Server)
+        );
+        let posts = namespaces.collection("posts");
+        assert_eq!(
+            (posts.read, posts.write),
+            (Access::Anyone, Access::Authenticated)
+        );
+        let channel = namespaces.for_channel("records:secrets");
+        assert_eq!(channel.subscribe, Access::Authenticated);
+        assert_eq!(channel.read_history, Access::Authenticated);
+        assert_eq!(channel.publish, Access::Server);
+        assert_eq!(
+            namespaces.for_channel("records:posts").subscribe,
+            Access::Anyone
+        );
+        let bad: HashMap<String, CollectionRule> =
+            toml::from_str("[\"no way\"]\nread = \"anyone\"").expect("toml");
+        assert!(Namespaces::default().with_collections(&bad).is_err());
+    }
+
+    #[test]
     fn access_rules_decide_by_caller_and_token() {
         let anonymous = ClientAuth::default();
         let ana = ClientAuth {
             user: Some("ana".into()),
             channels: vec!["private:ana-*".into(), "private:team".into()],
             expires_at: None,
+            meta: None,
         };
         let client = |auth| Caller::Client(auth);
         assert!(Access::Anyone.allows(client(&anonymous), "x:y"));

@@ -196,6 +196,9 @@ impl Session {
     /// Authenticates the connection with a token already verified (WebSocket `?token=`).
     pub(crate) fn authenticate(&mut self, auth: crate::hub::namespace::ClientAuth) {
         self.token_deadline = deadline_of(auth.expires_at);
+        if let Some(meta) = &auth.meta {
+            self.connection.set_meta(Some(meta.clone()));
+        }
         self.connection.set_auth(auth);
         self.auth = self.connection.auth();
     }
@@ -364,8 +367,13 @@ impl Session {
         {
             return;
         }
-        self.connection
-            .set_meta(frame.meta.map(|meta| Arc::from(meta.to_owned())));
+        // The token's meta is the server's word; the client's own is a fallback.
+        let meta = self
+            .auth
+            .meta
+            .clone()
+            .or_else(|| frame.meta.map(|meta| Arc::from(meta.to_owned())));
+        self.connection.set_meta(meta);
         let client = self.id.to_string();
         let user = self.connection.user();
         self.reply(
@@ -612,7 +620,8 @@ impl Drop for Session {
 }
 
 /// The monotonic deadline of a token expiring at `expires_at` (seconds since the Unix epoch).
-fn deadline_of(expires_at: Option<u64>) -> Option<tokio::time::Instant> {
+/// When a token whose `exp` is `expires_at` runs out, on tokio's clock.
+pub(crate) fn deadline_of(expires_at: Option<u64>) -> Option<tokio::time::Instant> {
     let expires_at = expires_at?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -661,7 +670,7 @@ pub(crate) async fn next_incoming<T>(
 }
 
 /// Completes when the token deadline passes; never without one.
-async fn token_expiry(deadline: Option<tokio::time::Instant>) {
+pub(crate) async fn token_expiry(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
