@@ -3,11 +3,13 @@
 //! [`TcpClient`] are thin real clients that speak the wire protocol for socket tests.
 
 mod clients;
+mod proxy;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
 pub use clients::{EVENT_TIMEOUT, TcpClient, WsClient, WsEvent, wait_for};
+pub use proxy::TcpProxy;
 
 use duplex_server::hub::namespace::{NamespaceConfig, Namespaces};
 use duplex_server::{Config, Server, ServerError};

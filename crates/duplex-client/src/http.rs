@@ -1,0 +1,536 @@
+//! The HTTP side: records, channel publish/history/presence, and asking connected clients.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use futures_util::stream::BoxStream;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use url::Url;
+
+use crate::error::{Error, Problem};
+use crate::socket::{ConnectOptions, Connection};
+
+/// A record: the server's fields (`id`, `created`, `updated`, `version`) and yours.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The record's id, unique in its collection.
+    pub id: String,
+    /// When it was created (RFC 3339).
+    pub created: String,
+    /// When it last changed (RFC 3339).
+    pub updated: String,
+    /// Starts at 1 and grows by one on every write; the `ETag` and `If-Match` value.
+    pub version: u64,
+    /// Everything else in the record.
+    #[serde(flatten)]
+    pub fields: Map<String, Value>,
+}
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Page {
+    /// The records of this page.
+    pub items: Vec<Record>,
+    /// The cursor of the next page, `None` on the last.
+    pub next: Option<String>,
+}
+
+/// How to list a collection.
+#[derive(Debug, Clone, Default)]
+pub struct ListOptions {
+    /// Records per page (1 to 500; the server's default is 50).
+    pub limit: Option<u32>,
+    /// `created`, `-created`, `updated` or `-updated`.
+    pub sort: Option<String>,
+    /// Equality filters on top-level fields: `("status", "open")`.
+    pub filters: Vec<(String, String)>,
+    /// Where to start: the `next` of a previous page.
+    pub cursor: Option<String>,
+}
+
+/// The answer to a publish.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Published {
+    /// The publication's offset in its channel.
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: String,
+}
+
+/// A channel's recent publications.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct History {
+    /// The channel.
+    pub channel: String,
+    /// The channel's last offset.
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: String,
+    /// `message` frames, oldest first.
+    pub publications: Vec<Value>,
+    /// With `since`: whether everything after it was still there.
+    #[serde(default)]
+    pub recovered: Option<bool>,
+    /// With `recovered: false`: why.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// One connection subscribed to a channel with presence.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PresenceEntry {
+    /// The connection's id.
+    pub client: String,
+    /// The user of its token, if any.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Its meta (from its token, or what it gave in `connect`).
+    #[serde(default)]
+    pub meta: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct PresenceList {
+    clients: Vec<PresenceEntry>,
+}
+
+/// A client of one duplex server over HTTP; [`Client::connect`] opens a socket to the same
+/// server. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    token: Option<String>,
+    api_key: Option<String>,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// Settings of a [`Client`].
+#[derive(Debug, Clone, Default)]
+pub struct ClientBuilder {
+    base: String,
+    token: Option<String>,
+    api_key: Option<String>,
+    ca_certs: Vec<Vec<u8>>,
+    timeout: Option<Duration>,
+}
+
+impl ClientBuilder {
+    /// A connection token (JWT) for the records API, polls, and sockets.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// An API key for the server API (and the records API, when it has the `records` scope).
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = Some(key.into());
+        self
+    }
+
+    /// Trusts the PEM certificates in `pem` besides the public roots (a private CA or a
+    /// self-signed server certificate).
+    pub fn ca_cert_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_certs.push(pem.into());
+        self
+    }
+
+    /// How long one HTTP request may take (default: 30 s; server requests add their own timeout).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The client.
+    pub fn build(self) -> Result<Client, Error> {
+        let mut base =
+            Url::parse(&self.base).map_err(|e| Error::InvalidUrl(format!("{}: {e}", self.base)))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(Error::InvalidUrl(format!(
+                "{}: the server URL is http:// or https://",
+                self.base
+            )));
+        }
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        let tls = crate::tls::client_config(&self.ca_certs)?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured((*tls).clone())
+            .timeout(self.timeout.unwrap_or(Duration::from_secs(30)))
+            .build()?;
+        Ok(Client {
+            http,
+            base,
+            token: self.token,
+            api_key: self.api_key,
+            tls,
+        })
+    }
+}
+
+/// Which credential a request carries.
+#[derive(Clone, Copy)]
+enum Auth {
+    /// The API key, else the token: the records API takes either.
+    KeyOrToken,
+    /// The API key: the server API.
+    Key,
+}
+
+impl Client {
+    /// A client of the server at `base` (`http://127.0.0.1:8080`), without credentials.
+    pub fn new(base: &str) -> Result<Client, Error> {
+        Client::builder(base).build()
+    }
+
+    /// Settings for a client of the server at `base`.
+    pub fn builder(base: &str) -> ClientBuilder {
+        ClientBuilder {
+            base: base.to_owned(),
+            ..ClientBuilder::default()
+        }
+    }
+
+    /// The server's base URL.
+    pub fn base_url(&self) -> &Url {
+        &self.base
+    }
+
+    /// Opens a WebSocket to this server's `/ws` with this client's token and TLS settings.
+    pub async fn connect(&self) -> Result<Connection, Error> {
+        let mut ws = self
+            .base
+            .join("ws")
+            .map_err(|e| Error::InvalidUrl(e.to_string()))?;
+        let scheme = if self.base.scheme() == "https" {
+            "wss"
+        } else {
+            "ws"
+        };
+        ws.set_scheme(scheme)
+            .map_err(|()| Error::InvalidUrl("cannot make a WebSocket URL".into()))?;
+        let mut options = ConnectOptions::new(ws.as_str()).tls(self.tls.clone());
+        if let Some(token) = &self.token {
+            options = options.token(token.clone());
+        }
+        Connection::connect(options).await
+    }
+
+    /// The records of one collection.
+    pub fn records(&self, collection: &str) -> Records<'_> {
+        Records {
+            client: self,
+            collection: collection.to_owned(),
+        }
+    }
+
+    /// Publishes JSON on a channel (server API).
+    pub async fn publish(&self, channel: &str, data: &impl Serialize) -> Result<Published, Error> {
+        let request = self
+            .request(
+                reqwest::Method::POST,
+                &format!("api/channels/{channel}/publish"),
+                Auth::Key,
+            )?
+            .json(data);
+        self.send_json(request).await
+    }
+
+    /// Publishes bytes on a channel of a namespace with `binary` on (server API).
+    pub async fn publish_bytes(&self, channel: &str, data: Bytes) -> Result<Published, Error> {
+        let request = self
+            .request(
+                reqwest::Method::POST,
+                &format!("api/channels/{channel}/publish"),
+                Auth::Key,
+            )?
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(data);
+        self.send_json(request).await
+    }
+
+    /// A channel's recent publications: the last `limit`, or with `since` (an offset and its
+    /// epoch) the ones after it.
+    pub async fn history(
+        &self,
+        channel: &str,
+        since: Option<(u64, &str)>,
+        limit: Option<u32>,
+    ) -> Result<History, Error> {
+        let mut query = Vec::new();
+        if let Some((offset, epoch)) = since {
+            query.push(("since", offset.to_string()));
+            query.push(("epoch", epoch.to_owned()));
+        }
+        if let Some(limit) = limit {
+            query.push(("limit", limit.to_string()));
+        }
+        let request = self
+            .request(
+                reqwest::Method::GET,
+                &format!("api/channels/{channel}/history"),
+                Auth::Key,
+            )?
+            .query(&query);
+        self.send_json(request).await
+    }
+
+    /// Who is subscribed to a channel with presence.
+    pub async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, Error> {
+        let request = self.request(
+            reqwest::Method::GET,
+            &format!("api/channels/{channel}/presence"),
+            Auth::Key,
+        )?;
+        let list: PresenceList = self.send_json(request).await?;
+        Ok(list.clients)
+    }
+
+    /// Active channels (`GET /api/channels`), as the server lists them.
+    pub async fn channels(&self) -> Result<Value, Error> {
+        let request = self.request(reqwest::Method::GET, "api/channels", Auth::Key)?;
+        self.send_json(request).await
+    }
+
+    /// Asks a connected client and returns its reply; a client's `error` answer is
+    /// [`Error::Api`] with code `client_error`, no answer in `timeout` is code `timeout`.
+    pub async fn request_connection(
+        &self,
+        connection: &str,
+        data: &impl Serialize,
+        timeout: Duration,
+    ) -> Result<Value, Error> {
+        let request = self
+            .request(
+                reqwest::Method::POST,
+                &format!("api/connections/{connection}/request"),
+                Auth::Key,
+            )?
+            .query(&[("timeout", format!("{}ms", timeout.as_millis()))])
+            .timeout(timeout + Duration::from_secs(5))
+            .json(data);
+        self.send_json(request).await
+    }
+
+    /// Asks every connection of a user; `{"replies": [...]}` as the server answers.
+    pub async fn request_user(
+        &self,
+        user: &str,
+        data: &impl Serialize,
+        timeout: Duration,
+    ) -> Result<Value, Error> {
+        let request = self
+            .request(
+                reqwest::Method::POST,
+                &format!("api/users/{user}/request"),
+                Auth::Key,
+            )?
+            .query(&[("timeout", format!("{}ms", timeout.as_millis()))])
+            .timeout(timeout + Duration::from_secs(5))
+            .json(data);
+        self.send_json(request).await
+    }
+
+    fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        auth: Auth,
+    ) -> Result<reqwest::RequestBuilder, Error> {
+        let url = self
+            .base
+            .join(path)
+            .map_err(|e| Error::InvalidUrl(format!("{path}: {e}")))?;
+        let bearer = match auth {
+            Auth::Key => self.api_key.as_ref(),
+            Auth::KeyOrToken => self.api_key.as_ref().or(self.token.as_ref()),
+        };
+        let request = self.http.request(method, url);
+        Ok(match bearer {
+            Some(bearer) => request.bearer_auth(bearer),
+            None => request,
+        })
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, Error> {
+        let response = request.send().await?;
+        if response.status().is_success() || response.status() == reqwest::StatusCode::NOT_MODIFIED
+        {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let body = response.bytes().await.unwrap_or_default();
+        let mut problem: Problem = serde_json::from_slice(&body).unwrap_or_else(|_| Problem {
+            status,
+            code: "http_error".into(),
+            title: String::new(),
+            detail: String::from_utf8_lossy(&body).into_owned(),
+        });
+        problem.status = status;
+        Err(Error::Api(problem))
+    }
+
+    async fn send_json<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, Error> {
+        let response = self.send(request).await?;
+        let body = response.bytes().await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::Protocol(format!("unexpected answer from the server: {e}")))
+    }
+}
+
+/// The records of one collection; from [`Client::records`].
+#[derive(Debug, Clone)]
+pub struct Records<'a> {
+    client: &'a Client,
+    collection: String,
+}
+
+fn if_match(request: reqwest::RequestBuilder, version: Option<u64>) -> reqwest::RequestBuilder {
+    match version {
+        Some(version) => request.header(reqwest::header::IF_MATCH, format!("\"{version}\"")),
+        None => request,
+    }
+}
+
+impl Records<'_> {
+    fn path(&self, id: Option<&str>) -> String {
+        match id {
+            Some(id) => format!("api/collections/{}/records/{id}", self.collection),
+            None => format!("api/collections/{}/records", self.collection),
+        }
+    }
+
+    /// Creates a record from a JSON object; the server assigns its id and version.
+    pub async fn create(&self, fields: &impl Serialize) -> Result<Record, Error> {
+        let request = self
+            .client
+            .request(reqwest::Method::POST, &self.path(None), Auth::KeyOrToken)?
+            .json(fields);
+        self.client.send_json(request).await
+    }
+
+    /// Reads one record ([`Error::Api`] with code `not_found` when there is none).
+    pub async fn get(&self, id: &str) -> Result<Record, Error> {
+        let request =
+            self.client
+                .request(reqwest::Method::GET, &self.path(Some(id)), Auth::KeyOrToken)?;
+        self.client.send_json(request).await
+    }
+
+    /// Replaces a record's fields; with `if_version`, only if the record is still at that
+    /// version (else code `precondition_failed`).
+    pub async fn replace(
+        &self,
+        id: &str,
+        fields: &impl Serialize,
+        if_version: Option<u64>,
+    ) -> Result<Record, Error> {
+        let request = self
+            .client
+            .request(reqwest::Method::PUT, &self.path(Some(id)), Auth::KeyOrToken)?
+            .json(fields);
+        self.client.send_json(if_match(request, if_version)).await
+    }
+
+    /// Applies a JSON merge patch (RFC 7396): `null` removes a field.
+    pub async fn patch(
+        &self,
+        id: &str,
+        patch: &impl Serialize,
+        if_version: Option<u64>,
+    ) -> Result<Record, Error> {
+        let body = serde_json::to_vec(patch)
+            .map_err(|e| Error::Protocol(format!("the patch is not JSON: {e}")))?;
+        let request = self
+            .client
+            .request(
+                reqwest::Method::PATCH,
+                &self.path(Some(id)),
+                Auth::KeyOrToken,
+            )?
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/merge-patch+json",
+            )
+            .body(body);
+        self.client.send_json(if_match(request, if_version)).await
+    }
+
+    /// Deletes a record; with `if_version`, only if it is still at that version.
+    pub async fn delete(&self, id: &str, if_version: Option<u64>) -> Result<(), Error> {
+        let request = self.client.request(
+            reqwest::Method::DELETE,
+            &self.path(Some(id)),
+            Auth::KeyOrToken,
+        )?;
+        self.client.send(if_match(request, if_version)).await?;
+        Ok(())
+    }
+
+    /// One page of the collection.
+    pub async fn list(&self, options: &ListOptions) -> Result<Page, Error> {
+        let mut query: Vec<(String, String)> = Vec::new();
+        if let Some(limit) = options.limit {
+            query.push(("limit".into(), limit.to_string()));
+        }
+        if let Some(sort) = &options.sort {
+            query.push(("sort".into(), sort.clone()));
+        }
+        if let Some(cursor) = &options.cursor {
+            query.push(("cursor".into(), cursor.clone()));
+        }
+        for (field, value) in &options.filters {
+            query.push((format!("filter.{field}"), value.clone()));
+        }
+        let request = self
+            .client
+            .request(reqwest::Method::GET, &self.path(None), Auth::KeyOrToken)?
+            .query(&query);
+        self.client.send_json(request).await
+    }
+
+    /// Every record of the collection, page after page, as a stream.
+    pub fn stream(&self, options: ListOptions) -> BoxStream<'_, Result<Record, Error>> {
+        struct State {
+            options: ListOptions,
+            page: std::vec::IntoIter<Record>,
+            done: bool,
+        }
+        let state = State {
+            options,
+            page: Vec::new().into_iter(),
+            done: false,
+        };
+        futures_util::stream::unfold(state, move |mut state| async move {
+            loop {
+                if let Some(record) = state.page.next() {
+                    return Some((Ok(record), state));
+                }
+                if state.done {
+                    return None;
+                }
+                match self.list(&state.options).await {
+                    Ok(page) => {
+                        state.done = page.next.is_none();
+                        state.options.cursor = page.next;
+                        state.page = page.items.into_iter();
+                    }
+                    Err(error) => {
+                        state.done = true;
+                        return Some((Err(error), state));
+                    }
+                }
+            }
+        })
+        .boxed()
+    }
+}

@@ -1,0 +1,434 @@
+//! The client against a real server: records, gapless streams across forced disconnects, the
+//! server asking the client, and TLS.
+
+use std::time::Duration;
+
+use duplex_client::{
+    Client, ConnectOptions, Connection, Event, ListOptions, Payload, RequestError, Status,
+};
+use duplex_testkit::{EVENT_TIMEOUT, TcpProxy, TestServer};
+use futures_util::StreamExt as _;
+use serde_json::{Value, json};
+
+async fn next_event(subscription: &mut duplex_client::Subscription) -> Event {
+    tokio::time::timeout(EVENT_TIMEOUT, subscription.next())
+        .await
+        .expect("an event in time")
+        .expect("the subscription is open")
+}
+
+#[tokio::test]
+async fn records_round_trip_with_typed_errors_and_paging() {
+    let server = TestServer::start().await;
+    let client = Client::new(&server.url("")).expect("client");
+    let notes = client.records("notes");
+    let created = notes
+        .create(&json!({"title": "first", "tags": ["a"]}))
+        .await
+        .expect("create");
+    assert_eq!(created.version, 1);
+    assert_eq!(created.fields["title"], "first");
+    let fetched = notes.get(&created.id).await.expect("get");
+    assert_eq!(fetched, created);
+
+    let replaced = notes
+        .replace(&created.id, &json!({"title": "second"}), Some(1))
+        .await
+        .expect("replace at version 1");
+    assert_eq!(replaced.version, 2);
+    let stale = notes
+        .replace(&created.id, &json!({"title": "lost update"}), Some(1))
+        .await
+        .expect_err("version 1 is gone");
+    assert_eq!(stale.code(), Some("precondition_failed"));
+    let patched = notes
+        .patch(&created.id, &json!({"title": null, "done": true}), None)
+        .await
+        .expect("patch");
+    assert_eq!(patched.fields.get("title"), None);
+    assert_eq!(patched.fields["done"], true);
+
+    for i in 0..6 {
+        notes.create(&json!({"i": i})).await.expect("create");
+    }
+    let options = ListOptions {
+        limit: Some(2),
+        sort: Some("created".into()),
+        ..ListOptions::default()
+    };
+    let first_page = notes.list(&options).await.expect("list");
+    assert_eq!(first_page.items.len(), 2);
+    assert!(first_page.next.is_some());
+    let all: Vec<_> = notes
+        .stream(options)
+        .map(|r| r.expect("page"))
+        .collect()
+        .await;
+    assert_eq!(all.len(), 7, "every record once, across four pages");
+    assert_eq!(all[0].id, created.id);
+
+    notes.delete(&created.id, Some(3)).await.expect("delete");
+    let gone = notes.get(&created.id).await.expect_err("deleted");
+    assert_eq!(gone.code(), Some("not_found"));
+    let bad = client
+        .records("Not Valid")
+        .list(&ListOptions::default())
+        .await;
+    assert_eq!(bad.expect_err("invalid").code(), Some("invalid_collection"));
+
+    let down = Client::new("http://127.0.0.1:1").expect("client");
+    let error = down
+        .records("notes")
+        .get("x")
+        .await
+        .expect_err("nothing listens");
+    assert!(matches!(error, duplex_client::Error::Http(_)), "{error:?}");
+}
+
+/// Publishes `count` messages as fast as the server answers, while `proxy` is cut every
+/// `cut_every` messages; the subscriber behind the proxy must see 1..=count exactly once, in
+/// order.
+async fn gapless_across_cuts(scheme: &str) {
+    let server = TestServer::start_with(|c| {
+        c.namespaces = duplex_testkit::namespaces(
+            "[feed]\npublish = \"anyone\"\nhistory_size = 100000\nhistory_ttl = \"10m\"\n",
+        );
+        c.sockets.publish_rate = 1_000_000;
+        c.sockets.publish_burst = 1_000_000;
+    })
+    .await;
+    let target = if scheme == "tcp" {
+        server.tcp_addr
+    } else {
+        server.http_addr
+    };
+    let proxy = TcpProxy::start(target).await;
+    let url = match scheme {
+        "tcp" => format!("tcp://{}", proxy.addr),
+        _ => format!("ws://{}/ws", proxy.addr),
+    };
+    let subscriber = Connection::connect(
+        ConnectOptions::new(&url).backoff(Duration::from_millis(10), Duration::from_millis(100)),
+    )
+    .await
+    .expect("connect through the proxy");
+    let mut feed = subscriber.subscribe("feed:live").await.expect("subscribe");
+
+    let publisher = Connection::connect(ConnectOptions::new(&server.ws_url()))
+        .await
+        .expect("publisher");
+    const COUNT: u64 = 3000;
+    let publishing = tokio::spawn(async move {
+        for i in 1..=COUNT {
+            let published = publisher
+                .publish("feed:live", &json!({"i": i}))
+                .await
+                .expect("publish");
+            assert_eq!(published.offset, i);
+            if i % 40 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+
+    let mut seen = Vec::new();
+    let mut cuts = 0;
+    while seen.last() != Some(&COUNT) {
+        match next_event(&mut feed).await {
+            Event::Message(message) => {
+                assert_eq!(message.data, Payload::Json(json!({"i": message.offset})));
+                seen.push(message.offset);
+                if message.offset % 700 == 0 {
+                    proxy.cut();
+                    cuts += 1;
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    publishing.await.expect("publisher");
+    assert_eq!(
+        seen,
+        (1..=COUNT).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
+    assert!(cuts >= 4);
+    assert!(
+        proxy.forwarded() > 4,
+        "the client reconnected after each cut"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_subscription_has_no_gaps_across_forced_disconnects() {
+    gapless_across_cuts("ws").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_tcp_subscription_has_no_gaps_across_forced_disconnects() {
+    gapless_across_cuts("tcp").await;
+}
+
+#[tokio::test]
+async fn lost_history_is_an_explicit_gap_not_a_silent_one() {
+    let server = TestServer::start().await;
+    let proxy = TcpProxy::start(server.http_addr).await;
+    let subscriber = Connection::connect(
+        ConnectOptions::new(&format!("ws://{}/ws", proxy.addr))
+            .backoff(Duration::from_millis(10), Duration::from_millis(50)),
+    )
+    .await
+    .expect("connect");
+    // `stream` keeps no history: what is published while the client is away is gone. A second
+    // viewer keeps the channel (and its epoch) alive meanwhile.
+    let mut cam = subscriber.subscribe("stream:cam").await.expect("subscribe");
+    let viewer = Connection::connect(ConnectOptions::new(&server.ws_url()))
+        .await
+        .expect("viewer");
+    let _watching = viewer.subscribe("stream:cam").await.expect("subscribe");
+    let client = Client::new(&server.url("")).expect("client");
+    client
+        .publish("stream:cam", &json!(1))
+        .await
+        .expect("publish");
+    assert!(matches!(next_event(&mut cam).await, Event::Message(m) if m.offset == 1));
+
+    proxy.set_down(true);
+    proxy.cut();
+    let mut status = subscriber.status();
+    tokio::time::timeout(
+        EVENT_TIMEOUT,
+        status.wait_for(|s| matches!(s, Status::Reconnecting(n) if *n >= 2)),
+    )
+    .await
+    .expect("reconnecting in time")
+    .expect("status");
+    client
+        .publish("stream:cam", &json!(2))
+        .await
+        .expect("publish");
+    client
+        .publish("stream:cam", &json!(3))
+        .await
+        .expect("publish");
+    proxy.set_down(false);
+
+    match next_event(&mut cam).await {
+        Event::Gap {
+            reason,
+            last_seen,
+            resumed_at,
+            ..
+        } => {
+            assert_eq!(reason, "history_trimmed");
+            assert_eq!((last_seen, resumed_at), (1, 3));
+        }
+        other => panic!("expected a gap, got {other:?}"),
+    }
+    client
+        .publish("stream:cam", &json!(4))
+        .await
+        .expect("publish");
+    assert!(matches!(next_event(&mut cam).await, Event::Message(m) if m.offset == 4));
+}
+
+#[tokio::test]
+async fn the_server_asks_and_the_handler_answers() {
+    let server = TestServer::start().await;
+    let connection = Connection::connect(ConnectOptions::new(&server.ws_url()).on_request(
+        |data: Value| async move {
+            match data["question"].as_str() {
+                Some("ready?") => Ok(json!({"ready": true})),
+                _ => Err(RequestError {
+                    code: "unknown_question".into(),
+                    message: "ask me if I am ready".into(),
+                }),
+            }
+        },
+    ))
+    .await
+    .expect("connect");
+    let id = connection.client_id().expect("connected");
+    let client = Client::new(&server.url("")).expect("client");
+    let answer = client
+        .request_connection(&id, &json!({"question": "ready?"}), Duration::from_secs(5))
+        .await
+        .expect("answered");
+    assert_eq!(answer, json!({"ready": true}));
+    let refused = client
+        .request_connection(&id, &json!({"question": "why?"}), Duration::from_secs(5))
+        .await
+        .expect_err("declined");
+    assert_eq!(refused.code(), Some("client_error"));
+    let unknown = client
+        .request_connection("0000000000000000", &json!({}), Duration::from_secs(1))
+        .await
+        .expect_err("no such connection");
+    assert_eq!(unknown.code(), Some("not_found"));
+}
+
+#[tokio::test]
+async fn a_disconnect_that_says_do_not_reconnect_is_honoured() {
+    let server = TestServer::start().await;
+    let connection = Connection::connect(ConnectOptions::new(&server.ws_url()))
+        .await
+        .expect("connect");
+    let mut lobby = connection.subscribe("chat:lobby").await.expect("subscribe");
+    // Twenty bad requests in a row: the server closes with too_many_errors, reconnect: false.
+    for _ in 0..20 {
+        let answer = connection.request(json!({"type": "launch"})).await;
+        if let Err(error) = answer {
+            assert!(
+                matches!(error.code(), Some("unknown_type"))
+                    || matches!(
+                        error,
+                        duplex_client::Error::ConnectionLost | duplex_client::Error::Closed(_)
+                    ),
+                "{error:?}"
+            );
+        }
+    }
+    assert_eq!(
+        next_event(&mut lobby).await,
+        Event::Ended {
+            code: "too_many_errors".into()
+        }
+    );
+    assert_eq!(lobby.next().await, None);
+    let mut status = connection.status();
+    let closed = tokio::time::timeout(
+        EVENT_TIMEOUT,
+        status.wait_for(|s| matches!(s, Status::Closed(_))),
+    )
+    .await
+    .expect("closed in time")
+    .expect("status")
+    .clone();
+    assert_eq!(closed, Status::Closed(Some("too_many_errors".into())));
+    let error = connection
+        .publish("chat:lobby", &json!(1))
+        .await
+        .expect_err("closed for good");
+    assert!(
+        matches!(error, duplex_client::Error::Closed(_)),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
+async fn binary_publications_travel_as_bytes_on_both_transports() {
+    let server = TestServer::start().await;
+    let ws = Connection::connect(ConnectOptions::new(&server.ws_url()))
+        .await
+        .expect("ws");
+    let tcp = Connection::connect(ConnectOptions::new(&format!("tcp://{}", server.tcp_addr)))
+        .await
+        .expect("tcp");
+    let mut on_ws = ws.subscribe("stream:bytes").await.expect("subscribe");
+    let mut on_tcp = tcp.subscribe("stream:bytes").await.expect("subscribe");
+    let payload = bytes::Bytes::from_static(&[0, 1, 2, 255, b'\n', 0]);
+    tcp.publish_bytes("stream:bytes", payload.clone())
+        .await
+        .expect("publish over tcp");
+    for subscription in [&mut on_ws, &mut on_tcp] {
+        match next_event(subscription).await {
+            Event::Message(message) => assert_eq!(message.data, Payload::Binary(payload.clone())),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let refused = ws
+        .publish_bytes("chat:lobby", payload)
+        .await
+        .expect_err("chat takes no bytes");
+    assert_eq!(refused.code(), Some("binary_not_allowed"));
+}
+
+#[tokio::test]
+async fn https_wss_and_tcps_work_with_a_trusted_certificate() {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
+        .expect("a self-signed certificate");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, certified.cert.pem()).expect("write");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write");
+    let server = TestServer::start_with(|c| c.tls = Some((cert.clone(), key.clone()))).await;
+    let pem = certified.cert.pem().into_bytes();
+
+    let https = format!("https://localhost:{}", server.http_addr.port());
+    let client = Client::builder(&https)
+        .ca_cert_pem(pem.clone())
+        .build()
+        .expect("client");
+    let note = client
+        .records("notes")
+        .create(&json!({"secure": true}))
+        .await
+        .expect("create over https");
+    let connection = client.connect().await.expect("wss");
+    let mut events = connection
+        .subscribe("records:notes")
+        .await
+        .expect("subscribe");
+    client
+        .records("notes")
+        .patch(&note.id, &json!({"seen": true}), Some(1))
+        .await
+        .expect("patch");
+    assert!(matches!(next_event(&mut events).await, Event::Message(m) if m.offset >= 1));
+
+    let tcps = Connection::connect(
+        ConnectOptions::new(&format!("tcps://localhost:{}", server.tcp_addr.port()))
+            .ca_cert_pem(pem),
+    )
+    .await
+    .expect("tcps");
+    let published = tcps
+        .publish("chat:tls", &json!("over tls"))
+        .await
+        .expect("publish over tcps");
+    assert_eq!(published.offset, 1);
+
+    // Without trusting the certificate, the handshake is refused.
+    let untrusted = Client::new(&https).expect("client");
+    let error = untrusted
+        .records("notes")
+        .get(&note.id)
+        .await
+        .expect_err("untrusted certificate");
+    assert!(matches!(error, duplex_client::Error::Http(_)), "{error:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_falls_a_buffer_behind_catches_up_without_gaps() {
+    let server = TestServer::start_with(|c| {
+        c.namespaces = duplex_testkit::namespaces(
+            "[feed]\npublish = \"anyone\"\nhistory_size = 100000\nhistory_ttl = \"10m\"\n",
+        );
+        c.sockets.publish_rate = 1_000_000;
+        c.sockets.publish_burst = 1_000_000;
+    })
+    .await;
+    let connection = Connection::connect(ConnectOptions::new(&server.ws_url()))
+        .await
+        .expect("connect");
+    let mut feed = connection.subscribe("feed:burst").await.expect("subscribe");
+    // Publish on the same connection without reading: far more than the subscription buffers.
+    // The connection keeps answering (it never waits on the reader) ...
+    const COUNT: u64 = 5000;
+    for i in 1..=COUNT {
+        connection
+            .publish("feed:burst", &json!(i))
+            .await
+            .expect("publish while the reader sleeps");
+    }
+    // ... and the reader, once it reads, gets every publication once, in order.
+    let mut seen = Vec::new();
+    while seen.last() != Some(&COUNT) {
+        match next_event(&mut feed).await {
+            Event::Message(message) => seen.push(message.offset),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, (1..=COUNT).collect::<Vec<_>>());
+}

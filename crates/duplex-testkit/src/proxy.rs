@@ -1,0 +1,100 @@
+//! A loopback TCP proxy whose connections a test can cut, and which can refuse new ones: the
+//! network failing under a client, without touching the server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Forwards `127.0.0.1:PORT` to a target address.
+#[derive(Debug)]
+pub struct TcpProxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// Bumped to cut every open connection.
+    generation: watch::Sender<u64>,
+    down: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    task: JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Starts forwarding to `target`.
+    pub async fn start(target: SocketAddr) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let (generation, _) = watch::channel(0u64);
+        let down = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(accept(
+            listener,
+            target,
+            generation.clone(),
+            down.clone(),
+            accepted.clone(),
+        ));
+        TcpProxy {
+            addr,
+            generation,
+            down,
+            accepted,
+            task,
+        }
+    }
+
+    /// Drops every open connection at once (both directions), as a network failure would.
+    pub fn cut(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// While down, new connections are closed as soon as they are accepted.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// How many connections were forwarded so far.
+    pub fn forwarded(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.task.abort();
+    }
+}
+
+async fn accept(
+    listener: TcpListener,
+    target: SocketAddr,
+    generation: watch::Sender<u64>,
+    down: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+) {
+    while let Ok((mut client, _)) = listener.accept().await {
+        if down.load(Ordering::SeqCst) {
+            drop(client);
+            continue;
+        }
+        let mut cut = generation.subscribe();
+        cut.borrow_and_update();
+        accepted.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let Ok(mut server) = TcpStream::connect(target).await else {
+                return;
+            };
+            client.set_nodelay(true).ok();
+            server.set_nodelay(true).ok();
+            tokio::select! {
+                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                _ = cut.changed() => {}
+            }
+        });
+    }
+}
