@@ -1,6 +1,8 @@
-//! The `duplex` command: `duplex serve` runs the server, `duplex bench` measures one.
+//! The `duplex` command: `duplex serve` runs the server, `duplex bench` measures one, and the
+//! client commands (`records`, `pub`, `sub`, `request`, `presence`, `chat`) talk to one.
 
 mod bench;
+mod cli;
 
 use std::path::PathBuf;
 
@@ -25,6 +27,69 @@ enum Command {
     /// Measure a server: fan-out throughput and latency, connection memory.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Records over HTTP: create, get, list, update, delete.
+    Records {
+        #[command(flatten)]
+        remote: cli::Remote,
+        #[command(subcommand)]
+        command: cli::RecordsCommand,
+    },
+    /// Publish on a channel: DATA is JSON (or text, sent as a JSON string).
+    Pub {
+        #[command(flatten)]
+        remote: cli::Remote,
+        /// The channel, namespace:name.
+        channel: String,
+        /// The data.
+        data: String,
+    },
+    /// Follow a channel: one JSON line per event; reconnects and resumes by itself.
+    Sub {
+        #[command(flatten)]
+        remote: cli::Remote,
+        /// The channel, namespace:name.
+        channel: String,
+        /// Replay what was published after this offset first (with --epoch).
+        #[arg(long)]
+        since: Option<u64>,
+        /// The epoch of --since.
+        #[arg(long)]
+        epoch: Option<String>,
+    },
+    /// Ask a connected client (by connection id) and print its reply.
+    Request {
+        #[command(flatten)]
+        remote: cli::Remote,
+        /// The connection id (from `GET /api/connections` or the client itself).
+        connection: String,
+        /// The request's data: JSON, or text sent as a JSON string.
+        data: String,
+        /// How long to wait for the answer, e.g. 5s.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Who is in a channel (namespaces with presence).
+    Presence {
+        #[command(flatten)]
+        remote: cli::Remote,
+        /// The channel, namespace:name.
+        channel: String,
+    },
+    /// Chat in a room from the terminal: recent history, live messages, who is there.
+    Chat {
+        #[command(flatten)]
+        remote: cli::Remote,
+        /// The room (`lobby` means `chat:lobby`; a full channel name works too).
+        room: String,
+        /// Your name in the room.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    duplex_server::config::parse_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 500ms, 5s or 2m"))
 }
 
 /// Flags override `DUPLEX_*` variables, which override the config file, which overrides the
@@ -172,5 +237,25 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
         Command::Bench(command) => bench::run(command).await,
+        Command::Records { remote, command } => cli::records(&remote, command).await,
+        Command::Pub {
+            remote,
+            channel,
+            data,
+        } => cli::publish(&remote, &channel, &data).await,
+        Command::Sub {
+            remote,
+            channel,
+            since,
+            epoch,
+        } => cli::subscribe(&remote, &channel, since, epoch).await,
+        Command::Request {
+            remote,
+            connection,
+            data,
+            timeout,
+        } => cli::request(&remote, &connection, &data, timeout).await,
+        Command::Presence { remote, channel } => cli::presence(&remote, &channel).await,
+        Command::Chat { remote, room, name } => cli::chat(&remote, &room, &name).await,
     }
 }
