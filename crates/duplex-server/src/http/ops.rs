@@ -1,4 +1,5 @@
-//! Operations endpoints: liveness, readiness, Prometheus metrics and the OpenAPI document.
+//! Operations endpoints: liveness, readiness, Prometheus metrics and the OpenAPI document; and
+//! the browser client (`/duplex.js`, `/duplex.d.ts`), embedded in the binary.
 
 use axum::Router;
 use axum::extract::State;
@@ -16,6 +17,38 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        .route("/duplex.js", get(browser_client))
+        .route("/duplex.d.ts", get(browser_client_types))
+}
+
+/// The browser client, a dependency-free ES module.
+const BROWSER_CLIENT: &str = include_str!("../../assets/duplex.js");
+/// Its TypeScript declarations.
+const BROWSER_CLIENT_TYPES: &str = include_str!("../../assets/duplex.d.ts");
+
+async fn browser_client() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        BROWSER_CLIENT,
+    )
+        .into_response()
+}
+
+async fn browser_client_types() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/typescript; charset=utf-8",
+            ),
+            (header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        BROWSER_CLIENT_TYPES,
+    )
+        .into_response()
 }
 
 /// The OpenAPI description of the HTTP API, generated from the handlers.

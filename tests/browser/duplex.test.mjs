@@ -1,0 +1,156 @@
+// Drives a real headless Chromium against a real duplex server to test /duplex.js.
+//
+// Run by crates/duplex-server/tests/browser.rs, which starts the server and a TCP proxy in front
+// of it. DUPLEX_URL is the proxy (what the page uses), DUPLEX_DIRECT the server itself (what this
+// script uses to act as a backend). To drop the page's socket, this script prints a command line
+// (DOWN: cut every proxied connection and refuse new ones; UP: accept again) and waits for the
+// harness to answer OK on stdin.
+
+import { createInterface } from "node:readline";
+import { chromium } from "playwright-core";
+
+const PAGE = process.env.DUPLEX_URL;
+const DIRECT = process.env.DUPLEX_DIRECT;
+const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
+const TIMEOUT = 15000;
+
+const input = createInterface({ input: process.stdin });
+const answers = input[Symbol.asyncIterator]();
+async function harness(command) {
+  console.log(command);
+  const { value } = await answers.next();
+  if (value !== "OK") throw new Error(`the harness answered ${value} to ${command}`);
+}
+
+function check(condition, message) {
+  if (!condition) throw new Error(`check failed: ${message}`);
+}
+
+async function waitFor(page, predicate, arg, what) {
+  try {
+    await page.waitForFunction(predicate, arg, { timeout: TIMEOUT, polling: 20 });
+  } catch (error) {
+    throw new Error(`timed out waiting for ${what}: ${error.message}`);
+  }
+}
+
+async function backend(path, body) {
+  const response = await fetch(`${DIRECT}${path}`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const text = await response.text();
+  if (!response.ok) throw new Error(`${path}: ${response.status} ${text}`);
+  return JSON.parse(text);
+}
+
+const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ["--no-sandbox"] });
+try {
+  const page = await browser.newPage();
+  page.on("pageerror", (error) => console.error(`page error: ${error.message}`));
+  await page.goto(`${PAGE}/duplex.js`);
+  await page.evaluate(async () => {
+    window.D = await import("/duplex.js");
+  });
+
+  // Records over fetch, with typed errors.
+  const records = await page.evaluate(async () => {
+    const duplex = new D.Duplex();
+    const notes = duplex.records("browser-notes");
+    const created = await notes.create({ title: "from chromium" });
+    const patched = await notes.patch(created.id, { done: true }, { ifVersion: 1 });
+    let stale = null;
+    try {
+      await notes.update(created.id, { title: "lost" }, { ifVersion: 1 });
+    } catch (error) {
+      stale = error.code;
+    }
+    const listed = [];
+    for await (const record of notes.all({ limit: 1 })) listed.push(record.id);
+    await notes.delete(created.id);
+    let missing = null;
+    try {
+      await notes.get(created.id);
+    } catch (error) {
+      missing = error instanceof D.DuplexError ? error.code : "not a DuplexError";
+    }
+    return { version: patched.version, done: patched.done, stale, listed: listed.length, missing };
+  });
+  check(records.version === 2 && records.done === true, `patch: ${JSON.stringify(records)}`);
+  check(records.stale === "precondition_failed", `stale update: ${records.stale}`);
+  check(records.listed === 1 && records.missing === "not_found", JSON.stringify(records));
+  console.error("ok: records");
+
+  // Subscribe, publish, receive.
+  await page.evaluate(async () => {
+    window.got = [];
+    window.gaps = [];
+    window.statuses = [];
+    window.duplex = new D.Duplex(undefined, { meta: { name: "chromium" }, minBackoff: 50, maxBackoff: 200 });
+    duplex.onStatus((status) => statuses.push(status));
+    duplex.onRequest(async (data) => {
+      if (data.ping === undefined) throw new D.DuplexError("bad_question", "send a ping");
+      return { pong: data.ping };
+    });
+    await duplex.subscribe("feed:browser", {
+      onMessage: (m) => got.push(m.offset),
+      onGap: (gap) => gaps.push(gap),
+    });
+    for (let i = 1; i <= 3; i++) await duplex.publish("feed:browser", { i });
+  });
+  await waitFor(page, () => got.length === 3, null, "three messages");
+  check(JSON.stringify(await page.evaluate(() => got)) === "[1,2,3]", "offsets 1..3");
+  console.error("ok: subscribe and publish");
+
+  // The server asks the page.
+  const clientId = await page.evaluate(() => duplex.clientId);
+  const answer = await backend(`/api/connections/${clientId}/request?timeout=5s`, { ping: 7 });
+  check(answer.pong === 7, `request answer ${JSON.stringify(answer)}`);
+  const declined = await fetch(`${DIRECT}/api/connections/${clientId}/request?timeout=5s`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: "{}",
+  });
+  check(declined.status === 502, `a declined request is a 502, got ${declined.status}`);
+  console.error("ok: server request");
+
+  // The socket drops; what is published meanwhile arrives after the reconnect, once, in order.
+  await harness("DOWN");
+  await waitFor(page, () => statuses.includes("reconnecting"), null, "the page to notice the drop");
+  for (let i = 4; i <= 6; i++) await backend("/api/channels/feed:browser/publish", { i });
+  await harness("UP");
+  await waitFor(page, () => got.length >= 6, null, "the missed messages");
+  await page.evaluate(() => duplex.publish("feed:browser", { i: 7 }));
+  await waitFor(page, () => got.length >= 7, null, "a message after the reconnect");
+  const after = await page.evaluate(() => ({ got, gaps, status: duplex.status, id: duplex.clientId }));
+  check(JSON.stringify(after.got) === "[1,2,3,4,5,6,7]", `gapless across the drop: ${JSON.stringify(after.got)}`);
+  check(after.gaps.length === 0, `no gap reported: ${JSON.stringify(after.gaps)}`);
+  check(after.status === "open" && after.id !== clientId, "a new connection");
+  // The request handler still answers on the new connection.
+  const again = await backend(`/api/connections/${after.id}/request?timeout=5s`, { ping: 8 });
+  check(again.pong === 8, "request after reconnect");
+  console.error("ok: reconnect and recover");
+
+  // Without WebSocket, subscriptions fall back to Server-Sent Events.
+  const fallback = await browser.newPage();
+  await fallback.goto(`${PAGE}/duplex.js`);
+  await fallback.evaluate(async () => {
+    delete window.WebSocket;
+    const { Duplex } = await import("/duplex.js");
+    window.sse = new Duplex();
+    window.sseGot = [];
+    await sse.subscribe("chat:sse", (m) => sseGot.push(m.data.text));
+  });
+  check((await fallback.evaluate(() => sse.transport)) === "sse", "the transport is sse");
+  await backend("/api/channels/chat:sse/publish", { text: "over sse" });
+  await waitFor(fallback, () => sseGot.length === 1, null, "a message over SSE");
+  check((await fallback.evaluate(() => sseGot[0])) === "over sse", "SSE data");
+  console.error("ok: SSE fallback");
+
+  await page.evaluate(() => duplex.close());
+  console.log("PASS");
+} finally {
+  await browser.close();
+  input.close();
+}
