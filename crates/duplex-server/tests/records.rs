@@ -40,9 +40,8 @@ async fn problem_code(response: Response, status: StatusCode) -> String {
     code
 }
 
-#[tokio::test]
-async fn create_returns_201_with_location_etag_and_server_fields() {
-    let server = TestServer::start().await;
+async fn create_returns_201_with_location_etag_and_server_fields(store: Store) {
+    let server = start(store, |_| {}).await;
     let response = client()
         .post(server.url("/api/collections/posts/records"))
         .json(&json!({"title": "hello", "author": "ana"}))
@@ -76,9 +75,8 @@ async fn create_returns_201_with_location_etag_and_server_fields() {
     assert_eq!(fetched, record);
 }
 
-#[tokio::test]
-async fn server_fields_in_a_body_are_ignored() {
-    let server = TestServer::start().await;
+async fn server_fields_in_a_body_are_ignored(store: Store) {
+    let server = start(store, |_| {}).await;
     let record = create(
         &server,
         "posts",
@@ -103,9 +101,8 @@ async fn server_fields_in_a_body_are_ignored() {
     assert_eq!(replaced["created"], record["created"]);
 }
 
-#[tokio::test]
-async fn if_none_match_answers_304_for_the_current_version_only() {
-    let server = TestServer::start().await;
+async fn if_none_match_answers_304_for_the_current_version_only(store: Store) {
+    let server = start(store, |_| {}).await;
     let record = create(&server, "posts", json!({"title": "a"})).await;
     let url = server.url(&format!(
         "/api/collections/posts/records/{}",
@@ -140,9 +137,8 @@ async fn if_none_match_answers_304_for_the_current_version_only() {
     assert_eq!(response.status(), StatusCode::OK);
 }
 
-#[tokio::test]
-async fn put_with_a_stale_if_match_is_412_and_nothing_is_lost() {
-    let server = TestServer::start().await;
+async fn put_with_a_stale_if_match_is_412_and_nothing_is_lost(store: Store) {
+    let server = start(store, |_| {}).await;
     let record = create(&server, "docs", json!({"text": "v1"})).await;
     let url = server.url(&format!(
         "/api/collections/docs/records/{}",
@@ -200,9 +196,8 @@ async fn put_with_a_stale_if_match_is_412_and_nothing_is_lost() {
     assert_eq!(any.status(), StatusCode::OK);
 }
 
-#[tokio::test]
-async fn patch_applies_a_json_merge_patch_under_both_media_types() {
-    let server = TestServer::start().await;
+async fn patch_applies_a_json_merge_patch_under_both_media_types(store: Store) {
+    let server = start(store, |_| {}).await;
     let record = create(
         &server,
         "profiles",
@@ -264,9 +259,8 @@ async fn patch_applies_a_json_merge_patch_under_both_media_types() {
     );
 }
 
-#[tokio::test]
-async fn delete_answers_204_then_404_and_honours_if_match() {
-    let server = TestServer::start().await;
+async fn delete_answers_204_then_404_and_honours_if_match(store: Store) {
+    let server = start(store, |_| {}).await;
     let record = create(&server, "posts", json!({"t": 1})).await;
     let url = server.url(&format!(
         "/api/collections/posts/records/{}",
@@ -303,9 +297,8 @@ async fn delete_answers_204_then_404_and_honours_if_match() {
     }
 }
 
-#[tokio::test]
-async fn put_with_if_none_match_star_creates_with_a_chosen_id_once() {
-    let server = TestServer::start().await;
+async fn put_with_if_none_match_star_creates_with_a_chosen_id_once(store: Store) {
+    let server = start(store, |_| {}).await;
     let url = server.url("/api/collections/settings/records/site-main");
     let response = client()
         .put(&url)
@@ -343,9 +336,8 @@ async fn list_page(server: &TestServer, collection: &str, query: &str) -> (Vec<V
     (items, page["next"].take())
 }
 
-#[tokio::test]
-async fn listing_pages_sorts_and_filters() {
-    let server = TestServer::start().await;
+async fn listing_pages_sorts_and_filters(store: Store) {
+    let server = start(store, |_| {}).await;
     let mut ids = Vec::new();
     for i in 0..7 {
         let record = create(
@@ -415,9 +407,8 @@ async fn listing_pages_sorts_and_filters() {
     assert!(next.is_null());
 }
 
-#[tokio::test]
-async fn pagination_neither_skips_nor_repeats_under_concurrent_inserts() {
-    let server = TestServer::start().await;
+async fn pagination_neither_skips_nor_repeats_under_concurrent_inserts(store: Store) {
+    let server = start(store, |_| {}).await;
     let mut before = HashSet::new();
     for i in 0..120 {
         let record = create(&server, "feed", json!({"i": i})).await;
@@ -465,9 +456,8 @@ async fn pagination_neither_skips_nor_repeats_under_concurrent_inserts() {
     }
 }
 
-#[tokio::test]
-async fn collections_are_listed_with_record_counts() {
-    let server = TestServer::start().await;
+async fn collections_are_listed_with_record_counts(store: Store) {
+    let server = start(store, |_| {}).await;
     for _ in 0..3 {
         create(&server, "posts", json!({})).await;
     }
@@ -486,9 +476,8 @@ async fn collections_are_listed_with_record_counts() {
     );
 }
 
-#[tokio::test]
-async fn bad_input_gets_problem_json_with_a_stable_code() {
-    let server = TestServer::start_with(|config| config.max_body = 1024).await;
+async fn bad_input_gets_problem_json_with_a_stable_code(store: Store) {
+    let server = start(store, |config| config.max_body = 1024).await;
     let records = server.url("/api/collections/posts/records");
     let existing = create(&server, "posts", json!({"a": 1})).await;
     let record = server.url(&format!(
@@ -679,9 +668,8 @@ async fn bad_input_gets_problem_json_with_a_stable_code() {
     assert_eq!(intact["version"], 1);
 }
 
-#[tokio::test]
-async fn a_body_streamed_past_the_limit_without_a_length_is_413() {
-    let server = TestServer::start_with(|config| config.max_body = 1024).await;
+async fn a_body_streamed_past_the_limit_without_a_length_is_413(store: Store) {
+    let server = start(store, |config| config.max_body = 1024).await;
     let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
         Ok(b"{\"a\": \"".to_vec()),
         Ok(vec![b'x'; 4096]),
@@ -701,9 +689,8 @@ async fn a_body_streamed_past_the_limit_without_a_length_is_413() {
     );
 }
 
-#[tokio::test]
-async fn operations_endpoints_answer() {
-    let server = TestServer::start().await;
+async fn operations_endpoints_answer(store: Store) {
+    let server = start(store, |_| {}).await;
     let c = client();
     let health = c.get(server.url("/healthz")).send().await.expect("request");
     assert_eq!(health.status(), StatusCode::OK);
@@ -750,4 +737,108 @@ async fn operations_endpoints_answer() {
     for method in ["get", "put", "patch", "delete"] {
         assert!(item.get(method).is_some(), "{method} missing");
     }
+}
+
+/// Which store a test case runs on.
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    Sqlite,
+    Postgres,
+}
+
+/// A server on `store`, configured by `configure`; `None` (the case says it skipped) when
+/// PostgreSQL is asked for and `DUPLEX_TEST_POSTGRES` is unset.
+async fn start(store: Store, configure: impl FnOnce(&mut duplex_server::Config)) -> TestServer {
+    match store {
+        Store::Sqlite => TestServer::start_with(configure).await,
+        Store::Postgres => {
+            let url = duplex_testkit::postgres_store().expect("checked by the case wrapper");
+            TestServer::start_with(|config| {
+                config.store = Some(url);
+                configure(config);
+            })
+            .await
+        }
+    }
+}
+
+/// Every case runs on SQLite and on PostgreSQL (when `DUPLEX_TEST_POSTGRES` is set).
+macro_rules! on_both_stores {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::$case(super::Store::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    if duplex_testkit::postgres_store().is_none() {
+                        eprintln!("skipped: DUPLEX_TEST_POSTGRES is not set");
+                        return;
+                    }
+                    super::$case(super::Store::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_stores!(
+    create_returns_201_with_location_etag_and_server_fields,
+    server_fields_in_a_body_are_ignored,
+    if_none_match_answers_304_for_the_current_version_only,
+    put_with_a_stale_if_match_is_412_and_nothing_is_lost,
+    patch_applies_a_json_merge_patch_under_both_media_types,
+    delete_answers_204_then_404_and_honours_if_match,
+    put_with_if_none_match_star_creates_with_a_chosen_id_once,
+    listing_pages_sorts_and_filters,
+    pagination_neither_skips_nor_repeats_under_concurrent_inserts,
+    collections_are_listed_with_record_counts,
+    bad_input_gets_problem_json_with_a_stable_code,
+    a_body_streamed_past_the_limit_without_a_length_is_413,
+    operations_endpoints_answer,
+);
+
+/// Two servers on one PostgreSQL database: what one writes the other reads, and two
+/// conditional writes of the same version race to exactly one winner.
+#[tokio::test]
+async fn two_servers_share_records_through_postgres() {
+    let Some(url) = duplex_testkit::postgres_store() else {
+        eprintln!("skipped: DUPLEX_TEST_POSTGRES is not set");
+        return;
+    };
+    let a = TestServer::start_with(|c| c.store = Some(url.clone())).await;
+    let b = TestServer::start_with(|c| c.store = Some(url.clone())).await;
+    let created = create(&a, "shared", json!({"title": "on a"})).await;
+    let id = created["id"].as_str().expect("id");
+    let path = format!("/api/collections/shared/records/{id}");
+    let on_b: Value = client()
+        .get(b.url(&path))
+        .send()
+        .await
+        .expect("get on b")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(on_b["title"], "on a");
+
+    let put = |server: &TestServer, title: &str| {
+        client()
+            .put(server.url(&path))
+            .header(header::IF_MATCH, "\"1\"")
+            .json(&json!({"title": title}))
+            .send()
+    };
+    let (from_a, from_b) = tokio::join!(put(&a, "a wins"), put(&b, "b wins"));
+    let mut statuses = [
+        from_a.expect("put on a").status(),
+        from_b.expect("put on b").status(),
+    ];
+    statuses.sort();
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::PRECONDITION_FAILED]);
 }

@@ -44,6 +44,20 @@ pub fn namespaces(tables: &str) -> Namespaces {
     Namespaces::new(&configured).expect("valid namespaces")
 }
 
+/// A PostgreSQL store URL with a schema of its own (created by the store on open), from
+/// `DUPLEX_TEST_POSTGRES`; `None` when that is unset (the caller says it skipped).
+pub fn postgres_store() -> Option<String> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let base = std::env::var("DUPLEX_TEST_POSTGRES").ok()?;
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let schema = format!("duplex_test_{}_{n}_{nanos}", std::process::id());
+    let separator = if base.contains('?') { '&' } else { '?' };
+    Some(format!("{base}{separator}options[search_path]={schema}"))
+}
+
 impl TestServer {
     /// Starts a server with the default configuration on loopback port 0, plus the
     /// [`OPEN_NAMESPACES`] that tests publish to without a token.

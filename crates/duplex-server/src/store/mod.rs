@@ -6,6 +6,7 @@
 //! same for every backend (validation, merge patch, cursors, document layout) lives here; a
 //! backend only moves rows.
 
+mod postgres;
 mod sqlite;
 
 use std::fmt;
@@ -16,6 +17,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// The fields the server owns; a client's values for them are ignored.
@@ -238,7 +240,7 @@ pub enum StoreError {
     #[error("the patched record is not a JSON object")]
     NotAnObject,
     /// The configured store URL is not one this build understands.
-    #[error("unsupported store URL {0:?}: expected sqlite://PATH")]
+    #[error("unsupported store URL {0:?}: expected sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
     /// The database failed.
     #[error("database error: {0}")]
@@ -307,6 +309,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     if let Some(path) = url.strip_prefix("sqlite://") {
         return Ok(std::sync::Arc::new(SqliteStore::open(path).await?));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(std::sync::Arc::new(PostgresStore::open(url).await?));
     }
     Err(StoreError::UnsupportedUrl(url.to_owned()))
 }
