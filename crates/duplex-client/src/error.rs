@@ -33,9 +33,12 @@ pub enum Error {
         /// What went wrong, for people.
         message: String,
     },
-    /// The server could not be reached, or an HTTP exchange failed.
+    /// The server could not be reached (refused, unknown host, TLS handshake failed).
     #[error("cannot reach the server: {0}")]
-    Http(#[from] reqwest::Error),
+    Unreachable(String),
+    /// An HTTP exchange broke off.
+    #[error("HTTP: {0}")]
+    Http(String),
     /// The socket could not be opened or broke.
     #[error("socket: {0}")]
     Socket(String),

@@ -12,6 +12,57 @@ use serde_json::{Map, Value};
 use url::Url;
 
 use crate::error::{Error, Problem};
+use http_body_util::{BodyExt as _, Full};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, StatusCode};
+use hyper_util::rt::TokioExecutor;
+
+type HyperClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+/// One HTTP request being put together.
+struct Call {
+    method: Method,
+    url: Url,
+    headers: Vec<(header::HeaderName, String)>,
+    body: Option<(Bytes, &'static str)>,
+    timeout: Option<Duration>,
+}
+
+impl Call {
+    fn query<K: AsRef<str>, V: AsRef<str>>(mut self, pairs: &[(K, V)]) -> Self {
+        if !pairs.is_empty() {
+            let mut query = self.url.query_pairs_mut();
+            for (key, value) in pairs {
+                query.append_pair(key.as_ref(), value.as_ref());
+            }
+        }
+        self
+    }
+
+    fn header(mut self, name: header::HeaderName, value: String) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    fn body(mut self, body: impl Into<Bytes>, content_type: &'static str) -> Self {
+        self.body = Some((body.into(), content_type));
+        self
+    }
+
+    fn json(self, value: &impl Serialize) -> Result<Self, Error> {
+        let body = serde_json::to_vec(value)
+            .map_err(|e| Error::Protocol(format!("the body is not JSON: {e}")))?;
+        Ok(self.body(body, "application/json"))
+    }
+
+    fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
 use crate::socket::{ConnectOptions, Connection};
 
 /// A record: the server's fields (`id`, `created`, `updated`, `version`) and yours.
@@ -102,7 +153,8 @@ struct PresenceList {
 /// server. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Client {
-    http: reqwest::Client,
+    http: HyperClient,
+    timeout: Duration,
     base: Url,
     token: Option<String>,
     api_key: Option<String>,
@@ -160,12 +212,16 @@ impl ClientBuilder {
             base.set_path(&path);
         }
         let tls = crate::tls::client_config(&self.ca_certs)?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured((*tls).clone())
-            .timeout(self.timeout.unwrap_or(Duration::from_secs(30)))
-            .build()?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .build();
+        let http =
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build(connector);
         Ok(Client {
             http,
+            timeout: self.timeout.unwrap_or(Duration::from_secs(30)),
             base,
             token: self.token,
             api_key: self.api_key,
@@ -234,11 +290,11 @@ impl Client {
     pub async fn publish(&self, channel: &str, data: &impl Serialize) -> Result<Published, Error> {
         let request = self
             .request(
-                reqwest::Method::POST,
+                Method::POST,
                 &format!("api/channels/{channel}/publish"),
                 Auth::Key,
             )?
-            .json(data);
+            .json(data)?;
         self.send_json(request).await
     }
 
@@ -246,12 +302,11 @@ impl Client {
     pub async fn publish_bytes(&self, channel: &str, data: Bytes) -> Result<Published, Error> {
         let request = self
             .request(
-                reqwest::Method::POST,
+                Method::POST,
                 &format!("api/channels/{channel}/publish"),
                 Auth::Key,
             )?
-            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(data);
+            .body(data, "application/octet-stream");
         self.send_json(request).await
     }
 
@@ -273,7 +328,7 @@ impl Client {
         }
         let request = self
             .request(
-                reqwest::Method::GET,
+                Method::GET,
                 &format!("api/channels/{channel}/history"),
                 Auth::Key,
             )?
@@ -284,7 +339,7 @@ impl Client {
     /// Who is subscribed to a channel with presence.
     pub async fn presence(&self, channel: &str) -> Result<Vec<PresenceEntry>, Error> {
         let request = self.request(
-            reqwest::Method::GET,
+            Method::GET,
             &format!("api/channels/{channel}/presence"),
             Auth::Key,
         )?;
@@ -294,7 +349,7 @@ impl Client {
 
     /// Active channels (`GET /api/channels`), as the server lists them.
     pub async fn channels(&self) -> Result<Value, Error> {
-        let request = self.request(reqwest::Method::GET, "api/channels", Auth::Key)?;
+        let request = self.request(Method::GET, "api/channels", Auth::Key)?;
         self.send_json(request).await
     }
 
@@ -308,13 +363,13 @@ impl Client {
     ) -> Result<Value, Error> {
         let request = self
             .request(
-                reqwest::Method::POST,
+                Method::POST,
                 &format!("api/connections/{connection}/request"),
                 Auth::Key,
             )?
             .query(&[("timeout", format!("{}ms", timeout.as_millis()))])
             .timeout(timeout + Duration::from_secs(5))
-            .json(data);
+            .json(data)?;
         self.send_json(request).await
     }
 
@@ -327,22 +382,17 @@ impl Client {
     ) -> Result<Value, Error> {
         let request = self
             .request(
-                reqwest::Method::POST,
+                Method::POST,
                 &format!("api/users/{user}/request"),
                 Auth::Key,
             )?
             .query(&[("timeout", format!("{}ms", timeout.as_millis()))])
             .timeout(timeout + Duration::from_secs(5))
-            .json(data);
+            .json(data)?;
         self.send_json(request).await
     }
 
-    fn request(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        auth: Auth,
-    ) -> Result<reqwest::RequestBuilder, Error> {
+    fn request(&self, method: Method, path: &str, auth: Auth) -> Result<Call, Error> {
         let url = self
             .base
             .join(path)
@@ -351,40 +401,90 @@ impl Client {
             Auth::Key => self.api_key.as_ref(),
             Auth::KeyOrToken => self.api_key.as_ref().or(self.token.as_ref()),
         };
-        let request = self.http.request(method, url);
-        Ok(match bearer {
-            Some(bearer) => request.bearer_auth(bearer),
-            None => request,
-        })
+        let mut call = Call {
+            method,
+            url,
+            headers: Vec::new(),
+            body: None,
+            timeout: None,
+        };
+        if let Some(bearer) = bearer {
+            call = call.header(header::AUTHORIZATION, format!("Bearer {bearer}"));
+        }
+        Ok(call)
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response, Error> {
-        let response = request.send().await?;
-        if response.status().is_success() || response.status() == reqwest::StatusCode::NOT_MODIFIED
-        {
-            return Ok(response);
+    /// Sends a call; a non-2xx answer becomes [`Error::Api`] with the server's problem.
+    async fn send(&self, call: Call) -> Result<(StatusCode, Bytes), Error> {
+        let mut request = hyper::Request::builder()
+            .method(call.method)
+            .uri(call.url.as_str());
+        for (name, value) in call.headers {
+            let value = HeaderValue::from_str(&value)
+                .map_err(|e| Error::Protocol(format!("header {name}: {e}")))?;
+            request = request.header(name, value);
         }
-        let status = response.status().as_u16();
-        let body = response.bytes().await.unwrap_or_default();
+        let body = match call.body {
+            Some((bytes, content_type)) => {
+                request = request.header(header::CONTENT_TYPE, content_type);
+                Full::new(bytes)
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let request = request
+            .body(body)
+            .map_err(|e| Error::InvalidUrl(e.to_string()))?;
+        let timeout = call.timeout.unwrap_or(self.timeout);
+        let exchange = async {
+            let response = self.http.request(request).await.map_err(|e| {
+                let message = error_chain(&e);
+                if e.is_connect() {
+                    Error::Unreachable(message)
+                } else {
+                    Error::Http(message)
+                }
+            })?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| Error::Http(error_chain(&e)))?
+                .to_bytes();
+            Ok::<_, Error>((status, body))
+        };
+        let (status, body) = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| Error::Timeout(timeout))??;
+        if status.is_success() || status == StatusCode::NOT_MODIFIED {
+            return Ok((status, body));
+        }
         let mut problem: Problem = serde_json::from_slice(&body).unwrap_or_else(|_| Problem {
-            status,
+            status: status.as_u16(),
             code: "http_error".into(),
             title: String::new(),
             detail: String::from_utf8_lossy(&body).into_owned(),
         });
-        problem.status = status;
+        problem.status = status.as_u16();
         Err(Error::Api(problem))
     }
 
-    async fn send_json<T: DeserializeOwned>(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<T, Error> {
-        let response = self.send(request).await?;
-        let body = response.bytes().await?;
+    async fn send_json<T: DeserializeOwned>(&self, call: Call) -> Result<T, Error> {
+        let (_, body) = self.send(call).await?;
         serde_json::from_slice(&body)
             .map_err(|e| Error::Protocol(format!("unexpected answer from the server: {e}")))
     }
+}
+
+/// An error and its causes, on one line (hyper's own message hides the cause).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    message
 }
 
 /// The records of one collection; from [`Client::records`].
@@ -394,10 +494,10 @@ pub struct Records<'a> {
     collection: String,
 }
 
-fn if_match(request: reqwest::RequestBuilder, version: Option<u64>) -> reqwest::RequestBuilder {
+fn if_match(call: Call, version: Option<u64>) -> Call {
     match version {
-        Some(version) => request.header(reqwest::header::IF_MATCH, format!("\"{version}\"")),
-        None => request,
+        Some(version) => call.header(header::IF_MATCH, format!("\"{version}\"")),
+        None => call,
     }
 }
 
@@ -413,16 +513,16 @@ impl Records<'_> {
     pub async fn create(&self, fields: &impl Serialize) -> Result<Record, Error> {
         let request = self
             .client
-            .request(reqwest::Method::POST, &self.path(None), Auth::KeyOrToken)?
-            .json(fields);
+            .request(Method::POST, &self.path(None), Auth::KeyOrToken)?
+            .json(fields)?;
         self.client.send_json(request).await
     }
 
     /// Reads one record ([`Error::Api`] with code `not_found` when there is none).
     pub async fn get(&self, id: &str) -> Result<Record, Error> {
-        let request =
-            self.client
-                .request(reqwest::Method::GET, &self.path(Some(id)), Auth::KeyOrToken)?;
+        let request = self
+            .client
+            .request(Method::GET, &self.path(Some(id)), Auth::KeyOrToken)?;
         self.client.send_json(request).await
     }
 
@@ -436,8 +536,8 @@ impl Records<'_> {
     ) -> Result<Record, Error> {
         let request = self
             .client
-            .request(reqwest::Method::PUT, &self.path(Some(id)), Auth::KeyOrToken)?
-            .json(fields);
+            .request(Method::PUT, &self.path(Some(id)), Auth::KeyOrToken)?
+            .json(fields)?;
         self.client.send_json(if_match(request, if_version)).await
     }
 
@@ -452,26 +552,16 @@ impl Records<'_> {
             .map_err(|e| Error::Protocol(format!("the patch is not JSON: {e}")))?;
         let request = self
             .client
-            .request(
-                reqwest::Method::PATCH,
-                &self.path(Some(id)),
-                Auth::KeyOrToken,
-            )?
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                "application/merge-patch+json",
-            )
-            .body(body);
+            .request(Method::PATCH, &self.path(Some(id)), Auth::KeyOrToken)?
+            .body(body, "application/merge-patch+json");
         self.client.send_json(if_match(request, if_version)).await
     }
 
     /// Deletes a record; with `if_version`, only if it is still at that version.
     pub async fn delete(&self, id: &str, if_version: Option<u64>) -> Result<(), Error> {
-        let request = self.client.request(
-            reqwest::Method::DELETE,
-            &self.path(Some(id)),
-            Auth::KeyOrToken,
-        )?;
+        let request =
+            self.client
+                .request(Method::DELETE, &self.path(Some(id)), Auth::KeyOrToken)?;
         self.client.send(if_match(request, if_version)).await?;
         Ok(())
     }
@@ -493,7 +583,7 @@ impl Records<'_> {
         }
         let request = self
             .client
-            .request(reqwest::Method::GET, &self.path(None), Auth::KeyOrToken)?
+            .request(Method::GET, &self.path(None), Auth::KeyOrToken)?
             .query(&query);
         self.client.send_json(request).await
     }

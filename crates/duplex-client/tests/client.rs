@@ -82,7 +82,10 @@ async fn records_round_trip_with_typed_errors_and_paging() {
         .get("x")
         .await
         .expect_err("nothing listens");
-    assert!(matches!(error, duplex_client::Error::Http(_)), "{error:?}");
+    assert!(
+        matches!(error, duplex_client::Error::Unreachable(_)),
+        "{error:?}"
+    );
 }
 
 /// Publishes `count` messages as fast as the server answers, while `proxy` is cut every
@@ -396,7 +399,10 @@ async fn https_wss_and_tcps_work_with_a_trusted_certificate() {
         .get(&note.id)
         .await
         .expect_err("untrusted certificate");
-    assert!(matches!(error, duplex_client::Error::Http(_)), "{error:?}");
+    assert!(
+        matches!(error, duplex_client::Error::Unreachable(_)),
+        "{error:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -65,15 +65,14 @@ impl Remote {
     /// Turns a client error into one clear line: who refused what, or why nothing answered.
     fn explain(&self, error: duplex_client::Error) -> anyhow::Error {
         match error {
-            duplex_client::Error::Http(e) if e.is_connect() || e.is_timeout() => {
-                // reqwest's own message hides the cause (refused, TLS, DNS): add the chain.
-                let mut message = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(cause) = source {
-                    message = format!("{message}: {cause}");
-                    source = cause.source();
-                }
-                anyhow::anyhow!("cannot reach the server at {}: {message}", self.server)
+            duplex_client::Error::Unreachable(e) => {
+                anyhow::anyhow!("cannot reach the server at {}: {e}", self.server)
+            }
+            duplex_client::Error::Timeout(after) => {
+                anyhow::anyhow!(
+                    "the server at {} did not answer within {after:?}",
+                    self.server
+                )
             }
             duplex_client::Error::Socket(e) => {
                 anyhow::anyhow!("cannot reach the server at {}: {e}", self.server)
