@@ -38,7 +38,7 @@ pub(crate) const HISTORY_MAX_LIMIT: usize = 1000;
 const MAX_BAD_FRAMES_IN_A_ROW: u32 = 20;
 
 /// How long a closing connection's writer gets to send what is queued and the `disconnect`.
-const CLOSE_GRACE: Duration = Duration::from_secs(2);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Per-connection limits, from the configuration.
 #[derive(Debug, Clone)]
@@ -187,6 +187,11 @@ impl Session {
             token_deadline: None,
             auth: Arc::default(),
         }
+    }
+
+    /// When the connection's token runs out, if it has one.
+    pub(crate) fn token_deadline(&self) -> Option<tokio::time::Instant> {
+        self.token_deadline
     }
 
     pub(crate) fn queue(&self) -> &Arc<OutgoingQueue> {

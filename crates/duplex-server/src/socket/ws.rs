@@ -14,15 +14,14 @@ use axum::response::Response;
 use bytes::Bytes;
 use duplex_proto::DisconnectCode;
 use duplex_proto::frames::{Disconnect, to_json};
-use futures_util::stream::SplitSink;
 use futures_util::{SinkExt as _, StreamExt as _};
 
-use super::{Session, SocketContext, Transport, finish_writer};
+use super::{Session, SocketContext, Transport};
 use crate::http::{ApiError, AppState};
 use crate::hub::publication::Publication;
-use crate::hub::queue::{Outgoing, OutgoingQueue};
+use crate::hub::queue::Outgoing;
 
-const READ_BUFFER: usize = 1024;
+const READ_BUFFER: usize = 512;
 const WRITE_FLUSH_THRESHOLD: usize = 16 * 1024;
 const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
 
@@ -62,8 +61,11 @@ pub(crate) async fn upgrade(
         }))
 }
 
+/// One task per connection reads frames, writes queued ones in batches and pings; reads and
+/// writes take turns on the one socket (a read is cancel-safe: tungstenite keeps a partial frame
+/// in its buffer), which costs less memory than a reader and a writer task with a split socket.
 async fn serve(
-    socket: WebSocket,
+    mut socket: WebSocket,
     remote: std::net::SocketAddr,
     context: Arc<SocketContext>,
     slot: super::slots::Slot,
@@ -74,30 +76,120 @@ async fn serve(
         session.authenticate(auth);
     }
     let queue = session.queue().clone();
-    let (sink, mut stream) = socket.split();
-    let writer = tokio::spawn(write(sink, queue.clone(), context.clone()));
-    loop {
-        let Some(next) = super::next_incoming(&session, stream.next()).await else {
-            break;
-        };
-        match next {
-            Ok(Message::Close(_)) => break,
-            Ok(Message::Text(text)) => {
-                session.on_text(text.as_str());
-            }
-            Ok(Message::Binary(frame)) => session.on_binary(frame),
-            Ok(Message::Ping(_) | Message::Pong(_)) => {}
-            Err(error) => {
-                if let Some(code) = disconnect_code_for(error) {
-                    queue.close(code);
+    let limits = &context.limits;
+    let mut batch = VecDeque::new();
+    let mut ping = tokio::time::interval(limits.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ping.tick().await;
+    // Anything the client sends (a pong included) moves the idle deadline.
+    let idle = tokio::time::sleep(limits.idle_timeout);
+    tokio::pin!(idle);
+    let closing = loop {
+        let stopping = queue.is_closing();
+        tokio::select! {
+            closing = queue.next_batch(&mut batch) => {
+                if write_batch(&mut socket, &mut batch, &context).await.is_err() {
+                    break None;
                 }
-                break;
+                if closing.is_some() {
+                    break closing;
+                }
+            }
+            incoming = socket.next() => {
+                idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
+                match incoming {
+                    None | Some(Ok(Message::Close(_))) => break None,
+                    Some(Ok(Message::Text(text))) => {
+                        session.on_text(text.as_str());
+                    }
+                    Some(Ok(Message::Binary(frame))) => session.on_binary(frame),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Err(error)) => match disconnect_code_for(error) {
+                        Some(code) => {
+                            queue.close(code);
+                            break Some(code);
+                        }
+                        None => break None,
+                    },
+                }
+            }
+            _ = ping.tick() => {
+                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
+                    break None;
+                }
+            }
+            () = &mut idle, if !stopping => {
+                queue.close(DisconnectCode::IdleTimeout);
+                break Some(DisconnectCode::IdleTimeout);
+            }
+            () = context.shutdown.cancelled(), if !stopping => {
+                queue.close(DisconnectCode::Shutdown);
+                break Some(DisconnectCode::Shutdown);
+            }
+            () = super::token_expiry(session.token_deadline()), if !stopping => {
+                queue.close(DisconnectCode::TokenExpired);
+                break Some(DisconnectCode::TokenExpired);
             }
         }
-    }
-    // Unsubscribe before waiting for the writer, so the hub stops queueing for us.
+    };
+    // Unsubscribe first, so the hub stops queueing for us, then say goodbye in bounded time:
+    // what was queued before the close (replies, last publications) goes first.
     drop(session);
-    finish_writer(writer, &queue).await;
+    if let Some(code) = closing {
+        let goodbye = async {
+            queue.next_batch(&mut batch).await;
+            if write_batch(&mut socket, &mut batch, &context).await.is_ok() {
+                say_goodbye(&mut socket, code, &context).await;
+            }
+        };
+        let _ = tokio::time::timeout(super::CLOSE_GRACE, goodbye).await;
+    }
+}
+
+/// Writes a batch of queued frames and flushes once.
+async fn write_batch(
+    socket: &mut WebSocket,
+    batch: &mut VecDeque<Outgoing>,
+    context: &SocketContext,
+) -> Result<(), axum::Error> {
+    let mut publications = 0;
+    for item in batch.drain(..) {
+        let message = match item {
+            Outgoing::Publication(publication) => {
+                publications += 1;
+                publication_message(&publication)
+            }
+            Outgoing::Latest(slot) => match slot.take() {
+                Some(publication) => {
+                    publications += 1;
+                    publication_message(&publication)
+                }
+                None => continue,
+            },
+            Outgoing::Control(frame) => Message::Text(
+                Utf8Bytes::try_from(frame).expect("control frames are serde_json output"),
+            ),
+            Outgoing::SwitchToLengthPrefixed => continue,
+        };
+        socket.feed(message).await?;
+    }
+    socket.flush().await?;
+    context.metrics.deliveries_written.inc_by(publications);
+    Ok(())
+}
+
+/// The last frames of a connection the server closes: `disconnect`, then a close frame.
+async fn say_goodbye(socket: &mut WebSocket, code: DisconnectCode, context: &SocketContext) {
+    super::count_disconnect(&context.metrics, code);
+    let disconnect = to_json(&Disconnect::from(code));
+    let disconnect = Utf8Bytes::try_from(disconnect).expect("control frames are serde_json output");
+    let _ = socket.send(Message::Text(disconnect)).await;
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code: code.websocket_close_code(),
+            reason: Utf8Bytes::from_static(code.as_str()),
+        })))
+        .await;
 }
 
 /// Which read errors get a `disconnect` (the rest mean the peer is gone).
@@ -116,68 +208,5 @@ fn publication_message(publication: &Publication) -> Message {
     match publication.ws_text() {
         Some(text) => Message::Text(text.clone()),
         None => Message::Binary(publication.binary_frame()),
-    }
-}
-
-async fn write(
-    mut sink: SplitSink<WebSocket, Message>,
-    queue: Arc<OutgoingQueue>,
-    context: Arc<SocketContext>,
-) {
-    let mut batch = VecDeque::new();
-    let mut ping = tokio::time::interval(context.limits.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    loop {
-        let closing = tokio::select! {
-            closing = queue.next_batch(&mut batch) => closing,
-            _ = ping.tick() => {
-                if sink.send(Message::Ping(Bytes::new())).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-        };
-        let mut publications = 0;
-        for item in batch.drain(..) {
-            let message = match item {
-                Outgoing::Publication(publication) => {
-                    publications += 1;
-                    publication_message(&publication)
-                }
-                Outgoing::Latest(slot) => match slot.take() {
-                    Some(publication) => {
-                        publications += 1;
-                        publication_message(&publication)
-                    }
-                    None => continue,
-                },
-                Outgoing::Control(frame) => Message::Text(
-                    Utf8Bytes::try_from(frame).expect("control frames are serde_json output"),
-                ),
-                Outgoing::SwitchToLengthPrefixed => continue,
-            };
-            if sink.feed(message).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-        context.metrics.deliveries_written.inc_by(publications);
-        if let Some(code) = closing {
-            super::count_disconnect(&context.metrics, code);
-            let disconnect = to_json(&Disconnect::from(code));
-            let disconnect =
-                Utf8Bytes::try_from(disconnect).expect("control frames are serde_json output");
-            let _ = sink.send(Message::Text(disconnect)).await;
-            let _ = sink
-                .send(Message::Close(Some(CloseFrame {
-                    code: code.websocket_close_code(),
-                    reason: Utf8Bytes::from_static(code.as_str()),
-                })))
-                .await;
-            return;
-        }
     }
 }
