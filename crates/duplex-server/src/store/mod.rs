@@ -114,6 +114,17 @@ impl SortOrder {
         }
     }
 
+    /// The SQL of this order: the sort column, the direction, and the comparison that finds the
+    /// rows after a cursor. Static text only; both stores build their listing from it.
+    pub(crate) fn sql(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            SortOrder::CreatedAscending => ("created_us", "ASC", ">"),
+            SortOrder::CreatedDescending => ("created_us", "DESC", "<"),
+            SortOrder::UpdatedAscending => ("updated_us", "ASC", ">"),
+            SortOrder::UpdatedDescending => ("updated_us", "DESC", "<"),
+        }
+    }
+
     /// Whether the order is descending.
     pub fn descending(self) -> bool {
         matches!(
@@ -395,6 +406,65 @@ pub(crate) fn rfc3339(micros: i64) -> String {
         .expect("microsecond timestamps from now_micros are in range");
     at.format(&time::format_description::well_known::Rfc3339)
         .expect("RFC 3339 can format every in-range UTC time")
+}
+
+/// One page from the rows a listing fetched (`limit + 1` of them at most, each its document,
+/// sort key and sequence): the first `limit`, and a cursor when there was one more.
+pub(crate) fn page_from_rows(
+    rows: impl IntoIterator<Item = Result<(String, i64, i64), StoreError>>,
+    query: &ListQuery,
+) -> Result<Page, StoreError> {
+    let limit = query.limit as usize;
+    let mut items = Vec::with_capacity(limit.min(64));
+    let mut last = None;
+    let mut more = false;
+    for row in rows {
+        if items.len() == limit {
+            more = true;
+            break;
+        }
+        let (document, key, seq) = row?;
+        items.push(Bytes::from(document));
+        last = Some((key, seq));
+    }
+    let next = match (more, last) {
+        (true, Some((key, seq))) => Some(Cursor {
+            order: query.order,
+            key,
+            seq,
+        }),
+        _ => None,
+    };
+    Ok(Page { items, next })
+}
+
+/// A stored record as it is before a write.
+pub(crate) struct Current {
+    pub(crate) version: i64,
+    pub(crate) created_us: i64,
+    pub(crate) updated_us: i64,
+    pub(crate) document: String,
+}
+
+/// The record after `change`: the next version, `updated` never running backwards even if the
+/// clock does; returns it and its `updated` time for the row.
+pub(crate) fn next_version(
+    id: &str,
+    current: &Current,
+    change: Change,
+) -> Result<(Record, i64), StoreError> {
+    let fields = apply_change(client_fields(current.document.as_bytes())?, change)?;
+    let updated_us = now_micros().max(current.updated_us);
+    let version = current.version + 1;
+    let document = render_document(id, version, current.created_us, updated_us, fields);
+    Ok((
+        Record {
+            id: id.to_owned(),
+            version,
+            document,
+        },
+        updated_us,
+    ))
 }
 
 /// Builds the document clients receive: server fields first, then the client's.

@@ -14,8 +14,8 @@ use sqlx::{AssertSqlSafe, ConnectOptions as _, Row};
 use std::str::FromStr as _;
 
 use super::{
-    Change, CollectionSummary, Cursor, ListQuery, Page, Precondition, Record, SortOrder, Store,
-    StoreError, apply_change, client_fields, new_record_id, now_micros, render_document,
+    Change, CollectionSummary, Current, ListQuery, Page, Precondition, Record, Store, StoreError,
+    new_record_id, next_version, now_micros, page_from_rows, render_document,
 };
 
 /// Connections per node.
@@ -177,19 +177,19 @@ impl Store for PostgresStore {
         let (Some(row), Some(version)) = (row, current_version) else {
             return Err(StoreError::NotFound);
         };
-        let created_us: i64 = row.try_get("created_us")?;
-        let previous_updated_us: i64 = row.try_get("updated_us")?;
-        let old_document: String = row.try_get("doc")?;
-        let fields = apply_change(client_fields(old_document.as_bytes())?, change)?;
-        let updated_us = now_micros().max(previous_updated_us);
-        let version = version + 1;
-        let document = render_document(id, version, created_us, updated_us, fields);
-        let text = std::str::from_utf8(&document).expect("serde_json writes UTF-8");
+        let current = Current {
+            version,
+            created_us: row.try_get("created_us")?,
+            updated_us: row.try_get("updated_us")?,
+            document: row.try_get("doc")?,
+        };
+        let (record, updated_us) = next_version(id, &current, change)?;
+        let text = std::str::from_utf8(&record.document).expect("serde_json writes UTF-8");
         sqlx::query(
             "UPDATE records SET version = $1, updated_us = $2, doc = $3, doc_json = $3::jsonb \
              WHERE collection = $4 AND id = $5",
         )
-        .bind(version)
+        .bind(record.version)
         .bind(updated_us)
         .bind(text)
         .bind(collection)
@@ -197,11 +197,7 @@ impl Store for PostgresStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(Record {
-            id: id.to_owned(),
-            version,
-            document,
-        })
+        Ok(record)
     }
 
     async fn delete(
@@ -237,12 +233,7 @@ impl Store for PostgresStore {
     }
 
     async fn list(&self, collection: &str, query: &ListQuery) -> Result<Page, StoreError> {
-        let (key, direction, comparison) = match query.order {
-            SortOrder::CreatedAscending => ("created_us", "ASC", ">"),
-            SortOrder::CreatedDescending => ("created_us", "DESC", "<"),
-            SortOrder::UpdatedAscending => ("updated_us", "ASC", ">"),
-            SortOrder::UpdatedDescending => ("updated_us", "DESC", "<"),
-        };
+        let (key, direction, comparison) = query.order.sql();
         // Only the static fragments above and numbered placeholders go into the text.
         let mut sql =
             format!("SELECT seq, {key} AS sort_key, doc FROM records WHERE collection = $1");
@@ -283,26 +274,16 @@ impl Store for PostgresStore {
         let limit = i64::from(query.limit);
         let rows = statement.bind(limit + 1).fetch_all(&self.pool).await?;
 
-        let more = rows.len() > query.limit as usize;
-        let mut items = Vec::with_capacity(rows.len().min(query.limit as usize));
-        let mut last = None;
-        for row in rows.iter().take(query.limit as usize) {
-            let document: String = row.try_get("doc")?;
-            items.push(Bytes::from(document));
-            last = Some((
-                row.try_get::<i64, _>("sort_key")?,
-                row.try_get::<i64, _>("seq")?,
-            ));
-        }
-        let next = match (more, last) {
-            (true, Some((key, seq))) => Some(Cursor {
-                order: query.order,
-                key,
-                seq,
+        page_from_rows(
+            rows.iter().map(|row| {
+                Ok((
+                    row.try_get::<String, _>("doc")?,
+                    row.try_get::<i64, _>("sort_key")?,
+                    row.try_get::<i64, _>("seq")?,
+                ))
             }),
-            _ => None,
-        };
-        Ok(Page { items, next })
+            query,
+        )
     }
 
     async fn collections(&self) -> Result<Vec<CollectionSummary>, StoreError> {
