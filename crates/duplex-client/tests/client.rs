@@ -348,15 +348,9 @@ async fn binary_publications_travel_as_bytes_on_both_transports() {
 
 #[tokio::test]
 async fn https_wss_and_tcps_work_with_a_trusted_certificate() {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
-        .expect("a self-signed certificate");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, certified.cert.pem()).expect("write");
-    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write");
-    let server = TestServer::start_with(|c| c.tls = Some((cert.clone(), key.clone()))).await;
-    let pem = certified.cert.pem().into_bytes();
+    let certificate = duplex_testkit::TestCertificate::localhost();
+    let server = TestServer::start_with(|c| c.tls = certificate.config()).await;
+    let pem = certificate.pem.clone().into_bytes();
 
     let https = format!("https://localhost:{}", server.http_addr.port());
     let client = Client::builder(&https)

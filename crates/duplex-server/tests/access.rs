@@ -14,12 +14,10 @@ const RECORDS: &str = "records-key-0123456789ab";
 
 fn token(user: &str, channels: &[&str]) -> String {
     let exp = jsonwebtoken::get_current_timestamp() + 3600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
+    duplex_testkit::hs256_token(
+        SECRET,
         &json!({"sub": user, "exp": exp, "channels": channels}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
-    .expect("encode")
 }
 
 async fn status_and_code(request: reqwest::RequestBuilder) -> (StatusCode, Value) {
@@ -319,12 +317,10 @@ async fn rs256_tokens_are_checked_against_an_rsa_public_key() {
 async fn the_token_meta_claim_is_what_presence_shows() {
     let server = TestServer::start_with(|c| c.jwt_secret = Some(SECRET.into())).await;
     let exp = jsonwebtoken::get_current_timestamp() + 3600;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
+    let token = duplex_testkit::hs256_token(
+        SECRET,
         &json!({"sub": "ana", "exp": exp, "meta": {"name": "Ana", "role": "host"}}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("encode");
+    );
     let mut ana = server.ws().await;
     // The client's own meta does not override the token's.
     ana.request(

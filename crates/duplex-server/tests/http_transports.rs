@@ -367,12 +367,7 @@ async fn sse_streams_end_with_token_expired_when_their_token_runs_out() {
     let secret = "a-test-secret-of-some-length";
     let server = TestServer::start_with(|c| c.jwt_secret = Some(secret.into())).await;
     let exp = jsonwebtoken::get_current_timestamp() + 1;
-    let token = jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": "ana", "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("encode");
+    let token = duplex_testkit::hs256_token(secret, &json!({"sub": "ana", "exp": exp}));
     let path = format!("/api/channels/news:exp/events?token={token}");
     let mut events = EventReader::open(&server, &path, None).await;
     events.next().await.expect("subscribed");

@@ -476,12 +476,7 @@ const SECRET: &str = "a-test-secret-of-some-length";
 
 fn token_for(user: &str, expires_in: i64) -> String {
     let exp = jsonwebtoken::get_current_timestamp() as i64 + expires_in;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &json!({"sub": user, "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("encode")
+    duplex_testkit::hs256_token(SECRET, &json!({"sub": user, "exp": exp}))
 }
 
 #[tokio::test]
@@ -589,12 +584,10 @@ async fn a_server_without_a_secret_refuses_tokens() {
 
 fn token_with_channels(user: &str, channels: &[&str]) -> String {
     let exp = jsonwebtoken::get_current_timestamp() + 3600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
+    duplex_testkit::hs256_token(
+        SECRET,
         &json!({"sub": user, "exp": exp, "channels": channels}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
-    .expect("encode")
 }
 
 #[tokio::test]

@@ -12,23 +12,17 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 
 struct Tls {
-    _dir: tempfile::TempDir,
+    _certificate: duplex_testkit::TestCertificate,
     cert: std::path::PathBuf,
     key: std::path::PathBuf,
     connector: TlsConnector,
 }
 
 fn certificate() -> Tls {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
-        .expect("a self-signed certificate");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, certified.cert.pem()).expect("write cert");
-    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+    let certificate = duplex_testkit::TestCertificate::localhost();
     let mut roots = rustls::RootCertStore::empty();
     roots
-        .add(CertificateDer::from(certified.cert.der().to_vec()))
+        .add(CertificateDer::from(certificate.der.clone()))
         .expect("trust the test certificate");
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -37,9 +31,9 @@ fn certificate() -> Tls {
         .with_root_certificates(roots)
         .with_no_client_auth();
     Tls {
-        _dir: dir,
-        cert,
-        key,
+        cert: certificate.cert.clone(),
+        key: certificate.key.clone(),
+        _certificate: certificate,
         connector: TlsConnector::from(Arc::new(config)),
     }
 }

@@ -2,12 +2,14 @@
 //! own temporary data folder and serves in-process until stopped or dropped. [`WsClient`] and
 //! [`TcpClient`] are thin real clients that speak the wire protocol for socket tests.
 
+mod certificate;
 mod clients;
 mod proxy;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
+pub use certificate::TestCertificate;
 pub use clients::{EVENT_TIMEOUT, TcpClient, WsClient, WsEvent, wait_for};
 pub use proxy::TcpProxy;
 
@@ -42,6 +44,16 @@ pub fn namespaces(tables: &str) -> Namespaces {
         toml::from_str(tables).expect("valid namespace tables");
     configured.extend(extra);
     Namespaces::new(&configured).expect("valid namespaces")
+}
+
+/// An HS256 connection token signed with `secret`, with these claims (`sub`, `exp`, …).
+pub fn hs256_token(secret: &str, claims: &serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("an HS256 token encodes")
 }
 
 /// A PostgreSQL store URL with a schema of its own (created by the store on open), from

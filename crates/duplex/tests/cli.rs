@@ -411,14 +411,9 @@ async fn chat_in_a_pseudo_terminal_shows_history_people_and_messages() {
 
 #[tokio::test]
 async fn https_and_wss_work_with_the_servers_certificate() {
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])
-        .expect("a self-signed certificate");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let cert = dir.path().join("cert.pem");
-    let key = dir.path().join("key.pem");
-    std::fs::write(&cert, certified.cert.pem()).expect("write");
-    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write");
-    let server = TestServer::start_with(|c| c.tls = Some((cert.clone(), key.clone()))).await;
+    let certificate = duplex_testkit::TestCertificate::localhost();
+    let cert = certificate.cert.clone();
+    let server = TestServer::start_with(|c| c.tls = certificate.config()).await;
     let url = format!("https://localhost:{}", server.http_addr.port());
 
     let mut create = duplex(&url);
