@@ -361,16 +361,12 @@ impl Client {
         data: &impl Serialize,
         timeout: Duration,
     ) -> Result<Value, Error> {
-        let request = self
-            .request(
-                Method::POST,
-                &format!("api/connections/{connection}/request"),
-                Auth::Key,
-            )?
-            .query(&[("timeout", format!("{}ms", timeout.as_millis()))])
-            .timeout(timeout + Duration::from_secs(5))
-            .json(data)?;
-        self.send_json(request).await
+        self.ask(
+            &format!("api/connections/{connection}/request"),
+            data,
+            timeout,
+        )
+        .await
     }
 
     /// Asks every connection of a user; `{"replies": [...]}` as the server answers.
@@ -380,12 +376,19 @@ impl Client {
         data: &impl Serialize,
         timeout: Duration,
     ) -> Result<Value, Error> {
+        self.ask(&format!("api/users/{user}/request"), data, timeout)
+            .await
+    }
+
+    /// A server request: the server waits up to `timeout` for the client, we a little longer.
+    async fn ask(
+        &self,
+        path: &str,
+        data: &impl Serialize,
+        timeout: Duration,
+    ) -> Result<Value, Error> {
         let request = self
-            .request(
-                Method::POST,
-                &format!("api/users/{user}/request"),
-                Auth::Key,
-            )?
+            .request(Method::POST, path, Auth::Key)?
             .query(&[("timeout", format!("{}ms", timeout.as_millis()))])
             .timeout(timeout + Duration::from_secs(5))
             .json(data)?;

@@ -88,18 +88,23 @@ async fn records_round_trip_with_typed_errors_and_paging() {
     );
 }
 
-/// Publishes `count` messages as fast as the server answers, while `proxy` is cut every
-/// `cut_every` messages; the subscriber behind the proxy must see 1..=count exactly once, in
-/// order.
-async fn gapless_across_cuts(scheme: &str) {
-    let server = TestServer::start_with(|c| {
+/// A server whose `feed` namespace keeps a long history and whose publishers are not limited.
+async fn feed_server() -> TestServer {
+    TestServer::start_with(|c| {
         c.namespaces = duplex_testkit::namespaces(
             "[feed]\npublish = \"anyone\"\nhistory_size = 100000\nhistory_ttl = \"10m\"\n",
         );
         c.sockets.publish_rate = 1_000_000;
         c.sockets.publish_burst = 1_000_000;
     })
-    .await;
+    .await
+}
+
+/// Publishes `count` messages as fast as the server answers, while `proxy` is cut every
+/// `cut_every` messages; the subscriber behind the proxy must see 1..=count exactly once, in
+/// order.
+async fn gapless_across_cuts(scheme: &str) {
+    let server = feed_server().await;
     let target = if scheme == "tcp" {
         server.tcp_addr
     } else {
@@ -401,14 +406,7 @@ async fn https_wss_and_tcps_work_with_a_trusted_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_falls_a_buffer_behind_catches_up_without_gaps() {
-    let server = TestServer::start_with(|c| {
-        c.namespaces = duplex_testkit::namespaces(
-            "[feed]\npublish = \"anyone\"\nhistory_size = 100000\nhistory_ttl = \"10m\"\n",
-        );
-        c.sockets.publish_rate = 1_000_000;
-        c.sockets.publish_burst = 1_000_000;
-    })
-    .await;
+    let server = feed_server().await;
     let connection = Connection::connect(ConnectOptions::new(&server.ws_url()))
         .await
         .expect("connect");
