@@ -799,8 +799,10 @@ impl Driver {
         let mut lag_check = tokio::time::interval(Duration::from_millis(50));
         lag_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // Only a lagging subscription needs the periodic check; an idle connection sleeps.
+            let lagging = self.subs.values().any(|sub| sub.state == SubState::Lagging);
             tokio::select! {
-                _ = lag_check.tick() => {
+                _ = lag_check.tick(), if lagging => {
                     if self.resync_lagging(session).await.is_err() {
                         return End::Lost;
                     }
