@@ -101,6 +101,23 @@ try {
   });
   await waitFor(page, () => got.length === 3, null, "three messages");
   check(JSON.stringify(await page.evaluate(() => got)) === "[1,2,3]", "offsets 1..3");
+  // Bytes travel in binary frames both ways.
+  const bytes = await page.evaluate(async () => {
+    const received = [];
+    await duplex.subscribe("stream:bytes", (m) => received.push(Array.from(m.data)));
+    const published = await duplex.publishBytes("stream:bytes", new Uint8Array([0, 1, 2, 255]));
+    const start = Date.now();
+    while (received.length === 0 && Date.now() - start < 5000) await new Promise((r) => setTimeout(r, 10));
+    let refused = null;
+    try {
+      await duplex.publishBytes("chat:lobby", new Uint8Array([1]));
+    } catch (error) {
+      refused = error.code;
+    }
+    return { offset: published.offset, received, refused };
+  });
+  check(bytes.offset === 1 && JSON.stringify(bytes.received) === "[[0,1,2,255]]", `binary: ${JSON.stringify(bytes)}`);
+  check(bytes.refused === "binary_not_allowed", `binary refused: ${bytes.refused}`);
   console.error("ok: subscribe and publish");
 
   // The server asks the page.

@@ -430,3 +430,60 @@ async fn a_reader_that_falls_a_buffer_behind_catches_up_without_gaps() {
     }
     assert_eq!(seen, (1..=COUNT).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn history_and_presence_over_http_and_the_socket() {
+    let server = TestServer::start().await;
+    let client = Client::new(&server.url("")).expect("client");
+    let connection =
+        Connection::connect(ConnectOptions::new(&server.ws_url()).meta(json!({"name": "ana"})))
+            .await
+            .expect("connect");
+    let _room = connection.subscribe("chat:room").await.expect("subscribe");
+    let mut first = None;
+    for i in 1..=3 {
+        let published = connection
+            .publish("chat:room", &json!({"i": i}))
+            .await
+            .expect("publish");
+        first.get_or_insert(published);
+    }
+    let first = first.expect("published");
+
+    let history = client
+        .history("chat:room", Some((1, &first.epoch)), None)
+        .await
+        .expect("history over http");
+    assert_eq!(history.recovered, Some(true));
+    let offsets: Vec<u64> = history
+        .publications
+        .iter()
+        .map(|p| p["offset"].as_u64().expect("offset"))
+        .collect();
+    assert_eq!(offsets, [2, 3]);
+    let over_socket = connection
+        .history("chat:room", None, Some(2))
+        .await
+        .expect("history over the socket");
+    assert_eq!(
+        over_socket["publications"].as_array().map(Vec::len),
+        Some(2)
+    );
+
+    let present = client
+        .presence("chat:room")
+        .await
+        .expect("presence over http");
+    assert_eq!(present.len(), 1);
+    assert_eq!(present[0].meta, Some(json!({"name": "ana"})));
+    let same = connection
+        .presence("chat:room")
+        .await
+        .expect("presence over the socket");
+    assert_eq!(same, present);
+    let refused = client
+        .presence("news:none")
+        .await
+        .expect_err("no presence in the default namespace");
+    assert_eq!(refused.code(), Some("presence_disabled"));
+}

@@ -111,6 +111,8 @@ export declare class Duplex {
   connect(): Promise<void>;
   subscribe(channel: string, handlers?: Handlers | ((message: Message) => void)): Promise<Subscription>;
   publish(channel: string, data: unknown): Promise<{ offset: number; epoch: string }>;
+  /** Bytes, in a binary frame, to a namespace with `binary` on. */
+  publishBytes(channel: string, bytes: Uint8Array | ArrayBuffer): Promise<{ offset: number; epoch: string }>;
   presence(channel: string): Promise<PresenceEntry[]>;
   history(channel: string, options?: { since?: number; limit?: number }): Promise<unknown>;
   refresh(token: string): Promise<{ expires_at: number }>;

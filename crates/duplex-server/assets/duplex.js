@@ -464,6 +464,27 @@ export class Duplex {
     return this.sendRequest({ type: "publish", channel, data });
   }
 
+  /** Publishes bytes (a Uint8Array or ArrayBuffer) on a channel of a namespace with `binary`
+   * on, in one binary frame: 0x02 | request id u32 | channel length u16 | channel | payload. */
+  async publishBytes(channel, bytes) {
+    if (this.transport === "sse") throw new DuplexError("unsupported", "this needs a WebSocket, and this client fell back to SSE");
+    if (!this.socket || this.socket.readyState !== 1) await this.connect();
+    const payload = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
+    const name = new TextEncoder().encode(channel);
+    const id = this.nextId++ % 0x100000000;
+    const frame = new Uint8Array(7 + name.length + payload.length);
+    const view = new DataView(frame.buffer);
+    frame[0] = 0x02;
+    view.setUint32(1, id);
+    view.setUint16(5, name.length);
+    frame.set(name, 7);
+    frame.set(payload, 7 + name.length);
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.socket.send(frame);
+    });
+  }
+
   /** Who is subscribed to a channel with presence. */
   async presence(channel) {
     const result = await this.sendRequest({ type: "presence", channel });
