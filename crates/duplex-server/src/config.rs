@@ -522,6 +522,42 @@ mod tests {
     }
 
     #[test]
+    fn the_file_lists_scoped_keys_collection_rules_and_timeouts() {
+        let file: ConfigLayer = toml::from_str(
+            "body_read_timeout = \"5s\"\n\
+             [[api_keys]]\nname = \"notifier\"\nkey = \"a-long-random-key-0123\"\n\
+             scopes = [\"channels:publish\"]\n\
+             [collections.payroll]\nread = \"token_channels\"\nwrite = \"server\"\n",
+        )
+        .expect("valid toml");
+        let config = file.over_defaults().expect("valid");
+        assert_eq!(config.body_read_timeout, Duration::from_secs(5));
+        assert_eq!(config.api_keys.len(), 1);
+        assert_eq!(
+            config.api_keys[0].scopes,
+            [crate::api_keys::Scope::ChannelsPublish]
+        );
+        let payroll = config.namespaces.collection("payroll");
+        assert_eq!(payroll.write, crate::hub::namespace::Access::Server);
+        assert_eq!(
+            config.namespaces.for_channel("records:payroll").subscribe,
+            crate::hub::namespace::Access::TokenChannels
+        );
+        let weak: ConfigLayer =
+            toml::from_str("[[api_keys]]\nkey = \"short\"\nscopes = [\"*\"]").expect("toml");
+        assert!(matches!(
+            weak.over_defaults(),
+            Err(ConfigError::Invalid {
+                key: "api_keys",
+                ..
+            })
+        ));
+        assert!(
+            toml::from_str::<ConfigLayer>("[[api_keys]]\nkey = \"k\"\nscopes = [\"all\"]").is_err()
+        );
+    }
+
+    #[test]
     fn unknown_keys_in_the_file_are_errors() {
         assert!(toml::from_str::<ConfigLayer>("htpp = \"127.0.0.1:1\"").is_err());
     }
