@@ -6,7 +6,7 @@
 //! reconnects, requests wait in that channel; a request already sent when the socket broke fails
 //! with [`Error::ConnectionLost`] (it may or may not have run).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -241,6 +241,9 @@ pub struct Connection {
     status: watch::Receiver<Status>,
 }
 
+/// How many commands wait for the connection (in the channel, and again while reconnecting).
+const COMMAND_QUEUE: usize = 256;
+
 /// How many events a subscription buffers before the connection waits for its reader (and the
 /// server's slow-consumer policy takes over).
 const SUBSCRIPTION_BUFFER: usize = 1024;
@@ -254,13 +257,14 @@ impl Connection {
             Some(tls) => tls.clone(),
             None => crate::tls::client_config(&options.ca_certs)?,
         };
-        let (commands_tx, commands) = mpsc::channel(256);
+        let (commands_tx, commands) = mpsc::channel(COMMAND_QUEUE);
         let mut driver = Driver {
             url,
             tls,
             options,
             commands,
             subs: HashMap::new(),
+            deferred: VecDeque::new(),
             next_id: 1,
             status: watch::channel(Status::Reconnecting(0)).0,
         };
@@ -556,6 +560,8 @@ struct Driver {
     options: ConnectOptions,
     commands: mpsc::Receiver<Command>,
     subs: HashMap<String, Sub>,
+    /// Commands taken while reconnecting, for the next session.
+    deferred: VecDeque<Command>,
     next_id: u64,
     status: watch::Sender<Status>,
 }
@@ -745,7 +751,11 @@ impl Driver {
         self.status
             .send_replace(Status::Closed(closed_code.clone()));
         self.commands.close();
+        let mut waiting = std::mem::take(&mut self.deferred);
         while let Some(command) = self.commands.recv().await {
+            waiting.push_back(command);
+        }
+        for command in waiting {
             let error = || Error::Closed(closed_code.clone());
             match command {
                 Command::Request { reply, .. } | Command::PublishBytes { reply, .. } => {
@@ -760,7 +770,8 @@ impl Driver {
     }
 
     /// Tries again and again with exponential backoff and jitter; `None` if every handle went
-    /// away (or `close` was called) meanwhile.
+    /// away (or `close` was called) meanwhile. Commands that come in while it waits are kept,
+    /// in order, for the next session.
     async fn reconnect(&mut self) -> Option<Session> {
         let mut attempt: u32 = 0;
         let mut wait = self.options.min_backoff;
@@ -768,10 +779,17 @@ impl Driver {
             attempt = attempt.saturating_add(1);
             self.status.send_replace(Status::Reconnecting(attempt));
             // Full jitter in [wait/2, wait], so a crowd of clients does not come back at once.
-            let jittered = wait.mul_f64(0.5 + fastrand::f64() * 0.5);
-            tokio::select! {
-                () = tokio::time::sleep(jittered) => {}
-                () = self.commands_closed() => return None,
+            let pause = tokio::time::sleep(wait.mul_f64(0.5 + fastrand::f64() * 0.5));
+            tokio::pin!(pause);
+            loop {
+                tokio::select! {
+                    () = &mut pause => break,
+                    // Bounded like the channel: past it, callers wait on the channel.
+                    command = self.commands.recv(), if self.deferred.len() < COMMAND_QUEUE => match command {
+                        None | Some(Command::Close) => return None,
+                        Some(command) => self.deferred.push_back(command),
+                    },
+                }
             }
             match self.open().await {
                 Ok(session) => return Some(session),
@@ -783,18 +801,14 @@ impl Driver {
         }
     }
 
-    /// Completes when no handle is left (the channel closed and drained) or `close` was sent.
-    async fn commands_closed(&mut self) {
-        // Peek without taking commands: they must wait for the next session.
-        loop {
-            if self.commands.is_closed() && self.commands.is_empty() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     async fn serve(&mut self, session: &mut Session) -> End {
+        while let Some(command) = self.deferred.pop_front() {
+            match self.on_command(session, command).await {
+                Ok(true) => {}
+                Ok(false) => return End::Closed,
+                Err(_) => return End::Lost,
+            }
+        }
         let mut silence = Box::pin(tokio::time::sleep(session.silence));
         let mut lag_check = tokio::time::interval(Duration::from_millis(50));
         lag_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

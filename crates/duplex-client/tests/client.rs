@@ -487,3 +487,58 @@ async fn history_and_presence_over_http_and_the_socket() {
         .expect_err("no presence in the default namespace");
     assert_eq!(refused.code(), Some("presence_disabled"));
 }
+
+#[tokio::test]
+async fn requests_made_while_reconnecting_wait_for_the_next_connection() {
+    let server = TestServer::start().await;
+    let proxy = TcpProxy::start(server.http_addr).await;
+    let connection = Connection::connect(
+        ConnectOptions::new(&format!("ws://{}/ws", proxy.addr))
+            .backoff(Duration::from_millis(20), Duration::from_millis(50)),
+    )
+    .await
+    .expect("connect");
+    proxy.set_down(true);
+    proxy.cut();
+    let mut status = connection.status();
+    tokio::time::timeout(
+        EVENT_TIMEOUT,
+        status.wait_for(|s| matches!(s, Status::Reconnecting(n) if *n >= 2)),
+    )
+    .await
+    .expect("reconnecting in time")
+    .expect("status");
+    let waiting = {
+        let connection = connection.clone();
+        tokio::spawn(async move { connection.publish("chat:later", &json!("queued")).await })
+    };
+    proxy.set_down(false);
+    let published = tokio::time::timeout(EVENT_TIMEOUT, waiting)
+        .await
+        .expect("published in time")
+        .expect("task")
+        .expect("published on the new connection");
+    assert_eq!(published.offset, 1);
+
+    // close() while reconnecting ends the connection for good.
+    proxy.set_down(true);
+    proxy.cut();
+    tokio::time::timeout(
+        EVENT_TIMEOUT,
+        status.wait_for(|s| matches!(s, Status::Reconnecting(_))),
+    )
+    .await
+    .expect("reconnecting in time")
+    .expect("status");
+    tokio::time::timeout(EVENT_TIMEOUT, connection.clone().close())
+        .await
+        .expect("closed in time");
+    let error = connection
+        .publish("chat:later", &json!(1))
+        .await
+        .expect_err("closed");
+    assert!(
+        matches!(error, duplex_client::Error::Closed(_)),
+        "{error:?}"
+    );
+}

@@ -355,3 +355,35 @@ async fn the_token_meta_claim_is_what_presence_shows() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_body_that_breaks_off_is_a_400_and_the_record_is_not_written() {
+    let server = TestServer::start().await;
+    let mut broken = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .expect("connect");
+    broken
+        .write_all(
+            b"POST /api/collections/notes/records HTTP/1.1\r\nHost: x\r\n\
+              Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\":1}",
+        )
+        .await
+        .expect("write");
+    // The client stops sending (half-close) with 93 bytes still owed.
+    broken.shutdown().await.expect("half-close");
+    let mut answer = Vec::new();
+    tokio::time::timeout(EVENT_TIMEOUT, broken.read_to_end(&mut answer))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(text.contains("bad_body"), "{text}");
+    let page: Value = reqwest::get(server.url("/api/collections/notes/records"))
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(page["items"], json!([]));
+}

@@ -59,6 +59,22 @@ pub enum Precondition {
 }
 
 impl Precondition {
+    /// The record a write may go ahead on: `PreconditionFailed` (with the current version) when
+    /// the precondition does not hold, `NotFound` when it holds but there is no record.
+    pub(crate) fn admit<T>(
+        &self,
+        current: Option<T>,
+        version: impl Fn(&T) -> i64,
+    ) -> Result<T, StoreError> {
+        let current_version = current.as_ref().map(&version);
+        if !self.holds(current_version) {
+            return Err(StoreError::PreconditionFailed {
+                current: current_version,
+            });
+        }
+        current.ok_or(StoreError::NotFound)
+    }
+
     /// Whether a record at `current` (None when absent) satisfies this precondition.
     pub fn holds(&self, current: Option<i64>) -> bool {
         match self {

@@ -186,22 +186,17 @@ impl Store for SqliteStore {
         .bind(id)
         .fetch_optional(&mut *tx)
         .await?;
-        let current_version: Option<i64> =
-            row.as_ref().map(|r| r.try_get("version")).transpose()?;
-        if !precondition.holds(current_version) {
-            return Err(StoreError::PreconditionFailed {
-                current: current_version,
-            });
-        }
-        let (Some(row), Some(version)) = (row, current_version) else {
-            return Err(StoreError::NotFound);
-        };
-        let current = Current {
-            version,
-            created_us: row.try_get("created_us")?,
-            updated_us: row.try_get("updated_us")?,
-            document: row.try_get("doc")?,
-        };
+        let current = row
+            .map(|row| {
+                Ok::<_, StoreError>(Current {
+                    version: row.try_get("version")?,
+                    created_us: row.try_get("created_us")?,
+                    updated_us: row.try_get("updated_us")?,
+                    document: row.try_get("doc")?,
+                })
+            })
+            .transpose()?;
+        let current = precondition.admit(current, |c| c.version)?;
         let (record, updated_us) = next_version(id, &current, change)?;
         let text = std::str::from_utf8(&record.document).expect("serde_json writes UTF-8");
         sqlx::query(
@@ -233,14 +228,7 @@ impl Store for SqliteStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         let record = row.as_ref().map(record_from_row).transpose()?;
-        if !precondition.holds(record.as_ref().map(|r| r.version)) {
-            return Err(StoreError::PreconditionFailed {
-                current: record.map(|r| r.version),
-            });
-        }
-        let Some(record) = record else {
-            return Err(StoreError::NotFound);
-        };
+        let record = precondition.admit(record, |r| r.version)?;
         sqlx::query("DELETE FROM records WHERE collection = ? AND id = ?")
             .bind(collection)
             .bind(id)
