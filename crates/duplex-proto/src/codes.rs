@@ -39,6 +39,8 @@ pub enum ErrorCode {
     RateLimited,
     /// The server failed; nothing the client can fix.
     Internal,
+    /// The broker between nodes cannot be reached; retry later.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -61,6 +63,7 @@ impl ErrorCode {
             ErrorCode::TokenExpired => "token_expired",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 }
@@ -85,6 +88,10 @@ pub enum DisconnectCode {
     TooManyConnections,
     /// The connection's token expired and was not refreshed.
     TokenExpired,
+    /// This node lost track of a subscribed channel (its link to the broker broke, or the
+    /// broker lost the channel's history): reconnect and resubscribe `since` the last offset to
+    /// learn whether anything was missed.
+    InsufficientState,
 }
 
 impl DisconnectCode {
@@ -99,6 +106,7 @@ impl DisconnectCode {
             DisconnectCode::TooManyErrors => "too_many_errors",
             DisconnectCode::TooManyConnections => "too_many_connections",
             DisconnectCode::TokenExpired => "token_expired",
+            DisconnectCode::InsufficientState => "insufficient_state",
         }
     }
 
@@ -109,7 +117,8 @@ impl DisconnectCode {
             | DisconnectCode::SlowConsumer
             | DisconnectCode::IdleTimeout
             | DisconnectCode::TooManyConnections
-            | DisconnectCode::TokenExpired => true,
+            | DisconnectCode::TokenExpired
+            | DisconnectCode::InsufficientState => true,
             DisconnectCode::FrameTooLarge
             | DisconnectCode::ProtocolError
             | DisconnectCode::TooManyErrors => false,
@@ -127,6 +136,7 @@ impl DisconnectCode {
             DisconnectCode::TooManyErrors => 4003,
             DisconnectCode::TooManyConnections => 1013,
             DisconnectCode::TokenExpired => 4004,
+            DisconnectCode::InsufficientState => 4005,
         }
     }
 
@@ -141,6 +151,9 @@ impl DisconnectCode {
             DisconnectCode::TooManyErrors => "too many bad frames",
             DisconnectCode::TooManyConnections => "too many connections; try again later",
             DisconnectCode::TokenExpired => "the token expired; reconnect with a fresh one",
+            DisconnectCode::InsufficientState => {
+                "this node lost track of a channel; reconnect and resubscribe since your last offset"
+            }
         }
     }
 }

@@ -25,6 +25,14 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// The store URL; `None` means `sqlite://{data_dir}/duplex.db`.
     pub store: Option<String>,
+    /// The broker between nodes: `None` or `memory` for one node, `redis://host:port` (with
+    /// `?prefix=NAME` to share one Redis between clusters) for several.
+    pub broker: Option<String>,
+    /// This node's id in the registry; `None` picks a random one.
+    pub node_id: Option<String>,
+    /// How long a node's presence entries and registration live without its heartbeat (a
+    /// killed node's clients leave presence within this).
+    pub presence_ttl: Duration,
     /// The largest request body accepted, in bytes.
     pub max_body: usize,
     /// How long shutdown waits for in-flight requests before it gives up on them.
@@ -62,6 +70,9 @@ impl Default for Config {
             tcp: SocketAddr::from(([127, 0, 0, 1], 7070)),
             data_dir: PathBuf::from("./duplex-data"),
             store: None,
+            broker: None,
+            node_id: None,
+            presence_ttl: Duration::from_secs(30),
             max_body: 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
@@ -122,6 +133,12 @@ pub struct ConfigLayer {
     pub data: Option<PathBuf>,
     /// See [`Config::store`].
     pub store: Option<String>,
+    /// See [`Config::broker`].
+    pub broker: Option<String>,
+    /// See [`Config::node_id`].
+    pub node_id: Option<String>,
+    /// See [`Config::presence_ttl`], as text such as `"30s"`.
+    pub presence_ttl: Option<String>,
     /// See [`Config::max_body`]: bytes, or text such as `"1MiB"`.
     pub max_body: Option<ByteSize>,
     /// See [`Config::shutdown_grace`], as text such as `"10s"`.
@@ -191,6 +208,9 @@ impl ConfigLayer {
             tcp: self.tcp.or(lower.tcp),
             data: self.data.or(lower.data),
             store: self.store.or(lower.store),
+            broker: self.broker.or(lower.broker),
+            node_id: self.node_id.or(lower.node_id),
+            presence_ttl: self.presence_ttl.or(lower.presence_ttl),
             max_body: self.max_body.or(lower.max_body),
             shutdown_grace: self.shutdown_grace.or(lower.shutdown_grace),
             header_read_timeout: self.header_read_timeout.or(lower.header_read_timeout),
@@ -237,6 +257,13 @@ impl ConfigLayer {
             }),
             None => Ok(default),
         };
+        let presence_ttl = duration("presence_ttl", self.presence_ttl, defaults.presence_ttl)?;
+        if presence_ttl < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "presence_ttl",
+                message: "at least 1s".into(),
+            });
+        }
         let shutdown_grace = duration(
             "shutdown_grace",
             self.shutdown_grace,
@@ -340,6 +367,9 @@ impl ConfigLayer {
             tcp: self.tcp.unwrap_or(defaults.tcp),
             data_dir: self.data.unwrap_or(defaults.data_dir),
             store: self.store.or(defaults.store),
+            broker: self.broker.or(defaults.broker),
+            node_id: self.node_id.or(defaults.node_id),
+            presence_ttl,
             max_body: self.max_body.map_or(defaults.max_body, |b| b.0),
             shutdown_grace,
             header_read_timeout,

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub conflated: Counter,
     /// Connections closed because their queue filled (`disconnect`).
     pub slow_consumer_disconnects: Counter,
+    /// Subscribers disconnected because this node missed publications from the broker.
+    pub insufficient_state_disconnects: Counter,
     /// Client answers to server requests that matched no waiting request (late, repeated, unknown).
     pub unmatched_answers: Counter,
     /// Long polls waiting for a publication.
@@ -154,6 +156,12 @@ impl Metrics {
             "Connections closed because their queue filled (disconnect)",
             slow_consumer_disconnects.clone(),
         );
+        let insufficient_state_disconnects = Counter::default();
+        registry.register(
+            "insufficient_state_disconnects",
+            "Subscribers disconnected to recover after this node missed publications from the broker",
+            insufficient_state_disconnects.clone(),
+        );
         let unmatched_answers = Counter::default();
         registry.register(
             "unmatched_answers",
@@ -209,6 +217,7 @@ impl Metrics {
             dropped,
             conflated,
             slow_consumer_disconnects,
+            insufficient_state_disconnects,
         })
     }
 

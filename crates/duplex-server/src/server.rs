@@ -42,6 +42,9 @@ pub enum ServerError {
     /// A configured file could not be used.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The broker could not be reached.
+    #[error("cannot reach the broker: {0}")]
+    Broker(#[from] crate::broker::BrokerError),
     /// Serving failed.
     #[error("server failed: {0}")]
     Io(#[from] std::io::Error),
@@ -58,6 +61,8 @@ pub struct Server {
     metrics: Arc<Metrics>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     tokens: Option<crate::auth::TokenVerifier>,
+    broker: Option<Arc<dyn crate::broker::Broker>>,
+    node: crate::broker::NodeInfo,
 }
 
 impl std::fmt::Debug for Server {
@@ -107,7 +112,30 @@ impl Server {
                     source,
                 })?;
         let tcp_addr = tcp_listener.local_addr()?;
+        let node_id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{:016x}", crate::hub::ConnectionId::random().0));
+        let broker = crate::broker::open(
+            config.broker.as_deref().unwrap_or("memory"),
+            node_id.clone(),
+            config.presence_ttl,
+        )
+        .await?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let node = crate::broker::NodeInfo {
+            id: node_id,
+            http: format!("{scheme}://{http_addr}"),
+            tcp: tcp_addr.to_string(),
+            connections: 0,
+            version: env!("CARGO_PKG_VERSION").into(),
+            started_at: time::OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .expect("RFC 3339 formats the current time"),
+        };
         Ok(Server {
+            broker,
+            node,
             config,
             http_listener,
             http_addr,
@@ -138,11 +166,20 @@ impl Server {
     /// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight requests
     /// finish (for at most the configured grace period) and closes the store.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let hub = Arc::new(Hub::new(
+        let hub = Arc::new(Hub::with_broker(
             self.config.namespaces.clone(),
             self.metrics.clone(),
+            self.broker.clone(),
+            self.node.clone(),
         ));
         let tracker = TaskTracker::new();
+        // The broker's links stop after the sockets have said goodbye (see below).
+        let broker_shutdown = CancellationToken::new();
+        let broker_task = self.broker.clone().map(|broker| {
+            let events: Arc<dyn crate::broker::BrokerEvents> =
+                Arc::new(crate::hub::HubEvents(hub.clone()));
+            tokio::spawn(broker.run(events, broker_shutdown.clone()))
+        });
         let sockets = Arc::new(SocketContext {
             hub: hub.clone(),
             tokens: self.tokens.clone(),
@@ -206,6 +243,11 @@ impl Server {
             () = &mut deadline => {
                 tracing::warn!(?grace, "connections outlived the shutdown grace period");
             }
+        }
+        // Deregisters the node; socket goodbyes have run, so their `leave`s went out.
+        broker_shutdown.cancel();
+        if let Some(task) = broker_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
         self.store.close().await;
         tracing::info!("server stopped");

@@ -70,6 +70,23 @@ pub fn postgres_store() -> Option<String> {
     Some(format!("{base}{separator}options[search_path]={schema}"))
 }
 
+/// A Redis broker URL with a key prefix of its own (so tests sharing one Redis never see each
+/// other's channels), from `DUPLEX_TEST_REDIS`; `None` when that is unset (the caller says it
+/// skipped). Servers started with the same URL form one cluster.
+pub fn redis_broker() -> Option<String> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let base = std::env::var("DUPLEX_TEST_REDIS").ok()?;
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let separator = if base.contains('?') { '&' } else { '?' };
+    Some(format!(
+        "{base}{separator}prefix=duplex_test_{}_{n}_{nanos}",
+        std::process::id()
+    ))
+}
+
 impl TestServer {
     /// Starts a server with the default configuration on loopback port 0, plus the
     /// [`OPEN_NAMESPACES`] that tests publish to without a token.

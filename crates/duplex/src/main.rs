@@ -111,6 +111,17 @@ struct ServeArgs {
     /// Store URL [default: sqlite://DATA/duplex.db].
     #[arg(long, env = "DUPLEX_STORE")]
     store: Option<String>,
+    /// Broker between nodes: memory (one node) or redis://host:port[?prefix=NAME]
+    /// [default: memory].
+    #[arg(long, env = "DUPLEX_BROKER")]
+    broker: Option<String>,
+    /// This node's id in the registry [default: random].
+    #[arg(long, env = "DUPLEX_NODE_ID")]
+    node_id: Option<String>,
+    /// How long presence entries and node registrations live without a heartbeat, e.g. 30s
+    /// [default: 30s].
+    #[arg(long, env = "DUPLEX_PRESENCE_TTL")]
+    presence_ttl: Option<String>,
     /// Largest request body, e.g. 1MiB [default: 1MiB].
     #[arg(long, env = "DUPLEX_MAX_BODY")]
     max_body: Option<ByteSize>,
@@ -163,6 +174,9 @@ impl ServeArgs {
             tcp: self.tcp,
             data: self.data,
             store: self.store,
+            broker: self.broker,
+            node_id: self.node_id,
+            presence_ttl: self.presence_ttl,
             max_body: self.max_body,
             shutdown_grace: self.shutdown_grace,
             api_key: self.api_key,

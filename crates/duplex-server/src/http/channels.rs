@@ -72,7 +72,7 @@ pub(crate) async fn publish(
             serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
         Payload::Json(data)
     };
-    let outcome = state.hub.publish(&channel, payload, Caller::Server)?;
+    let outcome = state.hub.publish(&channel, payload, Caller::Server).await?;
     Ok(axum::Json(Published {
         offset: outcome.offset,
         epoch: outcome.epoch.to_string(),
@@ -104,7 +104,8 @@ pub(crate) async fn history(
     let (since, limit) = (query.since, query.limit);
     let page = state
         .hub
-        .history(&channel, since.as_ref(), limit, Caller::Server)?;
+        .history(&channel, since.as_ref(), limit, Caller::Server)
+        .await?;
     Ok((
         [(header::CONTENT_TYPE, JSON)],
         history_json(&channel, &page, None),
@@ -123,7 +124,7 @@ pub(crate) async fn presence(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<axum::Json<serde_json::Value>, ApiError> {
     let Path(channel) = path?;
-    let connections = state.hub.presence(&channel, Caller::Server)?;
+    let connections = state.hub.presence(&channel, Caller::Server).await?;
     Ok(axum::Json(presence_json(&channel, &connections)))
 }
 

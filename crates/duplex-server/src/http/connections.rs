@@ -33,6 +33,7 @@ pub(crate) fn router() -> Router<AppState> {
         .route("/api/connections", get(list_connections))
         .route("/api/connections/{id}/request", post(request_connection))
         .route("/api/users/{user}/request", post(request_user))
+        .route("/api/nodes", get(list_nodes))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -171,10 +172,15 @@ pub(crate) async fn request_connection(
     let Path(id) = path?;
     let timeout = request_timeout(query.as_deref())?;
     let data = request_data(&state, &headers, body)?;
-    let connection = parse_connection_id(&id)
-        .and_then(|id| state.hub.connection(id))
-        .ok_or_else(|| ApiError::NotFound("no connection with this id is connected here".into()))?;
-    match connection.request(&data, timeout).await {
+    let not_connected = || ApiError::NotFound("no connection with this id is connected".into());
+    let id = parse_connection_id(&id).ok_or_else(not_connected)?;
+    // A connection of another node is asked through the broker.
+    let answer = match (state.hub.connection(id), state.hub.broker()) {
+        (Some(connection), _) => connection.request(&data, timeout).await,
+        (None, Some(broker)) => broker.request(id, &data, timeout).await,
+        (None, None) => return Err(not_connected()),
+    };
+    match answer {
         Ok(ClientAnswer::Result(result)) => {
             Ok(([(header::CONTENT_TYPE, JSON)], result.get().to_owned()).into_response())
         }
@@ -188,6 +194,7 @@ fn request_error(error: RequestError, timeout: Duration) -> ApiError {
         RequestError::Timeout => ApiError::ClientTimeout(timeout),
         RequestError::NotConnected | RequestError::Closed => ApiError::NotFound(error.to_string()),
         RequestError::TooManyPending => ApiError::Unavailable,
+        RequestError::BrokerUnavailable => ApiError::BrokerUnavailable(error.to_string()),
     }
 }
 
@@ -235,4 +242,17 @@ pub(crate) async fn request_user(
     });
     let replies = futures_util::future::join_all(asks).await;
     Ok(axum::Json(serde_json::json!({ "replies": replies })))
+}
+
+/// The live nodes: this one alone with the in-process broker; with Redis, every node whose
+/// heartbeat is fresher than `presence_ttl`.
+#[utoipa::path(get, path = "/api/nodes", tag = "connections",
+    responses(
+        (status = 200, description = "`{items: [{id, http, tcp, connections, version, started_at}]}`", body = Object),
+        (status = 503, description = "The broker is unreachable", body = super::error::Problem)))]
+pub(crate) async fn list_nodes(
+    State(state): State<AppState>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    let nodes = state.hub.nodes().await?;
+    Ok(axum::Json(serde_json::json!({ "items": nodes })))
 }

@@ -106,6 +106,9 @@ pub enum ApiError {
     /// The store is not reachable right now.
     #[error("the store is unavailable")]
     Unavailable,
+    /// The broker between nodes is not reachable right now.
+    #[error("{0}")]
+    BrokerUnavailable(String),
     /// Something failed on the server; the detail is logged, not sent.
     #[error("internal error")]
     Internal(String),
@@ -145,7 +148,9 @@ impl ApiError {
             ApiError::BadBody(_) => (StatusCode::BAD_REQUEST, "bad_body"),
             ApiError::ClientError { .. } => (StatusCode::BAD_GATEWAY, "client_error"),
             ApiError::UpgradeRequired(_) => (StatusCode::UPGRADE_REQUIRED, "upgrade_required"),
-            ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Unavailable | ApiError::BrokerUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
             ApiError::TooManyConnections(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
             }
@@ -243,6 +248,7 @@ impl From<crate::hub::HubError> for ApiError {
             HubError::MessageTooLarge { limit } => ApiError::PayloadTooLarge { limit },
             HubError::PresenceDisabled => ApiError::PresenceDisabled,
             HubError::PermissionDenied(why) => ApiError::Forbidden(why.into()),
+            HubError::Unavailable(why) => ApiError::BrokerUnavailable(why),
             HubError::AlreadySubscribed | HubError::NotSubscribed => {
                 ApiError::Internal(error.to_string())
             }

@@ -72,6 +72,7 @@ async fn browser_client_types() -> Response {
         super::connections::list_connections,
         super::connections::request_connection,
         super::connections::request_user,
+        super::connections::list_nodes,
         healthz,
         readyz,
         metrics,
@@ -92,18 +93,27 @@ pub(crate) async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// The store answers, so requests can be served.
+/// The store and the broker answer, so requests can be served.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "Ready"),
-              (status = 503, description = "The store is unreachable", body = super::error::Problem)))]
+              (status = 503, description = "The store or the broker is unreachable", body = super::error::Problem)))]
 pub(crate) async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    match state.store.ping().await {
-        Ok(()) => Ok("ready\n"),
-        Err(error) => {
-            tracing::warn!(%error, "readiness check failed");
-            Err(ApiError::Unavailable)
-        }
+    if let Err(error) = state.store.ping().await {
+        tracing::warn!(%error, "readiness check failed");
+        return Err(ApiError::Unavailable);
     }
+    if let Some(broker) = state.hub.broker() {
+        let answered =
+            tokio::time::timeout(std::time::Duration::from_secs(2), broker.ready()).await;
+        let error = match answered {
+            Ok(Ok(())) => return Ok("ready\n"),
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => "the broker did not answer within 2s".to_owned(),
+        };
+        tracing::warn!(%error, "readiness check failed");
+        return Err(ApiError::BrokerUnavailable(error));
+    }
+    Ok("ready\n")
 }
 
 /// Prometheus metrics in the OpenMetrics text format.

@@ -144,7 +144,7 @@ pub(crate) async fn create_record(
     authorize(&state, &headers, &collection, Op::Write)?;
     let fields = read_object(&state, &headers, body, &[JSON])?;
     let record = state.store.create(&collection, fields).await?;
-    publish_record_event(&state, &collection, "created", &record);
+    publish_record_event(&state, &collection, "created", &record).await;
     Ok(created(&collection, &record))
 }
 
@@ -200,14 +200,14 @@ pub(crate) async fn replace_record(
     let precondition = write_precondition(&headers)?;
     if precondition == Precondition::Absent {
         let record = state.store.create_with_id(&collection, &id, fields).await?;
-        publish_record_event(&state, &collection, "created", &record);
+        publish_record_event(&state, &collection, "created", &record).await;
         return Ok(created(&collection, &record));
     }
     let record = state
         .store
         .update(&collection, &id, Change::Replace(fields), &precondition)
         .await?;
-    publish_record_event(&state, &collection, "updated", &record);
+    publish_record_event(&state, &collection, "updated", &record).await;
     Ok(record_response(StatusCode::OK, &record))
 }
 
@@ -240,7 +240,7 @@ pub(crate) async fn patch_record(
         .store
         .update(&collection, &id, Change::MergePatch(patch), &precondition)
         .await?;
-    publish_record_event(&state, &collection, "updated", &record);
+    publish_record_event(&state, &collection, "updated", &record).await;
     Ok(record_response(StatusCode::OK, &record))
 }
 
@@ -267,7 +267,7 @@ pub(crate) async fn delete_record(
         ));
     }
     let record = state.store.delete(&collection, &id, &precondition).await?;
-    publish_record_event(&state, &collection, "deleted", &record);
+    publish_record_event(&state, &collection, "deleted", &record).await;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -385,7 +385,7 @@ fn parse_list_query(query: &str) -> Result<ListQuery, ApiError> {
 }
 
 /// Publishes `{"op": …, "record": …}` on `records:{collection}` once the write is committed.
-fn publish_record_event(state: &AppState, collection: &str, op: &str, record: &Record) {
+async fn publish_record_event(state: &AppState, collection: &str, op: &str, record: &Record) {
     let mut data = Vec::with_capacity(record.document.len() + 32);
     data.extend_from_slice(b"{\"op\":\"");
     data.extend_from_slice(op.as_bytes());
@@ -404,6 +404,7 @@ fn publish_record_event(state: &AppState, collection: &str, op: &str, record: &R
     if let Err(error) = state
         .hub
         .publish(&channel, Payload::Json(data), Caller::Server)
+        .await
     {
         tracing::error!(%error, channel, "cannot publish a record event");
     }

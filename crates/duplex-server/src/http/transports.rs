@@ -226,7 +226,8 @@ pub(crate) async fn events(
     state.metrics.connections.get_or_create(&SSE).inc();
     state
         .hub
-        .subscribe(&channel, &connection, 0, since.as_ref())?;
+        .subscribe(&channel, &connection, 0, since.as_ref())
+        .await?;
 
     let stream = event_stream(SseState {
         metrics: state.metrics.clone(),

@@ -53,6 +53,9 @@ pub enum RequestError {
     /// The connection closed before answering.
     #[error("the connection closed before answering")]
     Closed,
+    /// The broker that reaches other nodes is down.
+    #[error("the broker between nodes is unavailable")]
+    BrokerUnavailable,
 }
 
 /// One connected client.

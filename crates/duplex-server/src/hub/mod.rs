@@ -19,11 +19,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use duplex_proto::ErrorCode;
 use duplex_proto::frames::{Join, Leave, Reply, Since, Subscribed, to_json};
+use duplex_proto::{DisconnectCode, ErrorCode};
 use indexmap::IndexMap;
 use parking_lot::Mutex;
 
+use crate::broker::{
+    Broker, BrokerEvents, BrokerHistory, HistoryRange, NodeInfo, Present, Retention,
+};
 use crate::metrics::Metrics;
 use connection::ConnectionHandle;
 use namespace::{Access, Caller, Namespace, Namespaces, SlowConsumerPolicy};
@@ -82,6 +85,9 @@ pub enum HubError {
     /// Binary payloads are not allowed in the namespace.
     #[error("this namespace does not take binary publications")]
     BinaryNotAllowed,
+    /// The broker between nodes cannot be reached.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl HubError {
@@ -96,6 +102,7 @@ impl HubError {
             HubError::NotSubscribed => ErrorCode::NotSubscribed,
             HubError::MessageTooLarge { .. } => ErrorCode::MessageTooLarge,
             HubError::BinaryNotAllowed => ErrorCode::BinaryNotAllowed,
+            HubError::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
 }
@@ -115,6 +122,9 @@ struct Subscriber {
     connection: Arc<ConnectionHandle>,
     /// The conflation slot, for `latest` namespaces.
     latest: Option<Arc<LatestSlot>>,
+    /// With a broker: publications that arrived while the subscription was reading the
+    /// broker's history, sent after it.
+    recovering: Option<Vec<Arc<Publication>>>,
 }
 
 /// Why a `since` could not be honoured.
@@ -183,6 +193,9 @@ struct ChannelState {
     latest: Option<Arc<Publication>>,
     /// Long polls waiting on this channel; they keep it (and its epoch) alive like subscribers.
     watchers: usize,
+    /// With a broker: whether `last_offset` and `epoch` follow the broker's stream (set by the
+    /// first publication delivered or the first history read), so a gap can be told.
+    synced: bool,
     rate_window_start: Instant,
     rate_window_count: u64,
     rate: f64,
@@ -212,43 +225,22 @@ impl ChannelState {
 
     /// Whether every publication after `since` is still in history.
     fn recoverable(&self, since: &Since) -> Result<(), NotRecovered> {
-        // Offset 0 means "from the beginning": nothing was ever received, so any epoch will do,
-        // as long as the channel still has its first publication (or none yet).
-        if since.offset() == 0 {
-            return match self.oldest_available() {
-                Some(first) if first > 1 => Err(NotRecovered::HistoryTrimmed),
-                _ => Ok(()),
-            };
-        }
-        let Some(epoch) = since.epoch() else {
-            return Err(NotRecovered::EpochRequired);
-        };
-        if epoch != &*self.epoch {
-            return Err(NotRecovered::EpochChanged);
-        }
-        let offset = since.offset();
-        if offset > self.last_offset {
-            return Err(NotRecovered::OffsetAhead);
-        }
-        if offset == self.last_offset {
-            return Ok(());
-        }
-        match self.oldest_available() {
-            Some(first) if first <= offset + 1 => Ok(()),
-            _ => Err(NotRecovered::HistoryTrimmed),
-        }
+        recoverable(
+            since,
+            self.last_offset,
+            &self.epoch,
+            self.oldest_available(),
+        )
     }
 
-    /// Whether a reader (history, polls) that has everything up to `since` misses nothing. A
-    /// bare offset, without an epoch (HTTP `?since=` alone), is checked against history only.
+    /// Whether a reader (history, polls) that has everything up to `since` misses nothing.
     fn readable_since(&self, since: &Since) -> Result<(), NotRecovered> {
-        match since.epoch() {
-            Some(_) => self.recoverable(since),
-            None => self.recoverable(&Since::Position {
-                offset: since.offset(),
-                epoch: Some(self.epoch.to_string()),
-            }),
-        }
+        readable_since(
+            since,
+            self.last_offset,
+            &self.epoch,
+            self.oldest_available(),
+        )
     }
 
     /// The offset of the oldest publication that can still be sent.
@@ -276,6 +268,64 @@ impl ChannelState {
     }
 }
 
+/// Whether every publication after `since` can be sent, for a channel at `top` in `epoch` whose
+/// oldest kept publication is `oldest`.
+fn recoverable(
+    since: &Since,
+    top: u64,
+    epoch: &str,
+    oldest: Option<u64>,
+) -> Result<(), NotRecovered> {
+    // Offset 0 means "from the beginning": nothing was ever received, so any epoch will do,
+    // as long as the channel still has its first publication (or none yet).
+    if since.offset() == 0 {
+        return match oldest {
+            Some(first) if first > 1 => Err(NotRecovered::HistoryTrimmed),
+            None if top > 0 => Err(NotRecovered::HistoryTrimmed),
+            _ => Ok(()),
+        };
+    }
+    let Some(known) = since.epoch() else {
+        return Err(NotRecovered::EpochRequired);
+    };
+    if known != epoch {
+        return Err(NotRecovered::EpochChanged);
+    }
+    let offset = since.offset();
+    if offset > top {
+        return Err(NotRecovered::OffsetAhead);
+    }
+    if offset == top {
+        return Ok(());
+    }
+    match oldest {
+        Some(first) if first <= offset + 1 => Ok(()),
+        _ => Err(NotRecovered::HistoryTrimmed),
+    }
+}
+
+/// Whether a reader (history, polls) that has everything up to `since` misses nothing. A bare
+/// offset, without an epoch (HTTP `?since=` alone), is checked against history only.
+fn readable_since(
+    since: &Since,
+    top: u64,
+    epoch: &str,
+    oldest: Option<u64>,
+) -> Result<(), NotRecovered> {
+    match since.epoch() {
+        Some(_) => recoverable(since, top, epoch, oldest),
+        None => recoverable(
+            &Since::Position {
+                offset: since.offset(),
+                epoch: Some(epoch.to_owned()),
+            },
+            top,
+            epoch,
+            oldest,
+        ),
+    }
+}
+
 /// One channel.
 #[derive(Debug)]
 struct Channel {
@@ -300,6 +350,7 @@ impl Channel {
                 closed: false,
                 latest: None,
                 watchers: 0,
+                synced: false,
                 rate_window_start: Instant::now(),
                 rate_window_count: 0,
                 rate: 0.0,
@@ -319,17 +370,47 @@ pub struct Hub {
     connections: DashMap<ConnectionId, Arc<ConnectionHandle>>,
     namespaces: Namespaces,
     metrics: Arc<Metrics>,
+    /// The broker between nodes; `None` is the in-process (`memory`) broker.
+    broker: Option<Arc<dyn Broker>>,
+    /// This node, as `GET /api/nodes` and the registry describe it.
+    node: NodeInfo,
+}
+
+/// Fan-out counts of one publication.
+#[derive(Default)]
+struct FanOut {
+    delivered: u64,
+    dropped: u64,
+    conflated: u64,
+    disconnected: u64,
 }
 
 impl Hub {
-    /// An empty hub with these namespace rules.
+    /// An empty hub with these namespace rules, on the in-process broker.
     pub fn new(namespaces: Namespaces, metrics: Arc<Metrics>) -> Self {
+        Hub::with_broker(namespaces, metrics, None, NodeInfo::default())
+    }
+
+    /// An empty hub whose channels cross nodes through `broker`.
+    pub fn with_broker(
+        namespaces: Namespaces,
+        metrics: Arc<Metrics>,
+        broker: Option<Arc<dyn Broker>>,
+        node: NodeInfo,
+    ) -> Self {
         Hub {
             channels: DashMap::new(),
             connections: DashMap::new(),
             namespaces,
             metrics,
+            broker,
+            node,
         }
+    }
+
+    /// The broker between nodes, if any.
+    pub fn broker(&self) -> Option<&Arc<dyn Broker>> {
+        self.broker.as_ref()
     }
 
     /// Makes a connection reachable by id.
@@ -350,6 +431,11 @@ impl Hub {
     /// A connection of this node.
     pub fn connection(&self, id: ConnectionId) -> Option<Arc<ConnectionHandle>> {
         self.connections.get(&id).map(|c| c.clone())
+    }
+
+    /// How many connections this node holds.
+    pub fn connection_count(&self) -> usize {
+        self.connections.len()
     }
 
     /// Connections in id order, after `after`, at most `limit`.
@@ -383,6 +469,17 @@ impl Hub {
         &self.namespaces
     }
 
+    /// The live nodes: this one alone on the in-process broker.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, HubError> {
+        match &self.broker {
+            None => Ok(vec![self.node_info()]),
+            Some(broker) => broker
+                .nodes()
+                .await
+                .map_err(|e| HubError::Unavailable(e.to_string())),
+        }
+    }
+
     fn channel(&self, name: &str) -> Arc<Channel> {
         if let Some(channel) = self.channels.get(name) {
             return channel.clone();
@@ -410,8 +507,10 @@ impl Hub {
         });
     }
 
-    /// Publishes on a channel and fans the publication out to its subscribers.
-    pub fn publish(
+    /// Publishes on a channel. On the in-process broker the publication is fanned out before
+    /// this returns; with a broker, once the broker has it (every node, this one included,
+    /// fans out what the broker sends).
+    pub async fn publish(
         &self,
         channel_name: &str,
         payload: Payload,
@@ -430,6 +529,20 @@ impl Hub {
                 limit: namespace.max_message_size,
             });
         }
+        match &self.broker {
+            None => Ok(self.publish_here(channel_name, &payload)),
+            Some(broker) => {
+                let (offset, epoch) = broker
+                    .publish(channel_name, &payload, Retention::of(namespace))
+                    .await
+                    .map_err(|e| HubError::Unavailable(e.to_string()))?;
+                Ok(PublishOutcome { offset, epoch })
+            }
+        }
+    }
+
+    /// The in-process broker: offset, fan-out and history under the channel's lock.
+    fn publish_here(&self, channel_name: &str, payload: &Payload) -> PublishOutcome {
         loop {
             let channel = self.channel(channel_name);
             let mut state = channel.state.lock();
@@ -438,27 +551,11 @@ impl Hub {
             }
             state.last_offset += 1;
             let offset = state.last_offset;
-            let publication = Arc::new(Publication::new(channel.name.clone(), offset, &payload));
-            let policy = channel.namespace.slow_consumer;
-            let (mut dropped, mut conflated, mut disconnected) = (0, 0, 0);
-            for subscriber in state.subscribers.values() {
-                match subscriber.connection.queue.push_publication(
-                    &publication,
-                    policy,
-                    subscriber.latest.as_ref(),
-                ) {
-                    Pushed::Queued | Pushed::Closed => {}
-                    Pushed::DroppedOldest => dropped += 1,
-                    Pushed::Conflated => conflated += 1,
-                    Pushed::Disconnecting => disconnected += 1,
-                }
-            }
-            let delivered = state.subscribers.len() as u64;
+            let publication = Arc::new(Publication::new(channel.name.clone(), offset, payload));
+            let fan_out = fan_out(&channel, &mut state, &publication);
             let namespace = &channel.namespace;
-            let now = Instant::now();
-            state.count_publication(now);
-            state.latest = Some(publication.clone());
             if namespace.history_size > 0 {
+                let now = Instant::now();
                 state.history.push_back((now, publication));
                 trim_history(&mut state.history, namespace, now);
             }
@@ -469,35 +566,139 @@ impl Hub {
             let unused = state.unused();
             let watched = state.watchers > 0;
             drop(state);
-            if watched {
-                channel.published.notify_waiters();
-            }
-
-            let metrics = &self.metrics;
-            metrics.publications.inc();
-            metrics.deliveries_queued.inc_by(delivered);
-            if dropped > 0 {
-                metrics.dropped.inc_by(dropped);
-            }
-            if conflated > 0 {
-                metrics.conflated.inc_by(conflated);
-            }
-            if disconnected > 0 {
-                metrics.slow_consumer_disconnects.inc_by(disconnected);
-            }
+            self.published(&channel, watched, &fan_out);
             if unused {
                 self.remove_if_unused(channel_name);
             }
-            return Ok(outcome);
+            return outcome;
+        }
+    }
+
+    /// After a fan-out: wakes long polls and counts.
+    fn published(&self, channel: &Channel, watched: bool, fan_out: &FanOut) {
+        if watched {
+            channel.published.notify_waiters();
+        }
+        let metrics = &self.metrics;
+        metrics.publications.inc();
+        metrics.deliveries_queued.inc_by(fan_out.delivered);
+        if fan_out.dropped > 0 {
+            metrics.dropped.inc_by(fan_out.dropped);
+        }
+        if fan_out.conflated > 0 {
+            metrics.conflated.inc_by(fan_out.conflated);
+        }
+        if fan_out.disconnected > 0 {
+            metrics
+                .slow_consumer_disconnects
+                .inc_by(fan_out.disconnected);
+        }
+    }
+
+    /// With a broker: a publication the broker sent, from any node, in offset order. Channels
+    /// nobody here follows are skipped. A gap in offsets or a new epoch means this node missed
+    /// publications; its subscribers are disconnected with `insufficient_state` so that they
+    /// resubscribe `since` their last offset and recover from the broker's history.
+    pub fn deliver(&self, channel_name: &str, offset: u64, epoch: &str, payload: &Payload) {
+        let Some(channel) = self.channels.get(channel_name).map(|c| c.clone()) else {
+            return;
+        };
+        let mut state = channel.state.lock();
+        if state.closed {
+            return;
+        }
+        let same_epoch = *state.epoch == *epoch;
+        if state.synced {
+            if same_epoch && offset <= state.last_offset {
+                return;
+            }
+            if !same_epoch || offset != state.last_offset + 1 {
+                tracing::warn!(
+                    channel = channel_name,
+                    expected = state.last_offset + 1,
+                    got = offset,
+                    "missed publications from the broker; subscribers will recover"
+                );
+                self.lost_track(&mut state);
+            }
+        }
+        state.synced = true;
+        state.last_offset = offset;
+        if !same_epoch {
+            state.epoch = epoch.into();
+        }
+        let publication = Arc::new(Publication::new(channel.name.clone(), offset, payload));
+        let fan_out = fan_out(&channel, &mut state, &publication);
+        let watched = state.watchers > 0;
+        drop(state);
+        self.published(&channel, watched, &fan_out);
+    }
+
+    /// Disconnects every subscriber of a channel this node lost track of.
+    fn lost_track(&self, state: &mut ChannelState) {
+        for subscriber in state.subscribers.values() {
+            subscriber
+                .connection
+                .queue
+                .close(DisconnectCode::InsufficientState);
+        }
+        self.metrics
+            .insufficient_state_disconnects
+            .inc_by(state.subscribers.len() as u64);
+    }
+
+    /// With a broker: after the link to it broke, compares every followed channel with the
+    /// broker's position and disconnects the subscribers of those that moved on meanwhile (or
+    /// that the broker lost), so that they recover.
+    pub async fn resync(&self) {
+        let Some(broker) = &self.broker else {
+            return;
+        };
+        let names: Vec<Arc<str>> = self
+            .channels
+            .iter()
+            .filter(|c| c.state.lock().synced)
+            .map(|c| c.name.clone())
+            .collect();
+        // The command connection may only now find its old socket broken: retry a little, and
+        // if the broker still cannot say, have every subscriber recover (from a broker that
+        // answers by then, recovery tells them nothing was lost if nothing was).
+        let mut positions = vec![None; names.len()];
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=4 {
+            match broker.positions(&names).await {
+                Ok(found) => {
+                    positions = found;
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, attempt, "cannot compare channels with the broker");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+        for (name, position) in names.iter().zip(positions) {
+            let Some(channel) = self.channels.get(name).map(|c| c.clone()) else {
+                continue;
+            };
+            let mut state = channel.state.lock();
+            let current = match &position {
+                Some((top, epoch)) => *top == state.last_offset && **epoch == *state.epoch,
+                None => false,
+            };
+            if !current {
+                self.lost_track(&mut state);
+                state.synced = false;
+            }
         }
     }
 
     /// Subscribes a connection, queueing the `reply` (with the channel's current offset and
     /// epoch) before any publication the subscription will receive. With `since`, the reply
     /// says whether every publication after it can be replayed, and those publications follow
-    /// the reply, before any live one: both are queued under the channel's lock, so no live
-    /// publication can slip in between, and none is sent twice.
-    pub fn subscribe(
+    /// the reply, before any live one, and none is sent twice.
+    pub async fn subscribe(
         &self,
         channel_name: &str,
         connection: &Arc<ConnectionHandle>,
@@ -505,12 +706,35 @@ impl Hub {
         since: Option<&Since>,
     ) -> Result<(), HubError> {
         self.check_readable(channel_name, Caller::Client(&connection.auth()))?;
+        match &self.broker {
+            None => self.subscribe_here(channel_name, connection, reply_id, since),
+            Some(broker) => {
+                self.subscribe_through(broker, channel_name, connection, reply_id, since)
+                    .await
+            }
+        }
+    }
+
+    fn new_subscriber(&self, channel_name: &str, connection: &Arc<ConnectionHandle>) -> Subscriber {
         let namespace = self.namespaces.for_channel(channel_name);
-        let subscriber = Subscriber {
+        Subscriber {
             connection: connection.clone(),
             latest: (namespace.slow_consumer == SlowConsumerPolicy::Latest)
                 .then(|| Arc::new(LatestSlot::default())),
-        };
+            recovering: None,
+        }
+    }
+
+    /// The in-process broker: reply and replay queued under the channel's lock, so no live
+    /// publication can slip in between.
+    fn subscribe_here(
+        &self,
+        channel_name: &str,
+        connection: &Arc<ConnectionHandle>,
+        reply_id: u64,
+        since: Option<&Since>,
+    ) -> Result<(), HubError> {
+        let subscriber = self.new_subscriber(channel_name, connection);
         loop {
             let channel = self.channel(channel_name);
             let mut state = channel.state.lock();
@@ -521,37 +745,22 @@ impl Hub {
                 return Err(HubError::AlreadySubscribed);
             }
             let recovery = since.map(|since| state.recoverable(since));
-            let missed = match (since, recovery) {
-                (Some(since), Some(Ok(()))) => state.last_offset - since.offset(),
-                _ => 0,
-            };
-            let reply = to_json(&Reply {
-                id: reply_id,
-                result: Subscribed {
-                    channel: channel_name.into(),
-                    offset: state.last_offset,
-                    epoch: (*state.epoch).into(),
-                    recovered: recovery.map(|r| r.is_ok()),
-                    missed: recovery.and_then(|r| r.ok()).map(|()| missed),
-                    reason: recovery.and_then(|r| r.err()).map(|e| e.as_str().into()),
-                },
-            });
-            let queue = &connection.queue;
-            queue.push_control(Bytes::from(reply));
+            queue_reply(
+                connection,
+                reply_id,
+                channel_name,
+                state.last_offset,
+                &state.epoch,
+                since,
+                recovery,
+            );
             if let (Some(since), Some(Ok(()))) = (since, recovery) {
                 for publication in state.publications_after(since.offset()) {
-                    queue.push_recovered(publication);
+                    connection.queue.push_recovered(publication);
                 }
             }
             if channel.namespace.presence {
-                let meta = connection.meta();
-                let user = connection.user();
-                let join = Bytes::from(to_json(&Join {
-                    channel: channel_name,
-                    client: &connection.id.to_string(),
-                    user: user.as_deref(),
-                    meta: meta.as_deref(),
-                }));
+                let join = join_frame(channel_name, connection);
                 for other in state.subscribers.values() {
                     other.connection.queue.push_control(join.clone());
                 }
@@ -561,6 +770,130 @@ impl Hub {
             self.metrics.subscriptions.inc();
             return Ok(());
         }
+    }
+
+    /// With a broker: the subscriber is added first and buffers what the broker sends while
+    /// the broker's history is read; the reply, the missed publications and then the buffered
+    /// ones after them are queued together.
+    async fn subscribe_through(
+        &self,
+        broker: &Arc<dyn Broker>,
+        channel_name: &str,
+        connection: &Arc<ConnectionHandle>,
+        reply_id: u64,
+        since: Option<&Since>,
+    ) -> Result<(), HubError> {
+        let mut subscriber = self.new_subscriber(channel_name, connection);
+        subscriber.recovering = Some(Vec::new());
+        let channel = loop {
+            let channel = self.channel(channel_name);
+            let mut state = channel.state.lock();
+            if state.closed {
+                continue;
+            }
+            if state.subscribers.contains_key(&connection.id) {
+                return Err(HubError::AlreadySubscribed);
+            }
+            state.subscribers.insert(connection.id, subscriber);
+            connection.add_subscription(channel_name);
+            self.metrics.subscriptions.inc();
+            drop(state);
+            break channel;
+        };
+        let range = match since {
+            Some(since) => HistoryRange::After {
+                offset: since.offset(),
+                limit: Retention::of(&channel.namespace).size,
+            },
+            None => HistoryRange::None,
+        };
+        let read = broker.history(channel_name, range).await;
+        if !self.finish_subscription(&channel, connection, reply_id, since, read)? {
+            return Ok(());
+        }
+        if channel.namespace.presence
+            && let Err(error) = broker.join(channel_name, &present(connection)).await
+        {
+            tracing::warn!(%error, channel = channel_name, "cannot add presence to the broker");
+        }
+        Ok(())
+    }
+
+    /// Queues a subscription's reply, what it missed and what arrived meanwhile, once the
+    /// broker's history is read; false when the connection closed meanwhile.
+    fn finish_subscription(
+        &self,
+        channel: &Arc<Channel>,
+        connection: &Arc<ConnectionHandle>,
+        reply_id: u64,
+        since: Option<&Since>,
+        read: Result<BrokerHistory, crate::broker::BrokerError>,
+    ) -> Result<bool, HubError> {
+        let mut state = channel.state.lock();
+        let Some(subscriber) = state.subscribers.get_mut(&connection.id) else {
+            // The connection closed meanwhile.
+            return Ok(false);
+        };
+        let buffered = subscriber.recovering.take().unwrap_or_default();
+        let history = match read {
+            Ok(history) => history,
+            Err(error) => {
+                state.subscribers.swap_remove(&connection.id);
+                connection.remove_subscription(&channel.name);
+                self.metrics.subscriptions.dec();
+                let unused = state.unused();
+                drop(state);
+                if unused {
+                    self.remove_if_unused(&channel.name);
+                }
+                return Err(HubError::Unavailable(error.to_string()));
+            }
+        };
+        let BrokerHistory {
+            top,
+            epoch,
+            oldest,
+            publications,
+        } = history;
+        let recovery = since.map(|since| recoverable(since, top, &epoch, oldest));
+        queue_reply(
+            connection,
+            reply_id,
+            &channel.name,
+            top,
+            &epoch,
+            since,
+            recovery,
+        );
+        if recovery == Some(Ok(())) {
+            for stored in &publications {
+                let publication =
+                    Publication::new(channel.name.clone(), stored.offset, &stored.payload);
+                connection.queue.push_recovered(&Arc::new(publication));
+            }
+        }
+        let policy = channel.namespace.slow_consumer;
+        let latest = state
+            .subscribers
+            .get(&connection.id)
+            .and_then(|s| s.latest.clone());
+        let fresh = buffered.iter().filter(|p| p.offset() > top);
+        for (expected, publication) in (top + 1..).zip(fresh) {
+            if publication.offset() != expected {
+                // This node missed publications between the history read and what it buffered.
+                connection.queue.close(DisconnectCode::InsufficientState);
+                break;
+            }
+            connection
+                .queue
+                .push_publication(publication, policy, latest.as_ref());
+        }
+        if !state.synced {
+            state.synced = true;
+            state.last_offset = top;
+            state.epoch = epoch;
+        }
+        Ok(true)
     }
 
     /// Ends a subscription.
@@ -588,15 +921,29 @@ impl Hub {
             return Err(HubError::NotSubscribed);
         };
         self.metrics.subscriptions.dec();
-        if channel.namespace.presence && !state.subscribers.is_empty() {
-            let user = removed.connection.user();
-            let leave = Bytes::from(to_json(&Leave {
-                channel: channel_name,
-                client: &connection.to_string(),
-                user: user.as_deref(),
-            }));
-            for other in state.subscribers.values() {
-                other.connection.queue.push_control(leave.clone());
+        if channel.namespace.presence {
+            match &self.broker {
+                Some(broker) => {
+                    let broker = broker.clone();
+                    let channel_name = channel_name.to_owned();
+                    tokio::spawn(async move {
+                        if let Err(error) = broker.leave(&channel_name, connection).await {
+                            tracing::warn!(%error, channel = channel_name, "cannot remove presence from the broker");
+                        }
+                    });
+                }
+                None if !state.subscribers.is_empty() => {
+                    let user = removed.connection.user();
+                    let leave = Bytes::from(to_json(&Leave {
+                        channel: channel_name,
+                        client: &connection.to_string(),
+                        user: user.as_deref(),
+                    }));
+                    for other in state.subscribers.values() {
+                        other.connection.queue.push_control(leave.clone());
+                    }
+                }
+                None => {}
             }
         }
         let unused = state.unused();
@@ -605,6 +952,44 @@ impl Hub {
             self.remove_if_unused(channel_name);
         }
         Ok(())
+    }
+
+    /// With a broker: a presence frame from any node for this node's subscribers.
+    pub fn presence_event(&self, channel_name: &str, except: ConnectionId, frame: Bytes) {
+        let Some(channel) = self.channels.get(channel_name).map(|c| c.clone()) else {
+            return;
+        };
+        let state = channel.state.lock();
+        for (id, subscriber) in &state.subscribers {
+            // A subscription still reading history gets presence after its reply, by asking.
+            if *id != except && subscriber.recovering.is_none() {
+                subscriber.connection.queue.push_control(frame.clone());
+            }
+        }
+    }
+
+    /// Every (channel, client) this node holds presence for.
+    pub fn local_presence(&self) -> Vec<(Arc<str>, Present)> {
+        let mut all = Vec::new();
+        for entry in &self.channels {
+            let channel = entry.value();
+            if !channel.namespace.presence {
+                continue;
+            }
+            let state = channel.state.lock();
+            for subscriber in state.subscribers.values() {
+                all.push((channel.name.clone(), present(&subscriber.connection)));
+            }
+        }
+        all
+    }
+
+    /// This node's description.
+    pub fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            connections: self.connections.len() as u64,
+            ..self.node.clone()
+        }
     }
 
     /// Checks that `caller` may follow a channel (subscribe, poll, stream).
@@ -648,22 +1033,46 @@ impl Hub {
                 // Registered before looking, so a publication between the look and the wait
                 // still wakes us.
                 notified.as_mut().enable();
-                let page = {
-                    let state = channel.state.lock();
-                    let recovered = since.map(|since| state.readable_since(since));
-                    let publications: Vec<Arc<Publication>> = match (since, recovered) {
-                        (Some(since), Some(Ok(()) | Err(NotRecovered::HistoryTrimmed))) => state
-                            .publications_after(since.offset())
-                            .take(limit)
-                            .cloned()
-                            .collect(),
-                        _ => Vec::new(),
-                    };
-                    HistoryPage {
-                        publications,
-                        offset: state.last_offset,
-                        epoch: state.epoch.clone(),
-                        recovered,
+                let page = match &self.broker {
+                    None => {
+                        let state = channel.state.lock();
+                        let recovered = since.map(|since| state.readable_since(since));
+                        let publications: Vec<Arc<Publication>> = match (since, recovered) {
+                            (Some(since), Some(Ok(()) | Err(NotRecovered::HistoryTrimmed))) => {
+                                state
+                                    .publications_after(since.offset())
+                                    .take(limit)
+                                    .cloned()
+                                    .collect()
+                            }
+                            _ => Vec::new(),
+                        };
+                        HistoryPage {
+                            publications,
+                            offset: state.last_offset,
+                            epoch: state.epoch.clone(),
+                            recovered,
+                        }
+                    }
+                    Some(broker) => {
+                        let range = match since {
+                            Some(since) => HistoryRange::After {
+                                offset: since.offset(),
+                                limit,
+                            },
+                            None => HistoryRange::None,
+                        };
+                        let history = broker
+                            .history(channel_name, range)
+                            .await
+                            .map_err(|e| HubError::Unavailable(e.to_string()))?;
+                        let mut page = page_of(&channel.name, history, since);
+                        if let Some(Err(reason)) = page.recovered
+                            && reason != NotRecovered::HistoryTrimmed
+                        {
+                            page.publications.clear();
+                        }
+                        page
                     }
                 };
                 let nothing_yet =
@@ -683,12 +1092,12 @@ impl Hub {
         }
     }
 
-    /// Who is subscribed to a channel (namespaces with presence on).
-    pub fn presence(
+    /// Who is subscribed to a channel (namespaces with presence on), on every node.
+    pub async fn presence(
         &self,
         channel_name: &str,
         caller: Caller<'_>,
-    ) -> Result<Vec<Arc<ConnectionHandle>>, HubError> {
+    ) -> Result<Vec<Present>, HubError> {
         if !duplex_proto::is_valid_channel(channel_name) {
             return Err(HubError::InvalidChannel);
         }
@@ -702,6 +1111,12 @@ impl Hub {
             channel_name,
             "read presence",
         )?;
+        if let Some(broker) = &self.broker {
+            return broker
+                .presence(channel_name)
+                .await
+                .map_err(|e| HubError::Unavailable(e.to_string()));
+        }
         let Some(channel) = self.channels.get(channel_name).map(|c| c.clone()) else {
             return Ok(Vec::new());
         };
@@ -709,13 +1124,13 @@ impl Hub {
         Ok(state
             .subscribers
             .values()
-            .map(|s| s.connection.clone())
+            .map(|s| present(&s.connection))
             .collect())
     }
 
     /// A page of a channel's history: with `since`, the first `limit` publications after it;
     /// without, the last `limit`.
-    pub fn history(
+    pub async fn history(
         &self,
         channel_name: &str,
         since: Option<&Since>,
@@ -727,6 +1142,20 @@ impl Hub {
         }
         let namespace = self.namespaces.for_channel(channel_name);
         check_access(namespace.read_history, caller, channel_name, "read history")?;
+        if let Some(broker) = &self.broker {
+            let range = match since {
+                Some(since) => HistoryRange::After {
+                    offset: since.offset(),
+                    limit,
+                },
+                None => HistoryRange::Last(limit),
+            };
+            let history = broker
+                .history(channel_name, range)
+                .await
+                .map_err(|e| HubError::Unavailable(e.to_string()))?;
+            return Ok(page_of(&Arc::from(channel_name), history, since));
+        }
         let Some(channel) = self.channels.get(channel_name).map(|c| c.clone()) else {
             // Nothing was ever kept: an empty channel in a fresh epoch.
             let recovered = since.map(|since| {
@@ -812,6 +1241,135 @@ impl Hub {
         for name in unused {
             self.remove_if_unused(&name);
         }
+    }
+}
+
+/// The hub as its broker's listener: `Arc<Hub>` is what the broker holds.
+#[derive(Debug, Clone)]
+pub struct HubEvents(pub Arc<Hub>);
+
+impl BrokerEvents for HubEvents {
+    fn deliver(&self, channel: &str, offset: u64, epoch: &str, payload: Payload) {
+        self.0.deliver(channel, offset, epoch, &payload);
+    }
+
+    fn presence_event(&self, channel: &str, except: ConnectionId, frame: Bytes) {
+        self.0.presence_event(channel, except, frame);
+    }
+
+    fn reconnected(&self) {
+        let hub = self.0.clone();
+        tokio::spawn(async move { hub.resync().await });
+    }
+
+    fn local_connection(&self, id: ConnectionId) -> Option<Arc<ConnectionHandle>> {
+        self.0.connection(id)
+    }
+
+    fn local_presence(&self) -> Vec<(Arc<str>, Present)> {
+        self.0.local_presence()
+    }
+
+    fn node_info(&self) -> NodeInfo {
+        self.0.node_info()
+    }
+}
+
+/// Pushes a publication to every subscriber of a channel (buffering it for those still reading
+/// the broker's history) and records it as the channel's latest.
+fn fan_out(channel: &Channel, state: &mut ChannelState, publication: &Arc<Publication>) -> FanOut {
+    let policy = channel.namespace.slow_consumer;
+    let mut counts = FanOut::default();
+    for subscriber in state.subscribers.values_mut() {
+        if let Some(buffer) = &mut subscriber.recovering {
+            buffer.push(publication.clone());
+            continue;
+        }
+        match subscriber.connection.queue.push_publication(
+            publication,
+            policy,
+            subscriber.latest.as_ref(),
+        ) {
+            Pushed::Queued | Pushed::Closed => {}
+            Pushed::DroppedOldest => counts.dropped += 1,
+            Pushed::Conflated => counts.conflated += 1,
+            Pushed::Disconnecting => counts.disconnected += 1,
+        }
+    }
+    counts.delivered = state.subscribers.len() as u64;
+    state.count_publication(Instant::now());
+    state.latest = Some(publication.clone());
+    counts
+}
+
+/// Queues a subscription's `reply`.
+fn queue_reply(
+    connection: &ConnectionHandle,
+    reply_id: u64,
+    channel_name: &str,
+    offset: u64,
+    epoch: &str,
+    since: Option<&Since>,
+    recovery: Option<Result<(), NotRecovered>>,
+) {
+    let missed = match (since, recovery) {
+        (Some(since), Some(Ok(()))) => offset - since.offset(),
+        _ => 0,
+    };
+    let reply = to_json(&Reply {
+        id: reply_id,
+        result: Subscribed {
+            channel: channel_name.into(),
+            offset,
+            epoch: epoch.into(),
+            recovered: recovery.map(|r| r.is_ok()),
+            missed: recovery.and_then(|r| r.ok()).map(|()| missed),
+            reason: recovery.and_then(|r| r.err()).map(|e| e.as_str().into()),
+        },
+    });
+    connection.queue.push_control(Bytes::from(reply));
+}
+
+/// A connection's `join` frame.
+fn join_frame(channel_name: &str, connection: &ConnectionHandle) -> Bytes {
+    let meta = connection.meta();
+    let user = connection.user();
+    Bytes::from(to_json(&Join {
+        channel: channel_name,
+        client: &connection.id.to_string(),
+        user: user.as_deref(),
+        meta: meta.as_deref(),
+    }))
+}
+
+/// A connection as presence lists it.
+fn present(connection: &ConnectionHandle) -> Present {
+    Present {
+        client: connection.id.to_string(),
+        user: connection.user().map(|u| u.to_string()),
+        meta: connection.meta().map(|m| m.as_ref().to_owned()),
+    }
+}
+
+/// A history page from what the broker read.
+fn page_of(channel: &Arc<str>, history: BrokerHistory, since: Option<&Since>) -> HistoryPage {
+    let recovered =
+        since.map(|since| readable_since(since, history.top, &history.epoch, history.oldest));
+    HistoryPage {
+        publications: history
+            .publications
+            .iter()
+            .map(|stored| {
+                Arc::new(Publication::new(
+                    channel.clone(),
+                    stored.offset,
+                    &stored.payload,
+                ))
+            })
+            .collect(),
+        offset: history.top,
+        epoch: history.epoch,
+        recovered,
     }
 }
 
@@ -926,6 +1484,7 @@ mod tests {
         let hub = hub();
         let subscriber = connection(1);
         hub.subscribe("chat:a", &subscriber, 7, None)
+            .await
             .expect("subscribe");
         for i in 0..3 {
             let outcome = hub
@@ -934,6 +1493,7 @@ mod tests {
                     json(&i.to_string()),
                     Caller::Client(&ClientAuth::default()),
                 )
+                .await
                 .expect("publish");
             assert_eq!(outcome.offset, i + 1);
         }
@@ -949,6 +1509,7 @@ mod tests {
         let hub = hub();
         let epoch = hub
             .publish("chat:a", json("1"), Caller::Client(&ClientAuth::default()))
+            .await
             .expect("publish")
             .epoch;
         for i in 2..=5 {
@@ -957,6 +1518,7 @@ mod tests {
                 json(&i.to_string()),
                 Caller::Client(&ClientAuth::default()),
             )
+            .await
             .expect("publish");
         }
         let subscriber = connection(1);
@@ -965,6 +1527,7 @@ mod tests {
             epoch: Some(epoch.to_string()),
         };
         hub.subscribe("chat:a", &subscriber, 1, Some(&since))
+            .await
             .expect("subscribe");
         let batch = drain(&subscriber).await;
         let Outgoing::Control(reply) = &batch[0] else {
@@ -976,11 +1539,12 @@ mod tests {
         assert_eq!(offsets(&batch), vec![3, 4, 5]);
     }
 
-    #[test]
-    fn recovery_is_refused_with_a_reason() {
+    #[tokio::test]
+    async fn recovery_is_refused_with_a_reason() {
         let hub = hub();
         let epoch = hub
             .publish("chat:a", json("1"), Caller::Client(&ClientAuth::default()))
+            .await
             .expect("publish")
             .epoch
             .to_string();
@@ -1018,25 +1582,28 @@ mod tests {
                 Payload::Binary(Bytes::from_static(b"x")),
                 Caller::Client(&ClientAuth::default()),
             )
+            .await
             .expect("publish");
         assert_eq!(stream.offset, 1);
     }
 
-    #[test]
-    fn namespace_rules_are_enforced() {
+    #[tokio::test]
+    async fn namespace_rules_are_enforced() {
         let hub = hub();
         assert_eq!(
             hub.publish(
                 "records:posts",
                 json("1"),
                 Caller::Client(&ClientAuth::default())
-            ),
+            )
+            .await,
             Err(HubError::PermissionDenied(
                 "only the server publishes in this namespace"
             ))
         );
         assert!(
             hub.publish("records:posts", json("1"), Caller::Server)
+                .await
                 .is_ok()
         );
         assert_eq!(
@@ -1044,7 +1611,8 @@ mod tests {
                 "chat:a",
                 Payload::Binary(Bytes::from_static(b"x")),
                 Caller::Client(&ClientAuth::default())
-            ),
+            )
+            .await,
             Err(HubError::BinaryNotAllowed)
         );
         assert!(
@@ -1053,32 +1621,38 @@ mod tests {
                 Payload::Binary(Bytes::from_static(b"x")),
                 Caller::Client(&ClientAuth::default())
             )
+            .await
             .is_ok()
         );
         assert_eq!(
-            hub.publish("nocolon", json("1"), Caller::Client(&ClientAuth::default())),
+            hub.publish("nocolon", json("1"), Caller::Client(&ClientAuth::default()))
+                .await,
             Err(HubError::InvalidChannel)
         );
         let big = format!("\"{}\"", "x".repeat(70 * 1024));
         assert!(matches!(
-            hub.publish("chat:a", json(&big), Caller::Client(&ClientAuth::default())),
+            hub.publish("chat:a", json(&big), Caller::Client(&ClientAuth::default()))
+                .await,
             Err(HubError::MessageTooLarge { .. })
         ));
         assert_eq!(
-            hub.presence("news:a", Caller::Server).map(|p| p.len()),
+            hub.presence("news:a", Caller::Server)
+                .await
+                .map(|p| p.len()),
             Err(HubError::PresenceDisabled)
         );
     }
 
-    #[test]
-    fn channels_without_subscribers_or_history_are_removed() {
+    #[tokio::test]
+    async fn channels_without_subscribers_or_history_are_removed() {
         let hub = hub();
         let subscriber = connection(1);
         hub.subscribe("stream:a", &subscriber, 1, None)
+            .await
             .expect("subscribe");
         assert_eq!(hub.channel_count(), 1);
         assert_eq!(
-            hub.subscribe("stream:a", &subscriber, 2, None),
+            hub.subscribe("stream:a", &subscriber, 2, None).await,
             Err(HubError::AlreadySubscribed)
         );
         hub.unsubscribe("stream:a", &subscriber)
@@ -1090,6 +1664,7 @@ mod tests {
         );
         // A channel with history stays until the history expires.
         hub.publish("chat:a", json("1"), Caller::Client(&ClientAuth::default()))
+            .await
             .expect("publish");
         assert_eq!(hub.channel_count(), 1);
     }
@@ -1100,16 +1675,22 @@ mod tests {
         let first = connection(1);
         let second = connection(2);
         hub.subscribe("chat:room", &first, 1, None)
+            .await
             .expect("subscribe");
         hub.subscribe("chat:room", &second, 1, None)
+            .await
             .expect("subscribe");
-        let ids: Vec<ConnectionId> = hub
+        let ids: Vec<String> = hub
             .presence("chat:room", Caller::Server)
+            .await
             .expect("presence")
-            .iter()
-            .map(|c| c.id)
+            .into_iter()
+            .map(|c| c.client)
             .collect();
-        assert_eq!(ids, vec![ConnectionId(1), ConnectionId(2)]);
+        assert_eq!(
+            ids,
+            vec![ConnectionId(1).to_string(), ConnectionId(2).to_string()]
+        );
         hub.deregister(&second);
         let batch = drain(&first).await;
         let frames: Vec<serde_json::Value> = batch
@@ -1124,6 +1705,7 @@ mod tests {
         assert_eq!(frames[2]["type"], "leave");
         assert_eq!(
             hub.presence("chat:room", Caller::Server)
+                .await
                 .expect("presence")
                 .len(),
             1

@@ -8,7 +8,9 @@ pub(crate) mod slots;
 pub(crate) mod tcp;
 pub(crate) mod ws;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::broker::Present;
 use crate::hub::connection::{ClientAnswer, ConnectionHandle};
 use crate::hub::namespace::Caller;
 use crate::hub::publication::Payload;
@@ -135,6 +138,49 @@ pub(crate) struct Session {
     token_deadline: Option<tokio::time::Instant>,
     /// What the token says, kept here so publishing does not lock the shared handle.
     auth: Arc<crate::hub::namespace::ClientAuth>,
+    /// A request that waits on the broker; the next frame is read once it is answered, so a
+    /// connection's requests are answered in order.
+    waiting: Option<Waiting>,
+}
+
+/// A request in progress.
+struct Waiting(Pin<Box<dyn Future<Output = ()> + Send>>);
+
+impl std::fmt::Debug for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waiting")
+    }
+}
+
+/// Queues the error a hub refusal gets.
+fn hub_error(queue: &OutgoingQueue, metrics: &Metrics, id: u64, error: &HubError) {
+    push_error(queue, metrics, Some(id), error.code(), error.to_string());
+}
+
+/// Queues a `reply`.
+fn push_reply<T: Serialize>(queue: &OutgoingQueue, id: u64, result: T) {
+    queue.push_control(Bytes::from(to_json(&Reply { id, result })));
+}
+
+/// Queues an `error` and counts it.
+fn push_error(
+    queue: &OutgoingQueue,
+    metrics: &Metrics,
+    id: Option<u64>,
+    code: ErrorCode,
+    message: impl Into<String>,
+) {
+    metrics
+        .socket_errors
+        .get_or_create(&CodeLabels {
+            code: code.as_str(),
+        })
+        .inc();
+    queue.push_control(Bytes::from(to_json(&ErrorFrame {
+        id,
+        code,
+        message: message.into().into(),
+    })));
 }
 
 /// A connection's publish rate limiter: `rate` a second, `burst` at once.
@@ -186,6 +232,30 @@ impl Session {
             _slot: slot,
             token_deadline: None,
             auth: Arc::default(),
+            waiting: None,
+        }
+    }
+
+    /// Runs a request; one that has to wait (on the broker) is kept, and no frame is read
+    /// until it is done.
+    fn run(&mut self, request: impl Future<Output = ()> + Send + 'static) {
+        use futures_util::FutureExt;
+        let mut request = Box::pin(request);
+        if request.as_mut().now_or_never().is_none() {
+            self.waiting = Some(Waiting(request));
+        }
+    }
+
+    /// Whether a request is in progress.
+    pub(crate) fn is_waiting(&self) -> bool {
+        self.waiting.is_some()
+    }
+
+    /// Completes the request in progress (cancel-safe: it stays kept until done).
+    pub(crate) async fn finish_waiting(&mut self) {
+        if let Some(Waiting(request)) = &mut self.waiting {
+            request.await;
+            self.waiting = None;
         }
     }
 
@@ -210,23 +280,11 @@ impl Session {
 
     fn reply<T: Serialize>(&mut self, id: u64, result: T) {
         self.bad_frames_in_a_row = 0;
-        self.queue
-            .push_control(Bytes::from(to_json(&Reply { id, result })));
+        push_reply(&self.queue, id, result);
     }
 
     fn error(&mut self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
-        self.context
-            .metrics
-            .socket_errors
-            .get_or_create(&CodeLabels {
-                code: code.as_str(),
-            })
-            .inc();
-        self.queue.push_control(Bytes::from(to_json(&ErrorFrame {
-            id,
-            code,
-            message: message.into().into(),
-        })));
+        push_error(&self.queue, &self.context.metrics, id, code, message);
     }
 
     /// An error caused by a malformed frame; too many in a row close the connection.
@@ -240,7 +298,7 @@ impl Session {
 
     fn hub_error(&mut self, id: u64, error: &HubError) {
         self.bad_frames_in_a_row = 0;
-        self.error(Some(id), error.code(), error.to_string());
+        hub_error(&self.queue, &self.context.metrics, id, error);
     }
 
     /// Handles a text frame that may not be UTF-8 (raw TCP).
@@ -519,14 +577,20 @@ impl Session {
             );
             return;
         }
-        match self
-            .context
-            .hub
-            .subscribe(channel, &self.connection, id, since)
-        {
-            Ok(()) => self.bad_frames_in_a_row = 0,
-            Err(error) => self.hub_error(id, &error),
-        }
+        self.bad_frames_in_a_row = 0;
+        let hub = self.context.hub.clone();
+        let metrics = self.context.metrics.clone();
+        let connection = self.connection.clone();
+        let channel = channel.to_owned();
+        let since = since.cloned();
+        self.run(async move {
+            if let Err(error) = hub
+                .subscribe(&channel, &connection, id, since.as_ref())
+                .await
+            {
+                hub_error(&connection.queue, &metrics, id, &error);
+            }
+        });
     }
 
     fn unsubscribe(&mut self, id: u64, channel: &str) {
@@ -552,33 +616,43 @@ impl Session {
             );
             return;
         }
+        self.bad_frames_in_a_row = 0;
         let auth = self.auth.clone();
-        match self
-            .context
-            .hub
-            .history(channel, since, limit, Caller::Client(&auth))
-        {
-            Ok(page) => {
-                self.bad_frames_in_a_row = 0;
-                let mut result = history_json(channel, &page, None);
-                let reply = format!("{{\"type\":\"reply\",\"id\":{id},\"result\":");
-                result.splice(0..0, reply.into_bytes());
-                result.push(b'}');
-                self.queue.push_control(Bytes::from(result));
+        let hub = self.context.hub.clone();
+        let metrics = self.context.metrics.clone();
+        let queue = self.queue.clone();
+        let channel = channel.to_owned();
+        let since = since.cloned();
+        self.run(async move {
+            match hub
+                .history(&channel, since.as_ref(), limit, Caller::Client(&auth))
+                .await
+            {
+                Ok(page) => {
+                    let mut result = history_json(&channel, &page, None);
+                    let reply = format!("{{\"type\":\"reply\",\"id\":{id},\"result\":");
+                    result.splice(0..0, reply.into_bytes());
+                    result.push(b'}');
+                    queue.push_control(Bytes::from(result));
+                }
+                Err(error) => hub_error(&queue, &metrics, id, &error),
             }
-            Err(error) => self.hub_error(id, &error),
-        }
+        });
     }
 
     fn presence(&mut self, id: u64, channel: &str) {
+        self.bad_frames_in_a_row = 0;
         let auth = self.auth.clone();
-        match self.context.hub.presence(channel, Caller::Client(&auth)) {
-            Ok(connections) => {
-                let result = presence_json(channel, &connections);
-                self.reply(id, result);
+        let hub = self.context.hub.clone();
+        let metrics = self.context.metrics.clone();
+        let queue = self.queue.clone();
+        let channel = channel.to_owned();
+        self.run(async move {
+            match hub.presence(&channel, Caller::Client(&auth)).await {
+                Ok(present) => push_reply(&queue, id, presence_json(&channel, &present)),
+                Err(error) => hub_error(&queue, &metrics, id, &error),
             }
-            Err(error) => self.hub_error(id, &error),
-        }
+        });
     }
 
     fn publish(&mut self, id: u64, channel: &str, payload: Payload) {
@@ -595,21 +669,25 @@ impl Session {
             );
             return;
         }
+        self.bad_frames_in_a_row = 0;
         let auth = self.auth.clone();
-        match self
-            .context
-            .hub
-            .publish(channel, payload, Caller::Client(&auth))
-        {
-            Ok(outcome) => self.reply(
-                id,
-                Published {
-                    offset: outcome.offset,
-                    epoch: (*outcome.epoch).into(),
-                },
-            ),
-            Err(error) => self.hub_error(id, &error),
-        }
+        let hub = self.context.hub.clone();
+        let metrics = self.context.metrics.clone();
+        let queue = self.queue.clone();
+        let channel = channel.to_owned();
+        self.run(async move {
+            match hub.publish(&channel, payload, Caller::Client(&auth)).await {
+                Ok(outcome) => push_reply(
+                    &queue,
+                    id,
+                    Published {
+                        offset: outcome.offset,
+                        epoch: (*outcome.epoch).into(),
+                    },
+                ),
+                Err(error) => hub_error(&queue, &metrics, id, &error),
+            }
+        });
     }
 }
 
@@ -649,18 +727,18 @@ pub(crate) fn count_disconnect(metrics: &Metrics, code: DisconnectCode) {
 /// shutdown, when its queue closes, when its token expires or when nothing arrives within the
 /// idle timeout. Returns `None` when the reader should stop (the close code, if any, is set).
 pub(crate) async fn next_incoming<T>(
-    session: &Session,
+    context: &SocketContext,
+    queue: &OutgoingQueue,
+    token_deadline: Option<tokio::time::Instant>,
     next: impl std::future::Future<Output = Option<T>>,
 ) -> Option<T> {
-    let context = &session.context;
-    let queue = &session.queue;
     tokio::select! {
         () = context.shutdown.cancelled() => {
             queue.close(DisconnectCode::Shutdown);
             None
         }
         () = queue.closed() => None,
-        () = token_expiry(session.token_deadline) => {
+        () = token_expiry(token_deadline) => {
             queue.close(DisconnectCode::TokenExpired);
             None
         }
@@ -743,22 +821,6 @@ pub(crate) fn history_json(
 }
 
 /// `{"channel","clients":[{"client","user","meta"?}]}`.
-pub(crate) fn presence_json(
-    channel: &str,
-    connections: &[Arc<ConnectionHandle>],
-) -> serde_json::Value {
-    let clients: Vec<serde_json::Value> = connections
-        .iter()
-        .map(|c| {
-            let meta = c.meta();
-            let user = c.user();
-            serde_json::to_value(duplex_proto::frames::PresenceEntry {
-                client: c.id.to_string(),
-                user: user.as_deref(),
-                meta: meta.as_deref(),
-            })
-            .expect("presence entries serialise")
-        })
-        .collect();
-    serde_json::json!({"channel": channel, "clients": clients})
+pub(crate) fn presence_json(channel: &str, present: &[Present]) -> serde_json::Value {
+    serde_json::json!({"channel": channel, "clients": present})
 }

@@ -99,7 +99,19 @@ async fn serve<S>(
         FramedRead::with_capacity(read_half, TcpDecoder::new(context.limits.max_frame), 1024);
     let writer = tokio::spawn(write(write_half, queue.clone(), context.clone()));
     loop {
-        let Some(next) = super::next_incoming(&session, frames.next()).await else {
+        if session.is_waiting() {
+            let deadline = session.token_deadline();
+            let waited = super::next_incoming(&context, &queue, deadline, async {
+                session.finish_waiting().await;
+                Some(())
+            });
+            if waited.await.is_none() {
+                break;
+            }
+        }
+        let deadline = session.token_deadline();
+        let Some(next) = super::next_incoming(&context, &queue, deadline, frames.next()).await
+        else {
             break;
         };
         match next {

@@ -86,7 +86,11 @@ async fn serve(
     tokio::pin!(idle);
     let closing = loop {
         let stopping = queue.is_closing();
+        let waiting = session.is_waiting();
+        let token_deadline = session.token_deadline();
         tokio::select! {
+            // A request waiting on the broker: no frame is read until it is answered.
+            () = session.finish_waiting(), if waiting => {}
             closing = queue.next_batch(&mut batch) => {
                 if write_batch(&mut socket, &mut batch, &context).await.is_err() {
                     break None;
@@ -95,7 +99,7 @@ async fn serve(
                     break closing;
                 }
             }
-            incoming = socket.next() => {
+            incoming = socket.next(), if !waiting => {
                 idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
                 match incoming {
                     None | Some(Ok(Message::Close(_))) => break None,
@@ -126,7 +130,7 @@ async fn serve(
                 queue.close(DisconnectCode::Shutdown);
                 break Some(DisconnectCode::Shutdown);
             }
-            () = super::token_expiry(session.token_deadline()), if !stopping => {
+            () = super::token_expiry(token_deadline), if !stopping => {
                 queue.close(DisconnectCode::TokenExpired);
                 break Some(DisconnectCode::TokenExpired);
             }

@@ -1,0 +1,279 @@
+//! The broker between nodes: what lets several duplex servers behind a load balancer serve the
+//! same channels.
+//!
+//! With the default `memory` broker there is no [`Broker`] at all: the hub allocates offsets,
+//! keeps history and presence in process, exactly as one node needs. With an external broker
+//! (`--broker redis://…`) the hub hands these jobs to it:
+//!
+//! - a publication is sent to the broker, which allocates its offset and the channel's epoch
+//!   atomically, appends it to the channel's history and broadcasts it; every node (the
+//!   publisher's own included) fans out what it receives from the broker, so all nodes deliver
+//!   every channel in the same order and a publication reaches each subscriber once;
+//! - history and recovery (`since`) read the broker's history;
+//! - presence lives in the broker with an expiry that live nodes refresh, so a dead node's
+//!   clients disappear;
+//! - server → client requests for a connection on another node travel through the broker;
+//! - each node registers itself with a heartbeat (`GET /api/nodes`).
+//!
+//! A broker reports to the hub through [`BrokerEvents`]. The hub's code is the same for every
+//! engine: one implementation of the trait per engine.
+
+pub mod redis;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::hub::ConnectionId;
+use crate::hub::connection::{ClientAnswer, RequestError};
+use crate::hub::namespace::Namespace;
+use crate::hub::publication::Payload;
+
+/// The broker failed or cannot be reached.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the broker is unavailable: {0}")]
+pub struct BrokerError(pub String);
+
+/// How long and how much of a channel's history the broker keeps (from its namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Publications kept (at least one: the latest, for pollers and `since` = last offset).
+    pub size: usize,
+    /// How long history lives after the channel's last publication.
+    pub ttl: Duration,
+}
+
+impl Retention {
+    /// The retention a namespace asks for.
+    pub fn of(namespace: &Namespace) -> Self {
+        Retention {
+            size: namespace.history_size.max(1),
+            ttl: namespace.history_ttl.max(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// A publication as the broker stored it.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// Its offset.
+    pub offset: u64,
+    /// What it carries.
+    pub payload: Payload,
+}
+
+/// A channel's position and the part of its history asked for.
+#[derive(Debug, Clone)]
+pub struct BrokerHistory {
+    /// The channel's last offset.
+    pub top: u64,
+    /// The channel's epoch.
+    pub epoch: Arc<str>,
+    /// The offset of the oldest publication still kept, if any.
+    pub oldest: Option<u64>,
+    /// The publications asked for, in offset order.
+    pub publications: Vec<Stored>,
+}
+
+/// Which part of a channel's history to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryRange {
+    /// None: only the channel's position.
+    None,
+    /// The first `limit` publications after `offset`.
+    After {
+        /// Exclusive start.
+        offset: u64,
+        /// At most this many.
+        limit: usize,
+    },
+    /// The last `limit` publications.
+    Last(usize),
+}
+
+/// A client in a channel's presence.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Present {
+    /// Its connection id.
+    pub client: String,
+    /// The user its token named.
+    pub user: Option<String>,
+    /// Its metadata.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub meta: Option<Box<RawValue>>,
+}
+
+/// A node as the registry lists it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct NodeInfo {
+    /// Its id.
+    pub id: String,
+    /// Where it serves HTTP.
+    pub http: String,
+    /// Where it serves raw TCP.
+    pub tcp: String,
+    /// How many socket connections it holds.
+    pub connections: u64,
+    /// The server version.
+    pub version: String,
+    /// When it started, RFC 3339.
+    pub started_at: String,
+}
+
+/// What a broker tells the hub of its node.
+pub trait BrokerEvents: Send + Sync + 'static {
+    /// A publication, in offset order per channel, from any node.
+    fn deliver(&self, channel: &str, offset: u64, epoch: &str, payload: Payload);
+    /// A presence frame (`join`/`leave`) for the local subscribers of `channel` other than
+    /// `except`.
+    fn presence_event(&self, channel: &str, except: ConnectionId, frame: Bytes);
+    /// The broker link came back after a break: publications may have been missed.
+    fn reconnected(&self);
+    /// A connection of this node, if it has it.
+    fn local_connection(
+        &self,
+        id: ConnectionId,
+    ) -> Option<Arc<crate::hub::connection::ConnectionHandle>>;
+    /// Every (channel, client) pair this node holds presence for.
+    fn local_presence(&self) -> Vec<(Arc<str>, Present)>;
+    /// This node's description for the registry.
+    fn node_info(&self) -> NodeInfo;
+}
+
+/// An engine that carries channels between nodes.
+#[async_trait]
+pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
+    /// Runs the broker's links (subscription, heartbeats) until `shutdown`, reporting to
+    /// `events`. Reconnects with backoff on its own.
+    async fn run(
+        self: Arc<Self>,
+        events: Arc<dyn BrokerEvents>,
+        shutdown: tokio_util::sync::CancellationToken,
+    );
+
+    /// This node's id.
+    fn node_id(&self) -> &str;
+
+    /// Publishes: allocates the next offset (and the epoch) atomically, stores the publication
+    /// in history and broadcasts it to every node.
+    async fn publish(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+    ) -> Result<(u64, Arc<str>), BrokerError>;
+
+    /// A channel's position and part of its history. A channel the broker does not know gets
+    /// a fresh epoch here, so that every node agrees on it.
+    async fn history(
+        &self,
+        channel: &str,
+        range: HistoryRange,
+    ) -> Result<BrokerHistory, BrokerError>;
+
+    /// The channels' current positions (offset, epoch), `None` for channels the broker has lost.
+    async fn positions(
+        &self,
+        channels: &[Arc<str>],
+    ) -> Result<Vec<Option<(u64, Arc<str>)>>, BrokerError>;
+
+    /// Adds a client to a channel's presence and tells every node's subscribers (`join`).
+    async fn join(&self, channel: &str, present: &Present) -> Result<(), BrokerError>;
+
+    /// Removes a client from a channel's presence and tells every node's subscribers.
+    async fn leave(&self, channel: &str, client: ConnectionId) -> Result<(), BrokerError>;
+
+    /// Who is in a channel, on every node; entries past their expiry are removed (and their
+    /// `leave` sent) first.
+    async fn presence(&self, channel: &str) -> Result<Vec<Present>, BrokerError>;
+
+    /// Asks a connection on another node and waits for its answer.
+    async fn request(
+        &self,
+        client: ConnectionId,
+        data: &RawValue,
+        timeout: Duration,
+    ) -> Result<ClientAnswer, RequestError>;
+
+    /// The live nodes.
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError>;
+
+    /// Whether the broker answers now.
+    async fn ready(&self) -> Result<(), BrokerError>;
+}
+
+/// Opens the broker a `--broker` URL names; `memory` (or nothing) means none.
+pub async fn open(
+    url: &str,
+    node_id: String,
+    presence_ttl: Duration,
+) -> Result<Option<Arc<dyn Broker>>, BrokerError> {
+    if url.is_empty() || url == "memory" {
+        return Ok(None);
+    }
+    if url.starts_with("redis://") || url.starts_with("rediss://") {
+        let broker = redis::RedisBroker::connect(url, node_id, presence_ttl).await?;
+        return Ok(Some(Arc::new(broker)));
+    }
+    Err(BrokerError(format!(
+        "unknown broker {url:?}: use memory or redis://host:port"
+    )))
+}
+
+/// The wire form of a payload between nodes: a kind byte (`j` JSON, `b` bytes), then the
+/// payload as it is.
+pub(crate) fn encode_payload(payload: &Payload) -> Vec<u8> {
+    let mut body = Vec::with_capacity(1 + payload.len());
+    match payload {
+        Payload::Json(raw) => {
+            body.push(b'j');
+            body.extend_from_slice(raw.get().as_bytes());
+        }
+        Payload::Binary(bytes) => {
+            body.push(b'b');
+            body.extend_from_slice(bytes);
+        }
+    }
+    body
+}
+
+/// Reads what [`encode_payload`] wrote.
+pub(crate) fn decode_payload(body: &[u8]) -> Option<Payload> {
+    let (&kind, rest) = body.split_first()?;
+    match kind {
+        b'j' => {
+            let text = std::str::from_utf8(rest).ok()?;
+            RawValue::from_string(text.to_owned())
+                .ok()
+                .map(Payload::Json)
+        }
+        b'b' => Some(Payload::Binary(Bytes::copy_from_slice(rest))),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_cross_between_nodes_unchanged() {
+        let json = Payload::Json(RawValue::from_string("{\"a\":[1,2]}".into()).expect("json"));
+        let Some(Payload::Json(back)) = decode_payload(&encode_payload(&json)) else {
+            panic!("json comes back as json");
+        };
+        assert_eq!(back.get(), "{\"a\":[1,2]}");
+        let bytes = Payload::Binary(Bytes::from_static(&[0, 255, 10]));
+        let Some(Payload::Binary(back)) = decode_payload(&encode_payload(&bytes)) else {
+            panic!("bytes come back as bytes");
+        };
+        assert_eq!(&back[..], &[0, 255, 10]);
+        assert!(decode_payload(b"").is_none());
+        assert!(decode_payload(b"x1").is_none());
+        assert!(decode_payload(b"j{").is_none());
+    }
+}

@@ -1,0 +1,919 @@
+//! The Redis broker.
+//!
+//! Keys (all under the URL's `prefix`, default `duplex`):
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `{p}:h:{channel}:meta` | hash `epoch`, `top` | the channel's epoch and last offset |
+//! | `{p}:h:{channel}:log` | stream, ids `{offset}-0`, field `d` | history, `MAXLEN` and TTL from the namespace |
+//! | `{p}:p:{channel}` | hash client → JSON | presence |
+//! | `{p}:p:{channel}:exp` | sorted set client → expiry (ms) | presence expiry, refreshed by live nodes |
+//! | `{p}:p:{channel}:leave` | hash client → bus message | the `leave` to send when the entry goes |
+//! | `{p}:nodes` | sorted set node → last heartbeat (ms) | the node registry |
+//! | `{p}:node:{id}` | string, JSON, expires | a node's description |
+//!
+//! Everything between nodes travels on one pub/sub channel, `{p}:bus`, as messages whose first
+//! byte says what they are: `p` a publication (`p{offset}:{epoch}:` then the body written by
+//! [`publication_body`]), `e` a presence frame, `q` a server request for a connection on some
+//! node, `a` its answer. Publishing is one Lua script, so offset allocation, the history append
+//! and the broadcast happen atomically and in the same order for every node; pub/sub loses
+//! what is sent while a node's link is down, which the node notices (a gap in offsets, or the
+//! link coming back) and repairs from history by having its subscribers recover.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use duplex_proto::frames::{Join, Leave, to_json};
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Broker, BrokerError, BrokerEvents, BrokerHistory, HistoryRange, NodeInfo, Present, Retention,
+    Stored, decode_payload, encode_payload,
+};
+use crate::hub::ConnectionId;
+use crate::hub::connection::{ClientAnswer, RequestError};
+use crate::hub::publication::Payload;
+
+/// How long a channel's epoch and last offset outlive its last publication.
+const META_TTL_SECONDS: u64 = 24 * 60 * 60;
+/// Backoff between attempts to re-establish the pub/sub link.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+const PUBLISH: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[1], 'p' .. offset .. ':' .. epoch .. ':' .. ARGV[2])
+return {offset, epoch}
+";
+
+const HISTORY: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+local top = redis.call('HGET', KEYS[1], 'top')
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+local oldest = ''
+if #first > 0 then oldest = first[1][1] end
+local entries = {}
+if ARGV[1] == 'after' then
+  entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[2] .. '-0', '+', 'COUNT', ARGV[5])
+elseif ARGV[1] == 'last' then
+  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[5])
+end
+return {top, epoch, oldest, entries}
+";
+
+const NOW_MS: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+const JOIN: &str = r"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
+if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
+return 1
+";
+
+const LEAVE: &str = r"
+local message = redis.call('HGET', KEYS[3], ARGV[1])
+local removed = redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if removed == 1 and message then redis.call('PUBLISH', ARGV[2], message) end
+return removed
+";
+
+const PRESENCE: &str = r"
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+for _, client in ipairs(expired) do
+  local message = redis.call('HGET', KEYS[3], client)
+  redis.call('HDEL', KEYS[1], client)
+  redis.call('HDEL', KEYS[3], client)
+  redis.call('ZREM', KEYS[2], client)
+  if message then redis.call('PUBLISH', ARGV[1], message) end
+end
+return redis.call('HVALS', KEYS[1])
+";
+
+#[derive(Debug)]
+struct Scripts {
+    publish: Script,
+    history: Script,
+    join: Script,
+    leave: Script,
+    presence: Script,
+}
+
+/// A request waiting for another node's answer.
+struct Waiting {
+    /// Nodes that have yet to say the connection is not theirs.
+    absent_left: usize,
+    answer: oneshot::Sender<Result<ClientAnswer, RequestError>>,
+}
+
+/// A server request on the bus.
+#[derive(Debug, Serialize, Deserialize)]
+struct BusRequest<'a> {
+    from: &'a str,
+    id: u64,
+    client: &'a str,
+    timeout_ms: u64,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// An answer to a [`BusRequest`] on the bus.
+#[derive(Debug, Serialize, Deserialize)]
+struct BusAnswer<'a> {
+    to: &'a str,
+    id: u64,
+    /// `result`, `error`, `absent`, `timeout`, `closed` or `busy`.
+    outcome: &'a str,
+    #[serde(borrow, skip_serializing_if = "Option::is_none")]
+    result: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+/// Channels, history, presence and requests between nodes through Redis.
+pub struct RedisBroker {
+    client: redis::Client,
+    connection: ConnectionManager,
+    prefix: String,
+    bus: String,
+    node: String,
+    presence_ttl: Duration,
+    scripts: Scripts,
+    requests: Mutex<HashMap<u64, Waiting>>,
+    next_request: AtomicU64,
+    /// Whether the pub/sub link is up.
+    linked: AtomicBool,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("prefix", &self.prefix)
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn broker_error(error: redis::RedisError) -> BrokerError {
+    BrokerError(error.to_string())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn new_epoch() -> String {
+    let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
+    format!("{:08x}", (high ^ low) as u32)
+}
+
+/// `u16 channel length | channel | payload kind | payload`: what a `p` message carries after
+/// its offset and epoch, and what history stores.
+fn publication_body(channel: &str, payload: &Payload) -> Vec<u8> {
+    let mut body = Vec::with_capacity(3 + channel.len() + payload.len());
+    let len = u16::try_from(channel.len()).unwrap_or(u16::MAX);
+    body.extend_from_slice(&len.to_be_bytes());
+    body.extend_from_slice(&channel.as_bytes()[..usize::from(len)]);
+    body.extend_from_slice(&encode_payload(payload));
+    body
+}
+
+/// Splits a `u16 length | channel | rest` body.
+fn split_channel(body: &[u8]) -> Option<(&str, &[u8])> {
+    let len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let channel = std::str::from_utf8(body.get(2..2 + len)?).ok()?;
+    Some((channel, &body[2 + len..]))
+}
+
+/// `e | u16 channel length | channel | u64 client | frame`.
+fn presence_message(channel: &str, client: ConnectionId, frame: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(11 + channel.len() + frame.len());
+    message.push(b'e');
+    message.extend_from_slice(&(channel.len() as u16).to_be_bytes());
+    message.extend_from_slice(channel.as_bytes());
+    message.extend_from_slice(&client.0.to_be_bytes());
+    message.extend_from_slice(frame);
+    message
+}
+
+/// The URL without our own `prefix` parameter, and the prefix.
+fn split_prefix(url: &str) -> Result<(String, String), BrokerError> {
+    let mut parsed =
+        url::Url::parse(url).map_err(|e| BrokerError(format!("invalid broker URL: {e}")))?;
+    let mut prefix = "duplex".to_owned();
+    let kept: Vec<(String, String)> = parsed
+        .query_pairs()
+        .filter_map(|(k, v)| {
+            if k == "prefix" {
+                prefix = v.into_owned();
+                None
+            } else {
+                Some((k.into_owned(), v.into_owned()))
+            }
+        })
+        .collect();
+    if kept.is_empty() {
+        parsed.set_query(None);
+    } else {
+        parsed.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    Ok((parsed.to_string(), prefix))
+}
+
+impl RedisBroker {
+    /// Connects (failing when Redis cannot be reached now; later breaks are reconnected).
+    pub async fn connect(
+        url: &str,
+        node: String,
+        presence_ttl: Duration,
+    ) -> Result<RedisBroker, BrokerError> {
+        let (url, prefix) = split_prefix(url)?;
+        let client = redis::Client::open(url.as_str()).map_err(broker_error)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let connection = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(broker_error)?;
+        let now = |body: &str| Script::new(&format!("{NOW_MS}{body}"));
+        Ok(RedisBroker {
+            client,
+            connection,
+            bus: format!("{prefix}:bus"),
+            prefix,
+            node,
+            presence_ttl,
+            scripts: Scripts {
+                publish: Script::new(PUBLISH),
+                history: Script::new(HISTORY),
+                join: now(JOIN),
+                leave: Script::new(LEAVE),
+                presence: now(PRESENCE),
+            },
+            requests: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            linked: AtomicBool::new(false),
+        })
+    }
+
+    fn meta_key(&self, channel: &str) -> String {
+        format!("{}:h:{channel}:meta", self.prefix)
+    }
+
+    fn log_key(&self, channel: &str) -> String {
+        format!("{}:h:{channel}:log", self.prefix)
+    }
+
+    fn presence_keys(&self, channel: &str) -> [String; 3] {
+        let base = format!("{}:p:{channel}", self.prefix);
+        [base.clone(), format!("{base}:exp"), format!("{base}:leave")]
+    }
+
+    fn nodes_key(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    fn node_key(&self, id: &str) -> String {
+        format!("{}:node:{id}", self.prefix)
+    }
+
+    async fn join_with(
+        &self,
+        channel: &str,
+        present: &Present,
+        announce: bool,
+    ) -> Result<(), BrokerError> {
+        let client = ConnectionId(
+            u64::from_str_radix(&present.client, 16)
+                .map_err(|_| BrokerError("presence client ids are hex".into()))?,
+        );
+        let info = serde_json::to_string(present).map_err(|e| BrokerError(e.to_string()))?;
+        let leave = presence_message(
+            channel,
+            client,
+            &to_json(&Leave {
+                channel,
+                client: &present.client,
+                user: present.user.as_deref(),
+            }),
+        );
+        let join = if announce {
+            presence_message(
+                channel,
+                client,
+                &to_json(&Join {
+                    channel,
+                    client: &present.client,
+                    user: present.user.as_deref(),
+                    meta: present.meta.as_deref(),
+                }),
+            )
+        } else {
+            Vec::new()
+        };
+        let keys = self.presence_keys(channel);
+        let mut invocation = self.scripts.join.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        invocation
+            .arg(&present.client)
+            .arg(info)
+            .arg(leave)
+            .arg(self.presence_ttl.as_millis() as u64)
+            .arg(&self.bus)
+            .arg(join);
+        let _: i64 = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(broker_error)?;
+        Ok(())
+    }
+
+    async fn send(&self, message: Vec<u8>) -> Result<(), BrokerError> {
+        let _: i64 = self
+            .connection
+            .clone()
+            .publish(&self.bus, message)
+            .await
+            .map_err(broker_error)?;
+        Ok(())
+    }
+
+    /// Registers this node, refreshes its clients' presence and sends the `leave` of entries
+    /// that expired (a dead node's clients) in the channels this node follows.
+    async fn heartbeat(&self, events: &Arc<dyn BrokerEvents>) -> Result<(), BrokerError> {
+        let info =
+            serde_json::to_string(&events.node_info()).map_err(|e| BrokerError(e.to_string()))?;
+        let ttl = self.presence_ttl.as_millis() as u64;
+        let now = now_ms();
+        let mut connection = self.connection.clone();
+        redis::pipe()
+            .zadd(self.nodes_key(), &self.node, now)
+            .ignore()
+            .pset_ex(self.node_key(&self.node), info, ttl)
+            .ignore()
+            .zrembyscore(self.nodes_key(), "-inf", now.saturating_sub(ttl))
+            .ignore()
+            .query_async::<()>(&mut connection)
+            .await
+            .map_err(broker_error)?;
+        let present = events.local_presence();
+        let mut channels: Vec<Arc<str>> = Vec::new();
+        for (channel, present) in &present {
+            self.join_with(channel, present, false).await?;
+            if channels.last() != Some(channel) {
+                channels.push(channel.clone());
+            }
+        }
+        channels.dedup();
+        for channel in channels {
+            self.presence(&channel).await?;
+        }
+        Ok(())
+    }
+
+    async fn deregister(&self) {
+        let mut connection = self.connection.clone();
+        let result = redis::pipe()
+            .zrem(self.nodes_key(), &self.node)
+            .ignore()
+            .del(self.node_key(&self.node))
+            .ignore()
+            .query_async::<()>(&mut connection)
+            .await;
+        if let Err(error) = result {
+            tracing::debug!(%error, "could not deregister the node");
+        }
+    }
+
+    /// One bus message.
+    fn on_message(self: &Arc<Self>, events: &Arc<dyn BrokerEvents>, message: &[u8]) {
+        let Some((&kind, rest)) = message.split_first() else {
+            return;
+        };
+        match kind {
+            b'p' => {
+                let Some(parsed) = parse_publication(rest) else {
+                    tracing::warn!("unreadable publication on the broker bus");
+                    return;
+                };
+                let (offset, epoch, channel, payload) = parsed;
+                events.deliver(channel, offset, epoch, payload);
+            }
+            b'e' => {
+                let Some((channel, rest)) = split_channel(rest) else {
+                    return;
+                };
+                let Some((client, frame)) = rest.split_first_chunk::<8>() else {
+                    return;
+                };
+                events.presence_event(
+                    channel,
+                    ConnectionId(u64::from_be_bytes(*client)),
+                    Bytes::copy_from_slice(frame),
+                );
+            }
+            b'q' => self.on_request(events, rest),
+            b'a' => self.on_answer(rest),
+            _ => tracing::warn!(kind, "unknown message on the broker bus"),
+        }
+    }
+
+    fn on_request(self: &Arc<Self>, events: &Arc<dyn BrokerEvents>, body: &[u8]) {
+        let Ok(request) = serde_json::from_slice::<BusRequest<'_>>(body) else {
+            tracing::warn!("unreadable request on the broker bus");
+            return;
+        };
+        if request.from == self.node {
+            return;
+        }
+        let to = request.from.to_owned();
+        let id = request.id;
+        let connection = u64::from_str_radix(request.client, 16)
+            .ok()
+            .and_then(|client| events.local_connection(ConnectionId(client)));
+        let broker = self.clone();
+        let Some(connection) = connection else {
+            tokio::spawn(async move {
+                broker
+                    .answer(&to, id, Err(RequestError::NotConnected))
+                    .await
+            });
+            return;
+        };
+        let data: Box<RawValue> = request.data.to_owned();
+        let timeout = Duration::from_millis(request.timeout_ms);
+        tokio::spawn(async move {
+            let answer = connection.request(&data, timeout).await;
+            broker.answer(&to, id, answer).await;
+        });
+    }
+
+    async fn answer(&self, to: &str, id: u64, answer: Result<ClientAnswer, RequestError>) {
+        let (outcome, result, code, message) = match &answer {
+            Ok(ClientAnswer::Result(result)) => ("result", Some(&**result), None, None),
+            Ok(ClientAnswer::Error { code, message }) => {
+                ("error", None, Some(code.clone()), Some(message.clone()))
+            }
+            Err(RequestError::NotConnected) => ("absent", None, None, None),
+            Err(RequestError::Timeout) => ("timeout", None, None, None),
+            Err(RequestError::Closed) => ("closed", None, None, None),
+            Err(RequestError::TooManyPending | RequestError::BrokerUnavailable) => {
+                ("busy", None, None, None)
+            }
+        };
+        let answer = BusAnswer {
+            to,
+            id,
+            outcome,
+            result,
+            code,
+            message,
+        };
+        let mut message = vec![b'a'];
+        if serde_json::to_writer(&mut message, &answer).is_err() {
+            return;
+        }
+        if let Err(error) = self.send(message).await {
+            tracing::warn!(%error, "could not answer a request from another node");
+        }
+    }
+
+    fn on_answer(&self, body: &[u8]) {
+        let Ok(answer) = serde_json::from_slice::<BusAnswer<'_>>(body) else {
+            tracing::warn!("unreadable answer on the broker bus");
+            return;
+        };
+        if answer.to != self.node {
+            return;
+        }
+        let mut requests = self.requests.lock();
+        let Some(waiting) = requests.get_mut(&answer.id) else {
+            return;
+        };
+        let result = match answer.outcome {
+            "result" => Ok(ClientAnswer::Result(answer.result.map_or_else(
+                || RawValue::from_string("null".into()).expect("null is JSON"),
+                ToOwned::to_owned,
+            ))),
+            "error" => Ok(ClientAnswer::Error {
+                code: answer.code.unwrap_or_default(),
+                message: answer.message.unwrap_or_default(),
+            }),
+            "absent" => {
+                waiting.absent_left = waiting.absent_left.saturating_sub(1);
+                if waiting.absent_left > 0 {
+                    return;
+                }
+                Err(RequestError::NotConnected)
+            }
+            "timeout" => Err(RequestError::Timeout),
+            "busy" => Err(RequestError::TooManyPending),
+            _ => Err(RequestError::Closed),
+        };
+        if let Some(waiting) = requests.remove(&answer.id) {
+            let _ = waiting.answer.send(result);
+        }
+    }
+
+    /// Holds the pub/sub link until it breaks or shutdown; true on shutdown.
+    async fn follow(
+        self: &Arc<Self>,
+        events: &Arc<dyn BrokerEvents>,
+        shutdown: &CancellationToken,
+        linked_before: bool,
+    ) -> Result<bool, BrokerError> {
+        let mut pubsub = self.client.get_async_pubsub().await.map_err(broker_error)?;
+        pubsub.subscribe(&self.bus).await.map_err(broker_error)?;
+        self.linked.store(true, Ordering::Release);
+        if linked_before {
+            tracing::info!("broker link restored");
+            events.reconnected();
+        }
+        let mut messages = pubsub.into_on_message();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(true),
+                message = messages.next() => match message {
+                    Some(message) => self.on_message(events, message.get_payload_bytes()),
+                    None => return Err(BrokerError("the pub/sub link closed".into())),
+                },
+            }
+        }
+    }
+}
+
+/// `{offset}:{epoch}:{body}` → offset, epoch, channel, payload.
+fn parse_publication(rest: &[u8]) -> Option<(u64, &str, &str, Payload)> {
+    let colon = rest.iter().position(|&b| b == b':')?;
+    let offset: u64 = std::str::from_utf8(&rest[..colon]).ok()?.parse().ok()?;
+    let rest = &rest[colon + 1..];
+    let colon = rest.iter().position(|&b| b == b':')?;
+    let epoch = std::str::from_utf8(&rest[..colon]).ok()?;
+    let (channel, payload) = split_channel(&rest[colon + 1..])?;
+    Some((offset, epoch, channel, decode_payload(payload)?))
+}
+
+/// A stream entry id `{offset}-0` → offset.
+fn entry_offset(id: &str) -> Option<u64> {
+    id.split('-').next()?.parse().ok()
+}
+
+type Entry = (String, Vec<Vec<u8>>);
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn run(self: Arc<Self>, events: Arc<dyn BrokerEvents>, shutdown: CancellationToken) {
+        let heartbeat = {
+            let broker = self.clone();
+            let events = events.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                let mut interval = tokio::time::interval(broker.presence_ttl / 3);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        _ = interval.tick() => {
+                            if let Err(error) = broker.heartbeat(&events).await {
+                                tracing::warn!(%error, "broker heartbeat failed");
+                            }
+                        }
+                    }
+                }
+                broker.deregister().await;
+            }
+        };
+        let link = async {
+            let mut delay = RECONNECT_MIN;
+            let mut linked_before = false;
+            loop {
+                match self.follow(&events, &shutdown, linked_before).await {
+                    Ok(true) => return,
+                    Ok(false) => {}
+                    Err(error) => {
+                        if self.linked.swap(false, Ordering::AcqRel) {
+                            tracing::warn!(%error, "broker link lost; reconnecting");
+                            delay = RECONNECT_MIN;
+                        }
+                    }
+                }
+                linked_before = true;
+                let jitter = Duration::from_millis(fastrand_ms(delay));
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay + jitter) => {}
+                }
+                delay = (delay * 2).min(RECONNECT_MAX);
+            }
+        };
+        tokio::join!(heartbeat, link);
+    }
+
+    fn node_id(&self) -> &str {
+        &self.node
+    }
+
+    async fn publish(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+    ) -> Result<(u64, Arc<str>), BrokerError> {
+        let (offset, epoch): (u64, String) = self
+            .scripts
+            .publish
+            .key(self.meta_key(channel))
+            .key(self.log_key(channel))
+            .arg(&self.bus)
+            .arg(publication_body(channel, payload))
+            .arg(retention.size)
+            .arg(retention.ttl.as_millis() as u64)
+            .arg(META_TTL_SECONDS)
+            .arg(new_epoch())
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(broker_error)?;
+        Ok((offset, epoch.into()))
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        range: HistoryRange,
+    ) -> Result<BrokerHistory, BrokerError> {
+        let (mode, after, limit) = match range {
+            HistoryRange::None => ("none", 0, 0),
+            HistoryRange::After { offset, limit } => ("after", offset, limit),
+            HistoryRange::Last(limit) => ("last", 0, limit),
+        };
+        let (top, epoch, oldest, entries): (u64, String, String, Vec<Entry>) = self
+            .scripts
+            .history
+            .key(self.meta_key(channel))
+            .key(self.log_key(channel))
+            .arg(mode)
+            .arg(after)
+            .arg(META_TTL_SECONDS)
+            .arg(new_epoch())
+            .arg(limit)
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(broker_error)?;
+        let mut publications = Vec::with_capacity(entries.len());
+        for (id, fields) in entries {
+            let offset = entry_offset(&id);
+            let body = fields.get(1).map(Vec::as_slice);
+            let payload = body
+                .and_then(split_channel)
+                .and_then(|(_, payload)| decode_payload(payload));
+            match (offset, payload) {
+                (Some(offset), Some(payload)) => publications.push(Stored { offset, payload }),
+                _ => return Err(BrokerError(format!("unreadable history entry {id}"))),
+            }
+        }
+        if matches!(range, HistoryRange::Last(_)) {
+            publications.reverse();
+        }
+        Ok(BrokerHistory {
+            top,
+            epoch: epoch.into(),
+            oldest: entry_offset(&oldest),
+            publications,
+        })
+    }
+
+    async fn positions(
+        &self,
+        channels: &[Arc<str>],
+    ) -> Result<Vec<Option<(u64, Arc<str>)>>, BrokerError> {
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for channel in channels {
+            pipe.cmd("HMGET")
+                .arg(self.meta_key(channel))
+                .arg("top")
+                .arg("epoch");
+        }
+        let rows: Vec<(Option<u64>, Option<String>)> = pipe
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(broker_error)?;
+        Ok(rows
+            .into_iter()
+            .map(|row| match row {
+                (Some(top), Some(epoch)) => Some((top, epoch.into())),
+                _ => None,
+            })
+            .collect())
+    }
+
+    async fn join(&self, channel: &str, present: &Present) -> Result<(), BrokerError> {
+        self.join_with(channel, present, true).await
+    }
+
+    async fn leave(&self, channel: &str, client: ConnectionId) -> Result<(), BrokerError> {
+        let keys = self.presence_keys(channel);
+        let mut invocation = self.scripts.leave.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        invocation.arg(client.to_string()).arg(&self.bus);
+        let _: i64 = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(broker_error)?;
+        Ok(())
+    }
+
+    async fn presence(&self, channel: &str) -> Result<Vec<Present>, BrokerError> {
+        let keys = self.presence_keys(channel);
+        let mut invocation = self.scripts.presence.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
+        }
+        invocation.arg(&self.bus);
+        let rows: Vec<String> = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(broker_error)?;
+        let mut present: Vec<Present> = rows
+            .iter()
+            .filter_map(|row| serde_json::from_str(row).ok())
+            .collect();
+        present.sort_by(|a, b| a.client.cmp(&b.client));
+        Ok(present)
+    }
+
+    async fn request(
+        &self,
+        client: ConnectionId,
+        data: &RawValue,
+        timeout: Duration,
+    ) -> Result<ClientAnswer, RequestError> {
+        let others = match self.nodes().await {
+            Ok(nodes) => nodes.iter().filter(|n| n.id != self.node).count(),
+            Err(_) => return Err(RequestError::BrokerUnavailable),
+        };
+        if others == 0 {
+            return Err(RequestError::NotConnected);
+        }
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (sender, receiver) = oneshot::channel();
+        self.requests.lock().insert(
+            id,
+            Waiting {
+                absent_left: others,
+                answer: sender,
+            },
+        );
+        // Removes the entry however this ends, the caller giving up included.
+        let _entry = RequestEntry { broker: self, id };
+        let client = client.to_string();
+        let request = BusRequest {
+            from: &self.node,
+            id,
+            client: &client,
+            timeout_ms: timeout.as_millis() as u64,
+            data,
+        };
+        let mut message = vec![b'q'];
+        serde_json::to_writer(&mut message, &request).map_err(|_| RequestError::Closed)?;
+        if self.send(message).await.is_err() {
+            return Err(RequestError::BrokerUnavailable);
+        }
+        // The other node times the client out; this margin covers the trip back.
+        match tokio::time::timeout(timeout + Duration::from_secs(1), receiver).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(RequestError::Closed),
+            Err(_) => Err(RequestError::Timeout),
+        }
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
+        let since = now_ms().saturating_sub(self.presence_ttl.as_millis() as u64);
+        let mut connection = self.connection.clone();
+        let ids: Vec<String> = connection
+            .zrangebyscore(self.nodes_key(), since, "+inf")
+            .await
+            .map_err(broker_error)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.node_key(id)).collect();
+        let infos: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut connection)
+            .await
+            .map_err(broker_error)?;
+        let mut nodes: Vec<NodeInfo> = infos
+            .into_iter()
+            .flatten()
+            .filter_map(|info| serde_json::from_str(&info).ok())
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    async fn ready(&self) -> Result<(), BrokerError> {
+        if !self.linked.load(Ordering::Acquire) {
+            return Err(BrokerError("the pub/sub link to Redis is down".into()));
+        }
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(broker_error)?;
+        Ok(())
+    }
+}
+
+struct RequestEntry<'a> {
+    broker: &'a RedisBroker,
+    id: u64,
+}
+
+impl Drop for RequestEntry<'_> {
+    fn drop(&mut self) {
+        self.broker.requests.lock().remove(&self.id);
+    }
+}
+
+/// Up to half of `delay`, in whole milliseconds, at random.
+fn fastrand_ms(delay: Duration) -> u64 {
+    let half = (delay.as_millis() as u64 / 2).max(1);
+    let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
+    (high ^ low) % half
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_publication_message_reads_back() {
+        let payload = Payload::Json(RawValue::from_string("[1]".into()).expect("json"));
+        let mut message = b"42:0a1b2c3d:".to_vec();
+        message.extend_from_slice(&publication_body("chat:a:b", &payload));
+        let (offset, epoch, channel, payload) = parse_publication(&message).expect("parses");
+        assert_eq!((offset, epoch, channel), (42, "0a1b2c3d", "chat:a:b"));
+        assert!(matches!(payload, Payload::Json(raw) if raw.get() == "[1]"));
+        assert!(parse_publication(b"x:e:").is_none());
+        assert!(parse_publication(b"1:e:\x00\x09chat").is_none());
+    }
+
+    #[test]
+    fn the_prefix_parameter_is_ours() {
+        let (url, prefix) =
+            split_prefix("redis://127.0.0.1:6379/0?prefix=t1&protocol=resp3").expect("url");
+        assert_eq!(prefix, "t1");
+        assert_eq!(url, "redis://127.0.0.1:6379/0?protocol=resp3");
+        let (url, prefix) = split_prefix("redis://127.0.0.1:6379").expect("url");
+        assert_eq!(
+            (url.as_str(), prefix.as_str()),
+            ("redis://127.0.0.1:6379", "duplex")
+        );
+    }
+}

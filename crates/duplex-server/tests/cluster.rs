@@ -1,0 +1,452 @@
+//! Several nodes sharing one Redis broker: publications, recovery, presence, server requests,
+//! the node registry and a broker that breaks. Skipped (with a note) without
+//! `DUPLEX_TEST_REDIS`; CI sets it.
+
+use std::time::Duration;
+
+use duplex_client::{ConnectOptions, Connection, Event};
+use duplex_testkit::{EVENT_TIMEOUT, TcpProxy, TestServer, WsClient, redis_broker, wait_for};
+use serde_json::{Value, json};
+
+macro_rules! redis_or_skip {
+    () => {
+        match redis_broker() {
+            Some(url) => url,
+            None => {
+                eprintln!("skipped: set DUPLEX_TEST_REDIS (redis://127.0.0.1:6379) to run");
+                return;
+            }
+        }
+    };
+}
+
+async fn node(broker: &str, id: &str) -> TestServer {
+    let broker = broker.to_owned();
+    let id = id.to_owned();
+    TestServer::start_with(move |config| {
+        config.broker = Some(broker);
+        config.node_id = Some(id);
+        config.presence_ttl = Duration::from_secs(2);
+    })
+    .await
+}
+
+/// The next `message` frame, skipping others (joins, pings).
+async fn next_message(client: &mut WsClient) -> Value {
+    loop {
+        let frame = client.next_json().await;
+        if frame["type"] == "message" {
+            return frame;
+        }
+    }
+}
+
+async fn publish_http(server: &TestServer, channel: &str, data: Value) -> Value {
+    let response = reqwest::Client::new()
+        .post(server.url(&format!("/api/channels/{channel}/publish")))
+        .json(&data)
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(response.status(), 200, "publish on {channel}");
+    response.json().await.expect("json")
+}
+
+async fn get_json(url: &str) -> (u16, Value) {
+    let response = reqwest::get(url).await.expect("GET");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_publication_on_any_node_reaches_every_node_once_and_in_order() {
+    let broker = redis_or_skip!();
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let c = node(&broker, "c").await;
+    let mut on_a = a.ws().await;
+    let mut on_b = b.ws().await;
+    let mut on_c = c.ws().await;
+    for client in [&mut on_a, &mut on_b, &mut on_c] {
+        let reply = client.subscribe("news:cluster", 1).await;
+        assert_eq!(reply["type"], "reply", "{reply}");
+        assert_eq!(reply["result"]["offset"], 0);
+    }
+    // Publishers on every node, over WebSocket and HTTP, interleaved.
+    let mut publisher = b.ws().await;
+    for i in 1..=30u64 {
+        let data = json!({"n": i});
+        let published = match i % 3 {
+            0 => publish_http(&a, "news:cluster", data).await,
+            1 => {
+                let reply = publisher
+                    .request(
+                        json!({"id": 100 + i, "type": "publish", "channel": "news:cluster", "data": data}),
+                        100 + i,
+                    )
+                    .await;
+                reply["result"].clone()
+            }
+            _ => publish_http(&c, "news:cluster", data).await,
+        };
+        assert_eq!(
+            published["offset"], i,
+            "offsets are allocated once for all nodes"
+        );
+    }
+    let mut epochs = Vec::new();
+    for client in [&mut on_a, &mut on_b, &mut on_c] {
+        for i in 1..=30u64 {
+            let message = next_message(client).await;
+            assert_eq!(message["offset"], i);
+            assert_eq!(message["data"]["n"], i);
+        }
+        let history = client
+            .request(
+                json!({"id": 9, "type": "history", "channel": "news:cluster", "limit": 5}),
+                9,
+            )
+            .await;
+        let offsets: Vec<u64> = history["result"]["publications"]
+            .as_array()
+            .expect("publications")
+            .iter()
+            .map(|p| p["offset"].as_u64().expect("offset"))
+            .collect();
+        assert_eq!(offsets, vec![26, 27, 28, 29, 30]);
+        epochs.push(history["result"]["epoch"].clone());
+    }
+    assert!(
+        epochs.iter().all(|e| e == &epochs[0]),
+        "one epoch: {epochs:?}"
+    );
+    // Nothing more: a duplicate would arrive before this ping's pong.
+    for client in [&mut on_a, &mut on_b, &mut on_c] {
+        client.send_json(json!({"id": 77, "type": "ping"})).await;
+        let pong = client.next_json().await;
+        assert_eq!(pong["type"], "pong", "no duplicate before the pong: {pong}");
+    }
+}
+
+#[tokio::test]
+async fn moving_to_another_node_recovers_without_gaps() {
+    let broker = redis_or_skip!();
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let c = node(&broker, "c").await;
+    let mut client = a.ws().await;
+    let reply = client.subscribe("chat:move", 1).await;
+    let epoch = reply["result"]["epoch"].as_str().expect("epoch").to_owned();
+    for i in 1..=3 {
+        publish_http(&b, "chat:move", json!(i)).await;
+    }
+    for i in 1..=3 {
+        assert_eq!(next_message(&mut client).await["offset"], i);
+    }
+    drop(client);
+    for i in 4..=7 {
+        publish_http(&b, "chat:move", json!(i)).await;
+    }
+    // Back on another node, since what it had.
+    let mut client = c.ws().await;
+    let reply = client
+        .request(
+            json!({"id": 2, "type": "subscribe", "channel": "chat:move",
+                   "since": {"offset": 3, "epoch": epoch}}),
+            2,
+        )
+        .await;
+    assert_eq!(reply["result"]["recovered"], true, "{reply}");
+    assert_eq!(reply["result"]["missed"], 4);
+    publish_http(&a, "chat:move", json!(8)).await;
+    for i in 4..=8 {
+        let message = next_message(&mut client).await;
+        assert_eq!(message["offset"], i);
+        assert_eq!(message["data"], i);
+    }
+    // A stale epoch is told so, as on one node.
+    let mut stale = b.ws().await;
+    let reply = stale
+        .request(
+            json!({"id": 3, "type": "subscribe", "channel": "chat:move",
+                   "since": {"offset": 3, "epoch": "00000000"}}),
+            3,
+        )
+        .await;
+    assert_eq!(reply["result"]["recovered"], false);
+    assert_eq!(reply["result"]["reason"], "epoch_changed");
+}
+
+#[tokio::test]
+async fn publishing_while_subscribing_loses_and_repeats_nothing() {
+    let broker = redis_or_skip!();
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let publisher = {
+        let url = a.url("/api/channels/news:race/publish");
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 1..=300u64 {
+                let response = http
+                    .post(&url)
+                    .json(&json!(i))
+                    .send()
+                    .await
+                    .expect("publish");
+                assert_eq!(response.status(), 200);
+            }
+        })
+    };
+    // Subscribers join on the other node while publications stream in; each must see a
+    // contiguous run from its reply's offset on.
+    let mut clients = Vec::new();
+    for id in 0..5u64 {
+        let mut client = b.ws().await;
+        let reply = client.subscribe("news:race", id + 1).await;
+        let from = reply["result"]["offset"].as_u64().expect("offset");
+        clients.push((client, from));
+    }
+    publisher.await.expect("publisher");
+    for (client, from) in &mut clients {
+        for expected in *from + 1..=300 {
+            let message = next_message(client).await;
+            assert_eq!(message["offset"], expected, "gapless after offset {from}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn presence_spans_nodes_with_joins_and_leaves() {
+    let broker = redis_or_skip!();
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let mut alice = a.ws().await;
+    alice
+        .request(
+            json!({"id": 1, "type": "connect", "meta": {"name": "alice"}}),
+            1,
+        )
+        .await;
+    alice.subscribe("chat:room", 2).await;
+    let mut bob = b.ws().await;
+    bob.request(
+        json!({"id": 1, "type": "connect", "meta": {"name": "bob"}}),
+        1,
+    )
+    .await;
+    bob.subscribe("chat:room", 2).await;
+    let bob_id = bob.connected["client"].as_str().expect("id").to_owned();
+    let join = alice.next_json().await;
+    assert_eq!(join["type"], "join");
+    assert_eq!(join["client"], bob_id.as_str());
+    assert_eq!(join["meta"]["name"], "bob");
+    for server in [&a, &b] {
+        let (status, presence) = get_json(&server.url("/api/channels/chat:room/presence")).await;
+        assert_eq!(status, 200);
+        let mut names: Vec<&str> = presence["clients"]
+            .as_array()
+            .expect("clients")
+            .iter()
+            .map(|c| c["meta"]["name"].as_str().expect("name"))
+            .collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["alice", "bob"]);
+    }
+    let presence = bob
+        .request(
+            json!({"id": 3, "type": "presence", "channel": "chat:room"}),
+            3,
+        )
+        .await;
+    assert_eq!(
+        presence["result"]["clients"].as_array().map(Vec::len),
+        Some(2)
+    );
+    drop(bob);
+    let leave = alice.next_json().await;
+    assert_eq!(leave["type"], "leave");
+    assert_eq!(leave["client"], bob_id.as_str());
+    let (_, presence) = get_json(&a.url("/api/channels/chat:room/presence")).await;
+    assert_eq!(presence["clients"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn a_server_request_reaches_a_client_on_another_node() {
+    let broker = redis_or_skip!();
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let connection = Connection::connect(
+        ConnectOptions::new(&b.ws_url())
+            .on_request(|data: Value| async move { Ok(json!({"echo": data["q"], "from": "b"})) }),
+    )
+    .await
+    .expect("connect");
+    let client = connection.client_id().expect("connected");
+    // Both nodes must be registered before A can count on B's answer.
+    wait_for("both nodes registered", || async {
+        let (_, nodes) = get_json(&a.url("/api/nodes")).await;
+        (nodes["items"].as_array().map(Vec::len) == Some(2)).then_some(())
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let response = http
+        .post(a.url(&format!("/api/connections/{client}/request")))
+        .json(&json!({"q": 42}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.expect("json");
+    assert_eq!(answer, json!({"echo": 42, "from": "b"}));
+    // No node has this one: every node says so and A answers 404 at once.
+    let started = std::time::Instant::now();
+    let response = http
+        .post(a.url("/api/connections/00000000000000ff/request?timeout=5s"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 404);
+    assert!(started.elapsed() < Duration::from_secs(4), "not a timeout");
+    connection.close().await;
+}
+
+#[tokio::test]
+async fn nodes_register_and_readiness_follows_the_broker() {
+    let broker = redis_or_skip!();
+    let redis_addr = std::env::var("DUPLEX_TEST_REDIS")
+        .expect("set")
+        .trim_start_matches("redis://")
+        .split(['/', '?'])
+        .next()
+        .expect("host:port")
+        .parse()
+        .expect("DUPLEX_TEST_REDIS is redis://IP:PORT");
+    let proxy = TcpProxy::start(redis_addr).await;
+    let through_proxy = broker.replacen(&redis_addr.to_string(), &proxy.addr.to_string(), 1);
+    let a = node(&broker, "node-a").await;
+    let b = node(&through_proxy, "node-b").await;
+    let (status, nodes) = wait_for("two nodes", || async {
+        let (status, nodes) = get_json(&a.url("/api/nodes")).await;
+        (nodes["items"].as_array().map(Vec::len) == Some(2)).then_some((status, nodes))
+    })
+    .await;
+    assert_eq!(status, 200);
+    let ids: Vec<&str> = nodes["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|n| n["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, vec!["node-a", "node-b"]);
+    assert_eq!(nodes["items"][1]["http"], format!("http://{}", b.http_addr));
+    assert_eq!(get_json(&b.url("/readyz")).await.0, 200);
+
+    // Redis goes away for B: not ready, publishing says unavailable, then both come back.
+    proxy.set_down(true);
+    proxy.cut();
+    wait_for("B not ready", || async {
+        (reqwest::get(b.url("/readyz")).await.ok()?.status() == 503).then_some(())
+    })
+    .await;
+    let response = reqwest::Client::new()
+        .post(b.url("/api/channels/news:down/publish"))
+        .json(&json!(1))
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(response.status(), 503);
+    let problem: Value = response.json().await.expect("problem");
+    assert_eq!(problem["code"], "unavailable");
+    proxy.set_down(false);
+    wait_for("B ready again", || async {
+        (reqwest::get(b.url("/readyz")).await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+    assert_eq!(publish_http(&b, "news:down", json!(2)).await["offset"], 1);
+    // A node that stops leaves the registry.
+    b.stop().await.expect("stops");
+    let (_, nodes) = get_json(&a.url("/api/nodes")).await;
+    assert_eq!(nodes["items"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn a_broker_that_lost_its_data_makes_subscribers_recover_with_recovered_false() {
+    let broker = redis_or_skip!();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("duplex_server=debug")
+        .with_test_writer()
+        .try_init();
+    let redis_url = std::env::var("DUPLEX_TEST_REDIS").expect("set");
+    let redis_addr = redis_url
+        .trim_start_matches("redis://")
+        .split(['/', '?'])
+        .next()
+        .expect("host:port")
+        .parse()
+        .expect("DUPLEX_TEST_REDIS is redis://IP:PORT");
+    let proxy = TcpProxy::start(redis_addr).await;
+    let through_proxy = broker.replacen(&redis_addr.to_string(), &proxy.addr.to_string(), 1);
+    let a = node(&through_proxy, "a").await;
+    let b = node(&broker, "b").await;
+    let connection = Connection::connect(
+        ConnectOptions::new(&a.ws_url())
+            .backoff(Duration::from_millis(50), Duration::from_millis(200)),
+    )
+    .await
+    .expect("connect");
+    let mut subscription = connection.subscribe("news:lost").await.expect("subscribe");
+    for i in 1..=3 {
+        publish_http(&b, "news:lost", json!(i)).await;
+    }
+    for i in 1..=3 {
+        match tokio::time::timeout(EVENT_TIMEOUT, subscription.next()).await {
+            Ok(Some(Event::Message(message))) => assert_eq!(message.offset, i),
+            other => panic!("expected message {i}, got {other:?}"),
+        }
+    }
+    // Redis "restarts" without persistence: A's links break and the data is gone.
+    proxy.set_down(true);
+    proxy.cut();
+    let prefix = broker.rsplit_once("prefix=").expect("prefix").1.to_owned();
+    let redis = redis::Client::open(redis_url.as_str()).expect("redis url");
+    let mut redis = redis
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut redis)
+        .await
+        .expect("keys");
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut redis)
+            .await
+            .expect("del");
+    }
+    proxy.set_down(false);
+    // A notices its link came back, finds the channel gone and has the client resubscribe:
+    // the client learns that history was lost, then follows the new epoch live.
+    match tokio::time::timeout(EVENT_TIMEOUT, subscription.next()).await {
+        Ok(Some(Event::Gap {
+            reason, last_seen, ..
+        })) => {
+            assert_eq!(reason, "epoch_changed");
+            assert_eq!(last_seen, 3);
+        }
+        other => panic!("expected a gap, got {other:?}"),
+    }
+    let published = publish_http(&b, "news:lost", json!("after")).await;
+    match tokio::time::timeout(EVENT_TIMEOUT, subscription.next()).await {
+        Ok(Some(Event::Message(message))) => {
+            assert_eq!(
+                message.offset,
+                published["offset"].as_u64().expect("offset")
+            );
+        }
+        other => panic!("expected the new publication, got {other:?}"),
+    }
+    connection.close().await;
+}
