@@ -42,6 +42,9 @@ pub struct FanoutOptions {
     pub duration: Duration,
     /// Subscriber transport.
     pub transport: Transport,
+    /// `127.0.0.1:PORT` of the HTTP port the publisher uses, when it is another node of the
+    /// same cluster (cross-node delivery); `None`: the subscribers' server.
+    pub publish_addr: Option<String>,
 }
 
 /// What a run measured.
@@ -268,7 +271,11 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
     crate::runs::wait_ready(&mut ready_rx, options.subscribers, "subscribers").await?;
 
     // The publisher: open-loop, each publication stamped with its due time.
-    let (publisher, _) = tokio_tungstenite::connect_async(&ws_url).await?;
+    let publish_url = match &options.publish_addr {
+        Some(addr) => format!("ws://{addr}/ws"),
+        None => ws_url.clone(),
+    };
+    let (publisher, _) = tokio_tungstenite::connect_async(&publish_url).await?;
     let (mut sink, mut replies) = publisher.split();
     let drain = tokio::spawn(async move { while let Some(Ok(_)) = replies.next().await {} });
     let padding = "x".repeat(options.size.saturating_sub(24));

@@ -21,6 +21,7 @@ async fn fanout_reports_every_delivery_on_both_transports() {
             size: 64,
             duration: Duration::from_millis(500),
             transport,
+            publish_addr: None,
         })
         .await
         .expect("a short run completes");
@@ -130,4 +131,34 @@ async fn records_bench_reports_each_operation() {
         assert!(phase.requests > 0);
         assert_eq!(phase.errors, 0);
     }
+}
+
+#[tokio::test]
+async fn fanout_across_two_nodes_counts_every_delivery() {
+    let Some(broker) = duplex_testkit::redis_broker() else {
+        eprintln!("skipped: set DUPLEX_TEST_REDIS (redis://127.0.0.1:6379) to run");
+        return;
+    };
+    let node = |broker: String| {
+        move |c: &mut duplex_server::Config| {
+            c.namespaces = duplex_testkit::namespaces("[bench]\npublish = \"anyone\"\n");
+            c.broker = Some(broker);
+        }
+    };
+    let subscribers = TestServer::start_with(node(broker.clone())).await;
+    let publisher = TestServer::start_with(node(broker)).await;
+    let report = run_fanout(&FanoutOptions {
+        http_addr: subscribers.http_addr.to_string(),
+        tcp_addr: subscribers.tcp_addr.to_string(),
+        subscribers: 20,
+        rate: 200,
+        size: 64,
+        duration: Duration::from_millis(500),
+        transport: Transport::Websocket,
+        publish_addr: Some(publisher.http_addr.to_string()),
+    })
+    .await
+    .expect("a short run completes");
+    assert_eq!(report.deliveries, 100 * 20);
+    assert_eq!((report.missed, report.duplicated), (0, 0));
 }

@@ -120,6 +120,7 @@ impl Server {
             config.broker.as_deref().unwrap_or("memory"),
             node_id.clone(),
             config.presence_ttl,
+            config.namespaces.max_history_size(),
         )
         .await?;
         let scheme = if tls.is_some() { "https" } else { "http" };

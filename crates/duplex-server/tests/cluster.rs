@@ -1,16 +1,17 @@
-//! Several nodes sharing one Redis broker: publications, recovery, presence, server requests,
-//! the node registry and a broker that breaks. Skipped (with a note) without
-//! `DUPLEX_TEST_REDIS`; CI sets it.
+//! Several nodes sharing one broker — Redis and NATS, the same tests on both: publications,
+//! recovery, presence, server requests, records, the node registry and a broker that breaks.
+//! Each engine's cases skip (with a note) without `DUPLEX_TEST_REDIS` / `DUPLEX_TEST_NATS`;
+//! CI sets both.
 
 use std::time::Duration;
 
 use duplex_client::{ConnectOptions, Connection, Event};
-use duplex_testkit::{EVENT_TIMEOUT, TcpProxy, TestServer, WsClient, redis_broker, wait_for};
+use duplex_testkit::{EVENT_TIMEOUT, TcpProxy, TestServer, WsClient, wait_for};
 use serde_json::{Value, json};
 
 macro_rules! redis_or_skip {
     () => {
-        match redis_broker() {
+        match duplex_testkit::redis_broker() {
             Some(url) => url,
             None => {
                 eprintln!("skipped: set DUPLEX_TEST_REDIS (redis://127.0.0.1:6379) to run");
@@ -18,6 +19,55 @@ macro_rules! redis_or_skip {
             }
         }
     };
+}
+
+/// Runs each named case once per engine: `redis::case` and `nats::case`.
+macro_rules! on_both_brokers {
+    ($($case:ident),* $(,)?) => {
+        mod redis_broker {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let broker = redis_or_skip!();
+                    super::$case(broker).await;
+                }
+            )*
+        }
+        mod nats_broker {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let Some(broker) = duplex_testkit::nats_broker() else {
+                        eprintln!("skipped: set DUPLEX_TEST_NATS (nats://127.0.0.1:4222) to run");
+                        return;
+                    };
+                    super::$case(broker).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_brokers!(
+    a_publication_on_any_node_reaches_every_node_once_and_in_order,
+    moving_to_another_node_recovers_without_gaps,
+    publishing_while_subscribing_loses_and_repeats_nothing,
+    presence_spans_nodes_with_joins_and_leaves,
+    a_server_request_reaches_a_client_on_another_node,
+    nodes_register_and_readiness_follows_the_broker,
+    records_written_on_one_node_are_read_on_another_and_pushed_on_a_third,
+    long_polls_and_binary_publications_cross_nodes,
+    a_broken_link_to_the_broker_loses_nothing,
+);
+
+/// `host:port` of a broker URL.
+fn broker_addr(url: &str) -> std::net::SocketAddr {
+    url.split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split(['/', '?'])
+        .next()
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("{url} names IP:PORT"))
 }
 
 async fn node(broker: &str, id: &str) -> TestServer {
@@ -58,9 +108,7 @@ async fn get_json(url: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-#[tokio::test]
-async fn a_publication_on_any_node_reaches_every_node_once_and_in_order() {
-    let broker = redis_or_skip!();
+async fn a_publication_on_any_node_reaches_every_node_once_and_in_order(broker: String) {
     let a = node(&broker, "a").await;
     let b = node(&broker, "b").await;
     let c = node(&broker, "c").await;
@@ -128,9 +176,7 @@ async fn a_publication_on_any_node_reaches_every_node_once_and_in_order() {
     }
 }
 
-#[tokio::test]
-async fn moving_to_another_node_recovers_without_gaps() {
-    let broker = redis_or_skip!();
+async fn moving_to_another_node_recovers_without_gaps(broker: String) {
     let a = node(&broker, "a").await;
     let b = node(&broker, "b").await;
     let c = node(&broker, "c").await;
@@ -177,9 +223,7 @@ async fn moving_to_another_node_recovers_without_gaps() {
     assert_eq!(reply["result"]["reason"], "epoch_changed");
 }
 
-#[tokio::test]
-async fn publishing_while_subscribing_loses_and_repeats_nothing() {
-    let broker = redis_or_skip!();
+async fn publishing_while_subscribing_loses_and_repeats_nothing(broker: String) {
     let a = node(&broker, "a").await;
     let b = node(&broker, "b").await;
     let publisher = {
@@ -215,9 +259,7 @@ async fn publishing_while_subscribing_loses_and_repeats_nothing() {
     }
 }
 
-#[tokio::test]
-async fn presence_spans_nodes_with_joins_and_leaves() {
-    let broker = redis_or_skip!();
+async fn presence_spans_nodes_with_joins_and_leaves(broker: String) {
     let a = node(&broker, "a").await;
     let b = node(&broker, "b").await;
     let mut alice = a.ws().await;
@@ -270,9 +312,7 @@ async fn presence_spans_nodes_with_joins_and_leaves() {
     assert_eq!(presence["clients"].as_array().map(Vec::len), Some(1));
 }
 
-#[tokio::test]
-async fn a_server_request_reaches_a_client_on_another_node() {
-    let broker = redis_or_skip!();
+async fn a_server_request_reaches_a_client_on_another_node(broker: String) {
     let a = node(&broker, "a").await;
     let b = node(&broker, "b").await;
     let connection = Connection::connect(
@@ -311,19 +351,10 @@ async fn a_server_request_reaches_a_client_on_another_node() {
     connection.close().await;
 }
 
-#[tokio::test]
-async fn nodes_register_and_readiness_follows_the_broker() {
-    let broker = redis_or_skip!();
-    let redis_addr = std::env::var("DUPLEX_TEST_REDIS")
-        .expect("set")
-        .trim_start_matches("redis://")
-        .split(['/', '?'])
-        .next()
-        .expect("host:port")
-        .parse()
-        .expect("DUPLEX_TEST_REDIS is redis://IP:PORT");
-    let proxy = TcpProxy::start(redis_addr).await;
-    let through_proxy = broker.replacen(&redis_addr.to_string(), &proxy.addr.to_string(), 1);
+async fn nodes_register_and_readiness_follows_the_broker(broker: String) {
+    let broker_addr = broker_addr(&broker);
+    let proxy = TcpProxy::start(broker_addr).await;
+    let through_proxy = broker.replacen(&broker_addr.to_string(), &proxy.addr.to_string(), 1);
     let a = node(&broker, "node-a").await;
     let b = node(&through_proxy, "node-b").await;
     let (status, nodes) = wait_for("two nodes", || async {
@@ -342,7 +373,7 @@ async fn nodes_register_and_readiness_follows_the_broker() {
     assert_eq!(nodes["items"][1]["http"], format!("http://{}", b.http_addr));
     assert_eq!(get_json(&b.url("/readyz")).await.0, 200);
 
-    // Redis goes away for B: not ready, publishing says unavailable, then both come back.
+    // The broker goes away for B: not ready, publishing says unavailable, then both come back.
     proxy.set_down(true);
     proxy.cut();
     wait_for("B not ready", || async {
@@ -449,4 +480,174 @@ async fn a_broker_that_lost_its_data_makes_subscribers_recover_with_recovered_fa
         other => panic!("expected the new publication, got {other:?}"),
     }
     connection.close().await;
+}
+
+async fn records_written_on_one_node_are_read_on_another_and_pushed_on_a_third(broker: String) {
+    let Some(store) = duplex_testkit::postgres_store() else {
+        eprintln!("skipped: set DUPLEX_TEST_POSTGRES to run");
+        return;
+    };
+    let on_store = |id: &'static str| {
+        let broker = broker.clone();
+        let store = store.clone();
+        move |config: &mut duplex_server::Config| {
+            config.broker = Some(broker);
+            config.store = Some(store);
+            config.node_id = Some(id.into());
+        }
+    };
+    let a = TestServer::start_with(on_store("a")).await;
+    let b = TestServer::start_with(on_store("b")).await;
+    // C keeps its own store: what it pushes can only have come through the broker.
+    let c = node(&broker, "c").await;
+    let mut watcher = c.ws().await;
+    watcher.subscribe("records:posts", 1).await;
+    let http = reqwest::Client::new();
+    let created: Value = http
+        .post(a.url("/api/collections/posts/records"))
+        .json(&json!({"title": "hello"}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let id = created["id"].as_str().expect("id");
+    let read = http
+        .get(b.url(&format!("/api/collections/posts/records/{id}")))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(read.status(), 200);
+    let read: Value = read.json().await.expect("json");
+    assert_eq!(read["title"], "hello");
+    let response = http
+        .patch(b.url(&format!("/api/collections/posts/records/{id}")))
+        .header("content-type", "application/merge-patch+json")
+        .json(&json!({"title": "hello again"}))
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(response.status(), 200);
+    let first = next_message(&mut watcher).await;
+    assert_eq!(first["offset"], 1);
+    assert_eq!(first["data"]["op"], "created");
+    assert_eq!(first["data"]["record"]["id"], id);
+    let second = next_message(&mut watcher).await;
+    assert_eq!(second["offset"], 2);
+    assert_eq!(second["data"]["op"], "updated");
+    assert_eq!(second["data"]["record"]["title"], "hello again");
+    // Exactly once: nothing else before the pong.
+    watcher.send_json(json!({"id": 5, "type": "ping"})).await;
+    assert_eq!(watcher.next_json().await["type"], "pong");
+}
+
+async fn long_polls_and_binary_publications_cross_nodes(broker: String) {
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let first = publish_http(&a, "news:poll", json!("first")).await;
+    let epoch = first["epoch"].as_str().expect("epoch").to_owned();
+    let url = b.url(&format!(
+        "/api/channels/news:poll/poll?since=1&epoch={epoch}&wait=5s"
+    ));
+    let poll = tokio::spawn(async move { get_json(&url).await });
+    // The poll waits on B until A publishes.
+    wait_for("a waiting poll on B", || async {
+        let text = reqwest::get(b.url("/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .any(|l| l.starts_with("duplex_long_polls ") && !l.ends_with(" 0"))
+            .then_some(())
+    })
+    .await;
+    publish_http(&a, "news:poll", json!("second")).await;
+    let (status, page) = poll.await.expect("poll");
+    assert_eq!(status, 200);
+    assert_eq!(page["publications"][0]["offset"], 2);
+    assert_eq!(page["publications"][0]["data"], "second");
+
+    // Bytes published on A arrive byte-exact on B.
+    let mut on_b = b.ws().await;
+    on_b.subscribe("stream:bytes", 1).await;
+    let mut on_a = a.ws().await;
+    let payload: Vec<u8> = (0..=255u8).collect();
+    let mut frame = vec![0x02];
+    frame.extend_from_slice(&7u32.to_be_bytes());
+    frame.extend_from_slice(&(b"stream:bytes".len() as u16).to_be_bytes());
+    frame.extend_from_slice(b"stream:bytes");
+    frame.extend_from_slice(&payload);
+    on_a.send(tokio_tungstenite::tungstenite::Message::Binary(
+        frame.into(),
+    ))
+    .await;
+    loop {
+        match on_b.next_event().await {
+            Some(duplex_testkit::WsEvent::Binary(bytes)) => {
+                let message =
+                    duplex_proto::binary::decode_message(&bytes).expect("a binary message");
+                assert_eq!(message.channel, "stream:bytes");
+                assert_eq!(message.offset, 1);
+                assert_eq!(message.payload, &payload[..]);
+                break;
+            }
+            Some(duplex_testkit::WsEvent::Ping) => {}
+            other => panic!("expected bytes, got {other:?}"),
+        }
+    }
+}
+
+/// A node whose link to the broker breaks while others publish: its subscribers still get
+/// every publication, in order, once (NATS resumes its consumer; with Redis the node has them
+/// recover from history).
+async fn a_broken_link_to_the_broker_loses_nothing(broker: String) {
+    let broker_addr = broker_addr(&broker);
+    let proxy = TcpProxy::start(broker_addr).await;
+    let through_proxy = broker.replacen(&broker_addr.to_string(), &proxy.addr.to_string(), 1);
+    let a = node(&through_proxy, "a").await;
+    let b = node(&broker, "b").await;
+    let connection = Connection::connect(
+        ConnectOptions::new(&a.ws_url())
+            .backoff(Duration::from_millis(50), Duration::from_millis(200)),
+    )
+    .await
+    .expect("connect");
+    let mut subscription = connection.subscribe("news:link").await.expect("subscribe");
+    for i in 1..=3 {
+        publish_http(&b, "news:link", json!(i)).await;
+        expect_publication(&mut subscription, i).await;
+    }
+    proxy.set_down(true);
+    proxy.cut();
+    wait_for("A not ready", || async {
+        (reqwest::get(a.url("/readyz")).await.ok()?.status() == 503).then_some(())
+    })
+    .await;
+    for i in 4..=6 {
+        publish_http(&b, "news:link", json!(i)).await;
+    }
+    proxy.set_down(false);
+    wait_for("A ready again", || async {
+        (reqwest::get(a.url("/readyz")).await.ok()?.status() == 200).then_some(())
+    })
+    .await;
+    publish_http(&b, "news:link", json!(7)).await;
+    for i in 4..=7 {
+        expect_publication(&mut subscription, i).await;
+    }
+    connection.close().await;
+}
+
+/// The subscription's next event is publication `offset`, whose data is `offset`.
+async fn expect_publication(subscription: &mut duplex_client::Subscription, offset: u64) {
+    match tokio::time::timeout(EVENT_TIMEOUT, subscription.next()).await {
+        Ok(Some(Event::Message(message))) => {
+            assert_eq!(message.offset, offset);
+            assert_eq!(message.data, duplex_client::Payload::Json(json!(offset)));
+        }
+        other => panic!("expected publication {offset}, got {other:?}"),
+    }
 }

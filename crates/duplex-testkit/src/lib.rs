@@ -74,8 +74,18 @@ pub fn postgres_store() -> Option<String> {
 /// other's channels), from `DUPLEX_TEST_REDIS`; `None` when that is unset (the caller says it
 /// skipped). Servers started with the same URL form one cluster.
 pub fn redis_broker() -> Option<String> {
+    broker_from("DUPLEX_TEST_REDIS")
+}
+
+/// A NATS (JetStream) broker URL with a prefix of its own, from `DUPLEX_TEST_NATS`, as
+/// [`redis_broker`].
+pub fn nats_broker() -> Option<String> {
+    broker_from("DUPLEX_TEST_NATS")
+}
+
+fn broker_from(variable: &str) -> Option<String> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let base = std::env::var("DUPLEX_TEST_REDIS").ok()?;
+    let base = std::env::var(variable).ok()?;
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -141,6 +141,10 @@ pub(crate) struct FanoutArgs {
     /// Publishing time per run, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
+    /// Publish through another node of the same cluster (its HTTP address), to measure
+    /// delivery across nodes through the broker.
+    #[arg(long)]
+    publish_to: Option<String>,
     /// Subscriber transport.
     #[arg(long, value_enum, default_value_t = TransportArg::Websocket)]
     transport: TransportArg,
@@ -495,6 +499,11 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
                     size: *size,
                     duration: args.duration,
                     transport,
+                    publish_addr: args.publish_to.as_deref().map(|addr| {
+                        addr.trim_start_matches("http://")
+                            .trim_end_matches('/')
+                            .to_owned()
+                    }),
                 };
                 let report = with_progress(
                     format!("{subscribers} × {rate}/s × {size} B"),

@@ -18,6 +18,8 @@
 //! A broker reports to the hub through [`BrokerEvents`]. The hub's code is the same for every
 //! engine: one implementation of the trait per engine.
 
+pub(crate) mod bus;
+pub mod nats;
 pub mod redis;
 
 use std::sync::Arc;
@@ -167,12 +169,13 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
         retention: Retention,
     ) -> Result<(u64, Arc<str>), BrokerError>;
 
-    /// A channel's position and part of its history. A channel the broker does not know gets
-    /// a fresh epoch here, so that every node agrees on it.
+    /// A channel's position and part of its history (kept as `retention` says). A channel
+    /// the broker does not know gets a fresh epoch here, so that every node agrees on it.
     async fn history(
         &self,
         channel: &str,
         range: HistoryRange,
+        retention: Retention,
     ) -> Result<BrokerHistory, BrokerError>;
 
     /// The channels' current positions (offset, epoch), `None` for channels the broker has lost.
@@ -207,10 +210,12 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// Opens the broker a `--broker` URL names; `memory` (or nothing) means none.
+/// `max_history` is the largest history any namespace keeps.
 pub async fn open(
     url: &str,
     node_id: String,
     presence_ttl: Duration,
+    max_history: usize,
 ) -> Result<Option<Arc<dyn Broker>>, BrokerError> {
     if url.is_empty() || url == "memory" {
         return Ok(None);
@@ -219,8 +224,12 @@ pub async fn open(
         let broker = redis::RedisBroker::connect(url, node_id, presence_ttl).await?;
         return Ok(Some(Arc::new(broker)));
     }
+    if url.starts_with("nats://") {
+        let broker = nats::NatsBroker::connect(url, node_id, presence_ttl, max_history).await?;
+        return Ok(Some(Arc::new(broker)));
+    }
     Err(BrokerError(format!(
-        "unknown broker {url:?}: use memory or redis://host:port"
+        "unknown broker {url:?}: use memory, redis://host:port or nats://host:port"
     )))
 }
 

@@ -20,23 +20,20 @@
 //! what is sent while a node's link is down, which the node notices (a gap in offsets, or the
 //! link coming back) and repairs from history by having its subscribers recover.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use duplex_proto::frames::{Join, Leave, to_json};
 use futures_util::StreamExt;
-use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
-use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::bus::{
+    Bus, BusLink, jitter_ms, new_epoch, now_ms, presence_messages, split_channel, split_prefix,
+};
 use super::{
     Broker, BrokerError, BrokerEvents, BrokerHistory, HistoryRange, NodeInfo, Present, Retention,
     Stored, decode_payload, encode_payload,
@@ -131,39 +128,6 @@ struct Scripts {
     presence: Script,
 }
 
-/// A request waiting for another node's answer.
-struct Waiting {
-    /// Nodes that have yet to say the connection is not theirs.
-    absent_left: usize,
-    answer: oneshot::Sender<Result<ClientAnswer, RequestError>>,
-}
-
-/// A server request on the bus.
-#[derive(Debug, Serialize, Deserialize)]
-struct BusRequest<'a> {
-    from: &'a str,
-    id: u64,
-    client: &'a str,
-    timeout_ms: u64,
-    #[serde(borrow)]
-    data: &'a RawValue,
-}
-
-/// An answer to a [`BusRequest`] on the bus.
-#[derive(Debug, Serialize, Deserialize)]
-struct BusAnswer<'a> {
-    to: &'a str,
-    id: u64,
-    /// `result`, `error`, `absent`, `timeout`, `closed` or `busy`.
-    outcome: &'a str,
-    #[serde(borrow, skip_serializing_if = "Option::is_none")]
-    result: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    code: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    message: Option<String>,
-}
-
 /// Channels, history, presence and requests between nodes through Redis.
 pub struct RedisBroker {
     client: redis::Client,
@@ -173,8 +137,7 @@ pub struct RedisBroker {
     node: String,
     presence_ttl: Duration,
     scripts: Scripts,
-    requests: Mutex<HashMap<u64, Waiting>>,
-    next_request: AtomicU64,
+    bus_state: Arc<Bus>,
     /// Whether the pub/sub link is up.
     linked: AtomicBool,
 }
@@ -192,18 +155,6 @@ fn broker_error(error: redis::RedisError) -> BrokerError {
     BrokerError(error.to_string())
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn new_epoch() -> String {
-    let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
-    format!("{:08x}", (high ^ low) as u32)
-}
-
 /// `u16 channel length | channel | payload kind | payload`: what a `p` message carries after
 /// its offset and epoch, and what history stores.
 fn publication_body(channel: &str, payload: &Payload) -> Vec<u8> {
@@ -213,48 +164,6 @@ fn publication_body(channel: &str, payload: &Payload) -> Vec<u8> {
     body.extend_from_slice(&channel.as_bytes()[..usize::from(len)]);
     body.extend_from_slice(&encode_payload(payload));
     body
-}
-
-/// Splits a `u16 length | channel | rest` body.
-fn split_channel(body: &[u8]) -> Option<(&str, &[u8])> {
-    let len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
-    let channel = std::str::from_utf8(body.get(2..2 + len)?).ok()?;
-    Some((channel, &body[2 + len..]))
-}
-
-/// `e | u16 channel length | channel | u64 client | frame`.
-fn presence_message(channel: &str, client: ConnectionId, frame: &[u8]) -> Vec<u8> {
-    let mut message = Vec::with_capacity(11 + channel.len() + frame.len());
-    message.push(b'e');
-    message.extend_from_slice(&(channel.len() as u16).to_be_bytes());
-    message.extend_from_slice(channel.as_bytes());
-    message.extend_from_slice(&client.0.to_be_bytes());
-    message.extend_from_slice(frame);
-    message
-}
-
-/// The URL without our own `prefix` parameter, and the prefix.
-fn split_prefix(url: &str) -> Result<(String, String), BrokerError> {
-    let mut parsed =
-        url::Url::parse(url).map_err(|e| BrokerError(format!("invalid broker URL: {e}")))?;
-    let mut prefix = "duplex".to_owned();
-    let kept: Vec<(String, String)> = parsed
-        .query_pairs()
-        .filter_map(|(k, v)| {
-            if k == "prefix" {
-                prefix = v.into_owned();
-                None
-            } else {
-                Some((k.into_owned(), v.into_owned()))
-            }
-        })
-        .collect();
-    if kept.is_empty() {
-        parsed.set_query(None);
-    } else {
-        parsed.query_pairs_mut().clear().extend_pairs(kept);
-    }
-    Ok((parsed.to_string(), prefix))
 }
 
 impl RedisBroker {
@@ -281,7 +190,7 @@ impl RedisBroker {
             connection,
             bus: format!("{prefix}:bus"),
             prefix,
-            node,
+            node: node.clone(),
             presence_ttl,
             scripts: Scripts {
                 publish: Script::new(PUBLISH),
@@ -290,8 +199,7 @@ impl RedisBroker {
                 leave: Script::new(LEAVE),
                 presence: now(PRESENCE),
             },
-            requests: Mutex::new(HashMap::new()),
-            next_request: AtomicU64::new(1),
+            bus_state: Arc::new(Bus::new(node.clone())),
             linked: AtomicBool::new(false),
         })
     }
@@ -323,34 +231,9 @@ impl RedisBroker {
         present: &Present,
         announce: bool,
     ) -> Result<(), BrokerError> {
-        let client = ConnectionId(
-            u64::from_str_radix(&present.client, 16)
-                .map_err(|_| BrokerError("presence client ids are hex".into()))?,
-        );
         let info = serde_json::to_string(present).map_err(|e| BrokerError(e.to_string()))?;
-        let leave = presence_message(
-            channel,
-            client,
-            &to_json(&Leave {
-                channel,
-                client: &present.client,
-                user: present.user.as_deref(),
-            }),
-        );
-        let join = if announce {
-            presence_message(
-                channel,
-                client,
-                &to_json(&Join {
-                    channel,
-                    client: &present.client,
-                    user: present.user.as_deref(),
-                    meta: present.meta.as_deref(),
-                }),
-            )
-        } else {
-            Vec::new()
-        };
+        let (join, leave) = presence_messages(channel, present)?;
+        let join = if announce { join } else { Vec::new() };
         let keys = self.presence_keys(channel);
         let mut invocation = self.scripts.join.prepare_invoke();
         for key in &keys {
@@ -365,16 +248,6 @@ impl RedisBroker {
             .arg(join);
         let _: i64 = invocation
             .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(broker_error)?;
-        Ok(())
-    }
-
-    async fn send(&self, message: Vec<u8>) -> Result<(), BrokerError> {
-        let _: i64 = self
-            .connection
-            .clone()
-            .publish(&self.bus, message)
             .await
             .map_err(broker_error)?;
         Ok(())
@@ -427,133 +300,22 @@ impl RedisBroker {
         }
     }
 
-    /// One bus message.
-    fn on_message(self: &Arc<Self>, events: &Arc<dyn BrokerEvents>, message: &[u8]) {
-        let Some((&kind, rest)) = message.split_first() else {
-            return;
-        };
-        match kind {
-            b'p' => {
-                let Some(parsed) = parse_publication(rest) else {
-                    tracing::warn!("unreadable publication on the broker bus");
-                    return;
-                };
-                let (offset, epoch, channel, payload) = parsed;
-                events.deliver(channel, offset, epoch, payload);
-            }
-            b'e' => {
-                let Some((channel, rest)) = split_channel(rest) else {
-                    return;
-                };
-                let Some((client, frame)) = rest.split_first_chunk::<8>() else {
-                    return;
-                };
-                events.presence_event(
-                    channel,
-                    ConnectionId(u64::from_be_bytes(*client)),
-                    Bytes::copy_from_slice(frame),
-                );
-            }
-            b'q' => self.on_request(events, rest),
-            b'a' => self.on_answer(rest),
-            _ => tracing::warn!(kind, "unknown message on the broker bus"),
-        }
-    }
-
-    fn on_request(self: &Arc<Self>, events: &Arc<dyn BrokerEvents>, body: &[u8]) {
-        let Ok(request) = serde_json::from_slice::<BusRequest<'_>>(body) else {
-            tracing::warn!("unreadable request on the broker bus");
-            return;
-        };
-        if request.from == self.node {
-            return;
-        }
-        let to = request.from.to_owned();
-        let id = request.id;
-        let connection = u64::from_str_radix(request.client, 16)
-            .ok()
-            .and_then(|client| events.local_connection(ConnectionId(client)));
-        let broker = self.clone();
-        let Some(connection) = connection else {
-            tokio::spawn(async move {
-                broker
-                    .answer(&to, id, Err(RequestError::NotConnected))
-                    .await
-            });
-            return;
-        };
-        let data: Box<RawValue> = request.data.to_owned();
-        let timeout = Duration::from_millis(request.timeout_ms);
-        tokio::spawn(async move {
-            let answer = connection.request(&data, timeout).await;
-            broker.answer(&to, id, answer).await;
-        });
-    }
-
-    async fn answer(&self, to: &str, id: u64, answer: Result<ClientAnswer, RequestError>) {
-        let (outcome, result, code, message) = match &answer {
-            Ok(ClientAnswer::Result(result)) => ("result", Some(&**result), None, None),
-            Ok(ClientAnswer::Error { code, message }) => {
-                ("error", None, Some(code.clone()), Some(message.clone()))
-            }
-            Err(RequestError::NotConnected) => ("absent", None, None, None),
-            Err(RequestError::Timeout) => ("timeout", None, None, None),
-            Err(RequestError::Closed) => ("closed", None, None, None),
-            Err(RequestError::TooManyPending | RequestError::BrokerUnavailable) => {
-                ("busy", None, None, None)
-            }
-        };
-        let answer = BusAnswer {
-            to,
-            id,
-            outcome,
-            result,
-            code,
-            message,
-        };
-        let mut message = vec![b'a'];
-        if serde_json::to_writer(&mut message, &answer).is_err() {
-            return;
-        }
-        if let Err(error) = self.send(message).await {
-            tracing::warn!(%error, "could not answer a request from another node");
-        }
-    }
-
-    fn on_answer(&self, body: &[u8]) {
-        let Ok(answer) = serde_json::from_slice::<BusAnswer<'_>>(body) else {
-            tracing::warn!("unreadable answer on the broker bus");
-            return;
-        };
-        if answer.to != self.node {
-            return;
-        }
-        let mut requests = self.requests.lock();
-        let Some(waiting) = requests.get_mut(&answer.id) else {
-            return;
-        };
-        let result = match answer.outcome {
-            "result" => Ok(ClientAnswer::Result(answer.result.map_or_else(
-                || RawValue::from_string("null".into()).expect("null is JSON"),
-                ToOwned::to_owned,
-            ))),
-            "error" => Ok(ClientAnswer::Error {
-                code: answer.code.unwrap_or_default(),
-                message: answer.message.unwrap_or_default(),
-            }),
-            "absent" => {
-                waiting.absent_left = waiting.absent_left.saturating_sub(1);
-                if waiting.absent_left > 0 {
-                    return;
+    /// One bus message: a publication, or what [`Bus`] handles.
+    fn on_message(
+        self: &Arc<Self>,
+        link: &Arc<dyn BusLink>,
+        events: &Arc<dyn BrokerEvents>,
+        message: &[u8],
+    ) {
+        if let Some(rest) = message.strip_prefix(b"p") {
+            match parse_publication(rest) {
+                Some((offset, epoch, channel, payload)) => {
+                    events.deliver(channel, offset, epoch, payload);
                 }
-                Err(RequestError::NotConnected)
+                None => tracing::warn!("unreadable publication on the broker bus"),
             }
-            "timeout" => Err(RequestError::Timeout),
-            "busy" => Err(RequestError::TooManyPending),
-            _ => Err(RequestError::Closed),
-        };
-        if let Some(waiting) = requests.remove(&answer.id) {
-            let _ = waiting.answer.send(result);
+        } else if !self.bus_state.on_message(link, events, message) {
+            tracing::warn!("unknown message on the broker bus");
         }
     }
 
@@ -572,15 +334,29 @@ impl RedisBroker {
             events.reconnected();
         }
         let mut messages = pubsub.into_on_message();
+        let link: Arc<dyn BusLink> = self.clone();
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(true),
                 message = messages.next() => match message {
-                    Some(message) => self.on_message(events, message.get_payload_bytes()),
+                    Some(message) => self.on_message(&link, events, message.get_payload_bytes()),
                     None => return Err(BrokerError("the pub/sub link closed".into())),
                 },
             }
         }
+    }
+}
+
+#[async_trait]
+impl BusLink for RedisBroker {
+    async fn send(&self, message: Vec<u8>) -> Result<(), BrokerError> {
+        let _: i64 = self
+            .connection
+            .clone()
+            .publish(&self.bus, message)
+            .await
+            .map_err(broker_error)?;
+        Ok(())
     }
 }
 
@@ -640,7 +416,7 @@ impl Broker for RedisBroker {
                     }
                 }
                 linked_before = true;
-                let jitter = Duration::from_millis(fastrand_ms(delay));
+                let jitter = Duration::from_millis(jitter_ms(delay));
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(delay + jitter) => {}
@@ -682,6 +458,7 @@ impl Broker for RedisBroker {
         &self,
         channel: &str,
         range: HistoryRange,
+        _retention: Retention,
     ) -> Result<BrokerHistory, BrokerError> {
         let (mode, after, limit) = match range {
             HistoryRange::None => ("none", 0, 0),
@@ -798,39 +575,9 @@ impl Broker for RedisBroker {
             Ok(nodes) => nodes.iter().filter(|n| n.id != self.node).count(),
             Err(_) => return Err(RequestError::BrokerUnavailable),
         };
-        if others == 0 {
-            return Err(RequestError::NotConnected);
-        }
-        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let (sender, receiver) = oneshot::channel();
-        self.requests.lock().insert(
-            id,
-            Waiting {
-                absent_left: others,
-                answer: sender,
-            },
-        );
-        // Removes the entry however this ends, the caller giving up included.
-        let _entry = RequestEntry { broker: self, id };
-        let client = client.to_string();
-        let request = BusRequest {
-            from: &self.node,
-            id,
-            client: &client,
-            timeout_ms: timeout.as_millis() as u64,
-            data,
-        };
-        let mut message = vec![b'q'];
-        serde_json::to_writer(&mut message, &request).map_err(|_| RequestError::Closed)?;
-        if self.send(message).await.is_err() {
-            return Err(RequestError::BrokerUnavailable);
-        }
-        // The other node times the client out; this margin covers the trip back.
-        match tokio::time::timeout(timeout + Duration::from_secs(1), receiver).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(RequestError::Closed),
-            Err(_) => Err(RequestError::Timeout),
-        }
+        self.bus_state
+            .request(self, others, client, data, timeout)
+            .await
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
@@ -870,24 +617,6 @@ impl Broker for RedisBroker {
     }
 }
 
-struct RequestEntry<'a> {
-    broker: &'a RedisBroker,
-    id: u64,
-}
-
-impl Drop for RequestEntry<'_> {
-    fn drop(&mut self) {
-        self.broker.requests.lock().remove(&self.id);
-    }
-}
-
-/// Up to half of `delay`, in whole milliseconds, at random.
-fn fastrand_ms(delay: Duration) -> u64 {
-    let half = (delay.as_millis() as u64 / 2).max(1);
-    let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
-    (high ^ low) % half
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -902,18 +631,5 @@ mod tests {
         assert!(matches!(payload, Payload::Json(raw) if raw.get() == "[1]"));
         assert!(parse_publication(b"x:e:").is_none());
         assert!(parse_publication(b"1:e:\x00\x09chat").is_none());
-    }
-
-    #[test]
-    fn the_prefix_parameter_is_ours() {
-        let (url, prefix) =
-            split_prefix("redis://127.0.0.1:6379/0?prefix=t1&protocol=resp3").expect("url");
-        assert_eq!(prefix, "t1");
-        assert_eq!(url, "redis://127.0.0.1:6379/0?protocol=resp3");
-        let (url, prefix) = split_prefix("redis://127.0.0.1:6379").expect("url");
-        assert_eq!(
-            (url.as_str(), prefix.as_str()),
-            ("redis://127.0.0.1:6379", "duplex")
-        );
     }
 }

@@ -125,6 +125,10 @@ struct Subscriber {
     /// With a broker: publications that arrived while the subscription was reading the
     /// broker's history, sent after it.
     recovering: Option<Vec<Arc<Publication>>>,
+    /// With a broker: the offset the subscription's reply named. The broker's broadcast of a
+    /// publication can reach this node after a history read already counted it; such a
+    /// publication is not sent twice.
+    after: u64,
 }
 
 /// Why a `since` could not be honoured.
@@ -722,6 +726,7 @@ impl Hub {
             latest: (namespace.slow_consumer == SlowConsumerPolicy::Latest)
                 .then(|| Arc::new(LatestSlot::default())),
             recovering: None,
+            after: 0,
         }
     }
 
@@ -807,7 +812,9 @@ impl Hub {
             },
             None => HistoryRange::None,
         };
-        let read = broker.history(channel_name, range).await;
+        let read = broker
+            .history(channel_name, range, Retention::of(&channel.namespace))
+            .await;
         if !self.finish_subscription(&channel, connection, reply_id, since, read)? {
             return Ok(());
         }
@@ -835,6 +842,9 @@ impl Hub {
             return Ok(false);
         };
         let buffered = subscriber.recovering.take().unwrap_or_default();
+        if let Ok(history) = &read {
+            subscriber.after = history.top.max(buffered.last().map_or(0, |p| p.offset()));
+        }
         let history = match read {
             Ok(history) => history,
             Err(error) => {
@@ -1063,7 +1073,7 @@ impl Hub {
                             None => HistoryRange::None,
                         };
                         let history = broker
-                            .history(channel_name, range)
+                            .history(channel_name, range, Retention::of(&channel.namespace))
                             .await
                             .map_err(|e| HubError::Unavailable(e.to_string()))?;
                         let mut page = page_of(&channel.name, history, since);
@@ -1151,7 +1161,7 @@ impl Hub {
                 None => HistoryRange::Last(limit),
             };
             let history = broker
-                .history(channel_name, range)
+                .history(channel_name, range, Retention::of(namespace))
                 .await
                 .map_err(|e| HubError::Unavailable(e.to_string()))?;
             return Ok(page_of(&Arc::from(channel_name), history, since));
@@ -1283,6 +1293,9 @@ fn fan_out(channel: &Channel, state: &mut ChannelState, publication: &Arc<Public
     for subscriber in state.subscribers.values_mut() {
         if let Some(buffer) = &mut subscriber.recovering {
             buffer.push(publication.clone());
+            continue;
+        }
+        if publication.offset() <= subscriber.after {
             continue;
         }
         match subscriber.connection.queue.push_publication(

@@ -275,6 +275,17 @@ impl Default for Namespaces {
 }
 
 impl Namespaces {
+    /// The largest history any namespace keeps.
+    pub fn max_history_size(&self) -> usize {
+        self.named
+            .values()
+            .chain(self.record_channels.values())
+            .chain(std::iter::once(&self.fallback))
+            .map(|n| n.history_size)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The built-in namespaces with `configured` applied on top.
     pub fn new(configured: &HashMap<String, NamespaceConfig>) -> Result<Self, String> {
         let mut fallback = builtin("default").expect("default is built in");

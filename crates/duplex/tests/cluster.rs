@@ -1,0 +1,125 @@
+//! A node killed with `kill -9` leaves the cluster: its clients drop out of presence (with a
+//! `leave` to the others) and the node out of `/api/nodes` within the presence expiry. On Redis
+//! and on NATS; each skips (with a note) without `DUPLEX_TEST_REDIS` / `DUPLEX_TEST_NATS`, which
+//! CI sets.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use duplex_testkit::{WsClient, nats_broker, redis_broker, wait_for};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Spawns `duplex serve` on port 0 in the cluster and returns it with its HTTP address.
+async fn spawn_node(broker: &str, id: &str, data: &std::path::Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
+        .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
+        .args(["--broker", broker, "--node-id", id, "--presence-ttl", "2s"])
+        .arg("--data")
+        .arg(data)
+        .env("DUPLEX_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn duplex");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the server prints its address in time")
+        .expect("read stdout")
+        .expect("a line");
+    let url = line
+        .split_whitespace()
+        .find(|word| word.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    (child, url)
+}
+
+async fn get_json(url: &str) -> Value {
+    reqwest::get(url)
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test]
+async fn a_killed_node_leaves_presence_and_the_registry_on_redis() {
+    match redis_broker() {
+        Some(broker) => a_killed_node_leaves_presence_and_the_registry(&broker).await,
+        None => eprintln!("skipped: set DUPLEX_TEST_REDIS (redis://127.0.0.1:6379) to run"),
+    }
+}
+
+#[tokio::test]
+async fn a_killed_node_leaves_presence_and_the_registry_on_nats() {
+    match nats_broker() {
+        Some(broker) => a_killed_node_leaves_presence_and_the_registry(&broker).await,
+        None => eprintln!("skipped: set DUPLEX_TEST_NATS (nats://127.0.0.1:4222) to run"),
+    }
+}
+
+async fn a_killed_node_leaves_presence_and_the_registry(broker: &str) {
+    let data_a = tempfile::tempdir().expect("tempdir");
+    let data_b = tempfile::tempdir().expect("tempdir");
+    let (_a, url_a) = spawn_node(broker, "node-a", data_a.path()).await;
+    let (mut b, url_b) = spawn_node(broker, "node-b", data_b.path()).await;
+    let ws = |url: &str| format!("{}/ws", url.replacen("http://", "ws://", 1));
+
+    let mut alice = WsClient::connect(&ws(&url_a)).await;
+    alice.subscribe("chat:room", 1).await;
+    let mut bob = WsClient::connect(&ws(&url_b)).await;
+    bob.request(
+        json!({"id": 1, "type": "connect", "meta": {"name": "bob"}}),
+        1,
+    )
+    .await;
+    bob.subscribe("chat:room", 2).await;
+    let bob_id = bob.connected["client"].as_str().expect("id").to_owned();
+    let join = alice.next_json().await;
+    assert_eq!(join["type"], "join");
+    assert_eq!(join["client"], bob_id.as_str());
+    let presence = get_json(&format!("{url_a}/api/channels/chat:room/presence")).await;
+    assert_eq!(presence["clients"].as_array().map(Vec::len), Some(2));
+    wait_for("both nodes registered", || async {
+        let nodes = get_json(&format!("{url_a}/api/nodes")).await;
+        (nodes["items"].as_array().map(Vec::len) == Some(2)).then_some(())
+    })
+    .await;
+
+    // kill -9: B says nothing to anyone.
+    b.kill().await.expect("kill -9");
+    let started = std::time::Instant::now();
+    let leave = loop {
+        let frame = alice.next_json().await;
+        if frame["type"] == "leave" {
+            break frame;
+        }
+    };
+    assert_eq!(leave["client"], bob_id.as_str());
+    // The expiry is 2 s and live nodes sweep every third of it.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "left after {:?}",
+        started.elapsed()
+    );
+    let presence = get_json(&format!("{url_a}/api/channels/chat:room/presence")).await;
+    let clients = presence["clients"].as_array().expect("clients");
+    assert_eq!(clients.len(), 1);
+    assert_eq!(clients[0]["client"], alice.connected["client"]);
+    wait_for("B out of the registry", || async {
+        let nodes = get_json(&format!("{url_a}/api/nodes")).await;
+        let ids: Vec<&str> = nodes["items"]
+            .as_array()?
+            .iter()
+            .filter_map(|n| n["id"].as_str())
+            .collect();
+        (ids == ["node-a"]).then_some(())
+    })
+    .await;
+}
