@@ -972,7 +972,7 @@ impl Driver {
                 let payload = Payload::Json(incoming.data.unwrap_or(Value::Null));
                 self.deliver(session, &channel, offset, payload).await;
             }
-            "reply" | "error" => self.on_answer(session, incoming).await,
+            "reply" | "error" => return self.on_answer(session, incoming).await,
             "request" => {
                 let id = incoming.id?;
                 let data = incoming.data.unwrap_or(Value::Null);
@@ -1039,7 +1039,9 @@ impl Driver {
         None
     }
 
-    async fn on_answer(&mut self, session: &mut Session, incoming: Incoming) {
+    /// Handles a `reply` or `error`; `Some` when the connection should be dropped and made
+    /// again (a resubscription the server could not serve for now).
+    async fn on_answer(&mut self, session: &mut Session, incoming: Incoming) -> Option<End> {
         let Some(pending) = incoming.id.and_then(|id| session.pending.remove(&id)) else {
             if incoming.kind == "error" {
                 tracing::warn!(
@@ -1048,7 +1050,7 @@ impl Driver {
                     "server error"
                 );
             }
-            return;
+            return None;
         };
         let refused = || Error::Refused {
             code: incoming.code.clone().unwrap_or_default(),
@@ -1072,6 +1074,13 @@ impl Driver {
             } => {
                 if !ok {
                     let error = refused();
+                    // The node cannot reach its broker right now: keep the subscription and
+                    // try again on a fresh connection, after the usual backoff (perhaps on
+                    // another node).
+                    if reply.is_none() && error.code() == Some("unavailable") {
+                        tracing::warn!(channel, "resubscribing failed for now; reconnecting");
+                        return Some(End::Lost);
+                    }
                     if let Some(sub) = self.subs.remove(&channel) {
                         let code = error.code().unwrap_or("refused").to_owned();
                         if reply.is_none() {
@@ -1081,7 +1090,7 @@ impl Driver {
                     if let Some(reply) = reply {
                         let _ = reply.send(Err(error));
                     }
-                    return;
+                    return None;
                 }
                 let subscribed: Subscribed =
                     match serde_json::from_value(incoming.result.clone().unwrap_or(Value::Null)) {
@@ -1090,12 +1099,10 @@ impl Driver {
                             if let Some(reply) = reply {
                                 let _ = reply.send(Err(Error::Protocol(e.to_string())));
                             }
-                            return;
+                            return None;
                         }
                     };
-                let Some(sub) = self.subs.get_mut(&channel) else {
-                    return;
-                };
+                let sub = self.subs.get_mut(&channel)?;
                 let gap = match (&since, subscribed.recovered) {
                     (Some((last_seen, _)), Some(false)) => Some(Event::Gap {
                         reason: subscribed.reason.clone().unwrap_or_default(),
@@ -1120,6 +1127,7 @@ impl Driver {
                 }
             }
         }
+        None
     }
 
     /// Delivers a publication to its subscription, once: offsets at or below the last one

@@ -58,6 +58,7 @@ on_both_brokers!(
     records_written_on_one_node_are_read_on_another_and_pushed_on_a_third,
     long_polls_and_binary_publications_cross_nodes,
     a_broken_link_to_the_broker_loses_nothing,
+    resubscribing_while_the_broker_is_away_keeps_trying,
 );
 
 /// `host:port` of a broker URL.
@@ -401,24 +402,35 @@ async fn nodes_register_and_readiness_follows_the_broker(broker: String) {
     assert_eq!(nodes["items"].as_array().map(Vec::len), Some(1));
 }
 
+/// A Redis of the test's own, on a port of its own, so that it can be killed and restarted.
+async fn start_redis(port: u16) -> tokio::process::Child {
+    let child = tokio::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server is installed where DUPLEX_TEST_REDIS is set");
+    wait_for("redis-server to listen", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    child
+}
+
 #[tokio::test]
-async fn a_broker_that_lost_its_data_makes_subscribers_recover_with_recovered_false() {
-    let broker = redis_or_skip!();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("duplex_server=debug")
-        .with_test_writer()
-        .try_init();
-    let redis_url = std::env::var("DUPLEX_TEST_REDIS").expect("set");
-    let redis_addr = redis_url
-        .trim_start_matches("redis://")
-        .split(['/', '?'])
-        .next()
-        .expect("host:port")
-        .parse()
-        .expect("DUPLEX_TEST_REDIS is redis://IP:PORT");
-    let proxy = TcpProxy::start(redis_addr).await;
-    let through_proxy = broker.replacen(&redis_addr.to_string(), &proxy.addr.to_string(), 1);
-    let a = node(&through_proxy, "a").await;
+async fn redis_restarted_without_persistence_makes_subscribers_recover_with_recovered_false() {
+    let _ = redis_or_skip!();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut redis = start_redis(port).await;
+    let broker = format!("redis://127.0.0.1:{port}?prefix=restart");
+    let a = node(&broker, "a").await;
     let b = node(&broker, "b").await;
     let connection = Connection::connect(
         ConnectOptions::new(&a.ws_url())
@@ -429,35 +441,11 @@ async fn a_broker_that_lost_its_data_makes_subscribers_recover_with_recovered_fa
     let mut subscription = connection.subscribe("news:lost").await.expect("subscribe");
     for i in 1..=3 {
         publish_http(&b, "news:lost", json!(i)).await;
+        expect_publication(&mut subscription, i).await;
     }
-    for i in 1..=3 {
-        match tokio::time::timeout(EVENT_TIMEOUT, subscription.next()).await {
-            Ok(Some(Event::Message(message))) => assert_eq!(message.offset, i),
-            other => panic!("expected message {i}, got {other:?}"),
-        }
-    }
-    // Redis "restarts" without persistence: A's links break and the data is gone.
-    proxy.set_down(true);
-    proxy.cut();
-    let prefix = broker.rsplit_once("prefix=").expect("prefix").1.to_owned();
-    let redis = redis::Client::open(redis_url.as_str()).expect("redis url");
-    let mut redis = redis
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut redis)
-        .await
-        .expect("keys");
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut redis)
-            .await
-            .expect("del");
-    }
-    proxy.set_down(false);
+    // kill -9 and start again, empty: every node's links break and the history is gone.
+    redis.kill().await.expect("kill redis");
+    let _redis = start_redis(port).await;
     // A notices its link came back, finds the channel gone and has the client resubscribe:
     // the client learns that history was lost, then follows the new epoch live.
     match tokio::time::timeout(EVENT_TIMEOUT, subscription.next()).await {
@@ -469,13 +457,22 @@ async fn a_broker_that_lost_its_data_makes_subscribers_recover_with_recovered_fa
         }
         other => panic!("expected a gap, got {other:?}"),
     }
-    let published = publish_http(&b, "news:lost", json!("after")).await;
+    // B's first command after the restart may find its old socket broken; then it publishes.
+    let http = reqwest::Client::new();
+    let url = b.url("/api/channels/news:lost/publish");
+    let published: Value = wait_for("B publishing again", || async {
+        let response = http.post(&url).json(&json!("after")).send().await.ok()?;
+        if response.status() != 200 {
+            return None;
+        }
+        response.json().await.ok()
+    })
+    .await;
+    assert_eq!(published["offset"], 1, "a new epoch starts at 1");
     match tokio::time::timeout(EVENT_TIMEOUT, subscription.next()).await {
         Ok(Some(Event::Message(message))) => {
-            assert_eq!(
-                message.offset,
-                published["offset"].as_u64().expect("offset")
-            );
+            assert_eq!(message.offset, 1);
+            assert_eq!(message.epoch, published["epoch"].as_str().expect("epoch"));
         }
         other => panic!("expected the new publication, got {other:?}"),
     }
@@ -650,4 +647,45 @@ async fn expect_publication(subscription: &mut duplex_client::Subscription, offs
         }
         other => panic!("expected publication {offset}, got {other:?}"),
     }
+}
+
+/// A client that reconnects while its node cannot reach the broker is told `unavailable`, keeps
+/// its subscription, and comes back to it (with what it missed) once the broker is back.
+async fn resubscribing_while_the_broker_is_away_keeps_trying(broker: String) {
+    let broker_addr = broker_addr(&broker);
+    let broker_proxy = TcpProxy::start(broker_addr).await;
+    let through_proxy =
+        broker.replacen(&broker_addr.to_string(), &broker_proxy.addr.to_string(), 1);
+    let a = node(&through_proxy, "a").await;
+    let b = node(&broker, "b").await;
+    let client_proxy = TcpProxy::start(a.http_addr).await;
+    let connection = Connection::connect(
+        ConnectOptions::new(&format!("ws://{}/ws", client_proxy.addr))
+            .backoff(Duration::from_millis(50), Duration::from_millis(200)),
+    )
+    .await
+    .expect("connect");
+    let mut subscription = connection.subscribe("news:away").await.expect("subscribe");
+    publish_http(&b, "news:away", json!(1)).await;
+    expect_publication(&mut subscription, 1).await;
+    // A loses the broker, then the client loses A and comes back while the broker is away.
+    broker_proxy.set_down(true);
+    broker_proxy.cut();
+    wait_for("A not ready", || async {
+        (reqwest::get(a.url("/readyz")).await.ok()?.status() == 503).then_some(())
+    })
+    .await;
+    let attempts_before = client_proxy.forwarded();
+    client_proxy.cut();
+    publish_http(&b, "news:away", json!(2)).await;
+    // Several refused resubscriptions later…
+    wait_for("the client to retry", || async {
+        (client_proxy.forwarded() >= attempts_before + 3).then_some(())
+    })
+    .await;
+    broker_proxy.set_down(false);
+    expect_publication(&mut subscription, 2).await;
+    publish_http(&b, "news:away", json!(3)).await;
+    expect_publication(&mut subscription, 3).await;
+    connection.close().await;
 }
