@@ -22,14 +22,22 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The shipped config, pointed at `upstream` and listening on `listen`, with its files in `dir`.
-fn config(dir: &Path, upstream: std::net::SocketAddr, listen: u16) -> PathBuf {
+/// The shipped config, pointed at the `upstream` nodes and listening on `listen`, with its files
+/// in `dir`.
+fn config(dir: &Path, upstream: &[std::net::SocketAddr], listen: u16) -> PathBuf {
     let shipped = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/nginx.conf"),
     )
     .expect("deploy/nginx.conf");
     let text = shipped
-        .replace("server 127.0.0.1:8080;", &format!("server {upstream};"))
+        .replace(
+            "server 127.0.0.1:8080;",
+            &upstream
+                .iter()
+                .map(|node| format!("server {node};"))
+                .collect::<Vec<_>>()
+                .join("\n        "),
+        )
         .replace(
             "listen 127.0.0.1:8000;",
             &format!("listen 127.0.0.1:{listen};"),
@@ -61,6 +69,43 @@ impl Drop for Nginx {
     }
 }
 
+/// Starts nginx in front of `nodes`; returns it and its base URL.
+async fn start_nginx(nginx: &Path, dir: &Path, nodes: &[std::net::SocketAddr]) -> (Nginx, String) {
+    let port = free_port();
+    let conf = config(dir, nodes, port);
+    let proxy = Nginx(
+        std::process::Command::new(nginx)
+            .arg("-p")
+            .arg(dir)
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx"),
+    );
+    wait_for("nginx to listen", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+    })
+    .await;
+    (proxy, format!("http://127.0.0.1:{port}"))
+}
+
+/// The nginx binary, or `None` (the test skips) unless CI asked for it.
+fn nginx_or_skip() -> Option<PathBuf> {
+    let nginx = nginx_binary();
+    if nginx.is_none() {
+        if std::env::var_os("DUPLEX_TEST_NGINX").is_some() {
+            panic!("DUPLEX_TEST_NGINX is set but there is no nginx; run scripts/install-nginx.sh");
+        }
+        eprintln!("skipped: no nginx (run scripts/install-nginx.sh, then set DUPLEX_TEST_NGINX=1)");
+    }
+    nginx
+}
+
 /// Reads an event stream until `needle` shows up.
 async fn read_until(
     stream: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
@@ -83,36 +128,12 @@ async fn read_until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_websockets_and_event_streams_pass_through_nginx() {
-    let Some(nginx) = nginx_binary() else {
-        if std::env::var_os("DUPLEX_TEST_NGINX").is_some() {
-            panic!("DUPLEX_TEST_NGINX is set but there is no nginx; run scripts/install-nginx.sh");
-        }
-        eprintln!("skipped: no nginx (run scripts/install-nginx.sh, then set DUPLEX_TEST_NGINX=1)");
+    let Some(nginx) = nginx_or_skip() else {
         return;
     };
     let server = TestServer::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let conf = config(dir.path(), server.http_addr, port);
-    let _proxy = Nginx(
-        std::process::Command::new(&nginx)
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf)
-            .args(["-g", "daemon off;"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nginx"),
-    );
-    let base = format!("http://127.0.0.1:{port}");
-    wait_for("nginx to listen", || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-    })
-    .await;
+    let (_proxy, base) = start_nginx(&nginx, dir.path(), &[server.http_addr]).await;
 
     // Records and the WebSocket, both through nginx.
     let client = Client::new(&base).expect("client");
@@ -160,4 +181,68 @@ async fn records_websockets_and_event_streams_pass_through_nginx() {
         .await
         .expect("answered");
     assert_eq!(too_big.status(), 413);
+}
+
+/// Three nodes on one Redis broker behind the shipped config: sockets opened through nginx land
+/// on different nodes, publications made through it (on whichever node) reach all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_behind_nginx_serve_one_set_of_channels() {
+    let Some(nginx) = nginx_or_skip() else {
+        return;
+    };
+    let Some(broker) = duplex_testkit::redis_broker() else {
+        eprintln!("skipped: set DUPLEX_TEST_REDIS (redis://127.0.0.1:6379) to run");
+        return;
+    };
+    let mut nodes = Vec::new();
+    for id in ["n1", "n2", "n3"] {
+        let broker = broker.clone();
+        nodes.push(
+            TestServer::start_with(move |config| {
+                config.broker = Some(broker);
+                config.node_id = Some(id.into());
+            })
+            .await,
+        );
+    }
+    let addrs: Vec<_> = nodes.iter().map(|n| n.http_addr).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_proxy, base) = start_nginx(&nginx, dir.path(), &addrs).await;
+    let client = Client::new(&base).expect("client");
+    let mut subscriptions = Vec::new();
+    let mut connections = Vec::new();
+    for _ in 0..3 {
+        let connection = client.connect().await.expect("a WebSocket through nginx");
+        subscriptions.push(connection.subscribe("news:lb").await.expect("subscribe"));
+        connections.push(connection);
+    }
+    // Round robin spread the sockets: more than one node holds one.
+    let mut holding = 0;
+    for node in &nodes {
+        let page: serde_json::Value = reqwest::get(node.url("/api/connections"))
+            .await
+            .expect("connections")
+            .json()
+            .await
+            .expect("json");
+        if page["items"]
+            .as_array()
+            .is_some_and(|items| !items.is_empty())
+        {
+            holding += 1;
+        }
+    }
+    assert!(holding >= 2, "sockets spread over {holding} node(s)");
+    for i in 1..=9u64 {
+        let published = client.publish("news:lb", &json!(i)).await.expect("publish");
+        assert_eq!(published.offset, i);
+    }
+    for subscription in &mut subscriptions {
+        for i in 1..=9u64 {
+            match tokio::time::timeout(EVENT_TIMEOUT, subscription.next()).await {
+                Ok(Some(Event::Message(message))) => assert_eq!(message.offset, i),
+                other => panic!("expected publication {i}, got {other:?}"),
+            }
+        }
+    }
 }
