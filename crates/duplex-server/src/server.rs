@@ -159,6 +159,11 @@ impl Server {
         self.tcp_addr
     }
 
+    /// This node's id (as `GET /api/nodes` lists it).
+    pub fn node_id(&self) -> &str {
+        &self.node.id
+    }
+
     /// The configuration the server was bound with.
     pub fn config(&self) -> &Config {
         &self.config
@@ -199,6 +204,11 @@ impl Server {
             self.tls.clone(),
         ));
         tracker.spawn(sweep(hub.clone(), shutdown.clone()));
+        tracker.spawn(socket::keepalive::run(
+            hub.clone(),
+            Arc::new(self.config.sockets.clone()),
+            shutdown.clone(),
+        ));
         let state = AppState {
             store: self.store.clone(),
             hub,

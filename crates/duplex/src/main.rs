@@ -234,10 +234,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         server.http_addr(),
         server.tcp_addr()
     );
+    // The broker's kind only: its URL may carry a password.
+    let broker = server
+        .config()
+        .broker
+        .as_deref()
+        .and_then(|url| url.split_once("://").map(|(scheme, _)| scheme))
+        .unwrap_or("memory");
     tracing::info!(
         http = %server.http_addr(),
         tcp = %server.tcp_addr(),
         store = %server.config().store_url(),
+        broker,
+        node = server.node_id(),
         "listening"
     );
     let shutdown = CancellationToken::new();

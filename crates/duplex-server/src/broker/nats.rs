@@ -85,8 +85,12 @@ pub struct NatsBroker {
     node: String,
     presence_ttl: Duration,
     bus: Arc<Bus>,
-    /// The last stream sequence this node delivered, to resume after a broken consumer.
+    /// The last stream sequence this node delivered (at start, the stream's last), to resume
+    /// after a broken consumer.
     delivered: AtomicU64,
+    /// Bumped each time the client (re)connects: the channel consumer is then made anew at
+    /// once, rather than when the old one's heartbeats are found missing.
+    connected: tokio::sync::watch::Receiver<u64>,
 }
 
 impl std::fmt::Debug for NatsBroker {
@@ -137,7 +141,14 @@ impl NatsBroker {
         max_history: usize,
     ) -> Result<NatsBroker, BrokerError> {
         let (url, prefix) = split_prefix(url)?;
+        let (connections, connected) = tokio::sync::watch::channel(0u64);
         let client = async_nats::ConnectOptions::new()
+            .event_callback(move |event| {
+                if matches!(event, async_nats::Event::Connected) {
+                    connections.send_modify(|n| *n += 1);
+                }
+                std::future::ready(())
+            })
             .connection_timeout(Duration::from_secs(2))
             .request_timeout(Some(Duration::from_secs(2)))
             .retry_on_initial_connect()
@@ -146,12 +157,12 @@ impl NatsBroker {
             .await
             .map_err(nats_error)?;
         // `retry_on_initial_connect` returns at once: wait for the first connection, bounded.
-        let connected = async {
+        let first = async {
             while client.connection_state() != State::Connected {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
-        tokio::time::timeout(Duration::from_secs(5), connected)
+        tokio::time::timeout(Duration::from_secs(5), first)
             .await
             .map_err(|_| BrokerError(format!("cannot connect to {url}")))?;
         let context = jetstream::new(client.clone());
@@ -167,6 +178,8 @@ impl NatsBroker {
             })
             .await
             .map_err(nats_error)?;
+        // Follow from here on: a consumer made again later resumes after what was delivered.
+        let last_sequence = stream.cached_info().state.last_sequence;
         let epochs = bucket(&context, format!("{prefix}_epochs"), KEEP).await?;
         let presence = bucket(&context, format!("{prefix}_presence"), presence_ttl * 2).await?;
         let nodes = bucket(&context, format!("{prefix}_nodes"), presence_ttl).await?;
@@ -182,7 +195,8 @@ impl NatsBroker {
             bus: Arc::new(Bus::new(node.clone())),
             node,
             presence_ttl,
-            delivered: AtomicU64::new(0),
+            delivered: AtomicU64::new(last_sequence),
+            connected,
         })
     }
 
@@ -279,13 +293,8 @@ impl NatsBroker {
         events: &Arc<dyn BrokerEvents>,
         shutdown: &CancellationToken,
     ) -> Result<bool, BrokerError> {
-        let delivered = self.delivered.load(Ordering::Acquire);
-        let deliver_policy = if delivered == 0 {
-            consumer::DeliverPolicy::New
-        } else {
-            consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: delivered + 1,
-            }
+        let deliver_policy = consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: self.delivered.load(Ordering::Acquire) + 1,
         };
         let consumer = self
             .stream
@@ -299,9 +308,15 @@ impl NatsBroker {
             .map_err(nats_error)?;
         let mut messages = consumer.messages().await.map_err(nats_error)?;
         let prefix = format!("{}.ch.", self.prefix);
+        let mut connected = self.connected.clone();
+        connected.mark_unchanged();
         loop {
             let message = tokio::select! {
                 () = shutdown.cancelled() => return Ok(true),
+                _ = connected.changed() => {
+                    tracing::info!("reconnected to NATS; following the channels from where this node stopped");
+                    return Ok(false);
+                }
                 message = messages.next() => message,
             };
             let message = match message {

@@ -399,7 +399,7 @@ fn event_stream(state: SseState) -> impl Stream<Item = Result<Event, Infallible>
                         let events = state.control_event(&frame);
                         state.ready.extend(events);
                     }
-                    Outgoing::SwitchToLengthPrefixed => {}
+                    Outgoing::SwitchToLengthPrefixed | Outgoing::Ping => {}
                 }
             }
             if let Some(code) = closing {

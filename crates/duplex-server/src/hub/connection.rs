@@ -76,6 +76,25 @@ pub struct ConnectionHandle {
     subscriptions: Mutex<BTreeSet<String>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<ClientAnswer>>>,
     next_request: AtomicU64,
+    /// What the keepalive sweeper reads, in milliseconds of [`clock_ms`].
+    liveness: Liveness,
+}
+
+/// When a connection was last heard from and pinged, and when its token runs out.
+#[derive(Debug)]
+struct Liveness {
+    last_seen: AtomicU64,
+    last_ping: AtomicU64,
+    /// 0: no token deadline.
+    token_deadline: AtomicU64,
+}
+
+/// Milliseconds on a monotonic clock shared by the process (from its first use).
+pub fn clock_ms() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(std::time::Instant::now);
+    // +1 so that 0 never means a real instant.
+    base.elapsed().as_millis() as u64 + 1
 }
 
 impl ConnectionHandle {
@@ -100,6 +119,47 @@ impl ConnectionHandle {
             subscriptions: Mutex::new(BTreeSet::new()),
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
+            liveness: Liveness {
+                last_seen: AtomicU64::new(clock_ms()),
+                last_ping: AtomicU64::new(clock_ms()),
+                token_deadline: AtomicU64::new(0),
+            },
+        }
+    }
+
+    /// Something arrived from the client.
+    pub fn touch(&self) {
+        self.liveness.last_seen.store(clock_ms(), Ordering::Relaxed);
+    }
+
+    /// When the client was last heard from ([`clock_ms`]).
+    pub fn last_seen(&self) -> u64 {
+        self.liveness.last_seen.load(Ordering::Relaxed)
+    }
+
+    /// Records that a ping is due at `now` when the last one is `interval` old; true then.
+    pub fn ping_due(&self, now: u64, interval: u64) -> bool {
+        let last = self.liveness.last_ping.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= interval
+            && self
+                .liveness
+                .last_ping
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+
+    /// Sets when the connection's token runs out ([`clock_ms`]), or clears it.
+    pub fn set_token_deadline(&self, deadline: Option<u64>) {
+        self.liveness
+            .token_deadline
+            .store(deadline.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    /// When the connection's token runs out ([`clock_ms`]), if it has one.
+    pub fn token_deadline(&self) -> Option<u64> {
+        match self.liveness.token_deadline.load(Ordering::Relaxed) {
+            0 => None,
+            deadline => Some(deadline),
         }
     }
 

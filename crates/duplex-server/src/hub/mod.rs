@@ -437,6 +437,13 @@ impl Hub {
         self.connections.get(&id).map(|c| c.clone())
     }
 
+    /// Calls `f` with every connection of this node.
+    pub fn each_connection(&self, mut f: impl FnMut(&Arc<ConnectionHandle>)) {
+        for connection in &self.connections {
+            f(connection.value());
+        }
+    }
+
     /// How many connections this node holds.
     pub fn connection_count(&self) -> usize {
         self.connections.len()

@@ -28,6 +28,8 @@ pub enum Outgoing {
     Control(Bytes),
     /// Raw TCP: everything after this uses length-prefixed framing.
     SwitchToLengthPrefixed,
+    /// WebSocket: a ping frame (the keepalive sweeper's; other transports skip it).
+    Ping,
 }
 
 /// The pending publication of one conflated subscription.

@@ -4,6 +4,7 @@
 //! writer task (which drains the connection's [`OutgoingQueue`] into one write per batch). The
 //! hub only ever pushes into the queue, so a slow socket never blocks a publisher.
 
+pub(crate) mod keepalive;
 pub(crate) mod slots;
 pub(crate) mod tcp;
 pub(crate) mod ws;
@@ -268,9 +269,15 @@ impl Session {
         &self.queue
     }
 
+    pub(crate) fn connection(&self) -> &Arc<ConnectionHandle> {
+        &self.connection
+    }
+
     /// Authenticates the connection with a token already verified (WebSocket `?token=`).
     pub(crate) fn authenticate(&mut self, auth: crate::hub::namespace::ClientAuth) {
         self.token_deadline = deadline_of(auth.expires_at);
+        self.connection
+            .set_token_deadline(auth.expires_at.map(clock_deadline));
         if let Some(meta) = &auth.meta {
             self.connection.set_meta(Some(meta.clone()));
         }
@@ -711,6 +718,15 @@ pub(crate) fn deadline_of(expires_at: Option<u64>) -> Option<tokio::time::Instan
         .map(|d| d.as_secs())
         .unwrap_or(0);
     Some(tokio::time::Instant::now() + Duration::from_secs(expires_at.saturating_sub(now)))
+}
+
+/// A token's `exp` (seconds since the Unix epoch) on [`crate::hub::connection::clock_ms`].
+fn clock_deadline(expires_at: u64) -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    crate::hub::connection::clock_ms() + expires_at.saturating_sub(now) * 1000
 }
 
 /// Counts a `disconnect` the server sends.

@@ -191,6 +191,7 @@ where
                     framing = Framing::LengthPrefixed;
                     continue;
                 }
+                Outgoing::Ping => continue,
             };
             publications += 1;
             match framing {

@@ -1,8 +1,8 @@
 //! WebSocket at `GET /ws`: JSON text frames and binary frames, over axum's tungstenite.
 //!
 //! Buffers are sized deliberately (tungstenite would otherwise read into 128 KiB per
-//! connection), server pings keep the connection alive, and anything the client sends resets
-//! the idle timeout.
+//! connection); the keepalive sweeper ([`super::keepalive`]) pings, and anything the client
+//! sends resets the idle timeout.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -76,18 +76,16 @@ async fn serve(
         session.authenticate(auth);
     }
     let queue = session.queue().clone();
-    let limits = &context.limits;
+    let connection = session.connection().clone();
+    // Pings, the idle timeout, token expiry and shutdown come from the keepalive sweeper as a
+    // closing queue or a queued ping; registered above, so a shutdown that began before is
+    // seen here and one that begins after reaches this connection through the sweeper.
+    if context.shutdown.is_cancelled() {
+        queue.close(DisconnectCode::Shutdown);
+    }
     let mut batch = VecDeque::new();
-    let mut ping = tokio::time::interval(limits.ping_interval);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ping.tick().await;
-    // Anything the client sends (a pong included) moves the idle deadline.
-    let idle = tokio::time::sleep(limits.idle_timeout);
-    tokio::pin!(idle);
     let closing = loop {
-        let stopping = queue.is_closing();
         let waiting = session.is_waiting();
-        let token_deadline = session.token_deadline();
         tokio::select! {
             // A request waiting on the broker: no frame is read until it is answered.
             () = session.finish_waiting(), if waiting => {}
@@ -100,7 +98,7 @@ async fn serve(
                 }
             }
             incoming = socket.next(), if !waiting => {
-                idle.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
+                connection.touch();
                 match incoming {
                     None | Some(Ok(Message::Close(_))) => break None,
                     Some(Ok(Message::Text(text))) => {
@@ -116,23 +114,6 @@ async fn serve(
                         None => break None,
                     },
                 }
-            }
-            _ = ping.tick() => {
-                if socket.send(Message::Ping(Bytes::new())).await.is_err() {
-                    break None;
-                }
-            }
-            () = &mut idle, if !stopping => {
-                queue.close(DisconnectCode::IdleTimeout);
-                break Some(DisconnectCode::IdleTimeout);
-            }
-            () = context.shutdown.cancelled(), if !stopping => {
-                queue.close(DisconnectCode::Shutdown);
-                break Some(DisconnectCode::Shutdown);
-            }
-            () = super::token_expiry(token_deadline), if !stopping => {
-                queue.close(DisconnectCode::TokenExpired);
-                break Some(DisconnectCode::TokenExpired);
             }
         }
     };
@@ -174,6 +155,7 @@ async fn write_batch(
                 Utf8Bytes::try_from(frame).expect("control frames are serde_json output"),
             ),
             Outgoing::SwitchToLengthPrefixed => continue,
+            Outgoing::Ping => Message::Ping(Bytes::new()),
         };
         socket.feed(message).await?;
     }
