@@ -59,6 +59,7 @@ on_both_brokers!(
     long_polls_and_binary_publications_cross_nodes,
     a_broken_link_to_the_broker_loses_nothing,
     resubscribing_while_the_broker_is_away_keeps_trying,
+    a_user_request_asks_the_users_connections_on_every_node,
 );
 
 /// `host:port` of a broker URL.
@@ -688,4 +689,66 @@ async fn resubscribing_while_the_broker_is_away_keeps_trying(broker: String) {
     publish_http(&b, "news:away", json!(3)).await;
     expect_publication(&mut subscription, 3).await;
     connection.close().await;
+}
+
+/// `POST /api/users/{user}/request` on one node asks that user's connections on every node.
+async fn a_user_request_asks_the_users_connections_on_every_node(broker: String) {
+    const SECRET: &str = "a-test-secret-of-32-characters!!";
+    let start = |id: &'static str| {
+        let broker = broker.clone();
+        TestServer::start_with(move |config| {
+            config.broker = Some(broker);
+            config.node_id = Some(id.into());
+            config.jwt_secret = Some(SECRET.into());
+        })
+    };
+    let a = start("a").await;
+    let b = start("b").await;
+    let c = start("c").await;
+    let token =
+        duplex_testkit::hs256_token(SECRET, &json!({"sub": "ana", "exp": 4_000_000_000u64}));
+    let mut clients = Vec::new();
+    for (server, answer) in [(&b, "from b"), (&c, "from c")] {
+        let connection = Connection::connect(
+            ConnectOptions::new(&server.ws_url())
+                .token(&token)
+                .on_request(move |_data: Value| async move { Ok(json!(answer)) }),
+        )
+        .await
+        .expect("connect");
+        clients.push(connection);
+    }
+    wait_for("three nodes registered", || async {
+        let (_, nodes) = get_json(&a.url("/api/nodes")).await;
+        (nodes["items"].as_array().map(Vec::len) == Some(3)).then_some(())
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let response = http
+        .post(a.url("/api/users/ana/request?timeout=5s"))
+        .json(&json!({"q": 1}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    let mut results: Vec<&str> = body["replies"]
+        .as_array()
+        .expect("replies")
+        .iter()
+        .map(|r| r["result"].as_str().expect("a result"))
+        .collect();
+    results.sort_unstable();
+    assert_eq!(results, vec!["from b", "from c"]);
+    // Nobody by that name anywhere: 404, at once.
+    let response = http
+        .post(a.url("/api/users/nobody/request?timeout=5s"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 404);
+    for connection in clients {
+        connection.close().await;
+    }
 }

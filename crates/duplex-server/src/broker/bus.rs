@@ -5,7 +5,9 @@
 //!   subscribers of the channel on every node but `client`;
 //! - `q` a server request for a connection on some node (JSON [`BusRequest`]);
 //! - `a` its answer (JSON [`BusAnswer`]), addressed to the asking node. Every other live node
-//!   answers `absent`, so a connection nobody holds is known at once instead of timing out.
+//!   answers `absent`, so a connection nobody holds is known at once instead of timing out;
+//! - `u` a server request for every connection of a user (JSON [`BusUserRequest`]), and `v`
+//!   each other node's answers (JSON [`BusUserAnswers`], perhaps none).
 //!
 //! An engine carries these on one channel or subject all nodes listen to ([`BusLink`]) and
 //! hands what arrives to [`Bus::on_message`].
@@ -23,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use super::{BrokerError, BrokerEvents, Present};
+use super::{BrokerError, BrokerEvents, Present, UserAnswer};
 use crate::hub::ConnectionId;
 use crate::hub::connection::{ClientAnswer, RequestError};
 
@@ -67,10 +69,95 @@ struct BusAnswer<'a> {
     message: Option<String>,
 }
 
+/// A user-wide request on the bus.
+#[derive(Debug, Serialize, Deserialize)]
+struct BusUserRequest<'a> {
+    from: &'a str,
+    id: u64,
+    user: &'a str,
+    timeout_ms: u64,
+    #[serde(borrow)]
+    data: &'a RawValue,
+}
+
+/// One node's answers to a [`BusUserRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+struct BusUserAnswers<'a> {
+    to: &'a str,
+    id: u64,
+    #[serde(borrow)]
+    answers: Vec<BusOutcome<'a>>,
+}
+
+/// One connection's answer, as [`BusAnswer`] carries it.
+#[derive(Debug, Serialize, Deserialize)]
+struct BusOutcome<'a> {
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    client: &'a str,
+    /// `result`, `error`, `absent`, `timeout`, `closed` or `busy`.
+    outcome: &'a str,
+    #[serde(borrow, skip_serializing_if = "Option::is_none")]
+    result: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+impl<'a> BusOutcome<'a> {
+    fn of(client: &'a str, answer: &'a Result<ClientAnswer, RequestError>) -> Self {
+        let (outcome, result, code, message) = match answer {
+            Ok(ClientAnswer::Result(result)) => ("result", Some(&**result), None, None),
+            Ok(ClientAnswer::Error { code, message }) => {
+                ("error", None, Some(code.clone()), Some(message.clone()))
+            }
+            Err(RequestError::NotConnected) => ("absent", None, None, None),
+            Err(RequestError::Timeout) => ("timeout", None, None, None),
+            Err(RequestError::Closed) => ("closed", None, None, None),
+            Err(RequestError::TooManyPending | RequestError::BrokerUnavailable) => {
+                ("busy", None, None, None)
+            }
+        };
+        BusOutcome {
+            client,
+            outcome,
+            result,
+            code,
+            message,
+        }
+    }
+
+    fn answer(self) -> Result<ClientAnswer, RequestError> {
+        match self.outcome {
+            "result" => Ok(ClientAnswer::Result(self.result.map_or_else(
+                || RawValue::from_string("null".into()).expect("null is JSON"),
+                ToOwned::to_owned,
+            ))),
+            "error" => Ok(ClientAnswer::Error {
+                code: self.code.unwrap_or_default(),
+                message: self.message.unwrap_or_default(),
+            }),
+            "absent" => Err(RequestError::NotConnected),
+            "timeout" => Err(RequestError::Timeout),
+            "busy" => Err(RequestError::TooManyPending),
+            _ => Err(RequestError::Closed),
+        }
+    }
+}
+
+/// A user-wide request waiting for the other nodes.
+struct WaitingForUser {
+    /// Nodes yet to answer.
+    left: usize,
+    answers: Vec<UserAnswer>,
+    done: Option<oneshot::Sender<Vec<UserAnswer>>>,
+}
+
 /// This node's side of the bus: its id and the requests it waits on.
 pub(crate) struct Bus {
     node: String,
     requests: Mutex<HashMap<u64, Waiting>>,
+    users: Mutex<HashMap<u64, WaitingForUser>>,
     next_request: AtomicU64,
 }
 
@@ -79,6 +166,7 @@ impl Bus {
         Bus {
             node,
             requests: Mutex::new(HashMap::new()),
+            users: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
         }
     }
@@ -109,6 +197,8 @@ impl Bus {
             }
             b'q' => self.on_request(link, events, rest),
             b'a' => self.on_answer(rest),
+            b'u' => self.on_user_request(link, events, rest),
+            b'v' => self.on_user_answers(rest),
             _ => return false,
         }
         true
@@ -159,28 +249,138 @@ impl Bus {
         let Some(waiting) = requests.get_mut(&answer.id) else {
             return;
         };
-        let result = match answer.outcome {
-            "result" => Ok(ClientAnswer::Result(answer.result.map_or_else(
-                || RawValue::from_string("null".into()).expect("null is JSON"),
-                ToOwned::to_owned,
-            ))),
-            "error" => Ok(ClientAnswer::Error {
-                code: answer.code.unwrap_or_default(),
-                message: answer.message.unwrap_or_default(),
-            }),
-            "absent" => {
-                waiting.absent_left = waiting.absent_left.saturating_sub(1);
-                if waiting.absent_left > 0 {
-                    return;
-                }
-                Err(RequestError::NotConnected)
+        if answer.outcome == "absent" {
+            waiting.absent_left = waiting.absent_left.saturating_sub(1);
+            if waiting.absent_left > 0 {
+                return;
             }
-            "timeout" => Err(RequestError::Timeout),
-            "busy" => Err(RequestError::TooManyPending),
-            _ => Err(RequestError::Closed),
-        };
+        }
+        let result = BusOutcome {
+            client: "",
+            outcome: answer.outcome,
+            result: answer.result,
+            code: answer.code,
+            message: answer.message,
+        }
+        .answer();
         if let Some(waiting) = requests.remove(&answer.id) {
             let _ = waiting.answer.send(result);
+        }
+    }
+
+    fn on_user_request(
+        self: &Arc<Self>,
+        link: &Arc<dyn BusLink>,
+        events: &Arc<dyn BrokerEvents>,
+        body: &[u8],
+    ) {
+        let Ok(request) = serde_json::from_slice::<BusUserRequest<'_>>(body) else {
+            tracing::warn!("unreadable user request on the broker bus");
+            return;
+        };
+        if request.from == self.node {
+            return;
+        }
+        let connections = events.local_connections_of_user(request.user);
+        let to = request.from.to_owned();
+        let id = request.id;
+        let data: Arc<RawValue> = Arc::from(request.data.to_owned());
+        let timeout = Duration::from_millis(request.timeout_ms);
+        let link = link.clone();
+        tokio::spawn(async move {
+            let asks = connections.into_iter().map(|connection| {
+                let data = data.clone();
+                async move {
+                    let answer = connection.request(&data, timeout).await;
+                    (connection.id.to_string(), answer)
+                }
+            });
+            let answers = futures_util::future::join_all(asks).await;
+            let reply = BusUserAnswers {
+                to: &to,
+                id,
+                answers: answers
+                    .iter()
+                    .map(|(client, answer)| BusOutcome::of(client, answer))
+                    .collect(),
+            };
+            let mut message = vec![b'v'];
+            if serde_json::to_writer(&mut message, &reply).is_ok()
+                && let Err(error) = link.send(message).await
+            {
+                tracing::warn!(%error, "could not answer a user request from another node");
+            }
+        });
+    }
+
+    fn on_user_answers(&self, body: &[u8]) {
+        let Ok(reply) = serde_json::from_slice::<BusUserAnswers<'_>>(body) else {
+            tracing::warn!("unreadable user answers on the broker bus");
+            return;
+        };
+        if reply.to != self.node {
+            return;
+        }
+        let mut users = self.users.lock();
+        let Some(waiting) = users.get_mut(&reply.id) else {
+            return;
+        };
+        for outcome in reply.answers {
+            let client = outcome.client.to_owned();
+            waiting.answers.push((client, outcome.answer()));
+        }
+        waiting.left = waiting.left.saturating_sub(1);
+        if waiting.left == 0
+            && let Some(waiting) = users.remove(&reply.id)
+            && let Some(done) = waiting.done
+        {
+            let _ = done.send(waiting.answers);
+        }
+    }
+
+    /// Asks every connection of `user` on the `others` other live nodes; what they answered
+    /// by the deadline (a node that does not answer in time adds nothing).
+    pub(crate) async fn request_user(
+        &self,
+        link: &dyn BusLink,
+        others: usize,
+        user: &str,
+        data: &RawValue,
+        timeout: Duration,
+    ) -> Result<Vec<UserAnswer>, BrokerError> {
+        if others == 0 {
+            return Ok(Vec::new());
+        }
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (done, finished) = oneshot::channel();
+        self.users.lock().insert(
+            id,
+            WaitingForUser {
+                left: others,
+                answers: Vec::new(),
+                done: Some(done),
+            },
+        );
+        let _entry = UserEntry { bus: self, id };
+        let request = BusUserRequest {
+            from: &self.node,
+            id,
+            user,
+            timeout_ms: timeout.as_millis() as u64,
+            data,
+        };
+        let mut message = vec![b'u'];
+        serde_json::to_writer(&mut message, &request).map_err(|e| BrokerError(e.to_string()))?;
+        link.send(message).await?;
+        match tokio::time::timeout(timeout + Duration::from_secs(1), finished).await {
+            Ok(Ok(answers)) => Ok(answers),
+            // Some node never answered: what the others said.
+            _ => Ok(self
+                .users
+                .lock()
+                .remove(&id)
+                .map(|waiting| waiting.answers)
+                .unwrap_or_default()),
         }
     }
 
@@ -230,25 +430,14 @@ impl Bus {
 }
 
 async fn answer(link: &dyn BusLink, to: &str, id: u64, answer: Result<ClientAnswer, RequestError>) {
-    let (outcome, result, code, message) = match &answer {
-        Ok(ClientAnswer::Result(result)) => ("result", Some(&**result), None, None),
-        Ok(ClientAnswer::Error { code, message }) => {
-            ("error", None, Some(code.clone()), Some(message.clone()))
-        }
-        Err(RequestError::NotConnected) => ("absent", None, None, None),
-        Err(RequestError::Timeout) => ("timeout", None, None, None),
-        Err(RequestError::Closed) => ("closed", None, None, None),
-        Err(RequestError::TooManyPending | RequestError::BrokerUnavailable) => {
-            ("busy", None, None, None)
-        }
-    };
+    let outcome = BusOutcome::of("", &answer);
     let answer = BusAnswer {
         to,
         id,
-        outcome,
-        result,
-        code,
-        message,
+        outcome: outcome.outcome,
+        result: outcome.result,
+        code: outcome.code,
+        message: outcome.message,
     };
     let mut message = vec![b'a'];
     if serde_json::to_writer(&mut message, &answer).is_err() {
@@ -256,6 +445,17 @@ async fn answer(link: &dyn BusLink, to: &str, id: u64, answer: Result<ClientAnsw
     }
     if let Err(error) = link.send(message).await {
         tracing::warn!(%error, "could not answer a request from another node");
+    }
+}
+
+struct UserEntry<'a> {
+    bus: &'a Bus,
+    id: u64,
+}
+
+impl Drop for UserEntry<'_> {
+    fn drop(&mut self) {
+        self.bus.users.lock().remove(&self.id);
     }
 }
 

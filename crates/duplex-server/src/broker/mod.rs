@@ -109,6 +109,9 @@ pub struct Present {
     pub meta: Option<Box<RawValue>>,
 }
 
+/// One connection's answer to a user-wide request.
+pub type UserAnswer = (String, Result<ClientAnswer, RequestError>);
+
 /// A node as the registry lists it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct NodeInfo {
@@ -140,6 +143,11 @@ pub trait BrokerEvents: Send + Sync + 'static {
         &self,
         id: ConnectionId,
     ) -> Option<Arc<crate::hub::connection::ConnectionHandle>>;
+    /// The connections of this node whose token named `user`.
+    fn local_connections_of_user(
+        &self,
+        user: &str,
+    ) -> Vec<Arc<crate::hub::connection::ConnectionHandle>>;
     /// Every (channel, client) pair this node holds presence for.
     fn local_presence(&self) -> Vec<(Arc<str>, Present)>;
     /// This node's description for the registry.
@@ -201,6 +209,14 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
         data: &RawValue,
         timeout: Duration,
     ) -> Result<ClientAnswer, RequestError>;
+
+    /// Asks every connection of `user` on the other nodes; each answer with its client id.
+    async fn request_user(
+        &self,
+        user: &str,
+        data: &RawValue,
+        timeout: Duration,
+    ) -> Result<Vec<UserAnswer>, BrokerError>;
 
     /// The live nodes.
     async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError>;

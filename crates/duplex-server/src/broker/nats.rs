@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use super::bus::{Bus, BusLink, jitter_ms, new_epoch, now_ms, presence_messages, split_prefix};
 use super::{
     Broker, BrokerError, BrokerEvents, BrokerHistory, HistoryRange, NodeInfo, Present, Retention,
-    Stored, decode_payload, encode_payload,
+    Stored, UserAnswer, decode_payload, encode_payload,
 };
 use crate::hub::ConnectionId;
 use crate::hub::connection::{ClientAnswer, RequestError};
@@ -634,6 +634,23 @@ impl Broker for NatsBroker {
             Err(_) => return Err(RequestError::BrokerUnavailable),
         };
         self.bus.request(self, others, client, data, timeout).await
+    }
+
+    async fn request_user(
+        &self,
+        user: &str,
+        data: &RawValue,
+        timeout: Duration,
+    ) -> Result<Vec<UserAnswer>, BrokerError> {
+        let others = self
+            .nodes()
+            .await?
+            .iter()
+            .filter(|n| n.id != self.node)
+            .count();
+        self.bus
+            .request_user(self, others, user, data, timeout)
+            .await
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {

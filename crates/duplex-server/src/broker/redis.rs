@@ -36,7 +36,7 @@ use super::bus::{
 };
 use super::{
     Broker, BrokerError, BrokerEvents, BrokerHistory, HistoryRange, NodeInfo, Present, Retention,
-    Stored, decode_payload, encode_payload,
+    Stored, UserAnswer, decode_payload, encode_payload,
 };
 use crate::hub::ConnectionId;
 use crate::hub::connection::{ClientAnswer, RequestError};
@@ -577,6 +577,23 @@ impl Broker for RedisBroker {
         };
         self.bus_state
             .request(self, others, client, data, timeout)
+            .await
+    }
+
+    async fn request_user(
+        &self,
+        user: &str,
+        data: &RawValue,
+        timeout: Duration,
+    ) -> Result<Vec<UserAnswer>, BrokerError> {
+        let others = self
+            .nodes()
+            .await?
+            .iter()
+            .filter(|n| n.id != self.node)
+            .count();
+        self.bus_state
+            .request_user(self, others, user, data, timeout)
             .await
     }
 

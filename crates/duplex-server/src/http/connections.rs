@@ -198,14 +198,15 @@ fn request_error(error: RequestError, timeout: Duration) -> ApiError {
     }
 }
 
-/// Asks every connection of a user at once and returns every answer:
+/// Asks every connection of a user at once (on every node, with a broker) and returns every
+/// answer:
 /// `{"replies": [{"client", "result"} | {"client", "error": {code, message}}]}`.
 #[utoipa::path(post, path = "/api/users/{user}/request", tag = "connections",
     params(("user" = String, Path), ("timeout" = Option<String>, Query)),
     request_body(content = Object, content_type = "application/json"),
     responses(
         (status = 200, description = "Every connection's answer", body = Object),
-        (status = 404, description = "The user has no connection here", body = super::error::Problem)))]
+        (status = 404, description = "The user has no connection", body = super::error::Problem)))]
 pub(crate) async fn request_user(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -217,30 +218,40 @@ pub(crate) async fn request_user(
     let timeout = request_timeout(query.as_deref())?;
     let data: Arc<RawValue> = Arc::from(request_data(&state, &headers, body)?);
     let connections = state.hub.connections_of_user(&user);
-    if connections.is_empty() {
-        return Err(ApiError::NotFound(
-            "this user has no connection here".into(),
-        ));
-    }
     let asks = connections.into_iter().map(|connection| {
         let data = data.clone();
         async move {
-            let client = connection.id.to_string();
-            match connection.request(&data, timeout).await {
-                Ok(ClientAnswer::Result(result)) => {
-                    serde_json::json!({"client": client, "result": result})
-                }
-                Ok(ClientAnswer::Error { code, message }) => serde_json::json!(
-                    {"client": client, "error": {"code": code, "message": message}}
-                ),
-                Err(error) => {
-                    let (status, code) = request_error(error, timeout).status_and_code();
-                    serde_json::json!({"client": client, "error": {"code": code, "message": error.to_string(), "status": status.as_u16()}})
-                }
-            }
+            let answer = connection.request(&data, timeout).await;
+            (connection.id.to_string(), answer)
         }
     });
-    let replies = futures_util::future::join_all(asks).await;
+    // With a broker, the other nodes' connections of the user are asked at the same time.
+    let elsewhere = async {
+        match state.hub.broker() {
+            Some(broker) => broker.request_user(&user, &data, timeout).await,
+            None => Ok(Vec::new()),
+        }
+    };
+    let (mut answers, elsewhere) = tokio::join!(futures_util::future::join_all(asks), elsewhere);
+    answers.extend(elsewhere.map_err(|e| ApiError::BrokerUnavailable(e.to_string()))?);
+    if answers.is_empty() {
+        return Err(ApiError::NotFound("this user has no connection".into()));
+    }
+    let replies: Vec<serde_json::Value> = answers
+        .into_iter()
+        .map(|(client, answer)| match answer {
+            Ok(ClientAnswer::Result(result)) => {
+                serde_json::json!({"client": client, "result": result})
+            }
+            Ok(ClientAnswer::Error { code, message }) => serde_json::json!(
+                {"client": client, "error": {"code": code, "message": message}}
+            ),
+            Err(error) => {
+                let (status, code) = request_error(error, timeout).status_and_code();
+                serde_json::json!({"client": client, "error": {"code": code, "message": error.to_string(), "status": status.as_u16()}})
+            }
+        })
+        .collect();
     Ok(axum::Json(serde_json::json!({ "replies": replies })))
 }
 

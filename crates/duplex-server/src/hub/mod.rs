@@ -1287,6 +1287,10 @@ impl BrokerEvents for HubEvents {
         self.0.local_presence()
     }
 
+    fn local_connections_of_user(&self, user: &str) -> Vec<Arc<ConnectionHandle>> {
+        self.0.connections_of_user(user)
+    }
+
     fn node_info(&self) -> NodeInfo {
         self.0.node_info()
     }
