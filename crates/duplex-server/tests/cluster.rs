@@ -752,3 +752,28 @@ async fn a_user_request_asks_the_users_connections_on_every_node(broker: String)
         connection.close().await;
     }
 }
+
+#[tokio::test]
+async fn a_broker_that_cannot_be_used_stops_the_server_from_starting_with_a_clear_error() {
+    // A closed port: nothing listens on port 1.
+    for (url, says) in [
+        ("redis://127.0.0.1:1", "cannot reach the broker"),
+        ("nats://127.0.0.1:1", "cannot reach the broker"),
+        ("kafka://127.0.0.1:9092", "unknown broker"),
+        ("redis://127.0.0.1:6379?prefix=a.b", "prefix"),
+    ] {
+        let data = tempfile::tempdir().expect("tempdir");
+        let config = duplex_server::Config {
+            http: "127.0.0.1:0".parse().expect("address"),
+            tcp: "127.0.0.1:0".parse().expect("address"),
+            data_dir: data.path().to_owned(),
+            broker: Some(url.into()),
+            ..Default::default()
+        };
+        let error = tokio::time::timeout(EVENT_TIMEOUT, duplex_server::Server::bind(config))
+            .await
+            .expect("fails in time")
+            .expect_err("does not start");
+        assert!(error.to_string().contains(says), "{url}: {error}");
+    }
+}
