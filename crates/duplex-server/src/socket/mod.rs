@@ -1,8 +1,10 @@
 //! Socket connections: the session logic shared by WebSocket ([`ws`]) and raw TCP ([`tcp`]).
 //!
-//! Each connection is one reader task (which owns the [`Session`] and answers requests) and one
-//! writer task (which drains the connection's [`OutgoingQueue`] into one write per batch). The
-//! hub only ever pushes into the queue, so a slow socket never blocks a publisher.
+//! A WebSocket connection is one task (it owns the [`Session`], answers requests and drains the
+//! connection's [`OutgoingQueue`] into one write per batch); a raw TCP connection is a reader
+//! task and a writer task. One [`keepalive`] task pings WebSocket connections and closes idle,
+//! expired and, at shutdown, all of them. The hub only ever pushes into a queue, so a slow
+//! socket never blocks a publisher.
 
 pub(crate) mod keepalive;
 pub(crate) mod slots;

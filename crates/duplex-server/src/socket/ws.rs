@@ -61,8 +61,8 @@ pub(crate) async fn upgrade(
         }))
 }
 
-/// One task per connection reads frames, writes queued ones in batches and pings; reads and
-/// writes take turns on the one socket (a read is cancel-safe: tungstenite keeps a partial frame
+/// One task per connection reads frames and writes queued ones (the sweeper's pings included)
+/// in batches; reads and writes take turns on the one socket (a read is cancel-safe: tungstenite keeps a partial frame
 /// in its buffer), which costs less memory than a reader and a writer task with a split socket.
 async fn serve(
     mut socket: WebSocket,
