@@ -588,6 +588,31 @@ mod tests {
     }
 
     #[test]
+    fn the_file_names_the_broker_the_node_and_the_presence_expiry() {
+        let file: ConfigLayer = toml::from_str(
+            "broker = \"redis://10.0.0.9:6379\"\nnode_id = \"a\"\npresence_ttl = \"10s\"\n",
+        )
+        .expect("valid toml");
+        let config = file.over_defaults().expect("valid");
+        assert_eq!(config.broker.as_deref(), Some("redis://10.0.0.9:6379"));
+        assert_eq!(config.node_id.as_deref(), Some("a"));
+        assert_eq!(config.presence_ttl, Duration::from_secs(10));
+        let defaults = ConfigLayer::default().over_defaults().expect("valid");
+        assert_eq!((defaults.broker, defaults.node_id), (None, None));
+        assert_eq!(defaults.presence_ttl, Duration::from_secs(30));
+        for (text, key) in [
+            ("presence_ttl = \"500ms\"", "presence_ttl"),
+            ("presence_ttl = \"soon\"", "presence_ttl"),
+        ] {
+            let layer: ConfigLayer = toml::from_str(text).expect("toml");
+            assert!(
+                matches!(layer.over_defaults(), Err(ConfigError::Invalid { key: k, .. }) if k == key),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_keys_in_the_file_are_errors() {
         assert!(toml::from_str::<ConfigLayer>("htpp = \"127.0.0.1:1\"").is_err());
     }

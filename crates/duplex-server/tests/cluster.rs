@@ -62,6 +62,23 @@ on_both_brokers!(
     a_user_request_asks_the_users_connections_on_every_node,
 );
 
+/// A proxy in front of the broker (to cut a node off it) and the broker URL through it.
+async fn behind_proxy(broker: &str) -> (TcpProxy, String) {
+    let addr = broker_addr(broker);
+    let proxy = TcpProxy::start(addr).await;
+    let through = broker.replacen(&addr.to_string(), &proxy.addr.to_string(), 1);
+    (proxy, through)
+}
+
+/// Waits until the node's `/readyz` answers `status`.
+async fn wait_ready(server: &TestServer, status: u16) {
+    let url = server.url("/readyz");
+    wait_for(&format!("/readyz {status}"), || async {
+        (reqwest::get(&url).await.ok()?.status() == status).then_some(())
+    })
+    .await;
+}
+
 /// `host:port` of a broker URL.
 fn broker_addr(url: &str) -> std::net::SocketAddr {
     url.split_once("://")
@@ -354,9 +371,7 @@ async fn a_server_request_reaches_a_client_on_another_node(broker: String) {
 }
 
 async fn nodes_register_and_readiness_follows_the_broker(broker: String) {
-    let broker_addr = broker_addr(&broker);
-    let proxy = TcpProxy::start(broker_addr).await;
-    let through_proxy = broker.replacen(&broker_addr.to_string(), &proxy.addr.to_string(), 1);
+    let (proxy, through_proxy) = behind_proxy(&broker).await;
     let a = node(&broker, "node-a").await;
     let b = node(&through_proxy, "node-b").await;
     let (status, nodes) = wait_for("two nodes", || async {
@@ -378,10 +393,7 @@ async fn nodes_register_and_readiness_follows_the_broker(broker: String) {
     // The broker goes away for B: not ready, publishing says unavailable, then both come back.
     proxy.set_down(true);
     proxy.cut();
-    wait_for("B not ready", || async {
-        (reqwest::get(b.url("/readyz")).await.ok()?.status() == 503).then_some(())
-    })
-    .await;
+    wait_ready(&b, 503).await;
     let response = reqwest::Client::new()
         .post(b.url("/api/channels/news:down/publish"))
         .json(&json!(1))
@@ -392,10 +404,7 @@ async fn nodes_register_and_readiness_follows_the_broker(broker: String) {
     let problem: Value = response.json().await.expect("problem");
     assert_eq!(problem["code"], "unavailable");
     proxy.set_down(false);
-    wait_for("B ready again", || async {
-        (reqwest::get(b.url("/readyz")).await.ok()?.status() == 200).then_some(())
-    })
-    .await;
+    wait_ready(&b, 200).await;
     assert_eq!(publish_http(&b, "news:down", json!(2)).await["offset"], 1);
     // A node that stops leaves the registry.
     b.stop().await.expect("stops");
@@ -602,9 +611,7 @@ async fn long_polls_and_binary_publications_cross_nodes(broker: String) {
 /// every publication, in order, once (NATS resumes its consumer; with Redis the node has them
 /// recover from history).
 async fn a_broken_link_to_the_broker_loses_nothing(broker: String) {
-    let broker_addr = broker_addr(&broker);
-    let proxy = TcpProxy::start(broker_addr).await;
-    let through_proxy = broker.replacen(&broker_addr.to_string(), &proxy.addr.to_string(), 1);
+    let (proxy, through_proxy) = behind_proxy(&broker).await;
     let a = node(&through_proxy, "a").await;
     let b = node(&broker, "b").await;
     let connection = Connection::connect(
@@ -620,18 +627,12 @@ async fn a_broken_link_to_the_broker_loses_nothing(broker: String) {
     }
     proxy.set_down(true);
     proxy.cut();
-    wait_for("A not ready", || async {
-        (reqwest::get(a.url("/readyz")).await.ok()?.status() == 503).then_some(())
-    })
-    .await;
+    wait_ready(&a, 503).await;
     for i in 4..=6 {
         publish_http(&b, "news:link", json!(i)).await;
     }
     proxy.set_down(false);
-    wait_for("A ready again", || async {
-        (reqwest::get(a.url("/readyz")).await.ok()?.status() == 200).then_some(())
-    })
-    .await;
+    wait_ready(&a, 200).await;
     publish_http(&b, "news:link", json!(7)).await;
     for i in 4..=7 {
         expect_publication(&mut subscription, i).await;
@@ -653,10 +654,7 @@ async fn expect_publication(subscription: &mut duplex_client::Subscription, offs
 /// A client that reconnects while its node cannot reach the broker is told `unavailable`, keeps
 /// its subscription, and comes back to it (with what it missed) once the broker is back.
 async fn resubscribing_while_the_broker_is_away_keeps_trying(broker: String) {
-    let broker_addr = broker_addr(&broker);
-    let broker_proxy = TcpProxy::start(broker_addr).await;
-    let through_proxy =
-        broker.replacen(&broker_addr.to_string(), &broker_proxy.addr.to_string(), 1);
+    let (broker_proxy, through_proxy) = behind_proxy(&broker).await;
     let a = node(&through_proxy, "a").await;
     let b = node(&broker, "b").await;
     let client_proxy = TcpProxy::start(a.http_addr).await;
@@ -672,10 +670,7 @@ async fn resubscribing_while_the_broker_is_away_keeps_trying(broker: String) {
     // A loses the broker, then the client loses A and comes back while the broker is away.
     broker_proxy.set_down(true);
     broker_proxy.cut();
-    wait_for("A not ready", || async {
-        (reqwest::get(a.url("/readyz")).await.ok()?.status() == 503).then_some(())
-    })
-    .await;
+    wait_ready(&a, 503).await;
     let attempts_before = client_proxy.forwarded();
     client_proxy.cut();
     publish_http(&b, "news:away", json!(2)).await;

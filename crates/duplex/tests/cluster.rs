@@ -3,40 +3,18 @@
 //! and on NATS; each skips (with a note) without `DUPLEX_TEST_REDIS` / `DUPLEX_TEST_NATS`, which
 //! CI sets.
 
-use std::process::Stdio;
+mod common;
+
 use std::time::Duration;
 
 use duplex_testkit::{WsClient, nats_broker, redis_broker, wait_for};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// Spawns `duplex serve` on port 0 in the cluster and returns it with its HTTP address.
 async fn spawn_node(broker: &str, id: &str, data: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
-        .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
-        .args(["--broker", broker, "--node-id", id, "--presence-ttl", "2s"])
-        .arg("--data")
-        .arg(data)
-        .env("DUPLEX_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn duplex");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the server prints its address in time")
-        .expect("read stdout")
-        .expect("a line");
-    let url = line
-        .split_whitespace()
-        .find(|word| word.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    (child, url)
+    let args = ["--broker", broker, "--node-id", id, "--presence-ttl", "2s"];
+    common::spawn_serve(data, &args).await
 }
 
 async fn get_json(url: &str) -> Value {

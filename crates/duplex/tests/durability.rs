@@ -1,44 +1,15 @@
 //! A record write that got a 2xx survives `kill -9` of the server process.
 
+mod common;
+
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::time::timeout;
 
-/// Spawns `duplex serve` on port 0 and returns it with the HTTP address it printed.
 async fn spawn_server(data: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_duplex"))
-        .args([
-            "serve",
-            "--http",
-            "127.0.0.1:0",
-            "--tcp",
-            "127.0.0.1:0",
-            "--data",
-        ])
-        .arg(data)
-        .env("DUPLEX_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn duplex");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let line = timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the server prints its address in time")
-        .expect("read stdout")
-        .expect("a line");
-    let url = line
-        .split_whitespace()
-        .find(|word| word.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    (child, url)
+    common::spawn_serve(data, &[]).await
 }
 
 #[tokio::test]

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use super::{BrokerError, BrokerEvents, Present, UserAnswer};
+use super::{BrokerError, BrokerEvents, NodeInfo, Present, UserAnswer};
 use crate::hub::ConnectionId;
 use crate::hub::connection::{ClientAnswer, RequestError};
 
@@ -338,16 +338,22 @@ impl Bus {
         }
     }
 
-    /// Asks every connection of `user` on the `others` other live nodes; what they answered
+    /// How many of the live `nodes` are not this one.
+    fn others(&self, nodes: &[NodeInfo]) -> usize {
+        nodes.iter().filter(|n| n.id != self.node).count()
+    }
+
+    /// Asks every connection of `user` on the other live `nodes`; what they answered
     /// by the deadline (a node that does not answer in time adds nothing).
     pub(crate) async fn request_user(
         &self,
         link: &dyn BusLink,
-        others: usize,
+        nodes: Result<Vec<NodeInfo>, BrokerError>,
         user: &str,
         data: &RawValue,
         timeout: Duration,
     ) -> Result<Vec<UserAnswer>, BrokerError> {
+        let others = self.others(&nodes?);
         if others == 0 {
             return Ok(Vec::new());
         }
@@ -384,15 +390,17 @@ impl Bus {
         }
     }
 
-    /// Asks a connection held by one of `others` other live nodes.
+    /// Asks a connection held by one of the other live `nodes`.
     pub(crate) async fn request(
         &self,
         link: &dyn BusLink,
-        others: usize,
+        nodes: Result<Vec<NodeInfo>, BrokerError>,
         client: ConnectionId,
         data: &RawValue,
         timeout: Duration,
     ) -> Result<ClientAnswer, RequestError> {
+        let nodes = nodes.map_err(|_| RequestError::BrokerUnavailable)?;
+        let others = self.others(&nodes);
         if others == 0 {
             return Err(RequestError::NotConnected);
         }

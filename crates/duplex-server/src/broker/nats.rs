@@ -629,11 +629,8 @@ impl Broker for NatsBroker {
         data: &RawValue,
         timeout: Duration,
     ) -> Result<ClientAnswer, RequestError> {
-        let others = match self.nodes().await {
-            Ok(nodes) => nodes.iter().filter(|n| n.id != self.node).count(),
-            Err(_) => return Err(RequestError::BrokerUnavailable),
-        };
-        self.bus.request(self, others, client, data, timeout).await
+        let nodes = self.nodes().await;
+        self.bus.request(self, nodes, client, data, timeout).await
     }
 
     async fn request_user(
@@ -642,14 +639,9 @@ impl Broker for NatsBroker {
         data: &RawValue,
         timeout: Duration,
     ) -> Result<Vec<UserAnswer>, BrokerError> {
-        let others = self
-            .nodes()
-            .await?
-            .iter()
-            .filter(|n| n.id != self.node)
-            .count();
+        let nodes = self.nodes().await;
         self.bus
-            .request_user(self, others, user, data, timeout)
+            .request_user(self, nodes, user, data, timeout)
             .await
     }
 

@@ -571,12 +571,9 @@ impl Broker for RedisBroker {
         data: &RawValue,
         timeout: Duration,
     ) -> Result<ClientAnswer, RequestError> {
-        let others = match self.nodes().await {
-            Ok(nodes) => nodes.iter().filter(|n| n.id != self.node).count(),
-            Err(_) => return Err(RequestError::BrokerUnavailable),
-        };
+        let nodes = self.nodes().await;
         self.bus_state
-            .request(self, others, client, data, timeout)
+            .request(self, nodes, client, data, timeout)
             .await
     }
 
@@ -586,14 +583,9 @@ impl Broker for RedisBroker {
         data: &RawValue,
         timeout: Duration,
     ) -> Result<Vec<UserAnswer>, BrokerError> {
-        let others = self
-            .nodes()
-            .await?
-            .iter()
-            .filter(|n| n.id != self.node)
-            .count();
+        let nodes = self.nodes().await;
         self.bus_state
-            .request_user(self, others, user, data, timeout)
+            .request_user(self, nodes, user, data, timeout)
             .await
     }
 
