@@ -54,7 +54,7 @@ impl From<&ConnectionHandle> for ConnectionItem {
             user: c.user().map(|u| u.to_string()),
             remote: c.remote.map(|r| r.to_string()),
             subscriptions: c.subscriptions(),
-            connected: c.connected_at.clone(),
+            connected: c.connected_at(),
         }
     }
 }

@@ -67,8 +67,8 @@ pub struct ConnectionHandle {
     pub transport: &'static str,
     /// Where it connected from.
     pub remote: Option<SocketAddr>,
-    /// When it connected, RFC 3339.
-    pub connected_at: String,
+    /// When it connected (formatted only when someone lists connections).
+    connected_at: time::OffsetDateTime,
     /// Its outgoing queue.
     pub queue: Arc<OutgoingQueue>,
     auth: Mutex<Arc<ClientAuth>>,
@@ -105,9 +105,7 @@ impl ConnectionHandle {
         remote: Option<SocketAddr>,
         queue: Arc<OutgoingQueue>,
     ) -> Self {
-        let connected_at = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
-            .expect("RFC 3339 formats the current time");
+        let connected_at = time::OffsetDateTime::now_utc();
         ConnectionHandle {
             id,
             transport,
@@ -125,6 +123,13 @@ impl ConnectionHandle {
                 token_deadline: AtomicU64::new(0),
             },
         }
+    }
+
+    /// When it connected, RFC 3339.
+    pub fn connected_at(&self) -> String {
+        self.connected_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .expect("RFC 3339 formats any time after 1970")
     }
 
     /// Something arrived from the client.

@@ -4,15 +4,21 @@
 //!
 //! A `parking_lot` mutex guards a `VecDeque`; it is held only to push or to swap the contents
 //! out, never across an `.await`. Publishers (the hub) and the writer are the only users.
+//!
+//! A queue has one writer (the connection's task) and at most one other task waiting for it to
+//! close (raw TCP's reader), so each waits through an `AtomicWaker`: two words per connection
+//! and a wake-up without a lock, where `Notify` and a `CancellationToken` cost a waiter list and
+//! a heap node per connection.
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use duplex_proto::DisconnectCode;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::namespace::SlowConsumerPolicy;
 use super::publication::Publication;
@@ -72,9 +78,10 @@ struct State {
 #[derive(Debug)]
 pub struct OutgoingQueue {
     state: Mutex<State>,
-    notify: Notify,
-    /// Cancelled once the connection is closing, so the reader stops too.
-    closed: CancellationToken,
+    /// The writer, waiting for something to send.
+    writer: AtomicWaker,
+    /// A task waiting for the queue to close (raw TCP's reader), so it stops too.
+    closed: AtomicWaker,
     capacity: usize,
 }
 
@@ -83,8 +90,8 @@ impl OutgoingQueue {
     pub fn new(capacity: usize) -> Self {
         OutgoingQueue {
             state: Mutex::new(State::default()),
-            notify: Notify::new(),
-            closed: CancellationToken::new(),
+            writer: AtomicWaker::new(),
+            closed: AtomicWaker::new(),
             capacity: capacity.max(1),
         }
     }
@@ -128,8 +135,7 @@ impl OutgoingQueue {
                 SlowConsumerPolicy::Disconnect => {
                     state.closing = Some(DisconnectCode::SlowConsumer);
                     drop(state);
-                    self.closed.cancel();
-                    self.notify.notify_one();
+                    self.wake_on_close();
                     return Pushed::Disconnecting;
                 }
                 SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::Latest => {
@@ -168,8 +174,7 @@ impl OutgoingQueue {
         if state.items.len() - state.publications >= self.capacity * 4 {
             state.closing = Some(DisconnectCode::SlowConsumer);
             drop(state);
-            self.closed.cancel();
-            self.notify.notify_one();
+            self.wake_on_close();
             return;
         }
         self.enqueue(state, item, false);
@@ -182,13 +187,25 @@ impl OutgoingQueue {
             state.closing = Some(code);
         }
         drop(state);
-        self.closed.cancel();
-        self.notify.notify_one();
+        self.wake_on_close();
     }
 
-    /// Completes once the connection is closing.
-    pub fn closed(&self) -> WaitForCancellationFuture<'_> {
-        self.closed.cancelled()
+    fn wake_on_close(&self) {
+        self.closed.wake();
+        self.writer.wake();
+    }
+
+    /// Completes once the connection is closing (one task at a time may wait for it).
+    pub async fn closed(&self) {
+        poll_fn(|cx| {
+            self.closed.register(cx.waker());
+            if self.is_closing() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
     }
 
     /// Whether the connection is closing.
@@ -197,20 +214,27 @@ impl OutgoingQueue {
     }
 
     /// Waits until something is queued or the connection closes, then moves everything queued
-    /// into `batch`. Returns the disconnect code once closing.
+    /// into `batch`. Returns the disconnect code once closing. Only the queue's writer calls it.
     pub async fn next_batch(&self, batch: &mut VecDeque<Outgoing>) -> Option<DisconnectCode> {
-        loop {
-            let notified = self.notify.notified();
-            {
-                let mut state = self.state.lock();
-                if !state.items.is_empty() || state.closing.is_some() {
-                    std::mem::swap(&mut state.items, batch);
-                    state.publications = 0;
-                    return state.closing;
-                }
-            }
-            notified.await;
+        poll_fn(|cx| self.poll_batch(cx, batch)).await
+    }
+
+    /// [`Self::next_batch`] as a poll: ready with everything queued (and the disconnect code
+    /// once closing), or pending until something is queued or the queue closes.
+    pub fn poll_batch(
+        &self,
+        cx: &mut Context<'_>,
+        batch: &mut VecDeque<Outgoing>,
+    ) -> Poll<Option<DisconnectCode>> {
+        // Registered before looking, so a push after the look wakes this task.
+        self.writer.register(cx.waker());
+        let mut state = self.state.lock();
+        if state.items.is_empty() && state.closing.is_none() {
+            return Poll::Pending;
         }
+        std::mem::swap(&mut state.items, batch);
+        state.publications = 0;
+        Poll::Ready(state.closing)
     }
 
     fn enqueue(
@@ -225,8 +249,9 @@ impl OutgoingQueue {
             state.publications += 1;
         }
         drop(state);
+        // The writer takes everything at once, so only the first item after a take wakes it.
         if was_empty {
-            self.notify.notify_one();
+            self.writer.wake();
         }
     }
 
@@ -361,5 +386,38 @@ mod tests {
             .expect("the writer wakes")
             .expect("no panic");
         assert_eq!(woke, 1);
+    }
+
+    #[tokio::test]
+    async fn closing_wakes_the_writer_and_the_task_waiting_for_the_close() {
+        let queue = Arc::new(OutgoingQueue::new(4));
+        let writer = {
+            let queue = queue.clone();
+            tokio::spawn(async move {
+                let mut batch = VecDeque::new();
+                queue.next_batch(&mut batch).await
+            })
+        };
+        let reader = {
+            let queue = queue.clone();
+            tokio::spawn(async move { queue.closed().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!writer.is_finished() && !reader.is_finished());
+        queue.close(DisconnectCode::IdleTimeout);
+        let within = std::time::Duration::from_secs(5);
+        let code = tokio::time::timeout(within, writer)
+            .await
+            .expect("the writer wakes")
+            .expect("no panic");
+        assert_eq!(code, Some(DisconnectCode::IdleTimeout));
+        tokio::time::timeout(within, reader)
+            .await
+            .expect("the reader wakes")
+            .expect("no panic");
+        // A close before anyone waits is seen at once.
+        tokio::time::timeout(within, queue.closed())
+            .await
+            .expect("already closed");
     }
 }

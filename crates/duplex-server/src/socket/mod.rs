@@ -256,10 +256,16 @@ impl Session {
 
     /// Completes the request in progress (cancel-safe: it stays kept until done).
     pub(crate) async fn finish_waiting(&mut self) {
+        std::future::poll_fn(|cx| self.poll_waiting(cx)).await;
+    }
+
+    /// Polls the request in progress; ready once there is none.
+    pub(crate) fn poll_waiting(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         if let Some(Waiting(request)) = &mut self.waiting {
-            request.await;
+            std::task::ready!(request.as_mut().poll(cx));
             self.waiting = None;
         }
+        std::task::Poll::Ready(())
     }
 
     /// When the connection's token runs out, if it has one.
