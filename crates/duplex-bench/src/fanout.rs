@@ -3,17 +3,26 @@
 //!
 //! The publisher is open-loop: publication `i` is due at `start + i / R` and carries that due
 //! time, so a server that falls behind shows as latency instead of silently slowing the
-//! publisher (no coordinated omission). Subscribers parse only the two numbers they need.
+//! publisher (no coordinated omission). It runs on a thread of its own and sleeps with the
+//! operating system's timer, so a publication leaves within tens of microseconds of its due
+//! time instead of tokio's 1 ms timer grain.
+//!
+//! The client must cost less than the server it measures, or it measures itself: WebSocket
+//! subscribers speak the little of RFC 6455 they need ([`crate::lean_ws`]), read whatever the
+//! socket holds in one call and look at each frame in place for the only two numbers they need
+//! (offset and due time); they run on a runtime of their own (`client_threads`, 2 by default).
+//! `examples/loopback_floor.rs` measures the same subscribers against no server at all: the
+//! kernel's share of every figure.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
-use futures_util::{SinkExt as _, StreamExt as _};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
+
+use crate::lean_ws;
 
 /// How subscribers connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -42,6 +51,8 @@ pub struct FanoutOptions {
     pub duration: Duration,
     /// Subscriber transport.
     pub transport: Transport,
+    /// Threads the subscribers run on.
+    pub client_threads: usize,
     /// `127.0.0.1:PORT` of the HTTP port the publisher uses, when it is another node of the
     /// same cluster (cross-node delivery); `None`: the subscribers' server.
     pub publish_addr: Option<String>,
@@ -154,39 +165,213 @@ impl SubscriberStats {
     }
 }
 
+/// A WebSocket subscriber on the lean client ([`crate::lean_ws`]): one read takes whatever
+/// the socket holds, and every frame in it is looked at in place.
 async fn ws_subscriber(
-    url: String,
+    addr: String,
     channel: String,
     ready: tokio::sync::mpsc::Sender<()>,
     last: u64,
     stop: tokio::sync::watch::Receiver<u64>,
 ) -> anyhow::Result<SubscriberStats> {
-    let (mut socket, _) = tokio_tungstenite::connect_async(&url).await?;
+    let mut socket = LeanSocket::connect(&addr).await?;
     let subscribe = format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#);
-    socket.send(Message::text(subscribe)).await?;
+    socket.send(lean_ws::OP_TEXT, subscribe.as_bytes()).await?;
     loop {
-        match socket.next().await.context("closed before the reply")?? {
-            Message::Text(text) if text.contains("\"reply\"") => break,
-            Message::Text(text) if text.contains("\"error\"") => bail!("subscribe failed: {text}"),
-            _ => {}
+        let (opcode, payload) = socket
+            .next_frame()
+            .await?
+            .context("closed before the reply")?;
+        let payload = &socket.buf[payload];
+        if opcode == lean_ws::OP_TEXT && contains(payload, b"\"reply\"") {
+            break;
+        }
+        if opcode == lean_ws::OP_TEXT && contains(payload, b"\"error\"") {
+            bail!("subscribe failed: {}", String::from_utf8_lossy(payload));
         }
     }
     ready.send(()).await.ok();
     drop(ready);
     let mut stats = SubscriberStats::new()?;
     let mut stop = stop;
-    while stats.last_offset < last {
+    'read: while stats.last_offset < last {
+        // Every whole frame already read, then one more read.
+        while let Some((opcode, payload)) = socket.buffered_frame()? {
+            match opcode {
+                lean_ws::OP_TEXT => stats.record(&socket.buf[payload]),
+                lean_ws::OP_PING => {
+                    let data = socket.buf[payload].to_vec();
+                    socket.send(lean_ws::OP_PONG, &data).await?;
+                }
+                lean_ws::OP_CLOSE => break 'read,
+                _ => {}
+            }
+        }
+        if stats.last_offset >= last {
+            break;
+        }
         tokio::select! {
-            message = socket.next() => match message {
-                Some(Ok(Message::Text(text))) => stats.record(text.as_bytes()),
-                Some(Ok(_)) => {}
-                _ => break,
-            },
+            read = socket.fill() => if !read? { break },
             _ = stop.changed() => break,
         }
     }
     stats.count_missing_tail(last);
     Ok(stats)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A client WebSocket over a tokio `TcpStream`: a read buffer and the position of the next
+/// unread frame in it.
+struct LeanSocket {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// Where the next unread frame starts in `buf`.
+    at: usize,
+}
+
+impl LeanSocket {
+    /// Connects and upgrades `GET /ws` on `addr`.
+    async fn connect(addr: &str) -> anyhow::Result<LeanSocket> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        stream
+            .write_all(lean_ws::upgrade_request(addr, "/ws").as_bytes())
+            .await?;
+        let mut socket = LeanSocket {
+            stream,
+            buf: Vec::with_capacity(16 * 1024),
+            at: 0,
+        };
+        loop {
+            if !socket.fill().await? {
+                bail!("closed during the upgrade");
+            }
+            if let Some(head) = lean_ws::upgrade_response(&socket.buf)? {
+                socket.at = head;
+                return Ok(socket);
+            }
+        }
+    }
+
+    async fn send(&mut self, opcode: u8, payload: &[u8]) -> anyhow::Result<()> {
+        let mut frame = Vec::with_capacity(payload.len() + 14);
+        lean_ws::client_frame(&mut frame, opcode, payload);
+        self.stream.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// The next whole frame in the buffer (opcode, where its payload is), if any.
+    fn buffered_frame(&mut self) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
+        let Some(frame) = lean_ws::server_frame(&self.buf[self.at..])? else {
+            return Ok(None);
+        };
+        if !frame.fin || frame.opcode == 0 {
+            bail!("the bench client does not read fragmented messages");
+        }
+        let payload = self.at + frame.payload.start..self.at + frame.payload.end;
+        self.at = payload.end;
+        Ok(Some((frame.opcode, payload)))
+    }
+
+    /// The next frame, reading as needed; `None` once the server closed the connection.
+    async fn next_frame(&mut self) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
+        loop {
+            if let Some(frame) = self.buffered_frame()? {
+                return Ok(Some(frame));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Drops what was read, then reads once more; false at end of stream.
+    async fn fill(&mut self) -> anyhow::Result<bool> {
+        use tokio::io::AsyncReadExt as _;
+        self.buf.drain(..self.at);
+        self.at = 0;
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(self.buf.capacity().max(16 * 1024));
+        }
+        Ok(self.stream.read_buf(&mut self.buf).await? > 0)
+    }
+}
+
+/// The publisher, on a thread of its own with a blocking socket: it sleeps to each due time with
+/// the operating system's timer (tokio's has a 1 ms grain, which would add up to a millisecond
+/// to every latency) and writes the frame. A second thread reads and drops the replies.
+fn publish(
+    addr: &str,
+    channel: &str,
+    publications: u64,
+    rate: u32,
+    size: usize,
+) -> anyhow::Result<Published> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    stream.write_all(lean_ws::upgrade_request(addr, "/ws").as_bytes())?;
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while lean_ws::upgrade_response(&head)?.is_none() {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            bail!("the publisher's connection closed during the upgrade");
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let mut replies = stream.try_clone()?;
+    let drain =
+        std::thread::spawn(move || while matches!(replies.read(&mut chunk), Ok(n) if n > 0) {});
+
+    let padding = "x".repeat(size.saturating_sub(24));
+    let interval = Duration::from_secs(1) / rate.max(1);
+    let mut text = String::with_capacity(size + 128);
+    let mut frame = Vec::with_capacity(size + 256);
+    let start = Instant::now();
+    let start_micros = now_micros();
+    for i in 0..publications {
+        let offset = interval * u32::try_from(i).unwrap_or(u32::MAX);
+        let wait = (start + offset).saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+        let due_micros = start_micros + offset.as_micros() as u64;
+        text.clear();
+        use std::fmt::Write as _;
+        let _ = write!(
+            text,
+            r#"{{"type":"publish","id":{i},"channel":"{channel}","data":{{"t":{due_micros},"p":"{padding}"}}}}"#
+        );
+        frame.clear();
+        lean_ws::client_frame(&mut frame, lean_ws::OP_TEXT, text.as_bytes());
+        // Sent at once: each publication leaves at its due time.
+        stream.write_all(&frame)?;
+    }
+    Ok(Published {
+        publishing: start.elapsed(),
+        stream,
+        drain,
+    })
+}
+
+/// A publisher done publishing; its connection stays open until [`Published::close`] so that
+/// the server does not count a closing publisher against the tail of the run.
+struct Published {
+    /// From the first due time to the last write.
+    publishing: Duration,
+    stream: std::net::TcpStream,
+    drain: std::thread::JoinHandle<()>,
+}
+
+impl Published {
+    fn close(self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.drain.join();
+    }
 }
 
 async fn tcp_subscriber(
@@ -236,13 +421,22 @@ async fn tcp_subscriber(
 }
 
 /// Runs one fan-out measurement.
+///
+/// The subscribers run on a runtime of their own (`client_threads` workers) and the publisher
+/// on a thread of its own, so the publisher's timing does not depend on how busy the
+/// subscribers are.
 pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport> {
     let channel = format!("bench:fanout-{}", now_micros());
     let publications = (u128::from(options.rate) * options.duration.as_millis() / 1000) as u64;
     if publications == 0 {
         bail!("rate × duration is less than one publication");
     }
-    let ws_url = format!("ws://{}/ws", options.http_addr);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.client_threads.max(1))
+        .thread_name("bench-subscriber")
+        .enable_all()
+        .build()
+        .context("cannot start the subscribers' runtime")?;
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(options.subscribers.max(1));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(0u64);
     let mut subscribers = Vec::with_capacity(options.subscribers);
@@ -251,14 +445,14 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
         let stop = stop_rx.clone();
         let channel = channel.clone();
         subscribers.push(match options.transport {
-            Transport::Websocket => tokio::spawn(ws_subscriber(
-                ws_url.clone(),
+            Transport::Websocket => runtime.spawn(ws_subscriber(
+                options.http_addr.clone(),
                 channel,
                 ready,
                 publications,
                 stop,
             )),
-            Transport::Tcp => tokio::spawn(tcp_subscriber(
+            Transport::Tcp => runtime.spawn(tcp_subscriber(
                 options.tcp_addr.clone(),
                 channel,
                 ready,
@@ -268,40 +462,38 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
         });
     }
     drop(ready_tx);
-    crate::runs::wait_ready(&mut ready_rx, options.subscribers, "subscribers").await?;
-
-    // The publisher: open-loop, each publication stamped with its due time.
-    let publish_url = match &options.publish_addr {
-        Some(addr) => format!("ws://{addr}/ws"),
-        None => ws_url.clone(),
-    };
-    let (publisher, _) = tokio_tungstenite::connect_async(&publish_url).await?;
-    let (mut sink, mut replies) = publisher.split();
-    let drain = tokio::spawn(async move { while let Some(Ok(_)) = replies.next().await {} });
-    let padding = "x".repeat(options.size.saturating_sub(24));
-    let interval = Duration::from_secs(1) / options.rate.max(1);
-    let start = Instant::now();
-    let start_micros = now_micros();
-    for i in 0..publications {
-        let due = start + interval * u32::try_from(i).unwrap_or(u32::MAX);
-        tokio::time::sleep_until(due.into()).await;
-        let due_micros =
-            start_micros + (interval * u32::try_from(i).unwrap_or(u32::MAX)).as_micros() as u64;
-        let frame = format!(
-            r#"{{"type":"publish","id":{i},"channel":"{channel}","data":{{"t":{due_micros},"p":"{padding}"}}}}"#
-        );
-        // Sent at once: each publication leaves at its due time.
-        sink.send(Message::text(frame)).await?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let subscriber_thread = std::thread::Builder::new()
+        .name("bench-subscribers".into())
+        .spawn(move || {
+            let _ = runtime.block_on(done_rx);
+        })?;
+    let measured = async {
+        crate::runs::wait_ready(&mut ready_rx, options.subscribers, "subscribers").await?;
+        // The publisher: open-loop, each publication stamped with its due time.
+        let publish_addr = options
+            .publish_addr
+            .clone()
+            .unwrap_or_else(|| options.http_addr.clone());
+        let (rate, size) = (options.rate, options.size);
+        let channel = channel.clone();
+        let published = tokio::task::spawn_blocking(move || {
+            publish(&publish_addr, &channel, publications, rate, size)
+        })
+        .await??;
+        // Let the tail arrive, but not forever.
+        let all = crate::runs::collect_within(subscribers, Duration::from_secs(5), || {
+            stop_tx.send(1).ok();
+        })
+        .await;
+        let publishing = published.publishing;
+        tokio::task::spawn_blocking(move || published.close()).await?;
+        anyhow::Ok((all?, publishing))
     }
-    let publishing = start.elapsed();
-
-    // Let the tail arrive, but not forever.
-    let all = crate::runs::collect_within(subscribers, Duration::from_secs(5), || {
-        stop_tx.send(1).ok();
-    })
-    .await?;
-    drop(sink);
-    drain.abort();
+    .await;
+    let _ = done_tx.send(());
+    let _ = subscriber_thread.join();
+    let (all, publishing) = measured?;
 
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2)?;
     let (mut deliveries, mut missed, mut duplicated) = (0, 0, 0);

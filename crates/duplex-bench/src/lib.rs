@@ -6,6 +6,7 @@
 
 mod connections;
 mod fanout;
+mod lean_ws;
 mod records;
 pub mod report;
 mod roundtrip;

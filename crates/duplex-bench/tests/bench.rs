@@ -21,6 +21,7 @@ async fn fanout_reports_every_delivery_on_both_transports() {
             size: 64,
             duration: Duration::from_millis(500),
             transport,
+            client_threads: 2,
             publish_addr: None,
         })
         .await
@@ -155,6 +156,7 @@ async fn fanout_across_two_nodes_counts_every_delivery() {
         size: 64,
         duration: Duration::from_millis(500),
         transport: Transport::Websocket,
+        client_threads: 2,
         publish_addr: Some(publisher.http_addr.to_string()),
     })
     .await

@@ -148,6 +148,9 @@ pub(crate) struct FanoutArgs {
     /// Subscriber transport.
     #[arg(long, value_enum, default_value_t = TransportArg::Websocket)]
     transport: TransportArg,
+    /// Threads the subscribers run on (the publisher has one more of its own).
+    #[arg(long, default_value_t = 2)]
+    client_threads: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -499,6 +502,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
                     size: *size,
                     duration: args.duration,
                     transport,
+                    client_threads: args.client_threads,
                     publish_addr: args.publish_to.as_deref().map(|addr| {
                         addr.trim_start_matches("http://")
                             .trim_end_matches('/')
