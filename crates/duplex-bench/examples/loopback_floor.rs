@@ -2,7 +2,8 @@
 //!
 //! `SUBSCRIBERS` loopback TCP connections; `WRITERS` plain threads write each "publication" (a
 //! line of `SIZE` bytes stamped with its due time) to every connection with one blocking
-//! `write` each, `RATE` times a second, and readers like `duplex bench fanout`'s (a tokio
+//! `write` each, `RATE` times a second (what fell due during a turn goes out together in the
+//! next turn's writes), and readers like `duplex bench fanout`'s (a tokio
 //! runtime of `READER_THREADS` workers, one task per connection, a line parsed for its stamp)
 //! record the latency. Whatever a real server adds (framing, queues, task wake-ups) comes on
 //! top of this.
@@ -90,19 +91,31 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?
     {
         threads.push(std::thread::spawn(move || -> anyhow::Result<()> {
-            let mut line = Vec::with_capacity(size + 1);
-            for i in 0..publications {
-                let due = interval * i as u32;
-                let wait = (start + due).saturating_duration_since(Instant::now());
+            // Every turn writes what is due by then, in one write per socket: a server that
+            // falls behind batches, as duplex's connections do.
+            let mut lines = Vec::new();
+            let mut next = 0u64;
+            while next < publications {
+                let wait =
+                    (start + interval * next as u32).saturating_duration_since(Instant::now());
                 if !wait.is_zero() {
                     std::thread::sleep(wait);
                 }
-                line.clear();
-                write!(line, "{}", start_micros + due.as_micros() as u64)?;
-                line.resize(size.max(line.len() + 1) - 1, b'x');
-                line.push(b'\n');
+                let due = (start.elapsed().as_nanos() / interval.as_nanos()) as u64 + 1;
+                lines.clear();
+                for i in next..due.min(publications) {
+                    let stamp = start_micros + (interval * i as u32).as_micros() as u64;
+                    let line_start = lines.len();
+                    write!(lines, "{stamp}")?;
+                    lines.resize(
+                        line_start + size.max(lines.len() - line_start + 1) - 1,
+                        b'x',
+                    );
+                    lines.push(b'\n');
+                }
+                next = due.min(publications);
                 for socket in &mut sockets {
-                    socket.write_all(&line)?;
+                    socket.write_all(&lines)?;
                 }
             }
             Ok(())
