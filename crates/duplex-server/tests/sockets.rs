@@ -625,6 +625,63 @@ async fn disconnect_policy_cuts_off_a_stalled_reader_with_slow_consumer() {
 }
 
 #[tokio::test]
+async fn a_websocket_reader_that_stalls_is_cut_off_and_its_connection_ends() {
+    let server = TestServer::start_with(slow_server_config).await;
+    let channel = "slowkick:ws";
+    let mut slow = server.ws().await;
+    slow.subscribe(channel, 1).await;
+    // From here `slow` reads nothing until the server has given up on it: its socket fills,
+    // and the server's writer for it stays blocked while its queue overflows.
+    let mut publisher = server.ws().await;
+    let padding = "x".repeat(64 * 1024);
+    let count = 400;
+    for i in 0..count {
+        let mut frame = publish(channel, json!({"i": i, "pad": padding}));
+        frame["id"] = i.into();
+        publisher.send_json(frame).await;
+    }
+    for _ in 0..count {
+        assert_eq!(publisher.next_json().await["type"], "reply");
+    }
+    wait_for("the stalled reader to be cut off", || async {
+        (server
+            .metric("duplex_slow_consumer_disconnects_total")
+            .await
+            == 1.0)
+            .then_some(())
+    })
+    .await;
+    // Its connection ends although it never read: only the publisher is left.
+    wait_for("the stalled connection to end", || async {
+        (server
+            .metric(r#"duplex_connections{transport="websocket"}"#)
+            .await
+            == 1.0)
+            .then_some(())
+    })
+    .await;
+    // What it finally reads has no gap, and then the stream ends.
+    let mut offsets = Vec::new();
+    while let Some(event) = slow.next_event().await {
+        match event {
+            WsEvent::Json(value) if value["type"] == "message" => {
+                offsets.push(value["offset"].as_u64().expect("offset"));
+            }
+            WsEvent::Close(_) => break,
+            _ => {}
+        }
+    }
+    assert!(
+        offsets.windows(2).all(|w| w[0] + 1 == w[1]),
+        "no gaps before the cut"
+    );
+    assert!((offsets.len() as u64) < count, "the reader was cut off");
+    // The server is unharmed: the publisher still gets answers.
+    publisher.send_json(json!({"type": "ping", "id": 1})).await;
+    assert_eq!(publisher.next_json().await["type"], "pong");
+}
+
+#[tokio::test]
 async fn idle_connections_are_disconnected_and_live_ones_are_pinged() {
     let server = TestServer::start_with(|c| {
         c.sockets.idle_timeout = Duration::from_millis(400);

@@ -237,6 +237,17 @@ impl OutgoingQueue {
         Poll::Ready(state.closing)
     }
 
+    /// For a writer whose socket takes nothing more: ready with the disconnect code once the
+    /// queue is closing, so a client that stopped reading cannot keep its connection open; the
+    /// writer is woken when that happens.
+    pub fn poll_closing(&self, cx: &mut Context<'_>) -> Poll<DisconnectCode> {
+        self.writer.register(cx.waker());
+        match self.state.lock().closing {
+            Some(code) => Poll::Ready(code),
+            None => Poll::Pending,
+        }
+    }
+
     fn enqueue(
         &self,
         mut state: parking_lot::MutexGuard<'_, State>,

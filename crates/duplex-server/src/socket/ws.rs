@@ -165,8 +165,8 @@ impl Future for Connection {
 
 impl Connection {
     /// Moves queued frames to the socket and flushes them. Ready with the queue's closing code
-    /// once everything queued before the close is flushed, or with a write error; pending
-    /// while waiting for the queue or the socket.
+    /// once everything queued before the close is flushed (or at once if the socket takes
+    /// nothing more), or with a write error; pending while waiting for the queue or the socket.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<DisconnectCode, axum::Error>> {
         loop {
             if self.batch.is_empty() && self.unflushed.is_none() {
@@ -177,7 +177,10 @@ impl Connection {
                 continue;
             }
             while !self.batch.is_empty() {
-                ready!(self.socket.poll_ready_unpin(cx))?;
+                match self.socket.poll_ready_unpin(cx) {
+                    Poll::Ready(ready) => ready?,
+                    Poll::Pending => return self.poll_blocked(cx),
+                }
                 let publications = self.unflushed.get_or_insert(0);
                 if let Some(message) = self
                     .batch
@@ -187,11 +190,21 @@ impl Connection {
                     self.socket.start_send_unpin(message)?;
                 }
             }
-            ready!(self.socket.poll_flush_unpin(cx))?;
+            match self.socket.poll_flush_unpin(cx) {
+                Poll::Ready(flushed) => flushed?,
+                Poll::Pending => return self.poll_blocked(cx),
+            }
             if let Some(publications) = self.unflushed.take() {
                 self.context.metrics.deliveries_written.inc_by(publications);
             }
         }
+    }
+
+    /// The socket takes nothing more (the client stopped reading): the connection still ends
+    /// when its queue closes (`slow_consumer`, `idle_timeout`, `shutdown`…), and the goodbye's
+    /// deadline bounds how long the rest may wait.
+    fn poll_blocked(&mut self, cx: &mut Context<'_>) -> Poll<Result<DisconnectCode, axum::Error>> {
+        self.queue.poll_closing(cx).map(Ok)
     }
 
     /// Unsubscribes first, so the hub stops queueing for this connection, then says goodbye
