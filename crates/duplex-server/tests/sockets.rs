@@ -5,7 +5,7 @@ use std::time::Duration;
 use duplex_proto::binary;
 use duplex_proto::tcp::TcpFrame;
 use duplex_server::hub::namespace::Namespaces;
-use duplex_testkit::{TestServer, WsEvent, wait_for};
+use duplex_testkit::{TestServer, WsClient, WsEvent, wait_for};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -518,16 +518,8 @@ async fn publish_past_a_stalled_reader(
         offsets
     });
 
-    let padding = "x".repeat(64 * 1024);
     let mut publisher = server.ws().await;
-    for i in 0..count {
-        let mut frame = publish(channel, json!({"i": i, "pad": padding}));
-        frame["id"] = i.into();
-        publisher.send_json(frame).await;
-    }
-    for _ in 0..count {
-        assert_eq!(publisher.next_json().await["type"], "reply");
-    }
+    publish_large(&mut publisher, channel, count).await;
     let fast_offsets = fast_reader.await.expect("fast reader");
 
     let mut received = Vec::new();
@@ -547,6 +539,19 @@ async fn publish_past_a_stalled_reader(
         }
     }
     (received, fast_offsets)
+}
+
+/// Publishes `count` messages of 64 KiB on `channel` and waits for every reply.
+async fn publish_large(publisher: &mut WsClient, channel: &str, count: u64) {
+    let padding = "x".repeat(64 * 1024);
+    for i in 0..count {
+        let mut frame = publish(channel, json!({"i": i, "pad": padding}));
+        frame["id"] = i.into();
+        publisher.send_json(frame).await;
+    }
+    for _ in 0..count {
+        assert_eq!(publisher.next_json().await["type"], "reply");
+    }
 }
 
 fn message_offsets(received: &[Value]) -> Vec<u64> {
@@ -633,16 +638,8 @@ async fn a_websocket_reader_that_stalls_is_cut_off_and_its_connection_ends() {
     // From here `slow` reads nothing until the server has given up on it: its socket fills,
     // and the server's writer for it stays blocked while its queue overflows.
     let mut publisher = server.ws().await;
-    let padding = "x".repeat(64 * 1024);
     let count = 400;
-    for i in 0..count {
-        let mut frame = publish(channel, json!({"i": i, "pad": padding}));
-        frame["id"] = i.into();
-        publisher.send_json(frame).await;
-    }
-    for _ in 0..count {
-        assert_eq!(publisher.next_json().await["type"], "reply");
-    }
+    publish_large(&mut publisher, channel, count).await;
     wait_for("the stalled reader to be cut off", || async {
         (server
             .metric("duplex_slow_consumer_disconnects_total")
