@@ -11,8 +11,8 @@
 //! subscribers speak the little of RFC 6455 they need ([`crate::lean_ws`]), read whatever the
 //! socket holds in one call and look at each frame in place for the only two numbers they need
 //! (offset and due time); they run on a runtime of their own (`client_threads`, 2 by default).
-//! `examples/loopback_floor.rs` measures the same subscribers against no server at all: the
-//! kernel's share of every figure.
+//! [`Transport::Floor`] measures the same subscribers against no server at all: the kernel's
+//! share of every figure.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -32,6 +32,9 @@ pub enum Transport {
     Websocket,
     /// Raw TCP in line mode.
     Tcp,
+    /// No server: plain threads write each publication to loopback sockets with one `write`
+    /// per socket, read by the same subscribers — what the kernel alone costs ([`run_floor`]).
+    Floor,
 }
 
 /// What to run.
@@ -328,18 +331,12 @@ fn publish(
         std::thread::spawn(move || while matches!(replies.read(&mut chunk), Ok(n) if n > 0) {});
 
     let padding = "x".repeat(size.saturating_sub(24));
-    let interval = Duration::from_secs(1) / rate.max(1);
     let mut text = String::with_capacity(size + 128);
     let mut frame = Vec::with_capacity(size + 256);
-    let start = Instant::now();
-    let start_micros = now_micros();
+    let timing = Timing::new(rate);
     for i in 0..publications {
-        let offset = interval * u32::try_from(i).unwrap_or(u32::MAX);
-        let wait = (start + offset).saturating_duration_since(Instant::now());
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
-        }
-        let due_micros = start_micros + offset.as_micros() as u64;
+        timing.sleep_until_due(i);
+        let due_micros = timing.start_micros + timing.due(i).as_micros() as u64;
         text.clear();
         use std::fmt::Write as _;
         let _ = write!(
@@ -352,7 +349,7 @@ fn publish(
         stream.write_all(&frame)?;
     }
     Ok(Published {
-        publishing: start.elapsed(),
+        publishing: timing.start.elapsed(),
         stream,
         drain,
     })
@@ -399,8 +396,19 @@ async fn tcp_subscriber(
     }
     ready.send(()).await.ok();
     drop(ready);
+    let stats = read_lines(lines, last, stop).await;
+    drop(write);
+    stats
+}
+
+/// Reads `message` lines until offset `last` (or `stop`), recording each.
+async fn read_lines<R: tokio::io::AsyncRead + Unpin>(
+    mut lines: BufReader<R>,
+    last: u64,
+    mut stop: tokio::sync::watch::Receiver<u64>,
+) -> anyhow::Result<SubscriberStats> {
     let mut stats = SubscriberStats::new()?;
-    let mut stop = stop;
+    let mut line = Vec::new();
     while stats.last_offset < last {
         line.clear();
         tokio::select! {
@@ -416,7 +424,6 @@ async fn tcp_subscriber(
         }
     }
     stats.count_missing_tail(last);
-    drop(write);
     Ok(stats)
 }
 
@@ -426,17 +433,12 @@ async fn tcp_subscriber(
 /// on a thread of its own, so the publisher's timing does not depend on how busy the
 /// subscribers are.
 pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport> {
-    let channel = format!("bench:fanout-{}", now_micros());
-    let publications = (u128::from(options.rate) * options.duration.as_millis() / 1000) as u64;
-    if publications == 0 {
-        bail!("rate × duration is less than one publication");
+    if options.transport == Transport::Floor {
+        return run_floor(options).await;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(options.client_threads.max(1))
-        .thread_name("bench-subscriber")
-        .enable_all()
-        .build()
-        .context("cannot start the subscribers' runtime")?;
+    let channel = format!("bench:fanout-{}", now_micros());
+    let publications = publications_of(options)?;
+    let runtime = subscribers_runtime(options.client_threads)?;
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(options.subscribers.max(1));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(0u64);
     let mut subscribers = Vec::with_capacity(options.subscribers);
@@ -452,7 +454,7 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
                 publications,
                 stop,
             )),
-            Transport::Tcp => runtime.spawn(tcp_subscriber(
+            Transport::Tcp | Transport::Floor => runtime.spawn(tcp_subscriber(
                 options.tcp_addr.clone(),
                 channel,
                 ready,
@@ -462,12 +464,7 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
         });
     }
     drop(ready_tx);
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let subscriber_thread = std::thread::Builder::new()
-        .name("bench-subscribers".into())
-        .spawn(move || {
-            let _ = runtime.block_on(done_rx);
-        })?;
+    let driven = Driven::start(runtime)?;
     let measured = async {
         crate::runs::wait_ready(&mut ready_rx, options.subscribers, "subscribers").await?;
         // The publisher: open-loop, each publication stamped with its due time.
@@ -491,13 +488,202 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
         anyhow::Ok((all?, publishing))
     }
     .await;
-    let _ = done_tx.send(());
-    let _ = subscriber_thread.join();
+    driven.finish();
     let (all, publishing) = measured?;
+    report_of(options, publications, publishing, &all)
+}
 
+/// How many publications a run sends.
+fn publications_of(options: &FanoutOptions) -> anyhow::Result<u64> {
+    let publications = (u128::from(options.rate) * options.duration.as_millis() / 1000) as u64;
+    if publications == 0 {
+        bail!("rate × duration is less than one publication");
+    }
+    Ok(publications)
+}
+
+/// The subscribers' runtime: `threads` workers of its own.
+fn subscribers_runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name("bench-subscriber")
+        .enable_all()
+        .build()
+        .context("cannot start the subscribers' runtime")
+}
+
+/// A runtime driven by a thread of its own until [`Driven::finish`], which drops it (and any
+/// task still on it).
+struct Driven {
+    done: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Driven {
+    fn start(runtime: tokio::runtime::Runtime) -> anyhow::Result<Driven> {
+        let (done, stop) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-subscribers".into())
+            .spawn(move || {
+                let _ = runtime.block_on(stop);
+            })?;
+        Ok(Driven { done, thread })
+    }
+
+    fn finish(self) {
+        let _ = self.done.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// The floor under every fan-out figure on this machine: no server at all. Plain threads (one
+/// per core, as a server's runtime has) write each publication — a `message` line as duplex's
+/// raw TCP sends it, stamped with its due time — to every loopback socket with one blocking
+/// `write` each, what fell due during a turn going out together; the subscribers read lines as
+/// [`Transport::Tcp`]'s do. Whatever a server adds (framing, queues, wake-ups) comes on top.
+async fn run_floor(options: &FanoutOptions) -> anyhow::Result<FanoutReport> {
+    let publications = publications_of(options)?;
+    let runtime = subscribers_runtime(options.client_threads)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(0u64);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let mut sockets = Vec::with_capacity(options.subscribers);
+    let mut subscribers = Vec::with_capacity(options.subscribers);
+    for _ in 0..options.subscribers {
+        let client = std::net::TcpStream::connect(addr)?;
+        client.set_nodelay(true)?;
+        client.set_nonblocking(true)?;
+        let (server, _) = listener.accept()?;
+        server.set_nodelay(true)?;
+        sockets.push(server);
+        let stop = stop_rx.clone();
+        subscribers.push(runtime.spawn(async move {
+            let stream = TcpStream::from_std(client)?;
+            read_lines(
+                BufReader::with_capacity(16 * 1024, stream),
+                publications,
+                stop,
+            )
+            .await
+        }));
+    }
+    let driven = Driven::start(runtime)?;
+    let (rate, size) = (options.rate, options.size);
+    let measured = async {
+        let publishing =
+            tokio::task::spawn_blocking(move || write_floor(sockets, publications, rate, size))
+                .await??;
+        let all = crate::runs::collect_within(subscribers, Duration::from_secs(5), || {
+            stop_tx.send(1).ok();
+        })
+        .await?;
+        anyhow::Ok((all, publishing))
+    }
+    .await;
+    driven.finish();
+    let (all, publishing) = measured?;
+    report_of(options, publications, publishing, &all)
+}
+
+/// The floor's writers: one thread per core, each with its share of the sockets.
+fn write_floor(
+    mut sockets: Vec<std::net::TcpStream>,
+    publications: u64,
+    rate: u32,
+    size: usize,
+) -> anyhow::Result<Duration> {
+    let writers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let share = sockets.len().div_ceil(writers).max(1);
+    let timing = Timing::new(rate);
+    let padding = "x".repeat(size.saturating_sub(24));
+    std::thread::scope(|scope| {
+        let writers: Vec<_> = sockets
+            .chunks_mut(share)
+            .map(|share| scope.spawn(|| floor_turns(share, publications, &timing, &padding)))
+            .collect();
+        for writer in writers {
+            writer
+                .join()
+                .map_err(|_| anyhow::anyhow!("a floor writer panicked"))??;
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(timing.start.elapsed())
+}
+
+/// When publication `i` is due: `start + i × interval`.
+struct Timing {
+    start: Instant,
+    start_micros: u64,
+    interval: Duration,
+}
+
+impl Timing {
+    /// Publication 0 is due now.
+    fn new(rate: u32) -> Timing {
+        Timing {
+            start: Instant::now(),
+            start_micros: now_micros(),
+            interval: Duration::from_secs(1) / rate.max(1),
+        }
+    }
+
+    /// How long after the start publication `i` is due.
+    fn due(&self, i: u64) -> Duration {
+        self.interval * u32::try_from(i).unwrap_or(u32::MAX)
+    }
+
+    /// Sleeps (on the OS timer) until publication `i` is due.
+    fn sleep_until_due(&self, i: u64) {
+        let wait = (self.start + self.due(i)).saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// One floor writer: sleeps to the next due time, then writes everything due by then to each
+/// of its sockets in one `write`.
+fn floor_turns(
+    sockets: &mut [std::net::TcpStream],
+    publications: u64,
+    timing: &Timing,
+    padding: &str,
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut lines = Vec::new();
+    let mut next = 0;
+    while next < publications {
+        timing.sleep_until_due(next);
+        let due_now = timing.start.elapsed().as_nanos() / timing.interval.as_nanos().max(1);
+        let due_now = (due_now as u64 + 1).min(publications);
+        lines.clear();
+        for i in next..due_now {
+            let t = timing.start_micros + timing.due(i).as_micros() as u64;
+            let offset = i + 1;
+            writeln!(
+                lines,
+                r#"{{"type":"message","channel":"floor","offset":{offset},"data":{{"t":{t},"p":"{padding}"}}}}"#
+            )?;
+        }
+        next = due_now;
+        for socket in sockets.iter_mut() {
+            socket.write_all(&lines)?;
+        }
+    }
+    Ok(())
+}
+
+/// Sums what every subscriber recorded.
+fn report_of(
+    options: &FanoutOptions,
+    publications: u64,
+    publishing: Duration,
+    all: &[SubscriberStats],
+) -> anyhow::Result<FanoutReport> {
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2)?;
     let (mut deliveries, mut missed, mut duplicated) = (0, 0, 0);
-    for stats in &all {
+    for stats in all {
         histogram.add(&stats.latency_us)?;
         deliveries += stats.received;
         missed += stats.missed;

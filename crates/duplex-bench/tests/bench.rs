@@ -6,13 +6,13 @@ use duplex_bench::{ConnectionsOptions, FanoutOptions, Transport, run_connections
 use duplex_testkit::TestServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fanout_reports_every_delivery_on_both_transports() {
+async fn fanout_reports_every_delivery_on_both_transports_and_the_floor() {
     // The same open `bench` namespace as the config `duplex bench` gives its own server.
     let server = TestServer::start_with(|c| {
         c.namespaces = duplex_testkit::namespaces("[bench]\npublish = \"anyone\"\n");
     })
     .await;
-    for transport in [Transport::Websocket, Transport::Tcp] {
+    for transport in [Transport::Websocket, Transport::Tcp, Transport::Floor] {
         let report = run_fanout(&FanoutOptions {
             http_addr: server.http_addr.to_string(),
             tcp_addr: server.tcp_addr.to_string(),

@@ -119,6 +119,8 @@ pub(crate) struct Target {
 enum TransportArg {
     Websocket,
     Tcp,
+    /// No server: plain threads write to loopback sockets (what the kernel alone costs).
+    Floor,
 }
 
 #[derive(Debug, Args)]
@@ -145,7 +147,8 @@ pub(crate) struct FanoutArgs {
     /// delivery across nodes through the broker.
     #[arg(long)]
     publish_to: Option<String>,
-    /// Subscriber transport.
+    /// Subscriber transport; `floor` measures the same subscribers against no server at all
+    /// (one `write` per socket per turn from plain threads): the kernel's share of a figure.
     #[arg(long, value_enum, default_value_t = TransportArg::Websocket)]
     transport: TransportArg,
     /// Threads the subscribers run on (the publisher has one more of its own).
@@ -464,10 +467,15 @@ async fn roundtrip(args: RoundtripArgs) -> anyhow::Result<()> {
 }
 
 async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
-    let (server, http_addr, tcp_addr, pid) = server_for(&args.target).await?;
     let transport = match args.transport {
         TransportArg::Websocket => Transport::Websocket,
         TransportArg::Tcp => Transport::Tcp,
+        TransportArg::Floor => Transport::Floor,
+    };
+    // The floor runs without a server.
+    let (server, http_addr, tcp_addr, pid) = match transport {
+        Transport::Floor => (None, String::new(), String::new(), None),
+        _ => server_for(&args.target).await?,
     };
     if !args.json {
         println!("fan-out over {transport:?}, {:?} per run", args.duration);
