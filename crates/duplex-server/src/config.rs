@@ -41,6 +41,9 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// How long a client may take to send a request's body once its head arrived (408).
     pub body_read_timeout: Duration,
+    /// How long a write to a client (HTTP response, event stream, WebSocket, raw TCP) may make
+    /// no progress before the connection is closed: a client that stopped reading.
+    pub write_timeout: Duration,
     /// Per-connection socket limits.
     pub sockets: SocketLimits,
     /// Namespace rules, with the collections' read and write rules.
@@ -77,6 +80,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
             sockets: SocketLimits {
                 max_frame: 64 * 1024,
                 queue_size: 1024,
@@ -177,6 +181,8 @@ pub struct ConfigLayer {
     pub tls_key: Option<PathBuf>,
     /// See [`Config::body_read_timeout`], as text such as `"30s"`.
     pub body_read_timeout: Option<String>,
+    /// See [`Config::write_timeout`], as text such as `"30s"`.
+    pub write_timeout: Option<String>,
     /// `[namespaces.NAME]` tables (file only).
     #[serde(default)]
     pub namespaces: HashMap<String, NamespaceConfig>,
@@ -230,6 +236,7 @@ impl ConfigLayer {
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),
             body_read_timeout: self.body_read_timeout.or(lower.body_read_timeout),
+            write_timeout: self.write_timeout.or(lower.write_timeout),
             namespaces: if self.namespaces.is_empty() {
                 lower.namespaces
             } else {
@@ -279,6 +286,7 @@ impl ConfigLayer {
             self.body_read_timeout,
             defaults.body_read_timeout,
         )?;
+        let write_timeout = duration("write_timeout", self.write_timeout, defaults.write_timeout)?;
         let sockets = SocketLimits {
             max_frame: self.max_frame.map_or(defaults.sockets.max_frame, |b| b.0),
             queue_size: self.queue_size.unwrap_or(defaults.sockets.queue_size),
@@ -374,6 +382,7 @@ impl ConfigLayer {
             shutdown_grace,
             header_read_timeout,
             body_read_timeout,
+            write_timeout,
         })
     }
 }
@@ -554,7 +563,7 @@ mod tests {
     #[test]
     fn the_file_lists_scoped_keys_collection_rules_and_timeouts() {
         let file: ConfigLayer = toml::from_str(
-            "body_read_timeout = \"5s\"\n\
+            "body_read_timeout = \"5s\"\nwrite_timeout = \"45s\"\n\
              [[api_keys]]\nname = \"notifier\"\nkey = \"a-long-random-key-0123\"\n\
              scopes = [\"channels:publish\"]\n\
              [collections.payroll]\nread = \"token_channels\"\nwrite = \"server\"\n",
@@ -562,6 +571,7 @@ mod tests {
         .expect("valid toml");
         let config = file.over_defaults().expect("valid");
         assert_eq!(config.body_read_timeout, Duration::from_secs(5));
+        assert_eq!(config.write_timeout, Duration::from_secs(45));
         assert_eq!(config.api_keys.len(), 1);
         assert_eq!(
             config.api_keys[0].scopes,

@@ -25,6 +25,7 @@ mod server;
 mod socket;
 pub mod store;
 pub mod tls;
+mod write_deadline;
 
 pub use config::{Config, ConfigError, ConfigLayer};
 pub use server::{Server, ServerError};

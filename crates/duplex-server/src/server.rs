@@ -18,6 +18,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::socket::{self, SocketContext};
 use crate::store::{self, Store, StoreError};
+use crate::write_deadline::WriteDeadline;
 
 /// How often expired history is dropped and unused channels removed.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -202,6 +203,7 @@ impl Server {
             self.tcp_listener,
             sockets.clone(),
             self.tls.clone(),
+            self.config.write_timeout,
         ));
         tracker.spawn(sweep(hub.clone(), shutdown.clone()));
         tracker.spawn(socket::keepalive::run(
@@ -233,6 +235,7 @@ impl Server {
             app,
             shutdown.clone(),
             self.config.header_read_timeout,
+            self.config.write_timeout,
             http_connections.clone(),
             self.tls.clone(),
         )
@@ -276,6 +279,7 @@ async fn serve_http(
     app: axum::Router,
     shutdown: CancellationToken,
     header_read_timeout: Duration,
+    write_timeout: Duration,
     connections: TaskTracker,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
@@ -299,6 +303,8 @@ async fn serve_http(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
+        // Below TLS and kept by an upgraded WebSocket: every write of the connection.
+        let stream = WriteDeadline::new(stream, write_timeout);
         let service = app
             .clone()
             .map_request(move |mut request: axum::http::Request<Incoming>| {

@@ -401,3 +401,47 @@ async fn sse_streams_are_listed_as_connections_and_cleaned_up() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_event_stream_whose_client_stopped_reading_is_closed_after_the_write_timeout() {
+    let server = TestServer::start_with(|c| {
+        c.write_timeout = Duration::from_millis(500);
+        c.sockets.queue_size = 8;
+        c.namespaces = duplex_testkit::namespaces(
+            "[slowdrop]\npublish = \"anyone\"\nslow_consumer = \"drop_oldest\"\n\
+             history_size = 0\nmax_message_size = \"1MiB\"\n",
+        );
+    })
+    .await;
+    // An event stream opened by hand and then never read: its queue only drops the oldest, so
+    // nothing but the write deadline can end it.
+    let mut stalled = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /api/channels/slowdrop:feed/events HTTP/1.1\r\nhost: {}\r\n\r\n",
+        server.http_addr
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut stalled, request.as_bytes())
+        .await
+        .expect("request");
+    let sse = r#"duplex_connections{transport="sse"}"#;
+    wait_for("the stream to open", || async {
+        (server.metric(sse).await == 1.0).then_some(())
+    })
+    .await;
+    let padding = "x".repeat(64 * 1024);
+    for i in 0..300 {
+        publish(&server, "slowdrop:feed", json!({"i": i, "pad": padding})).await;
+    }
+    wait_for("the stalled stream to be closed", || async {
+        (server.metric(sse).await == 0.0).then_some(())
+    })
+    .await;
+    // A reading client is unaffected.
+    let mut events = EventReader::open(&server, "/api/channels/slowdrop:feed/events", None).await;
+    assert_eq!(
+        events.next().await.expect("subscribed").event.as_deref(),
+        Some("subscribed")
+    );
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 use duplex_proto::binary;
 use duplex_proto::tcp::TcpFrame;
 use duplex_server::hub::namespace::Namespaces;
-use duplex_testkit::{TestServer, WsClient, WsEvent, wait_for};
+use duplex_testkit::{EVENT_TIMEOUT, TestServer, WsClient, WsEvent, wait_for};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
@@ -674,6 +674,45 @@ async fn a_websocket_reader_that_stalls_is_cut_off_and_its_connection_ends() {
     );
     assert!((offsets.len() as u64) < count, "the reader was cut off");
     // The server is unharmed: the publisher still gets answers.
+    publisher.send_json(json!({"type": "ping", "id": 1})).await;
+    assert_eq!(publisher.next_json().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn a_tcp_client_that_keeps_talking_but_never_reads_is_closed_after_the_write_timeout() {
+    let server = TestServer::start_with(|c| {
+        slow_server_config(c);
+        c.write_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut stalled = server.tcp().await;
+    stalled.subscribe("slowdrop:talk", 1).await;
+    // From here it only writes: `pong` frames (answered by nothing) keep it from being idle,
+    // and its queue only drops the oldest, so only the write deadline can end it.
+    let talking = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            interval.tick().await;
+            if !stalled.try_write_raw(b"{\"type\":\"pong\"}\n").await {
+                break;
+            }
+        }
+    });
+    let mut publisher = server.ws().await;
+    publish_large(&mut publisher, "slowdrop:talk", 300).await;
+    wait_for("the stalled connection to be closed", || async {
+        (server
+            .metric(r#"duplex_connections{transport="tcp"}"#)
+            .await
+            == 0.0)
+            .then_some(())
+    })
+    .await;
+    tokio::time::timeout(EVENT_TIMEOUT, talking)
+        .await
+        .expect("its writes fail once the server closed it")
+        .expect("no panic");
+    // The publisher is unharmed.
     publisher.send_json(json!({"type": "ping", "id": 1})).await;
     assert_eq!(publisher.next_json().await["type"], "pong");
 }

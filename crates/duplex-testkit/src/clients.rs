@@ -220,6 +220,11 @@ impl TcpClient {
         self.stream.write_all(bytes).await.expect("write");
     }
 
+    /// Writes raw bytes; false once the connection is closed or broken.
+    pub async fn try_write_raw(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).await.is_ok()
+    }
+
     /// Sends a JSON frame in the current framing.
     pub async fn send_json(&mut self, frame: Value) {
         let text = frame.to_string();

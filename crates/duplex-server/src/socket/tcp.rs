@@ -15,6 +15,7 @@ use tokio_util::codec::FramedRead;
 
 use super::{After, Session, SocketContext, Transport, finish_writer};
 use crate::hub::queue::{Outgoing, OutgoingQueue};
+use crate::write_deadline::WriteDeadline;
 
 /// A writer's buffer shrinks back to this after a burst, so idle connections stay small.
 const IDLE_WRITE_BUFFER: usize = 4 * 1024;
@@ -24,6 +25,7 @@ pub(crate) async fn accept(
     listener: TcpListener,
     context: Arc<SocketContext>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    write_timeout: std::time::Duration,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -37,6 +39,7 @@ pub(crate) async fn accept(
                 }
                 match context.slots.acquire(Some(peer.ip())) {
                     Ok(slot) => {
+                        let stream = WriteDeadline::new(stream, write_timeout);
                         let context = context.clone();
                         let tls = tls.clone();
                         context.tracker.clone().spawn(async move {
@@ -169,6 +172,7 @@ where
                 buf.clear();
                 push_control(&mut buf, framing, &ping_frame);
                 if socket.write_all(&buf).await.is_err() {
+                    queue.close(DisconnectCode::SlowConsumer);
                     return;
                 }
                 continue;
@@ -204,6 +208,9 @@ where
             push_control(&mut buf, framing, &to_json(&Disconnect::from(code)));
         }
         if socket.write_all(&buf).await.is_err() {
+            // Broken, or the client took nothing within the write deadline: the reader stops
+            // too (a client that keeps sending while never reading is not kept).
+            queue.close(DisconnectCode::SlowConsumer);
             return;
         }
         context.metrics.deliveries_written.inc_by(publications);
