@@ -10,7 +10,8 @@
 //! The client must cost less than the server it measures, or it measures itself: WebSocket
 //! subscribers speak the little of RFC 6455 they need ([`crate::lean_ws`]), read whatever the
 //! socket holds in one call and look at each frame in place for the only two numbers they need
-//! (offset and due time); they run on a runtime of their own (`client_threads`, 2 by default).
+//! (offset and due time); they run on a runtime of their own (`client_threads` workers;
+//! `duplex bench fanout --client-threads`, 2 by default).
 //! [`Transport::Floor`] measures the same subscribers against no server at all: the kernel's
 //! share of every figure.
 
@@ -454,6 +455,7 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
                 publications,
                 stop,
             )),
+            // (The floor returned above; it reads as raw TCP does.)
             Transport::Tcp | Transport::Floor => runtime.spawn(tcp_subscriber(
                 options.tcp_addr.clone(),
                 channel,

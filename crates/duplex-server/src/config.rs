@@ -287,6 +287,13 @@ impl ConfigLayer {
             defaults.body_read_timeout,
         )?;
         let write_timeout = duration("write_timeout", self.write_timeout, defaults.write_timeout)?;
+        // Shorter, a client whose socket is merely full for a moment would be cut off.
+        if write_timeout < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid {
+                key: "write_timeout",
+                message: "at least 1s".into(),
+            });
+        }
         let sockets = SocketLimits {
             max_frame: self.max_frame.map_or(defaults.sockets.max_frame, |b| b.0),
             queue_size: self.queue_size.unwrap_or(defaults.sockets.queue_size),
@@ -572,6 +579,19 @@ mod tests {
         let config = file.over_defaults().expect("valid");
         assert_eq!(config.body_read_timeout, Duration::from_secs(5));
         assert_eq!(config.write_timeout, Duration::from_secs(45));
+        for text in ["write_timeout = \"0s\"", "write_timeout = \"never\""] {
+            let layer: ConfigLayer = toml::from_str(text).expect("toml");
+            assert!(
+                matches!(
+                    layer.over_defaults(),
+                    Err(ConfigError::Invalid {
+                        key: "write_timeout",
+                        ..
+                    })
+                ),
+                "{text}"
+            );
+        }
         assert_eq!(config.api_keys.len(), 1);
         assert_eq!(
             config.api_keys[0].scopes,

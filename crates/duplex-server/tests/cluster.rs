@@ -442,12 +442,7 @@ async fn redis_restarted_without_persistence_makes_subscribers_recover_with_reco
     let broker = format!("redis://127.0.0.1:{port}?prefix=restart");
     let a = node(&broker, "a").await;
     let b = node(&broker, "b").await;
-    let connection = Connection::connect(
-        ConnectOptions::new(&a.ws_url())
-            .backoff(Duration::from_millis(50), Duration::from_millis(200)),
-    )
-    .await
-    .expect("connect");
+    let connection = reconnecting_client(&a.ws_url()).await;
     let mut subscription = connection.subscribe("news:lost").await.expect("subscribe");
     for i in 1..=3 {
         publish_http(&b, "news:lost", json!(i)).await;
@@ -614,12 +609,7 @@ async fn a_broken_link_to_the_broker_loses_nothing(broker: String) {
     let (proxy, through_proxy) = behind_proxy(&broker).await;
     let a = node(&through_proxy, "a").await;
     let b = node(&broker, "b").await;
-    let connection = Connection::connect(
-        ConnectOptions::new(&a.ws_url())
-            .backoff(Duration::from_millis(50), Duration::from_millis(200)),
-    )
-    .await
-    .expect("connect");
+    let connection = reconnecting_client(&a.ws_url()).await;
     let mut subscription = connection.subscribe("news:link").await.expect("subscribe");
     for i in 1..=3 {
         publish_http(&b, "news:link", json!(i)).await;
@@ -640,6 +630,15 @@ async fn a_broken_link_to_the_broker_loses_nothing(broker: String) {
     connection.close().await;
 }
 
+/// A Rust client that reconnects quickly (50 ms to 200 ms), so broker outages stay short tests.
+async fn reconnecting_client(url: &str) -> Connection {
+    Connection::connect(
+        ConnectOptions::new(url).backoff(Duration::from_millis(50), Duration::from_millis(200)),
+    )
+    .await
+    .expect("connect")
+}
+
 /// The subscription's next event is publication `offset`, whose data is `offset`.
 async fn expect_publication(subscription: &mut duplex_client::Subscription, offset: u64) {
     match tokio::time::timeout(EVENT_TIMEOUT, subscription.next()).await {
@@ -658,12 +657,7 @@ async fn resubscribing_while_the_broker_is_away_keeps_trying(broker: String) {
     let a = node(&through_proxy, "a").await;
     let b = node(&broker, "b").await;
     let client_proxy = TcpProxy::start(a.http_addr).await;
-    let connection = Connection::connect(
-        ConnectOptions::new(&format!("ws://{}/ws", client_proxy.addr))
-            .backoff(Duration::from_millis(50), Duration::from_millis(200)),
-    )
-    .await
-    .expect("connect");
+    let connection = reconnecting_client(&format!("ws://{}/ws", client_proxy.addr)).await;
     let mut subscription = connection.subscribe("news:away").await.expect("subscribe");
     publish_http(&b, "news:away", json!(1)).await;
     expect_publication(&mut subscription, 1).await;
