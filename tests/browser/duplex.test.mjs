@@ -149,6 +149,27 @@ try {
   check(again.pong === 8, "request after reconnect");
   console.error("ok: reconnect and recover");
 
+  // A refresh whose token no longer allows a subscription ends it with onEnd, for good.
+  const narrowed = await page.evaluate(
+    async ({ wide, narrow }) => {
+      const client = new D.Duplex(undefined, { token: wide });
+      const ends = [];
+      const got = [];
+      await client.subscribe("private:kept", (m) => got.push(m.data));
+      await client.subscribe("private:lost", { onMessage: (m) => got.push(m.data), onEnd: (code) => ends.push(code) });
+      await client.refresh(narrow);
+      const start = Date.now();
+      while (ends.length === 0 && Date.now() - start < 5000) await new Promise((r) => setTimeout(r, 10));
+      const following = [...client.subscriptions.keys()];
+      client.close();
+      return { ends, following };
+    },
+    { wide: process.env.DUPLEX_TOKEN_WIDE, narrow: process.env.DUPLEX_TOKEN_NARROW },
+  );
+  check(JSON.stringify(narrowed.ends) === '["permission_denied"]', `unsubscribed: ${JSON.stringify(narrowed)}`);
+  check(JSON.stringify(narrowed.following) === '["private:kept"]', `still following: ${JSON.stringify(narrowed)}`);
+  console.error("ok: a narrowed token ends what it no longer allows");
+
   // Without WebSocket, subscriptions fall back to Server-Sent Events.
   const fallback = await browser.newPage();
   await fallback.goto(`${PAGE}/duplex.js`);

@@ -4,6 +4,7 @@
 //! server as a child process (`duplex serve` on loopback port 0, with a temporary data folder),
 //! so the server's CPU and memory can be read from `/proc` apart from the load generator's.
 
+mod attack;
 mod connections;
 mod fanout;
 mod lean_ws;
@@ -14,6 +15,7 @@ mod runs;
 mod server;
 mod transports;
 
+pub use attack::{AttackOptions, AttackReport, Scenario, run_attack};
 pub use connections::{ConnectionsOptions, ConnectionsReport, run_connections};
 pub use fanout::{FanoutOptions, FanoutReport, Percentiles, Transport, run_fanout};
 pub use records::{RecordsPhase, run_records};

@@ -35,12 +35,18 @@ pub(crate) const BENCH_CONFIG: &str = "publish_rate = 100000000\npublish_burst =
 impl ServerProcess {
     /// Starts `exe serve` and waits for the line with its addresses.
     pub async fn start(exe: &Path) -> anyhow::Result<ServerProcess> {
-        let data = tempfile::tempdir()?;
         // The fan-out publisher is one connection sending as fast as asked: lift the
         // per-connection publish limit so the bench measures delivery, not the limiter, and
         // open the `bench` namespace to its anonymous publisher.
+        Self::start_with_config(exe, BENCH_CONFIG).await
+    }
+
+    /// Starts `exe serve` with `config` as its `duplex.toml` (empty: the defaults a user gets).
+    pub async fn start_with_config(exe: &Path, config: &str) -> anyhow::Result<ServerProcess> {
+        let data = tempfile::tempdir()?;
+        let config_text = config;
         let config = data.path().join("duplex.toml");
-        std::fs::write(&config, BENCH_CONFIG)?;
+        std::fs::write(&config, config_text)?;
         let mut child = Command::new(exe)
             .args(["serve", "--http", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
             .arg("--config")

@@ -1014,6 +1014,16 @@ impl Driver {
                     let _ = sub.events.try_send(event);
                 }
             }
+            "unsubscribed" => {
+                // The server ended the subscription (the connection's refreshed token no longer
+                // allows it): it is not resubscribed.
+                let channel = incoming.channel?;
+                if let Some(sub) = self.subs.remove(&channel) {
+                    let code = incoming.code.unwrap_or_else(|| "unsubscribed".to_owned());
+                    tracing::info!(channel, code, "the server ended a subscription");
+                    let _ = sub.events.try_send(Event::Ended { code });
+                }
+            }
             "ping" => {
                 let pong = session
                     .transport

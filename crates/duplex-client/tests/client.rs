@@ -404,6 +404,56 @@ async fn https_wss_and_tcps_work_with_a_trusted_certificate() {
     );
 }
 
+/// `openssl req -x509` marks its certificate a CA, which WebPKI refuses as a server's own: the
+/// client accepts it when it is exactly the certificate given (pinned), and no other.
+#[tokio::test]
+async fn a_self_signed_certificate_made_by_openssl_is_accepted_when_given() {
+    let certificate = duplex_testkit::TestCertificate::openssl_localhost();
+    let server = TestServer::start_with(|c| c.tls = certificate.config()).await;
+    for host in ["localhost", "127.0.0.1"] {
+        let https = format!("https://{host}:{}", server.http_addr.port());
+        let client = Client::builder(&https)
+            .ca_cert_pem(certificate.pem.clone().into_bytes())
+            .build()
+            .expect("client");
+        client
+            .records("notes")
+            .create(&json!({"over": "pinned https"}))
+            .await
+            .expect("create over https");
+        let connection = client.connect().await.expect("wss");
+        connection
+            .subscribe("chat:pinned")
+            .await
+            .expect("subscribe over wss");
+    }
+    let tcps = Connection::connect(
+        ConnectOptions::new(&format!("tcps://localhost:{}", server.tcp_addr.port()))
+            .ca_cert_pem(certificate.pem.clone().into_bytes()),
+    )
+    .await
+    .expect("tcps");
+    tcps.publish("chat:pinned", &json!(1))
+        .await
+        .expect("publish over tcps");
+
+    // Another certificate made the same way is not the server's: refused.
+    let other = duplex_testkit::TestCertificate::openssl_localhost();
+    let client = Client::builder(&format!("https://localhost:{}", server.http_addr.port()))
+        .ca_cert_pem(other.pem.clone().into_bytes())
+        .build()
+        .expect("client");
+    let error = client
+        .records("notes")
+        .create(&json!({}))
+        .await
+        .expect_err("not the server's certificate");
+    assert!(
+        matches!(error, duplex_client::Error::Unreachable(_)),
+        "{error:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_falls_a_buffer_behind_catches_up_without_gaps() {
     let server = feed_server().await;

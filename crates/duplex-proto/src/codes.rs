@@ -41,6 +41,13 @@ pub enum ErrorCode {
     Internal,
     /// The broker between nodes cannot be reached; retry later.
     Unavailable,
+    /// The token's `nbf` (not before) is still ahead.
+    TokenNotYetValid,
+    /// The connection already connected (with `connect`, or a token at the WebSocket upgrade):
+    /// a connection keeps the identity it started with.
+    AlreadyConnected,
+    /// The server holds as many channels as it may; retry later.
+    TooManyChannels,
 }
 
 impl ErrorCode {
@@ -64,6 +71,9 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::TokenNotYetValid => "token_not_yet_valid",
+            ErrorCode::AlreadyConnected => "already_connected",
+            ErrorCode::TooManyChannels => "too_many_channels",
         }
     }
 }
@@ -92,6 +102,9 @@ pub enum DisconnectCode {
     /// broker lost the channel's history): reconnect and resubscribe `since` the last offset to
     /// learn whether anything was missed.
     InsufficientState,
+    /// The client took nothing the server wrote for `write_timeout`: it stopped reading. It is
+    /// never sent (the client is not reading); it names the disconnect in metrics and logs.
+    WriteTimeout,
 }
 
 impl DisconnectCode {
@@ -107,6 +120,7 @@ impl DisconnectCode {
             DisconnectCode::TooManyConnections => "too_many_connections",
             DisconnectCode::TokenExpired => "token_expired",
             DisconnectCode::InsufficientState => "insufficient_state",
+            DisconnectCode::WriteTimeout => "write_timeout",
         }
     }
 
@@ -118,7 +132,8 @@ impl DisconnectCode {
             | DisconnectCode::IdleTimeout
             | DisconnectCode::TooManyConnections
             | DisconnectCode::TokenExpired
-            | DisconnectCode::InsufficientState => true,
+            | DisconnectCode::InsufficientState
+            | DisconnectCode::WriteTimeout => true,
             DisconnectCode::FrameTooLarge
             | DisconnectCode::ProtocolError
             | DisconnectCode::TooManyErrors => false,
@@ -137,6 +152,7 @@ impl DisconnectCode {
             DisconnectCode::TooManyConnections => 1013,
             DisconnectCode::TokenExpired => 4004,
             DisconnectCode::InsufficientState => 4005,
+            DisconnectCode::WriteTimeout => 4006,
         }
     }
 
@@ -154,6 +170,7 @@ impl DisconnectCode {
             DisconnectCode::InsufficientState => {
                 "this node lost track of a channel; reconnect and resubscribe since your last offset"
             }
+            DisconnectCode::WriteTimeout => "the client took nothing the server wrote in time",
         }
     }
 }

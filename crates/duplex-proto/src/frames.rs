@@ -116,6 +116,10 @@ pub struct Limits {
     pub publish_rate: u32,
     /// Publications that may come at once before the rate applies.
     pub publish_burst: u32,
+    /// How many bytes of publications may wait for a slow reader before its namespace's
+    /// policy applies (0 from servers that do not say).
+    #[serde(default)]
+    pub queue_bytes: usize,
 }
 
 /// The first frame on every connection.
@@ -223,6 +227,17 @@ pub struct ServerRequest<'a> {
     pub id: u64,
     /// What the server asks.
     pub data: &'a RawValue,
+}
+
+/// The server ended a subscription: the connection's new token no longer allows it. The
+/// client is not resubscribed; `code` says why (`permission_denied`).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename = "unsubscribed")]
+pub struct Unsubscribed<'a> {
+    /// The channel.
+    pub channel: Cow<'a, str>,
+    /// Why, as an error code.
+    pub code: ErrorCode,
 }
 
 /// Someone subscribed to a channel with presence on.

@@ -12,8 +12,14 @@ pub mod tcp;
 
 pub use codes::{DisconnectCode, ErrorCode};
 
-/// The protocol version this crate speaks; `connected` announces it.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this crate speaks; `connected` announces it. Version 2 added the
+/// `unsubscribed` push, the `already_connected`, `token_not_yet_valid` and `too_many_channels`
+/// codes and `limits.queue_bytes`: additions a version 1 client can ignore.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest protocol version a server still serves (`connect` with `version` below it is
+/// refused).
+pub const OLDEST_PROTOCOL_VERSION: u32 = 1;
 
 /// Whether `name` is a valid channel name: `namespace:name`, where the namespace is
 /// `[a-z0-9_-]{1,32}` and the name 1 to 128 of `[A-Za-z0-9_\-.:@/=]`.

@@ -74,7 +74,8 @@ export interface Handlers {
   onLeave?(who: PresenceEntry): void;
   /** Publications were missed and could not be replayed. */
   onGap?(gap: Gap): void;
-  /** The subscription ended for good (refused, or the server said not to reconnect). */
+  /** The subscription ended for good (refused, ended by the server with `unsubscribed` after a
+   * refresh narrowed the token, or the server said not to reconnect). */
   onEnd?(code: string): void;
 }
 
@@ -115,6 +116,7 @@ export declare class Duplex {
   publishBytes(channel: string, bytes: Uint8Array | ArrayBuffer): Promise<{ offset: number; epoch: string }>;
   presence(channel: string): Promise<PresenceEntry[]>;
   history(channel: string, options?: { since?: number; limit?: number }): Promise<unknown>;
+  /** A fresh token for the same user; what it no longer allows ends with `onEnd`. */
   refresh(token: string): Promise<{ expires_at: number }>;
   /** Answers the server's requests; throw a DuplexError to answer with its code. */
   onRequest(handler: (data: unknown) => unknown | Promise<unknown>): void;

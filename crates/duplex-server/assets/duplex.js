@@ -314,6 +314,16 @@ export class Duplex {
         handler?.({ client: frame.client, user: frame.user, meta: frame.meta });
         return;
       }
+      case "unsubscribed": {
+        // The server ended the subscription (a refreshed token no longer allows it): it is
+        // not resubscribed.
+        const sub = this.subscriptions.get(frame.channel);
+        if (!sub) return;
+        this.subscriptions.delete(frame.channel);
+        sub.active = false;
+        sub.handlers.onEnd?.(frame.code);
+        return;
+      }
       case "request":
         this.answer(frame);
         return;
@@ -496,7 +506,8 @@ export class Duplex {
     return this.sendRequest({ type: "history", channel, since, limit });
   }
 
-  /** Hands the server a fresh token for the same user. */
+  /** Hands the server a fresh token for the same user; subscriptions the new token no longer
+   * allows end with `onEnd("permission_denied")`. */
   async refresh(token) {
     const result = await this.sendRequest({ type: "refresh", token });
     this.token = token;

@@ -2,7 +2,10 @@
 //!
 //! Tokens are HS256 signed with `--jwt-secret`, or ES256/RS256 checked against
 //! `--jwt-public-key`; signature, algorithm (exactly one, chosen by the configuration: `alg: none`
-//! and algorithm confusion are refused by construction) and expiry are verified. The user a token names (`sub`) is what presence shows and what
+//! and algorithm confusion are refused by construction), expiry (`exp`) and not-before (`nbf`)
+//! are verified with no leeway, and `sub` must name someone. Refusals say what is wrong in our
+//! words ([`TokenError`]); the library's own message goes to the debug log only. The user a
+//! token names (`sub`) is what presence shows and what
 //! `POST /api/users/{user}/request` addresses; its `channels` claim (names, or prefixes ending in
 //! `*`) is what `token_channels` namespace rules check; its `meta` (any JSON) is what presence
 //! shows for the connection.
@@ -42,12 +45,47 @@ pub enum TokenError {
     /// The token's `exp` has passed.
     #[error("the token has expired")]
     Expired,
-    /// Anything else: bad signature, wrong algorithm, malformed, missing claims.
+    /// The token's `nbf` is still ahead.
+    #[error("the token is not valid yet (its nbf is in the future)")]
+    NotYetValid,
+    /// Anything else: bad signature, wrong algorithm, malformed, missing claims; the reason is
+    /// ours, never the library's text.
     #[error("the token is not valid: {0}")]
-    Invalid(String),
+    Invalid(&'static str),
     /// The server has no secret to check tokens with.
     #[error("this server does not accept tokens (no JWT secret is configured)")]
     NotConfigured,
+}
+
+impl TokenError {
+    /// The protocol code of this refusal.
+    pub fn code(&self) -> duplex_proto::ErrorCode {
+        use duplex_proto::ErrorCode;
+        match self {
+            TokenError::Expired => ErrorCode::TokenExpired,
+            TokenError::NotYetValid => ErrorCode::TokenNotYetValid,
+            TokenError::Invalid(_) | TokenError::NotConfigured => ErrorCode::InvalidToken,
+        }
+    }
+}
+
+/// Our words for what the JWT library refused.
+fn refusal(error: &jsonwebtoken::errors::Error) -> TokenError {
+    use jsonwebtoken::errors::ErrorKind;
+    tracing::debug!(%error, "token refused");
+    match error.kind() {
+        ErrorKind::ExpiredSignature => TokenError::Expired,
+        ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+        ErrorKind::InvalidSignature => TokenError::Invalid("its signature does not verify"),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+            TokenError::Invalid("it is signed with an algorithm this server does not accept")
+        }
+        ErrorKind::MissingRequiredClaim(_) => {
+            TokenError::Invalid("it lacks a required claim (sub and exp)")
+        }
+        ErrorKind::Json(_) => TokenError::Invalid("its claims are not of the expected types"),
+        _ => TokenError::Invalid("it is not a well-formed signed JWT"),
+    }
 }
 
 impl TokenVerifier {
@@ -60,26 +98,24 @@ impl TokenVerifier {
             Err(_) => match DecodingKey::from_rsa_pem(pem) {
                 Ok(key) => (key, Algorithm::RS256),
                 Err(error) => {
-                    return Err(TokenError::Invalid(format!(
-                        "the public key is neither EC nor RSA PEM: {error}"
-                    )));
+                    tracing::debug!(%error, "not an RSA public key either");
+                    return Err(TokenError::Invalid(
+                        "the public key is neither EC nor RSA PEM",
+                    ));
                 }
             },
         };
-        let mut validation = Validation::new(algorithm);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 0;
-        Ok(TokenVerifier { key, validation })
+        Ok(TokenVerifier {
+            key,
+            validation: validation(algorithm),
+        })
     }
 
     /// Verifies HS256 tokens signed with `secret`.
     pub fn hs256(secret: &[u8]) -> Self {
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.leeway = 0;
         TokenVerifier {
             key: DecodingKey::from_secret(secret),
-            validation,
+            validation: validation(Algorithm::HS256),
         }
     }
 
@@ -91,19 +127,28 @@ impl TokenVerifier {
 
     /// What a valid token says: its user and the channels it lists.
     pub fn verify(&self, token: &str) -> Result<ClientAuth, TokenError> {
-        match jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation) {
-            Ok(data) => Ok(ClientAuth {
-                user: Some(data.claims.sub.into()),
-                channels: data.claims.channels,
-                expires_at: Some(data.claims.exp),
-                meta: data.claims.meta.map(std::sync::Arc::from),
-            }),
-            Err(error) => match error.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => Err(TokenError::Expired),
-                _ => Err(TokenError::Invalid(error.to_string())),
-            },
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|error| refusal(&error))?;
+        if data.claims.sub.trim().is_empty() {
+            return Err(TokenError::Invalid("its sub is empty"));
         }
+        Ok(ClientAuth {
+            user: Some(data.claims.sub.into()),
+            channels: data.claims.channels,
+            expires_at: Some(data.claims.exp),
+            meta: data.claims.meta.map(std::sync::Arc::from),
+        })
     }
+}
+
+/// What every token must pass: `exp` and `sub` present, `exp` and `nbf` checked with no
+/// leeway (RFC 7519 §4.1.5: a token must not be accepted before its `nbf`).
+fn validation(algorithm: Algorithm) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.set_required_spec_claims(&["exp", "sub"]);
+    validation.leeway = 0;
+    validation.validate_nbf = true;
+    validation
 }
 
 #[cfg(test)]
@@ -187,6 +232,49 @@ mod tests {
             verifier.user_of("garbage"),
             Err(TokenError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn nbf_in_the_future_and_an_empty_sub_are_refused_in_our_words() {
+        let verifier = TokenVerifier::hs256(b"secret");
+        let now = jsonwebtoken::get_current_timestamp();
+        let tomorrow = token(
+            b"secret",
+            Algorithm::HS256,
+            serde_json::json!({"sub": "ana", "exp": now + 172_800, "nbf": now + 86_400}),
+        );
+        assert_eq!(
+            verifier.verify(&tomorrow).err(),
+            Some(TokenError::NotYetValid)
+        );
+        let already = token(
+            b"secret",
+            Algorithm::HS256,
+            serde_json::json!({"sub": "ana", "exp": now + 3600, "nbf": now - 10}),
+        );
+        assert!(verifier.verify(&already).is_ok());
+        let empty = token(
+            b"secret",
+            Algorithm::HS256,
+            serde_json::json!({"sub": "", "exp": now + 3600}),
+        );
+        assert_eq!(
+            verifier.verify(&empty).err(),
+            Some(TokenError::Invalid("its sub is empty"))
+        );
+        let wrong_key = token(
+            b"other",
+            Algorithm::HS256,
+            serde_json::json!({"sub": "ana", "exp": now + 3600}),
+        );
+        let message = verifier
+            .verify(&wrong_key)
+            .expect_err("refused")
+            .to_string();
+        assert_eq!(
+            message,
+            "the token is not valid: its signature does not verify"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 
 use crate::api_keys::{ApiKey, ApiKeys};
+use crate::hub::HubLimits;
 use crate::hub::namespace::{CollectionRule, NamespaceConfig, Namespaces};
 use crate::socket::SocketLimits;
 
@@ -46,6 +47,8 @@ pub struct Config {
     pub write_timeout: Duration,
     /// Per-connection socket limits.
     pub sockets: SocketLimits,
+    /// What the hub holds in total: channels, queued bytes, history bytes.
+    pub hub: HubLimits,
     /// Namespace rules, with the collections' read and write rules.
     pub namespaces: Namespaces,
     /// A key with every scope: the server API (`/api/channels`, `/api/connections`,
@@ -84,6 +87,7 @@ impl Default for Config {
             sockets: SocketLimits {
                 max_frame: 64 * 1024,
                 queue_size: 1024,
+                queue_bytes: 1024 * 1024,
                 max_subscriptions: 1024,
                 ping_interval: Duration::from_secs(25),
                 idle_timeout: Duration::from_secs(60),
@@ -92,6 +96,7 @@ impl Default for Config {
                 max_connections: 100_000,
                 max_connections_per_ip: 10_000,
             },
+            hub: HubLimits::default(),
             namespaces: Namespaces::default(),
             api_key: None,
             api_keys: Vec::new(),
@@ -153,6 +158,14 @@ pub struct ConfigLayer {
     pub max_frame: Option<ByteSize>,
     /// See [`SocketLimits::queue_size`].
     pub queue_size: Option<usize>,
+    /// See [`SocketLimits::queue_bytes`].
+    pub queue_bytes: Option<ByteSize>,
+    /// See [`HubLimits::max_queued_bytes`].
+    pub max_queued_bytes: Option<ByteSize>,
+    /// See [`HubLimits::max_history_bytes`].
+    pub max_history_bytes: Option<ByteSize>,
+    /// See [`HubLimits::max_channels`].
+    pub max_channels: Option<usize>,
     /// See [`SocketLimits::max_subscriptions`].
     pub max_subscriptions: Option<usize>,
     /// See [`SocketLimits::ping_interval`], as text such as `"25s"`.
@@ -222,6 +235,10 @@ impl ConfigLayer {
             header_read_timeout: self.header_read_timeout.or(lower.header_read_timeout),
             max_frame: self.max_frame.or(lower.max_frame),
             queue_size: self.queue_size.or(lower.queue_size),
+            queue_bytes: self.queue_bytes.or(lower.queue_bytes),
+            max_queued_bytes: self.max_queued_bytes.or(lower.max_queued_bytes),
+            max_history_bytes: self.max_history_bytes.or(lower.max_history_bytes),
+            max_channels: self.max_channels.or(lower.max_channels),
             max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
             ping_interval: self.ping_interval.or(lower.ping_interval),
             idle_timeout: self.idle_timeout.or(lower.idle_timeout),
@@ -297,6 +314,9 @@ impl ConfigLayer {
         let sockets = SocketLimits {
             max_frame: self.max_frame.map_or(defaults.sockets.max_frame, |b| b.0),
             queue_size: self.queue_size.unwrap_or(defaults.sockets.queue_size),
+            queue_bytes: self
+                .queue_bytes
+                .map_or(defaults.sockets.queue_bytes, |b| b.0),
             max_subscriptions: self
                 .max_subscriptions
                 .unwrap_or(defaults.sockets.max_subscriptions),
@@ -319,6 +339,29 @@ impl ConfigLayer {
                 .max_connections_per_ip
                 .unwrap_or(defaults.sockets.max_connections_per_ip),
         };
+        let hub = HubLimits {
+            max_channels: self.max_channels.unwrap_or(defaults.hub.max_channels),
+            max_queued_bytes: self
+                .max_queued_bytes
+                .map_or(defaults.hub.max_queued_bytes, |b| b.0),
+            max_history_bytes: self
+                .max_history_bytes
+                .map_or(defaults.hub.max_history_bytes, |b| b.0),
+        };
+        for (key, value) in [
+            ("queue_size", sockets.queue_size),
+            ("queue_bytes", sockets.queue_bytes),
+            ("max_channels", hub.max_channels),
+            ("max_queued_bytes", hub.max_queued_bytes),
+            ("max_history_bytes", hub.max_history_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: "must be at least 1".into(),
+                });
+            }
+        }
         if sockets.publish_rate == 0 {
             return Err(ConfigError::Invalid {
                 key: "publish_rate",
@@ -377,6 +420,7 @@ impl ConfigLayer {
             jwt_secret: self.jwt_secret,
             allowed_origins: self.allowed_origins.unwrap_or_default(),
             sockets,
+            hub,
             namespaces,
             http: self.http.unwrap_or(defaults.http),
             tcp: self.tcp.unwrap_or(defaults.tcp),
@@ -640,6 +684,33 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn the_file_bounds_queues_history_and_channels_in_bytes() {
+        let file: ConfigLayer = toml::from_str(
+            "queue_bytes = \"256KiB\"\nmax_queued_bytes = \"64MiB\"\nmax_history_bytes = \"32MiB\"\n\
+             max_channels = 500\n[namespaces.chat]\nhistory_bytes = \"128KiB\"\n",
+        )
+        .expect("valid toml");
+        let config = ConfigLayer::default()
+            .over(file)
+            .over_defaults()
+            .expect("valid");
+        assert_eq!(config.sockets.queue_bytes, 256 * 1024);
+        assert_eq!(config.sockets.announced().queue_bytes, 256 * 1024);
+        assert_eq!(config.hub.max_queued_bytes, 64 * 1024 * 1024);
+        assert_eq!(config.hub.max_history_bytes, 32 * 1024 * 1024);
+        assert_eq!(config.hub.max_channels, 500);
+        assert_eq!(
+            config.namespaces.for_channel("chat:x").history_bytes,
+            128 * 1024
+        );
+        let defaults = Config::default();
+        assert_eq!(defaults.sockets.queue_bytes, 1024 * 1024);
+        assert_eq!(defaults.hub.max_channels, 100_000);
+        let zero: ConfigLayer = toml::from_str("max_channels = 0").expect("valid toml");
+        assert!(ConfigLayer::default().over(zero).over_defaults().is_err());
     }
 
     #[test]

@@ -78,6 +78,18 @@ pub struct Metrics {
     pub socket_errors: Family<CodeLabels, Counter>,
     /// Connections the server closed with a `disconnect`, by code.
     pub disconnects: Family<CodeLabels, Counter>,
+    /// Channels on this node (set when metrics are read).
+    pub channels: Gauge,
+    /// Channels refused by `max_channels`.
+    pub channel_refusals: Counter,
+    /// Bytes queued for connections, shared publications counted once (set when read).
+    pub queued_bytes: Gauge,
+    /// Bytes of history kept in memory (set when read).
+    pub history_bytes: Gauge,
+    /// Publications dropped from the fullest queues because the queue budget was over.
+    pub budget_sheds: Counter,
+    /// History publications evicted, oldest first, because the history budget was over.
+    pub history_evictions: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -198,7 +210,45 @@ impl Metrics {
             "Connections the server closed with a disconnect, by code",
             disconnects.clone(),
         );
+        let channels = Gauge::default();
+        registry.register("channels", "Channels on this node", channels.clone());
+        let channel_refusals = Counter::default();
+        registry.register(
+            "channel_refusals",
+            "Channels refused because the node holds max_channels",
+            channel_refusals.clone(),
+        );
+        let queued_bytes = Gauge::default();
+        registry.register(
+            "queued_bytes",
+            "Bytes queued for connections (a publication shared by many queues counts once)",
+            queued_bytes.clone(),
+        );
+        let history_bytes = Gauge::default();
+        registry.register(
+            "history_bytes",
+            "Bytes of channel history kept in memory",
+            history_bytes.clone(),
+        );
+        let budget_sheds = Counter::default();
+        registry.register(
+            "budget_sheds",
+            "Publications dropped from the fullest queues because max_queued_bytes was reached",
+            budget_sheds.clone(),
+        );
+        let history_evictions = Counter::default();
+        registry.register(
+            "history_evictions",
+            "History publications evicted, oldest first, because max_history_bytes was reached",
+            history_evictions.clone(),
+        );
         Arc::new(Metrics {
+            channels,
+            channel_refusals,
+            queued_bytes,
+            history_bytes,
+            budget_sheds,
+            history_evictions,
             socket_errors,
             disconnects,
             connection_refusals,
@@ -219,6 +269,11 @@ impl Metrics {
             slow_consumer_disconnects,
             insufficient_state_disconnects,
         })
+    }
+
+    /// The counter of connections closed with `code`.
+    pub fn disconnect_counter(&self, code: &'static str) -> Counter {
+        self.disconnects.get_or_create(&CodeLabels { code }).clone()
     }
 
     /// The OpenMetrics text exposition of every metric.

@@ -64,6 +64,8 @@ pub struct Server {
     tokens: Option<crate::auth::TokenVerifier>,
     broker: Option<Arc<dyn crate::broker::Broker>>,
     node: crate::broker::NodeInfo,
+    /// The key list cursors are sealed with, kept in the store.
+    cursor_secret: Vec<u8>,
 }
 
 impl std::fmt::Debug for Server {
@@ -97,6 +99,7 @@ impl Server {
             (None, None) => None,
         };
         let store = store::open(&config.store_url()).await?;
+        let cursor_secret = store.secret("cursors").await?;
         let http_listener =
             TcpListener::bind(config.http)
                 .await
@@ -136,6 +139,7 @@ impl Server {
                 .expect("RFC 3339 formats the current time"),
         };
         Ok(Server {
+            cursor_secret,
             broker,
             node,
             config,
@@ -178,6 +182,7 @@ impl Server {
             self.metrics.clone(),
             self.broker.clone(),
             self.node.clone(),
+            self.config.hub,
         ));
         let tracker = TaskTracker::new();
         // The broker's links stop after the sockets have said goodbye (see below).
@@ -206,6 +211,7 @@ impl Server {
             self.config.write_timeout,
         ));
         tracker.spawn(sweep(hub.clone(), shutdown.clone()));
+        tracker.spawn(hub.clone().enforce_budgets(shutdown.clone()));
         tracker.spawn(socket::keepalive::run(
             hub.clone(),
             Arc::new(self.config.sockets.clone()),
@@ -226,6 +232,7 @@ impl Server {
                 .map_err(ServerError::Config)?,
             ),
             allowed_origins: self.config.allowed_origins.clone().into(),
+            cursors: Arc::new(crate::store::CursorKey::new(&self.cursor_secret)),
         };
         let app = http::router(state);
         let grace = self.config.shutdown_grace;
@@ -234,8 +241,13 @@ impl Server {
             self.http_listener,
             app,
             shutdown.clone(),
-            self.config.header_read_timeout,
-            self.config.write_timeout,
+            HttpTimeouts {
+                header_read: self.config.header_read_timeout,
+                write: self.config.write_timeout,
+                write_timeouts: self
+                    .metrics
+                    .disconnect_counter(duplex_proto::DisconnectCode::WriteTimeout.as_str()),
+            },
             http_connections.clone(),
             self.tls.clone(),
         )
@@ -269,6 +281,14 @@ impl Server {
     }
 }
 
+/// How long an HTTP connection may take to send a request head and to take what is written to
+/// it, and where connections the write deadline ends are counted.
+struct HttpTimeouts {
+    header_read: Duration,
+    write: Duration,
+    write_timeouts: prometheus_client::metrics::counter::Counter,
+}
+
 /// Accepts HTTP connections until shutdown, each served by hyper (HTTP/1.1 with upgrades for
 /// WebSocket) with a header read timeout, so a client that trickles its request head
 /// (slowloris) is cut off instead of holding a connection forever. With TLS, the handshake must
@@ -278,11 +298,15 @@ async fn serve_http(
     listener: TcpListener,
     app: axum::Router,
     shutdown: CancellationToken,
-    header_read_timeout: Duration,
-    write_timeout: Duration,
+    timeouts: HttpTimeouts,
     connections: TaskTracker,
     tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
+    let HttpTimeouts {
+        header_read: header_read_timeout,
+        write: write_timeout,
+        write_timeouts,
+    } = timeouts;
     use axum::extract::ConnectInfo;
     use hyper::body::Incoming;
     use tower::ServiceExt as _;
@@ -304,7 +328,7 @@ async fn serve_http(
             tracing::debug!(%error, "cannot set TCP_NODELAY");
         }
         // Below TLS and kept by an upgraded WebSocket: every write of the connection.
-        let stream = WriteDeadline::new(stream, write_timeout);
+        let stream = WriteDeadline::new(stream, write_timeout).counting(write_timeouts.clone());
         let service = app
             .clone()
             .map_request(move |mut request: axum::http::Request<Incoming>| {

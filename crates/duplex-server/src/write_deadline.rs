@@ -14,6 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
@@ -24,6 +25,8 @@ pub(crate) struct WriteDeadline<IO> {
     timeout: Duration,
     /// Set when a write first stays pending; cleared by any progress.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// Counts the connection as disconnected for `write_timeout` (once) when the deadline fires.
+    timed_out: Option<Counter>,
 }
 
 impl<IO> WriteDeadline<IO> {
@@ -32,7 +35,15 @@ impl<IO> WriteDeadline<IO> {
             io,
             timeout,
             stalled: None,
+            timed_out: None,
         }
+    }
+
+    /// Counts in `counter` (`duplex_disconnects_total{code="write_timeout"}`) when the deadline
+    /// ends the connection.
+    pub(crate) fn counting(mut self, counter: Counter) -> Self {
+        self.timed_out = Some(counter);
+        self
     }
 
     /// Passes a finished poll through (progress: the deadline is cleared), or starts or checks
@@ -47,10 +58,15 @@ impl<IO> WriteDeadline<IO> {
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         match stalled.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("the client took nothing for {timeout:?}"),
-            ))),
+            Poll::Ready(()) => {
+                if let Some(counter) = self.timed_out.take() {
+                    counter.inc();
+                }
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the client took nothing for {timeout:?}"),
+                )))
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -45,13 +45,26 @@ async fn the_browser_client_works_in_chromium() {
         );
         return;
     }
-    let server = TestServer::start().await;
+    let secret = "a-secret-for-the-browser-test";
+    let server = TestServer::start_with(|c| c.jwt_secret = Some(secret.into())).await;
     let proxy = TcpProxy::start(server.http_addr).await;
+    let exp = jsonwebtoken::get_current_timestamp() + 3600;
+    let token = |channels: &[&str]| {
+        duplex_testkit::hs256_token(
+            secret,
+            &serde_json::json!({"sub": "page", "exp": exp, "channels": channels}),
+        )
+    };
     let mut node = tokio::process::Command::new("node")
         .arg("duplex.test.mjs")
         .current_dir(browser_dir())
         .env("DUPLEX_URL", format!("http://{}", proxy.addr))
         .env("DUPLEX_DIRECT", server.url(""))
+        .env(
+            "DUPLEX_TOKEN_WIDE",
+            token(&["private:kept", "private:lost"]),
+        )
+        .env("DUPLEX_TOKEN_NARROW", token(&["private:kept"]))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -788,7 +788,124 @@ macro_rules! on_both_stores {
     };
 }
 
+/// A number the store would keep as another value is refused, never silently changed; the
+/// numbers it keeps come back exactly.
+async fn numbers_come_back_exactly_or_are_refused(store: Store) {
+    let server = start(store, |_| {}).await;
+    let records = server.url("/api/collections/numbers/records");
+    for body in [
+        r#"{"n": 12345678901234567890123}"#,
+        r#"{"pi": 3.14159265358979323846264338}"#,
+        r#"{"deep": {"list": [1, 2, 18446744073709551616]}}"#,
+    ] {
+        let response = client()
+            .post(&records)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            problem_code(response, StatusCode::UNPROCESSABLE_ENTITY).await,
+            "validation_failed",
+            "{body}"
+        );
+    }
+    let kept = create(
+        &server,
+        "numbers",
+        json!({"max": u64::MAX, "min": i64::MIN, "tenth": 0.1, "big": 1.5e300, "text": "12345678901234567890123"}),
+    )
+    .await;
+    let id = kept["id"].as_str().expect("id");
+    let text = client()
+        .get(server.url(&format!("/api/collections/numbers/records/{id}")))
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("body");
+    assert!(text.contains(r#""max":18446744073709551615"#), "{text}");
+    assert!(text.contains(r#""min":-9223372036854775808"#), "{text}");
+    assert!(text.contains(r#""tenth":0.1"#), "{text}");
+    let patched = client()
+        .patch(server.url(&format!("/api/collections/numbers/records/{id}")))
+        .header(header::CONTENT_TYPE, "application/merge-patch+json")
+        .body(r#"{"max": 99999999999999999999999}"#)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        problem_code(patched, StatusCode::UNPROCESSABLE_ENTITY).await,
+        "validation_failed"
+    );
+}
+
+/// Cursors are sealed: they do not show row ids, and one that was altered, made up, or issued
+/// for another collection, sort or filter is a 400.
+async fn cursors_cannot_be_forged_or_carried_to_another_listing(store: Store) {
+    use base64::Engine as _;
+    let server = start(store, |_| {}).await;
+    for i in 0..4 {
+        create(&server, "posts", json!({"n": i, "author": "ana"})).await;
+        create(&server, "comments", json!({"n": i, "author": "ana"})).await;
+    }
+    let (_, next) = list_page(&server, "posts", "limit=2&filter.author=ana").await;
+    let cursor = next.as_str().expect("a next page").to_owned();
+    let (items, _) = list_page(
+        &server,
+        "posts",
+        &format!("limit=2&filter.author=ana&cursor={cursor}"),
+    )
+    .await;
+    assert_eq!(items.len(), 2);
+    let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&cursor)
+        .expect("base64url");
+    // Sealed: a tag and an encrypted position, not the text "1:created:KEY:ROWID".
+    assert_eq!(decoded.len(), 33);
+    assert!(
+        std::str::from_utf8(&decoded).map_or(true, |text| !text.contains("created")),
+        "no readable position"
+    );
+    let mut altered = decoded.clone();
+    altered[20] ^= 1;
+    let altered = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&altered);
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("1:created:0:1");
+    for (collection, query) in [
+        (
+            "comments",
+            format!("limit=2&filter.author=ana&cursor={cursor}"),
+        ),
+        ("posts", format!("limit=2&cursor={cursor}")),
+        ("posts", format!("limit=2&filter.author=bo&cursor={cursor}")),
+        (
+            "posts",
+            format!("limit=2&sort=-created&filter.author=ana&cursor={cursor}"),
+        ),
+        (
+            "posts",
+            format!("limit=2&filter.author=ana&cursor={altered}"),
+        ),
+        ("posts", format!("limit=2&cursor={forged}")),
+    ] {
+        let response = client()
+            .get(server.url(&format!("/api/collections/{collection}/records?{query}")))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            problem_code(response, StatusCode::BAD_REQUEST).await,
+            "invalid_query",
+            "{collection}?{query}"
+        );
+    }
+}
+
 on_both_stores!(
+    numbers_come_back_exactly_or_are_refused,
+    cursors_cannot_be_forged_or_carried_to_another_listing,
     create_returns_201_with_location_etag_and_server_fields,
     server_fields_in_a_body_are_ignored,
     if_none_match_answers_304_for_the_current_version_only,

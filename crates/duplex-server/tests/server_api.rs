@@ -919,7 +919,9 @@ async fn es256_tokens_are_checked_against_a_configured_public_key() {
         &jsonwebtoken::EncodingKey::from_secret(pair.public_key_pem().as_bytes()),
     )
     .expect("encode");
-    let error = client
+    // On a new connection: this one has connected, and keeps who it is.
+    let mut other = server.ws().await;
+    let error = other
         .request(json!({"type": "connect", "token": confused}), 2)
         .await;
     assert_eq!(error["code"], "invalid_token");

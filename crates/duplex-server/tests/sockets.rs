@@ -21,10 +21,11 @@ async fn every_connection_starts_with_connected() {
     let ws = server.ws().await;
     let tcp = server.tcp().await;
     for connected in [&ws.connected, &tcp.connected] {
-        assert_eq!(connected["protocol"], 1);
+        assert_eq!(connected["protocol"], duplex_proto::PROTOCOL_VERSION);
         assert_eq!(connected["version"], env!("CARGO_PKG_VERSION"));
         assert_eq!(connected["client"].as_str().map(str::len), Some(16));
         assert_eq!(connected["limits"]["max_frame"], 64 * 1024);
+        assert_eq!(connected["limits"]["queue_bytes"], 1024 * 1024);
     }
     assert_ne!(ws.connected["client"], tcp.connected["client"]);
 }
@@ -712,6 +713,13 @@ async fn a_tcp_client_that_keeps_talking_but_never_reads_is_closed_after_the_wri
         .await
         .expect("its writes fail once the server closed it")
         .expect("no panic");
+    // Counted, like every disconnect the server decides.
+    assert_eq!(
+        server
+            .metric(r#"duplex_disconnects_total{code="write_timeout"}"#)
+            .await,
+        1.0
+    );
     // The publisher is unharmed.
     publisher.send_json(json!({"type": "ping", "id": 1})).await;
     assert_eq!(publisher.next_json().await["type"], "pong");

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use rustls_pki_types::pem::PemObject as _;
 use tempfile::TempDir;
 
 /// A certificate and its key in a temporary folder (removed on drop).
@@ -35,6 +36,49 @@ impl TestCertificate {
             key,
             pem: certified.cert.pem(),
             der: certified.cert.der().to_vec(),
+        }
+    }
+
+    /// A self-signed certificate for `localhost` and 127.0.0.1 made the usual way, by
+    /// `openssl req -x509` (which marks it a CA, as `CA:TRUE`): what users hand to `--ca-cert`.
+    pub fn openssl_localhost() -> TestCertificate {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let cert = dir.path().join("cert.pem");
+        let key = dir.path().join("key.pem");
+        let status = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("the openssl command (Debian's openssl package) makes the test certificate");
+        assert!(status.success(), "openssl req -x509 failed");
+        let pem = std::fs::read_to_string(&cert).expect("read the certificate");
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+            .expect("a PEM certificate")
+            .to_vec();
+        TestCertificate {
+            _dir: dir,
+            cert,
+            key,
+            pem,
+            der,
         }
     }
 

@@ -476,3 +476,32 @@ async fn https_and_wss_work_with_the_servers_certificate() {
     assert!(!ok);
     assert!(err.contains("cannot reach the server"), "{err}");
 }
+
+/// A certificate made by `openssl req -x509` (a CA, as WebPKI sees it) works with `--ca-cert`,
+/// as it does with curl's `--cacert`.
+#[tokio::test]
+async fn a_certificate_made_by_openssl_works_with_ca_cert() {
+    let certificate = duplex_testkit::TestCertificate::openssl_localhost();
+    let cert = certificate.cert.clone();
+    let server = TestServer::start_with(|c| c.tls = certificate.config()).await;
+    let url = format!("https://localhost:{}", server.http_addr.port());
+    let mut create = duplex(&url);
+    create
+        .args([
+            "records",
+            "create",
+            "notes",
+            r#"{"over":"openssl"}"#,
+            "--ca-cert",
+        ])
+        .arg(&cert);
+    let (ok, out, err) = run(create, None).await;
+    assert!(ok, "{err}");
+    assert_eq!(parse(&out)["over"], "openssl");
+    let mut publish = duplex(&url);
+    publish
+        .args(["pub", "chat:openssl", "pinned", "--ca-cert"])
+        .arg(&cert);
+    let (ok, _, err) = run(publish, None).await;
+    assert!(ok, "{err}");
+}

@@ -131,6 +131,8 @@ pub(crate) async fn presence(
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub(crate) struct ChannelList {
     items: Vec<ChannelItem>,
+    /// The `cursor` of the next page; null on the last.
+    next: Option<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -143,13 +145,34 @@ struct ChannelItem {
     rate: f64,
 }
 
-/// Active channels: those with subscribers or history.
+/// Active channels (those with subscribers or history) by name, `limit` (1 to 1000, default
+/// 100) at a time; `search` keeps the names that contain it.
 #[utoipa::path(get, path = "/api/channels", tag = "channels",
-    responses((status = 200, description = "Channels by name", body = ChannelList)))]
-pub(crate) async fn list_channels(State(state): State<AppState>) -> axum::Json<ChannelList> {
-    let items = state
-        .hub
-        .channels()
+    params(("limit" = Option<u32>, Query), ("cursor" = Option<String>, Query, description = "`next` of the previous page"),
+        ("search" = Option<String>, Query, description = "keep channels whose name contains this")),
+    responses(
+        (status = 200, description = "`{items, next}`", body = ChannelList),
+        (status = 400, description = "Bad parameter", body = super::error::Problem)))]
+pub(crate) async fn list_channels(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<axum::Json<ChannelList>, ApiError> {
+    let query = super::parse_page_query(query.as_deref(), true)?;
+    if let Some(cursor) = &query.cursor
+        && !duplex_proto::is_valid_channel(cursor)
+    {
+        return Err(super::foreign_cursor());
+    }
+    let limit = query.limit;
+    let mut page =
+        state
+            .hub
+            .channels_page(query.cursor.as_deref(), query.search.as_deref(), limit + 1);
+    let next = (page.len() > limit).then(|| {
+        page.truncate(limit);
+        page.last().map(|c| c.name.to_string()).unwrap_or_default()
+    });
+    let items = page
         .into_iter()
         .map(|c| ChannelItem {
             channel: c.name.to_string(),
@@ -159,5 +182,5 @@ pub(crate) async fn list_channels(State(state): State<AppState>) -> axum::Json<C
             rate: c.rate,
         })
         .collect();
-    axum::Json(ChannelList { items })
+    Ok(axum::Json(ChannelList { items, next }))
 }

@@ -25,9 +25,6 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest `timeout` a caller may name.
 pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
-const DEFAULT_PAGE: usize = 100;
-const MAX_PAGE: usize = 1000;
-
 pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/api/connections", get(list_connections))
@@ -44,6 +41,10 @@ struct ConnectionItem {
     remote: Option<String>,
     subscriptions: Vec<String>,
     connected: String,
+    /// Publications waiting in its outgoing queue.
+    queued: usize,
+    /// Bytes waiting in its outgoing queue (publications and control frames).
+    queued_bytes: usize,
 }
 
 impl From<&ConnectionHandle> for ConnectionItem {
@@ -55,6 +56,8 @@ impl From<&ConnectionHandle> for ConnectionItem {
             remote: c.remote.map(|r| r.to_string()),
             subscriptions: c.subscriptions(),
             connected: c.connected_at(),
+            queued: c.queue.queued_publications(),
+            queued_bytes: c.queue.queued_bytes(),
         }
     }
 }
@@ -82,31 +85,12 @@ pub(crate) async fn list_connections(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
 ) -> Result<axum::Json<ConnectionList>, ApiError> {
-    let mut limit = DEFAULT_PAGE;
-    let mut after = None;
-    for (key, value) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
-        match key.as_ref() {
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|l| (1..=MAX_PAGE).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::InvalidQuery(format!("limit must be from 1 to {MAX_PAGE}"))
-                    })?;
-            }
-            "cursor" => {
-                after = Some(parse_connection_id(&value).ok_or_else(|| {
-                    ApiError::InvalidQuery("cursor is not one this server issued".into())
-                })?);
-            }
-            other => {
-                return Err(ApiError::InvalidQuery(format!(
-                    "unknown parameter {other:?}: expected limit or cursor"
-                )));
-            }
-        }
-    }
+    let query = super::parse_page_query(query.as_deref(), false)?;
+    let after = match &query.cursor {
+        Some(cursor) => Some(parse_connection_id(cursor).ok_or_else(super::foreign_cursor)?),
+        None => None,
+    };
+    let limit = query.limit;
     let mut page = state.hub.connections_page(after, limit + 1);
     let next = (page.len() > limit).then(|| {
         page.truncate(limit);

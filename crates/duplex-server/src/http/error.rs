@@ -73,7 +73,7 @@ pub enum ApiError {
     PresenceDisabled,
     /// A connection token was refused.
     #[error("{0}")]
-    InvalidToken(String),
+    Token(crate::auth::TokenError),
     /// The server API needs an API key and none was given.
     #[error("this endpoint needs Authorization: Bearer API_KEY")]
     Unauthorized,
@@ -100,6 +100,9 @@ pub enum ApiError {
     /// A connection limit refused a socket or event stream.
     #[error("{0}; try again later")]
     TooManyConnections(String),
+    /// The server holds as many channels as it may.
+    #[error("the server holds as many channels as it may ({0}); try again later")]
+    TooManyChannels(usize),
     /// `GET /ws` without a WebSocket upgrade.
     #[error("this endpoint speaks WebSocket: {0}")]
     UpgradeRequired(String),
@@ -141,7 +144,7 @@ impl ApiError {
             ApiError::BinaryNotAllowed => (StatusCode::UNPROCESSABLE_ENTITY, "binary_not_allowed"),
             ApiError::PresenceDisabled => (StatusCode::FORBIDDEN, "presence_disabled"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::InvalidToken(_) => (StatusCode::UNAUTHORIZED, "invalid_token"),
+            ApiError::Token(error) => (StatusCode::UNAUTHORIZED, error.code().as_str()),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::ClientTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
@@ -154,6 +157,7 @@ impl ApiError {
             ApiError::TooManyConnections(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
             }
+            ApiError::TooManyChannels(_) => (StatusCode::SERVICE_UNAVAILABLE, "too_many_channels"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -162,6 +166,30 @@ impl ApiError {
     pub fn record_not_found() -> Self {
         ApiError::NotFound("no record with this id in this collection".into())
     }
+
+    /// Whether the server itself failed (as opposed to a client, a limit or a client asked by
+    /// the server): only these are worth an ERROR in the log.
+    fn is_server_fault(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Internal(_) | ApiError::Unavailable | ApiError::BrokerUnavailable(_)
+        )
+    }
+}
+
+/// The longest detail the log repeats of a client-caused error.
+const LOGGED_DETAIL: usize = 200;
+
+/// `text` cut to at most `LOGGED_DETAIL` bytes, on a character boundary.
+fn truncated(text: &str) -> &str {
+    if text.len() <= LOGGED_DETAIL {
+        return text;
+    }
+    let mut end = LOGGED_DETAIL;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// The RFC 9457 body.
@@ -186,8 +214,16 @@ pub struct Problem {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if status.is_server_error() {
-            tracing::error!(error = ?self, code, "request failed");
+        // Logged once, here (the trace layer does not log failures again). What a client
+        // caused is a debug line with its text cut short; the server's own failures are errors.
+        if self.is_server_fault() {
+            tracing::error!(error = %self, detail = ?self, code, "request failed");
+        } else {
+            tracing::debug!(
+                error = truncated(&self.to_string()),
+                code,
+                "request refused"
+            );
         }
         let client_error = match &self {
             ApiError::ClientError { code, message } => {
@@ -249,6 +285,8 @@ impl From<crate::hub::HubError> for ApiError {
             HubError::PresenceDisabled => ApiError::PresenceDisabled,
             HubError::PermissionDenied(why) => ApiError::Forbidden(why.into()),
             HubError::Unavailable(why) => ApiError::BrokerUnavailable(why),
+            HubError::TooManyChannels { limit } => ApiError::TooManyChannels(limit),
+            HubError::NullData => ApiError::Validation(error.to_string()),
             HubError::AlreadySubscribed | HubError::NotSubscribed => {
                 ApiError::Internal(error.to_string())
             }
@@ -299,5 +337,22 @@ mod tests {
             let (s, c) = ApiError::from(error).status_and_code();
             assert_eq!((s.as_u16(), c), (status, code));
         }
+    }
+
+    #[test]
+    fn only_the_servers_own_failures_are_errors_and_client_text_is_cut_short() {
+        assert!(ApiError::Internal("x".into()).is_server_fault());
+        assert!(!ApiError::ClientTimeout(std::time::Duration::from_secs(1)).is_server_fault());
+        assert!(
+            !ApiError::ClientError {
+                code: "x".into(),
+                message: "y".into()
+            }
+            .is_server_fault()
+        );
+        assert!(!ApiError::TooManyConnections("x".into()).is_server_fault());
+        let long = "é".repeat(300);
+        let cut = truncated(&long);
+        assert!(cut.len() <= LOGGED_DETAIL && long.starts_with(cut));
     }
 }

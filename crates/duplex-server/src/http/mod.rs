@@ -47,6 +47,8 @@ pub(crate) struct AppState {
     pub(crate) api_keys: Arc<ApiKeys>,
     /// Browser origins allowed besides the server's own (`*`: any).
     pub(crate) allowed_origins: Arc<[String]>,
+    /// What list cursors are sealed with.
+    pub(crate) cursors: Arc<crate::store::CursorKey>,
 }
 
 /// Checks a browser's `Origin` for WebSockets and event streams: none (not a browser), the
@@ -76,7 +78,8 @@ pub(crate) fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), 
     }
 }
 
-/// Verifies a connection token given over HTTP; 401 `invalid_token` when refused.
+/// Verifies a connection token given over HTTP; 401 `invalid_token` (`token_expired`,
+/// `token_not_yet_valid`) when refused.
 pub(crate) fn verify_token(
     state: &AppState,
     token: &str,
@@ -85,7 +88,7 @@ pub(crate) fn verify_token(
         Some(verifier) => verifier.verify(token),
         None => Err(crate::auth::TokenError::NotConfigured),
     };
-    verified.map_err(|error| ApiError::InvalidToken(error.to_string()))
+    verified.map_err(ApiError::Token)
 }
 
 /// The `Authorization: Bearer` value, if any.
@@ -166,6 +169,64 @@ fn cors(allowed_origins: &[String]) -> tower_http::cors::CorsLayer {
 /// The JSON media type.
 pub(crate) const JSON: &str = "application/json";
 
+/// Items in a page of the server API's lists when the caller names no `limit`.
+const DEFAULT_PAGE: usize = 100;
+/// The largest `limit` of those lists.
+const MAX_PAGE: usize = 1000;
+
+/// `limit`, `cursor` and (where a list takes it) `search` of a paginated list.
+pub(crate) struct PageQuery {
+    pub(crate) limit: usize,
+    pub(crate) cursor: Option<String>,
+    pub(crate) search: Option<String>,
+}
+
+/// Reads a list's `limit` (1 to 1000, default 100), `cursor` and, when `searchable`, `search`;
+/// anything else is a 400.
+pub(crate) fn parse_page_query(
+    query: Option<&str>,
+    searchable: bool,
+) -> Result<PageQuery, ApiError> {
+    let mut page = PageQuery {
+        limit: DEFAULT_PAGE,
+        cursor: None,
+        search: None,
+    };
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "limit" => {
+                page.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|l| (1..=MAX_PAGE).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::InvalidQuery(format!("limit must be from 1 to {MAX_PAGE}"))
+                    })?;
+            }
+            "cursor" => page.cursor = Some(value.into_owned()),
+            "search" if searchable => {
+                page.search = Some(value.into_owned()).filter(|s| !s.is_empty())
+            }
+            other => {
+                let expected = if searchable {
+                    "limit, cursor or search"
+                } else {
+                    "limit or cursor"
+                };
+                return Err(ApiError::InvalidQuery(format!(
+                    "unknown parameter {other:?}: expected {expected}"
+                )));
+            }
+        }
+    }
+    Ok(page)
+}
+
+/// The cursor of a list that was not one this server issued.
+pub(crate) fn foreign_cursor() -> ApiError {
+    ApiError::InvalidQuery("cursor is not one this server issued".into())
+}
+
 /// Checks that the body's media type (parameters aside) is one of `accepted`.
 pub(crate) fn check_media_type(
     headers: &HeaderMap,
@@ -233,7 +294,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
         .layer(cors(&origins))
         .layer(middleware::from_fn_with_state(metrics, track_request))
-        .layer(TraceLayer::new_for_http())
+        // Failures are logged once, by `ApiError` (client-caused ones at debug).
+        .layer(TraceLayer::new_for_http().on_failure(()))
 }
 
 /// The server API answers only to a key with the route's scope, when keys are configured:

@@ -120,6 +120,11 @@ pub(crate) async fn readyz(State(state): State<AppState>) -> Result<&'static str
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "OpenMetrics text")))]
 pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    let gauge = |value: usize| i64::try_from(value).unwrap_or(i64::MAX);
+    let metrics = &state.metrics;
+    metrics.channels.set(gauge(state.hub.channel_count()));
+    metrics.queued_bytes.set(gauge(state.hub.queued_bytes()));
+    metrics.history_bytes.set(gauge(state.hub.history_bytes()));
     (
         StatusCode::OK,
         [(

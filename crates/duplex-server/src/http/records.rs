@@ -17,7 +17,7 @@ use super::{AppState, HttpCaller};
 use crate::hub::namespace::Caller;
 use crate::hub::publication::Payload;
 use crate::store::{
-    Change, CollectionSummary, Cursor, FieldFilter, ListQuery, Precondition, Record, SortOrder,
+    Change, CollectionSummary, CursorKey, FieldFilter, ListQuery, Precondition, Record, SortOrder,
     is_valid_collection, is_valid_field, is_valid_id,
 };
 
@@ -291,7 +291,7 @@ pub(crate) async fn list_records(
     let Path(collection) = path?;
     check_collection(&collection)?;
     authorize(&state, &headers, &collection, Op::Read)?;
-    let query = parse_list_query(query.as_deref().unwrap_or(""))?;
+    let query = parse_list_query(query.as_deref().unwrap_or(""), &state.cursors, &collection)?;
     let page = state.store.list(&collection, &query).await?;
 
     // The items are stored JSON documents: splice them in rather than decode and re-encode.
@@ -306,18 +306,26 @@ pub(crate) async fn list_records(
     }
     body.extend_from_slice(b"],\"next\":");
     match page.next {
-        Some(cursor) => body.extend_from_slice(
-            serde_json::to_string(&cursor.encode())
-                .expect("a string serialises")
-                .as_bytes(),
-        ),
+        Some(cursor) => {
+            // base64url text: nothing to escape.
+            let sealed = state.cursors.seal(&cursor, &collection, &query.filters);
+            body.push(b'"');
+            body.extend_from_slice(sealed.as_bytes());
+            body.push(b'"');
+        }
         None => body.extend_from_slice(b"null"),
     }
     body.push(b'}');
     Ok(([(header::CONTENT_TYPE, JSON)], body).into_response())
 }
 
-fn parse_list_query(query: &str) -> Result<ListQuery, ApiError> {
+/// Reads a listing's parameters; a cursor must be one this server sealed for this very
+/// listing (collection, sort and filters).
+fn parse_list_query(
+    query: &str,
+    cursors: &CursorKey,
+    collection: &str,
+) -> Result<ListQuery, ApiError> {
     let mut list = ListQuery {
         limit: DEFAULT_LIMIT,
         ..ListQuery::default()
@@ -343,11 +351,7 @@ fn parse_list_query(query: &str) -> Result<ListQuery, ApiError> {
                     ))
                 })?;
             }
-            "cursor" => {
-                cursor = Some(Cursor::decode(&value).ok_or_else(|| {
-                    ApiError::InvalidQuery("cursor is not one this server issued".into())
-                })?);
-            }
+            "cursor" => cursor = Some(value.into_owned()),
             other => match other.strip_prefix("filter.") {
                 Some(field) if is_valid_field(field) => {
                     if list.filters.len() == MAX_FILTERS {
@@ -373,7 +377,15 @@ fn parse_list_query(query: &str) -> Result<ListQuery, ApiError> {
             },
         }
     }
-    if let Some(cursor) = cursor {
+    if let Some(text) = cursor {
+        let cursor = cursors
+            .open(&text, collection, &list.filters)
+            .ok_or_else(|| {
+                ApiError::InvalidQuery(
+                    "cursor is not one this server issued for this listing (collection and filters)"
+                        .into(),
+                )
+            })?;
         if cursor.order != list.order {
             return Err(ApiError::InvalidQuery(
                 "cursor was issued for another sort order".into(),
@@ -451,7 +463,10 @@ fn read_json(
 ) -> Result<Value, ApiError> {
     super::check_media_type(headers, accepted)?;
     let body = super::body_bytes(state, body)?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))
+    let value = serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
+    // A number serde_json would keep as another value is refused, never silently changed.
+    crate::store::check_numbers(&body).map_err(ApiError::Validation)?;
+    Ok(value)
 }
 
 fn json_kind(value: &Value) -> &'static str {
@@ -593,18 +608,48 @@ mod tests {
 
     #[test]
     fn list_query_defaults_and_limits() {
-        let q = parse_list_query("").expect("valid");
+        let key = CursorKey::new(&[1; 32]);
+        let parse = |query: &str| parse_list_query(query, &key, "posts");
+        let q = parse("").expect("valid");
         assert_eq!(q.limit, DEFAULT_LIMIT);
         assert_eq!(q.order, SortOrder::CreatedAscending);
-        assert!(parse_list_query("limit=0").is_err());
-        assert!(parse_list_query("limit=501").is_err());
-        assert!(parse_list_query("limit=-1").is_err());
-        assert!(parse_list_query("sort=name").is_err());
-        assert!(parse_list_query("bogus=1").is_err());
-        assert!(parse_list_query("filter.a.b=1").is_err());
-        let q = parse_list_query("limit=500&sort=-updated&filter.author=ana").expect("valid");
+        assert!(parse("limit=0").is_err());
+        assert!(parse("limit=501").is_err());
+        assert!(parse("limit=-1").is_err());
+        assert!(parse("sort=name").is_err());
+        assert!(parse("bogus=1").is_err());
+        assert!(parse("filter.a.b=1").is_err());
+        let q = parse("limit=500&sort=-updated&filter.author=ana").expect("valid");
         assert_eq!(q.limit, 500);
         assert_eq!(q.order, SortOrder::UpdatedDescending);
         assert_eq!(q.filters[0].field, "author");
+    }
+
+    #[test]
+    fn a_cursor_is_read_back_only_for_the_listing_it_was_sealed_for() {
+        let key = CursorKey::new(&[1; 32]);
+        let filters = [FieldFilter {
+            field: "author".into(),
+            value: "ana".into(),
+        }];
+        let cursor = crate::store::Cursor {
+            order: SortOrder::CreatedDescending,
+            key: 10,
+            seq: 3,
+        };
+        let sealed = key.seal(&cursor, "posts", &filters);
+        // The filter may come before or after the cursor in the query.
+        let query = format!("cursor={sealed}&sort=-created&filter.author=ana");
+        let q = parse_list_query(&query, &key, "posts").expect("valid");
+        assert_eq!(q.after, Some(cursor));
+        for other in [
+            format!("cursor={sealed}&sort=-created&filter.author=bo"),
+            format!("cursor={sealed}&sort=-created"),
+        ] {
+            assert!(parse_list_query(&other, &key, "posts").is_err(), "{other}");
+        }
+        assert!(parse_list_query(&query, &key, "comments").is_err());
+        let wrong_sort = format!("cursor={sealed}&filter.author=ana");
+        assert!(parse_list_query(&wrong_sort, &key, "posts").is_err());
     }
 }

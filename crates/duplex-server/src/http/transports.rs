@@ -206,7 +206,7 @@ pub(crate) async fn events(
         state.metrics.connection_refusals.inc();
         ApiError::TooManyConnections(limit.to_string())
     })?;
-    let queue = Arc::new(OutgoingQueue::new(context.limits.queue_size));
+    let queue = Arc::new(state.hub.outgoing_queue(context.limits.queue()));
     let connection = Arc::new(ConnectionHandle::new(
         ConnectionId::random(),
         "sse",

@@ -7,7 +7,9 @@
 //! channel totally ordered for every subscriber. Pushing never waits: a full queue applies the
 //! namespace's slow-consumer policy, so a slow subscriber never delays the others.
 
+pub mod budget;
 pub mod connection;
+mod enforce;
 pub mod namespace;
 pub mod publication;
 pub mod queue;
@@ -15,11 +17,12 @@ pub mod queue;
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use duplex_proto::frames::{Join, Leave, Reply, Since, Subscribed, to_json};
+use duplex_proto::frames::{Join, Leave, Reply, Since, Subscribed, Unsubscribed, to_json};
 use duplex_proto::{DisconnectCode, ErrorCode};
 use indexmap::IndexMap;
 use parking_lot::Mutex;
@@ -28,10 +31,11 @@ use crate::broker::{
     Broker, BrokerEvents, BrokerHistory, HistoryRange, NodeInfo, Present, Retention,
 };
 use crate::metrics::Metrics;
+use budget::ByteBudget;
 use connection::ConnectionHandle;
-use namespace::{Access, Caller, Namespace, Namespaces, SlowConsumerPolicy};
+use namespace::{Access, Caller, ClientAuth, Namespace, Namespaces, SlowConsumerPolicy};
 use publication::{Payload, Publication};
-use queue::{LatestSlot, Pushed};
+use queue::{LatestSlot, OutgoingQueue, Pushed, QueueLimits};
 
 /// Publication rates are measured over windows this long.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
@@ -88,6 +92,15 @@ pub enum HubError {
     /// The broker between nodes cannot be reached.
     #[error("{0}")]
     Unavailable(String),
+    /// A publication's data is `null`, which the protocol reserves for "no data".
+    #[error("a publication's data may be any JSON value but null")]
+    NullData,
+    /// The server holds as many channels as it may (`max_channels`).
+    #[error("the server holds as many channels as it may ({limit}); try again later")]
+    TooManyChannels {
+        /// The limit.
+        limit: usize,
+    },
 }
 
 impl HubError {
@@ -103,6 +116,8 @@ impl HubError {
             HubError::MessageTooLarge { .. } => ErrorCode::MessageTooLarge,
             HubError::BinaryNotAllowed => ErrorCode::BinaryNotAllowed,
             HubError::Unavailable(_) => ErrorCode::Unavailable,
+            HubError::TooManyChannels { .. } => ErrorCode::TooManyChannels,
+            HubError::NullData => ErrorCode::BadRequest,
         }
     }
 }
@@ -190,11 +205,13 @@ struct ChannelState {
     epoch: Arc<str>,
     subscribers: IndexMap<ConnectionId, Subscriber>,
     history: VecDeque<(Instant, Arc<Publication>)>,
+    /// The bytes of `history`.
+    history_bytes: usize,
     /// Set when the channel was removed from the map; whoever holds the Arc must look it up again.
     closed: bool,
     /// The newest publication, kept even when the namespace keeps no history, so that pollers
-    /// of such channels still get the latest state.
-    latest: Option<Arc<Publication>>,
+    /// of such channels still get the latest state; and when it was published.
+    latest: Option<(Instant, Arc<Publication>)>,
     /// Long polls waiting on this channel; they keep it (and its epoch) alive like subscribers.
     watchers: usize,
     /// With a broker: whether `last_offset` and `epoch` follow the broker's stream (set by the
@@ -251,13 +268,18 @@ impl ChannelState {
     fn oldest_available(&self) -> Option<u64> {
         match self.history.front() {
             Some((_, first)) => Some(first.offset()),
-            None => self.latest.as_ref().map(|p| p.offset()),
+            None => self.latest.as_ref().map(|(_, p)| p.offset()),
         }
     }
 
     fn publications_after(&self, offset: u64) -> Box<dyn Iterator<Item = &Arc<Publication>> + '_> {
         if self.history.is_empty() {
-            return Box::new(self.latest.iter().filter(move |p| p.offset() > offset));
+            return Box::new(
+                self.latest
+                    .iter()
+                    .map(|(_, p)| p)
+                    .filter(move |p| p.offset() > offset),
+            );
         }
         Box::new(
             self.history
@@ -269,6 +291,58 @@ impl ChannelState {
 
     fn unused(&self) -> bool {
         self.subscribers.is_empty() && self.history.is_empty() && self.watchers == 0
+    }
+
+    /// The bytes this channel holds for clients: its history, and its latest publication when
+    /// that is not in history (namespaces without history, or history expired).
+    fn held_bytes(&self) -> usize {
+        let latest_apart = match (&self.latest, self.history.back()) {
+            (Some((_, latest)), Some((_, newest))) if Arc::ptr_eq(latest, newest) => 0,
+            (Some((_, latest)), _) => latest.size(),
+            (None, _) => 0,
+        };
+        self.history_bytes + latest_apart
+    }
+
+    /// When the oldest publication it holds was published.
+    fn oldest_held(&self) -> Option<Instant> {
+        match (self.history.front(), &self.latest) {
+            (Some((at, _)), _) => Some(*at),
+            (None, Some((at, _))) => Some(*at),
+            (None, None) => None,
+        }
+    }
+
+    /// Drops the oldest publication it holds; false when it holds none.
+    fn drop_oldest_held(&mut self) -> bool {
+        if let Some((_, oldest)) = self.history.pop_front() {
+            self.history_bytes -= oldest.size();
+            return true;
+        }
+        self.latest.take().is_some()
+    }
+
+    /// Appends to history.
+    fn remember(&mut self, at: Instant, publication: Arc<Publication>) {
+        self.history_bytes += publication.size();
+        self.history.push_back((at, publication));
+    }
+
+    /// Keeps at most `history_size` publications and `history_bytes` bytes (the newest always
+    /// stays), none older than `history_ttl`.
+    fn trim_history(&mut self, namespace: &Namespace, now: Instant) {
+        while self.history.len() > namespace.history_size
+            || (self.history.len() > 1 && self.history_bytes > namespace.history_bytes)
+            || self
+                .history
+                .front()
+                .is_some_and(|(at, _)| now.duration_since(*at) > namespace.history_ttl)
+        {
+            let Some((_, oldest)) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes -= oldest.size();
+        }
     }
 }
 
@@ -351,6 +425,7 @@ impl Channel {
                 epoch: new_epoch(),
                 subscribers: IndexMap::new(),
                 history: VecDeque::new(),
+                history_bytes: 0,
                 closed: false,
                 latest: None,
                 watchers: 0,
@@ -378,6 +453,35 @@ pub struct Hub {
     broker: Option<Arc<dyn Broker>>,
     /// This node, as `GET /api/nodes` and the registry describe it.
     node: NodeInfo,
+    limits: HubLimits,
+    /// How many channels `channels` holds (DashMap's own count locks every shard).
+    channel_count: AtomicUsize,
+    /// Bytes of publications and control frames queued for connections.
+    queue_budget: Arc<ByteBudget>,
+    /// Bytes of channel history (and latest publications) kept on this node.
+    history_budget: Arc<ByteBudget>,
+}
+
+/// What the hub holds at most, in total, whatever clients do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubLimits {
+    /// Channels on this node (`max_channels`).
+    pub max_channels: usize,
+    /// Bytes queued for connections, a publication shared by many queues counted once
+    /// (`max_queued_bytes`).
+    pub max_queued_bytes: usize,
+    /// Bytes of history kept in memory (`max_history_bytes`).
+    pub max_history_bytes: usize,
+}
+
+impl Default for HubLimits {
+    fn default() -> Self {
+        HubLimits {
+            max_channels: 100_000,
+            max_queued_bytes: 128 * 1024 * 1024,
+            max_history_bytes: 128 * 1024 * 1024,
+        }
+    }
 }
 
 /// Fan-out counts of one publication.
@@ -392,7 +496,13 @@ struct FanOut {
 impl Hub {
     /// An empty hub with these namespace rules, on the in-process broker.
     pub fn new(namespaces: Namespaces, metrics: Arc<Metrics>) -> Self {
-        Hub::with_broker(namespaces, metrics, None, NodeInfo::default())
+        Hub::with_broker(
+            namespaces,
+            metrics,
+            None,
+            NodeInfo::default(),
+            HubLimits::default(),
+        )
     }
 
     /// An empty hub whose channels cross nodes through `broker`.
@@ -401,6 +511,7 @@ impl Hub {
         metrics: Arc<Metrics>,
         broker: Option<Arc<dyn Broker>>,
         node: NodeInfo,
+        limits: HubLimits,
     ) -> Self {
         Hub {
             channels: DashMap::new(),
@@ -409,7 +520,31 @@ impl Hub {
             metrics,
             broker,
             node,
+            limits,
+            channel_count: AtomicUsize::new(0),
+            queue_budget: ByteBudget::new(limits.max_queued_bytes),
+            history_budget: ByteBudget::new(limits.max_history_bytes),
         }
+    }
+
+    /// A new connection's outgoing queue, counting in this hub's queue budget.
+    pub fn outgoing_queue(&self, limits: QueueLimits) -> OutgoingQueue {
+        OutgoingQueue::with_limits(limits, Some(self.queue_budget.clone()))
+    }
+
+    /// Bytes queued for connections now (shared publications counted once).
+    pub fn queued_bytes(&self) -> usize {
+        self.queue_budget.used()
+    }
+
+    /// Bytes of history kept now.
+    pub fn history_bytes(&self) -> usize {
+        self.history_budget.used()
+    }
+
+    /// The limits in effect.
+    pub fn limits(&self) -> HubLimits {
+        self.limits
     }
 
     /// The broker between nodes, if any.
@@ -491,31 +626,61 @@ impl Hub {
         }
     }
 
-    fn channel(&self, name: &str) -> Arc<Channel> {
+    /// The channel named `name`, made if needed; refused when the server holds as many
+    /// channels as it may.
+    fn channel(&self, name: &str) -> Result<Arc<Channel>, HubError> {
         if let Some(channel) = self.channels.get(name) {
-            return channel.clone();
+            return Ok(channel.clone());
         }
-        self.channels
-            .entry(name.into())
-            .or_insert_with(|| {
-                Arc::new(Channel::new(
+        if self.channel_count.load(Ordering::Relaxed) >= self.limits.max_channels {
+            self.metrics.channel_refusals.inc();
+            return Err(HubError::TooManyChannels {
+                limit: self.limits.max_channels,
+            });
+        }
+        let channel = match self.channels.entry(name.into()) {
+            dashmap::Entry::Occupied(entry) => entry.get().clone(),
+            dashmap::Entry::Vacant(entry) => {
+                self.channel_count.fetch_add(1, Ordering::Relaxed);
+                let channel = Arc::new(Channel::new(
                     name,
                     self.namespaces.for_channel(name).clone(),
-                ))
-            })
-            .clone()
+                ));
+                entry.insert(channel.clone());
+                channel
+            }
+        };
+        Ok(channel)
     }
 
     /// Removes a channel that has neither subscribers nor history.
     fn remove_if_unused(&self, name: &str) {
-        self.channels.remove_if(name, |_, channel| {
+        let removed = self.channels.remove_if(name, |_, channel| {
             let mut state = channel.state.lock();
             let unused = state.unused();
             if unused {
                 state.closed = true;
+                self.history_budget.sub(state.held_bytes());
+                state.latest = None;
             }
             unused
         });
+        if removed.is_some() {
+            self.channel_count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `change` on a channel's state and counts what it held before and after in the
+    /// history budget.
+    fn holding<R>(
+        &self,
+        state: &mut ChannelState,
+        change: impl FnOnce(&mut ChannelState) -> R,
+    ) -> R {
+        let before = state.held_bytes();
+        let result = change(state);
+        self.history_budget.adjust(before, state.held_bytes());
+        result
     }
 
     /// Publishes on a channel. On the in-process broker the publication is fanned out before
@@ -535,13 +700,16 @@ impl Hub {
         if matches!(payload, Payload::Binary(_)) && !namespace.binary {
             return Err(HubError::BinaryNotAllowed);
         }
+        if matches!(&payload, Payload::Json(data) if data.get().trim() == "null") {
+            return Err(HubError::NullData);
+        }
         if payload.len() > namespace.max_message_size {
             return Err(HubError::MessageTooLarge {
                 limit: namespace.max_message_size,
             });
         }
         match &self.broker {
-            None => Ok(self.publish_here(channel_name, &payload)),
+            None => self.publish_here(channel_name, &payload),
             Some(broker) => {
                 let (offset, epoch) = broker
                     .publish(channel_name, &payload, Retention::of(namespace))
@@ -553,23 +721,52 @@ impl Hub {
     }
 
     /// The in-process broker: offset, fan-out and history under the channel's lock.
-    fn publish_here(&self, channel_name: &str, payload: &Payload) -> PublishOutcome {
+    fn publish_here(
+        &self,
+        channel_name: &str,
+        payload: &Payload,
+    ) -> Result<PublishOutcome, HubError> {
+        if !self.channels.contains_key(channel_name)
+            && self.namespaces.for_channel(channel_name).history_size == 0
+        {
+            // Nobody follows it and nothing would be kept: the channel would be made and
+            // removed at once. Its first offset in a fresh epoch, without making it (so a
+            // publisher to nobody is not held to `max_channels`).
+            self.metrics.publications.inc();
+            return Ok(PublishOutcome {
+                offset: 1,
+                epoch: new_epoch(),
+            });
+        }
         loop {
-            let channel = self.channel(channel_name);
+            let channel = self.channel(channel_name)?;
             let mut state = channel.state.lock();
             if state.closed {
                 continue;
             }
             state.last_offset += 1;
             let offset = state.last_offset;
-            let publication = Arc::new(Publication::new(channel.name.clone(), offset, payload));
-            let fan_out = fan_out(&channel, &mut state, &publication);
+            let publication = Arc::new(Publication::counted(
+                channel.name.clone(),
+                offset,
+                payload,
+                &self.queue_budget,
+            ));
             let namespace = &channel.namespace;
-            if namespace.history_size > 0 {
+            let far_over = self.history_budget.is_far_over();
+            let fan_out = self.holding(&mut state, |state| {
                 let now = Instant::now();
-                state.history.push_back((now, publication));
-                trim_history(&mut state.history, namespace, now);
-            }
+                let fan_out = fan_out(&channel, state, &publication, now);
+                if namespace.history_size > 0 {
+                    state.remember(now, publication);
+                    state.trim_history(namespace, now);
+                    // The enforcer is behind: this channel gives up its oldest at once.
+                    if far_over && state.history.len() > 1 {
+                        state.drop_oldest_held();
+                    }
+                }
+                fan_out
+            });
             let outcome = PublishOutcome {
                 offset,
                 epoch: state.epoch.clone(),
@@ -581,7 +778,7 @@ impl Hub {
             if unused {
                 self.remove_if_unused(channel_name);
             }
-            return outcome;
+            return Ok(outcome);
         }
     }
 
@@ -638,8 +835,15 @@ impl Hub {
         if !same_epoch {
             state.epoch = epoch.into();
         }
-        let publication = Arc::new(Publication::new(channel.name.clone(), offset, payload));
-        let fan_out = fan_out(&channel, &mut state, &publication);
+        let publication = Arc::new(Publication::counted(
+            channel.name.clone(),
+            offset,
+            payload,
+            &self.queue_budget,
+        ));
+        let fan_out = self.holding(&mut state, |state| {
+            fan_out(&channel, state, &publication, Instant::now())
+        });
         let watched = state.watchers > 0;
         drop(state);
         self.published(&channel, watched, &fan_out);
@@ -748,7 +952,7 @@ impl Hub {
     ) -> Result<(), HubError> {
         let subscriber = self.new_subscriber(channel_name, connection);
         loop {
-            let channel = self.channel(channel_name);
+            let channel = self.channel(channel_name)?;
             let mut state = channel.state.lock();
             if state.closed {
                 continue;
@@ -798,7 +1002,7 @@ impl Hub {
         let mut subscriber = self.new_subscriber(channel_name, connection);
         subscriber.recovering = Some(Vec::new());
         let channel = loop {
-            let channel = self.channel(channel_name);
+            let channel = self.channel(channel_name)?;
             let mut state = channel.state.lock();
             if state.closed {
                 continue;
@@ -884,8 +1088,12 @@ impl Hub {
         );
         if recovery == Some(Ok(())) {
             for stored in &publications {
-                let publication =
-                    Publication::new(channel.name.clone(), stored.offset, &stored.payload);
+                let publication = Publication::counted(
+                    channel.name.clone(),
+                    stored.offset,
+                    &stored.payload,
+                    &self.queue_budget,
+                );
                 connection.queue.push_recovered(&Arc::new(publication));
             }
         }
@@ -923,6 +1131,24 @@ impl Hub {
             return Err(HubError::NotSubscribed);
         }
         self.remove_subscriber(channel_name, connection.id)
+    }
+
+    /// Ends every subscription of `connection` that `auth` (its new token) no longer allows,
+    /// telling the client with an `unsubscribed` push for each.
+    pub fn end_disallowed_subscriptions(&self, connection: &ConnectionHandle, auth: &ClientAuth) {
+        for channel in connection.subscriptions() {
+            if self.check_readable(&channel, Caller::Client(auth)).is_ok() {
+                continue;
+            }
+            if self.unsubscribe(&channel, connection).is_ok() {
+                connection
+                    .queue
+                    .push_control(Bytes::from(to_json(&Unsubscribed {
+                        channel: channel.as_str().into(),
+                        code: ErrorCode::PermissionDenied,
+                    })));
+            }
+        }
     }
 
     fn remove_subscriber(
@@ -1032,7 +1258,7 @@ impl Hub {
         self.check_readable(channel_name, caller)?;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            let channel = self.channel(channel_name);
+            let channel = self.channel(channel_name)?;
             let watcher = {
                 let mut state = channel.state.lock();
                 if state.closed {
@@ -1190,7 +1416,9 @@ impl Hub {
             });
         };
         let mut state = channel.state.lock();
-        trim_history(&mut state.history, &channel.namespace, Instant::now());
+        self.holding(&mut state, |state| {
+            state.trim_history(&channel.namespace, Instant::now());
+        });
         let publications: Vec<Arc<Publication>> = match since {
             Some(since) => state
                 .publications_after(since.offset())
@@ -1216,31 +1444,43 @@ impl Hub {
         })
     }
 
-    /// Every channel with its subscribers, offset, epoch and publication rate, by name.
-    pub fn channels(&self) -> Vec<ChannelSummary> {
-        let now = Instant::now();
-        let mut summaries: Vec<ChannelSummary> = self
+    /// Channels by name, after `after`, whose name contains `search`, at most `limit`: each
+    /// with its subscribers, offset, epoch and publication rate.
+    pub fn channels_page(
+        &self,
+        after: Option<&str>,
+        search: Option<&str>,
+        limit: usize,
+    ) -> Vec<ChannelSummary> {
+        let mut names: Vec<Arc<str>> = self
             .channels
             .iter()
-            .map(|entry| {
-                let channel = entry.value();
+            .map(|entry| entry.key().clone())
+            .filter(|name| after.is_none_or(|after| &**name > after))
+            .filter(|name| search.is_none_or(|search| name.contains(search)))
+            .collect();
+        names.sort_unstable();
+        let now = Instant::now();
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let channel = self.channels.get(&name)?.clone();
                 let state = channel.state.lock();
-                ChannelSummary {
+                Some(ChannelSummary {
                     name: channel.name.clone(),
                     subscribers: state.subscribers.len(),
                     offset: state.last_offset,
                     epoch: state.epoch.clone(),
                     rate: state.current_rate(now),
-                }
+                })
             })
-            .collect();
-        summaries.sort_by(|a, b| a.name.cmp(&b.name));
-        summaries
+            .take(limit)
+            .collect()
     }
 
     /// How many channels exist.
     pub fn channel_count(&self) -> usize {
-        self.channels.len()
+        self.channel_count.load(Ordering::Relaxed)
     }
 
     /// Drops expired history and removes channels nobody uses; run periodically.
@@ -1250,7 +1490,9 @@ impl Hub {
         for entry in &self.channels {
             let channel = entry.value();
             let mut state = channel.state.lock();
-            trim_history(&mut state.history, &channel.namespace, now);
+            self.holding(&mut state, |state| {
+                state.trim_history(&channel.namespace, now)
+            });
             if state.unused() {
                 unused.push(channel.name.clone());
             }
@@ -1298,7 +1540,12 @@ impl BrokerEvents for HubEvents {
 
 /// Pushes a publication to every subscriber of a channel (buffering it for those still reading
 /// the broker's history) and records it as the channel's latest.
-fn fan_out(channel: &Channel, state: &mut ChannelState, publication: &Arc<Publication>) -> FanOut {
+fn fan_out(
+    channel: &Channel,
+    state: &mut ChannelState,
+    publication: &Arc<Publication>,
+    now: Instant,
+) -> FanOut {
     let policy = channel.namespace.slow_consumer;
     let mut counts = FanOut::default();
     for subscriber in state.subscribers.values_mut() {
@@ -1315,14 +1562,14 @@ fn fan_out(channel: &Channel, state: &mut ChannelState, publication: &Arc<Public
             subscriber.latest.as_ref(),
         ) {
             Pushed::Queued | Pushed::Closed => {}
-            Pushed::DroppedOldest => counts.dropped += 1,
+            Pushed::Dropped(dropped) => counts.dropped += dropped as u64,
             Pushed::Conflated => counts.conflated += 1,
             Pushed::Disconnecting => counts.disconnected += 1,
         }
     }
     counts.delivered = state.subscribers.len() as u64;
-    state.count_publication(Instant::now());
-    state.latest = Some(publication.clone());
+    state.count_publication(now);
+    state.latest = Some((now, publication.clone()));
     counts
 }
 
@@ -1449,28 +1696,9 @@ impl Drop for Watcher<'_> {
     }
 }
 
-/// Keeps at most `history_size` publications, none older than `history_ttl`.
-fn trim_history(
-    history: &mut VecDeque<(Instant, Arc<Publication>)>,
-    namespace: &Namespace,
-    now: Instant,
-) {
-    while history.len() > namespace.history_size {
-        history.pop_front();
-    }
-    let ttl: Duration = namespace.history_ttl;
-    while history
-        .front()
-        .is_some_and(|(at, _)| now.duration_since(*at) > ttl)
-    {
-        history.pop_front();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use namespace::ClientAuth;
     use queue::{Outgoing, OutgoingQueue};
     use serde_json::value::RawValue;
 
@@ -1573,7 +1801,7 @@ mod tests {
             .epoch
             .to_string();
         let state_of = |since: Since| {
-            let channel = hub.channel("chat:a");
+            let channel = hub.channel("chat:a").expect("a channel");
             let state = channel.state.lock();
             state.recoverable(&since)
         };

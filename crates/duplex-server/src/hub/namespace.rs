@@ -103,6 +103,8 @@ pub struct Namespace {
     pub history_size: usize,
     /// How long a publication stays in history.
     pub history_ttl: Duration,
+    /// How many bytes of history each channel keeps (the newest publication always stays).
+    pub history_bytes: usize,
     /// Whether presence and join/leave events are on.
     pub presence: bool,
     /// Whether binary publications are allowed.
@@ -129,6 +131,8 @@ pub struct NamespaceConfig {
     pub history_size: Option<usize>,
     /// See [`Namespace::history_ttl`], as text such as `"5m"`.
     pub history_ttl: Option<String>,
+    /// See [`Namespace::history_bytes`].
+    pub history_bytes: Option<ByteSize>,
     /// See [`Namespace::presence`].
     pub presence: Option<bool>,
     /// See [`Namespace::binary`].
@@ -155,6 +159,7 @@ impl NamespaceConfig {
             read_history: self.read_history.unwrap_or(base.read_history),
             history_size: self.history_size.unwrap_or(base.history_size),
             history_ttl,
+            history_bytes: self.history_bytes.map_or(base.history_bytes, |b| b.0),
             presence: self.presence.unwrap_or(base.presence),
             binary: self.binary.unwrap_or(base.binary),
             max_message_size: self.max_message_size.map_or(base.max_message_size, |s| s.0),
@@ -215,6 +220,7 @@ fn builtin(name: &str) -> Option<Namespace> {
         read_history: Access::Anyone,
         history_size: 100,
         history_ttl: Duration::from_secs(300),
+        history_bytes: 1024 * KIB,
         presence: false,
         binary: false,
         max_message_size: 64 * KIB,
@@ -233,6 +239,7 @@ fn builtin(name: &str) -> Option<Namespace> {
             publish: Access::Server,
             history_size: 1000,
             history_ttl: Duration::from_secs(3600),
+            history_bytes: 4 * 1024 * KIB,
             max_message_size: 2 * 1024 * KIB,
             ..default
         },

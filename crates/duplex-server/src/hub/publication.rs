@@ -5,11 +5,14 @@
 //! newline, raw TCP in length-prefixed mode the whole buffer. Subscribers share the buffer; no
 //! subscriber encodes anything.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use serde_json::value::RawValue;
+
+use super::budget::ByteBudget;
 
 /// What a publication carries.
 #[derive(Debug, Clone)]
@@ -48,6 +51,10 @@ pub struct Publication {
     payload_start: usize,
     /// A JSON line with the payload in base64, made on first use by a line-mode reader.
     binary_as_line: OnceLock<Bytes>,
+    /// How many outgoing queues hold it; its bytes count once in `queue_budget` while any does.
+    queued: AtomicU32,
+    /// The server's budget for queued bytes (none in unit tests that need no accounting).
+    queue_budget: Option<Arc<ByteBudget>>,
 }
 
 impl Publication {
@@ -84,7 +91,27 @@ impl Publication {
             ws_text,
             payload_start,
             binary_as_line: OnceLock::new(),
+            queued: AtomicU32::new(0),
+            queue_budget: None,
         }
+    }
+
+    /// Encodes a publication whose bytes count in `budget` while any outgoing queue holds it.
+    pub fn counted(
+        channel: Arc<str>,
+        offset: u64,
+        payload: &Payload,
+        budget: &Arc<ByteBudget>,
+    ) -> Publication {
+        Publication {
+            queue_budget: Some(budget.clone()),
+            ..Publication::new(channel, offset, payload)
+        }
+    }
+
+    /// The memory it holds, in bytes (what budgets count).
+    pub fn size(&self) -> usize {
+        self.encoded.len() + self.channel.len() + std::mem::size_of::<Publication>()
     }
 
     /// The channel.
@@ -147,6 +174,47 @@ impl Publication {
     }
 }
 
+/// A publication held by an outgoing queue (or a conflation slot). While at least one exists
+/// for a publication, its bytes count once in the server's queue budget: a publication shared
+/// by a thousand queues costs its bytes once, as it does in memory.
+#[derive(Debug)]
+pub struct Queued(Arc<Publication>);
+
+impl Queued {
+    /// Holds `publication` for one queue.
+    pub fn new(publication: &Arc<Publication>) -> Queued {
+        if let Some(budget) = &publication.queue_budget
+            && publication.queued.fetch_add(1, Ordering::AcqRel) == 0
+        {
+            budget.add(publication.size());
+        }
+        Queued(publication.clone())
+    }
+
+    /// The publication.
+    pub fn publication(&self) -> &Arc<Publication> {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Queued {
+    type Target = Publication;
+
+    fn deref(&self) -> &Publication {
+        &self.0
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if let Some(budget) = &self.0.queue_budget
+            && self.0.queued.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            budget.sub(self.0.size());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,5 +249,24 @@ mod tests {
             )
         );
         assert!(publication.ws_text().is_none());
+    }
+
+    #[test]
+    fn a_publication_counts_once_while_any_queue_holds_it() {
+        let budget = ByteBudget::new(1 << 20);
+        let data = RawValue::from_string("1".into()).expect("json");
+        let publication = Arc::new(Publication::counted(
+            "chat:a".into(),
+            1,
+            &Payload::Json(data),
+            &budget,
+        ));
+        let first = Queued::new(&publication);
+        let second = Queued::new(&publication);
+        assert_eq!(budget.used(), publication.size());
+        drop(first);
+        assert_eq!(budget.used(), publication.size());
+        drop(second);
+        assert_eq!(budget.used(), 0);
     }
 }

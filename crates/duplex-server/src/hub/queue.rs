@@ -1,9 +1,17 @@
-//! A connection's outgoing queue: bounded for publications, with the namespace's slow-consumer
-//! policy applied when it is full, and drained whole by the connection's writer so that
-//! everything queued goes out in one write.
+//! A connection's outgoing queue: bounded in publications and in bytes, with the namespace's
+//! slow-consumer policy applied at whichever bound is hit first, and drained whole by the
+//! connection's writer so that everything queued goes out in one write.
 //!
 //! A `parking_lot` mutex guards a `VecDeque`; it is held only to push or to swap the contents
-//! out, never across an `.await`. Publishers (the hub) and the writer are the only users.
+//! out, never across an `.await`. Publishers (the hub) and the writer are the only users. Lock
+//! order: a conflation slot may be locked before the queue's state, never after it (dropping a
+//! queued slot clears it once the state is unlocked).
+//!
+//! Bytes are counted twice: per queue (what this connection has fallen behind by, the bound the
+//! policy applies at), and once per publication in the server's queue budget however many
+//! queues share it ([`Queued`]). When the budget is over, the enforcer sheds the fullest queues
+//! first ([`OutgoingQueue::shed`]); a budget far over makes a queue that holds more than
+//! [`SHED_FLOOR`] bytes shed as it grows.
 //!
 //! A queue has one writer (the connection's task) and at most one other task waiting for it to
 //! close (raw TCP's reader), so each waits through an `AtomicWaker`: two words per connection
@@ -13,6 +21,7 @@
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -20,14 +29,24 @@ use duplex_proto::DisconnectCode;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
+use super::budget::ByteBudget;
 use super::namespace::SlowConsumerPolicy;
-use super::publication::Publication;
+use super::publication::{Publication, Queued};
+
+/// A queue holding no more than this many bytes of publications is never made to shed by a
+/// budget far over its limit: fast consumers keep what they are about to receive.
+pub const SHED_FLOOR: usize = 64 * 1024;
+
+/// A writer takes at most about this many bytes per batch (always at least one item): what a
+/// writer holds while its socket is full stays small, and the rest stays in the queue, where
+/// the slow-consumer policy and the budget can still shed it.
+pub const BATCH_BYTES: usize = 64 * 1024;
 
 /// Something for a connection's writer to send.
 #[derive(Debug)]
 pub enum Outgoing {
     /// A publication.
-    Publication(Arc<Publication>),
+    Publication(Queued),
     /// The newest publication of a conflated (`latest`) subscription, taken when written.
     Latest(Arc<LatestSlot>),
     /// A JSON control frame (reply, error, ping…); never dropped.
@@ -41,13 +60,17 @@ pub enum Outgoing {
 /// The pending publication of one conflated subscription.
 #[derive(Debug, Default)]
 pub struct LatestSlot {
-    pending: Mutex<Option<Arc<Publication>>>,
+    pending: Mutex<Option<Queued>>,
+    /// The pending publication's size, readable without the lock.
+    size: AtomicUsize,
 }
 
 impl LatestSlot {
     /// Takes the pending publication, if any.
-    pub fn take(&self) -> Option<Arc<Publication>> {
-        self.pending.lock().take()
+    pub fn take(&self) -> Option<Queued> {
+        let taken = self.pending.lock().take();
+        self.size.store(0, Ordering::Relaxed);
+        taken
     }
 }
 
@@ -56,8 +79,8 @@ impl LatestSlot {
 pub enum Pushed {
     /// Queued.
     Queued,
-    /// Queued after dropping the oldest queued publication.
-    DroppedOldest,
+    /// Queued after dropping this many of the oldest queued publications.
+    Dropped(usize),
     /// Replaced a pending publication of the same subscription.
     Conflated,
     /// The queue was full and the policy disconnects; the connection is closing.
@@ -66,11 +89,39 @@ pub enum Pushed {
     Closed,
 }
 
+/// What [`OutgoingQueue::shed`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// Dropped this many of the oldest publications (0: nothing to shed).
+    Dropped(usize),
+    /// The queue holds publications of a `disconnect` namespace: it is closing instead.
+    Disconnecting,
+}
+
+/// How much a queue may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Publications (and conflation slots) queued before the policy applies.
+    pub publications: usize,
+    /// Bytes of publications queued before the policy applies; an empty queue always takes
+    /// one publication, however large. Control frames may take twice this.
+    pub bytes: usize,
+}
+
 #[derive(Debug, Default)]
 struct State {
     items: VecDeque<Outgoing>,
     /// Publications (and conflation markers) among `items`.
     publications: usize,
+    /// Their bytes.
+    publication_bytes: usize,
+    /// Bytes of control frames among `items`.
+    control_bytes: usize,
+    /// Control frames among `items`.
+    controls: usize,
+    /// Whether a publication of a `disconnect` namespace is among `items`: shedding this queue
+    /// must close it rather than drop silently.
+    strict: bool,
     closing: Option<DisconnectCode>,
 }
 
@@ -82,18 +133,60 @@ pub struct OutgoingQueue {
     writer: AtomicWaker,
     /// A task waiting for the queue to close (raw TCP's reader), so it stops too.
     closed: AtomicWaker,
-    capacity: usize,
+    limits: QueueLimits,
+    /// The server's budget for queued bytes (control frames are counted here; publications
+    /// count themselves, see [`Queued`]).
+    budget: Option<Arc<ByteBudget>>,
 }
 
+/// Conflation slots taken out of a queue while its state was locked, cleared once it is not.
+type Unslotted = Vec<Arc<LatestSlot>>;
+
 impl OutgoingQueue {
-    /// A queue holding at most `capacity` publications.
+    /// A queue holding at most `capacity` publications, unbounded in bytes and outside any
+    /// budget (unit tests).
     pub fn new(capacity: usize) -> Self {
+        Self::with_limits(
+            QueueLimits {
+                publications: capacity,
+                bytes: usize::MAX,
+            },
+            None,
+        )
+    }
+
+    /// A queue bounded by `limits`, counting in `budget`.
+    pub fn with_limits(limits: QueueLimits, budget: Option<Arc<ByteBudget>>) -> Self {
         OutgoingQueue {
             state: Mutex::new(State::default()),
             writer: AtomicWaker::new(),
             closed: AtomicWaker::new(),
-            capacity: capacity.max(1),
+            limits: QueueLimits {
+                publications: limits.publications.max(1),
+                bytes: limits.bytes.max(1),
+            },
+            budget,
         }
+    }
+
+    /// Bytes queued now (publications and control frames): how far behind the connection is.
+    pub fn queued_bytes(&self) -> usize {
+        let state = self.state.lock();
+        state.publication_bytes + state.control_bytes
+    }
+
+    /// Publications queued now.
+    pub fn queued_publications(&self) -> usize {
+        self.state.lock().publications
+    }
+
+    /// Whether the queue has no room for `size` more bytes of publications.
+    fn full(&self, state: &State, size: usize) -> bool {
+        state.publications >= self.limits.publications
+            || (state.publication_bytes > 0
+                && state.publication_bytes.saturating_add(size) > self.limits.bytes)
+            || (state.publication_bytes > SHED_FLOOR
+                && self.budget.as_ref().is_some_and(|b| b.is_far_over()))
     }
 
     /// Queues a publication under `policy`; `latest` is the subscription's slot when the policy
@@ -104,80 +197,124 @@ impl OutgoingQueue {
         policy: SlowConsumerPolicy,
         latest: Option<&Arc<LatestSlot>>,
     ) -> Pushed {
-        if let (SlowConsumerPolicy::Latest, Some(slot)) = (policy, latest) {
+        let size = publication.size();
+        let mut unslotted = Unslotted::new();
+        let outcome = if let (SlowConsumerPolicy::Latest, Some(slot)) = (policy, latest) {
             let mut pending = slot.pending.lock();
             if pending.is_some() {
-                *pending = Some(publication.clone());
+                let replaced = pending.replace(Queued::new(publication));
+                let before = slot.size.swap(size, Ordering::Relaxed);
+                drop(pending);
+                let mut state = self.state.lock();
+                state.publication_bytes = state.publication_bytes.saturating_sub(before) + size;
+                drop(state);
+                drop(replaced);
                 return Pushed::Conflated;
             }
             let mut state = self.state.lock();
             if state.closing.is_some() {
                 return Pushed::Closed;
             }
-            *pending = Some(publication.clone());
+            *pending = Some(Queued::new(publication));
+            slot.size.store(size, Ordering::Relaxed);
             drop(pending);
-            let dropped = state.publications >= self.capacity && Self::drop_oldest(&mut state);
-            self.enqueue(state, Outgoing::Latest(slot.clone()), true);
-            return if dropped {
-                Pushed::DroppedOldest
+            let mut dropped = 0;
+            while self.full(&state, size) && Self::drop_oldest(&mut state, &mut unslotted) {
+                dropped += 1;
+            }
+            self.enqueue(state, Outgoing::Latest(slot.clone()), size, true);
+            if dropped > 0 {
+                Pushed::Dropped(dropped)
             } else {
                 Pushed::Queued
-            };
-        }
-
-        let mut state = self.state.lock();
-        if state.closing.is_some() {
-            return Pushed::Closed;
-        }
-        let mut outcome = Pushed::Queued;
-        if state.publications >= self.capacity {
-            match policy {
-                SlowConsumerPolicy::Disconnect => {
-                    state.closing = Some(DisconnectCode::SlowConsumer);
-                    drop(state);
-                    self.wake_on_close();
-                    return Pushed::Disconnecting;
-                }
-                SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::Latest => {
-                    if Self::drop_oldest(&mut state) {
-                        outcome = Pushed::DroppedOldest;
+            }
+        } else {
+            let mut state = self.state.lock();
+            if state.closing.is_some() {
+                return Pushed::Closed;
+            }
+            let mut outcome = Pushed::Queued;
+            if self.full(&state, size) {
+                match policy {
+                    SlowConsumerPolicy::Disconnect => {
+                        state.closing = Some(DisconnectCode::SlowConsumer);
+                        drop(state);
+                        self.wake_on_close();
+                        return Pushed::Disconnecting;
+                    }
+                    SlowConsumerPolicy::DropOldest | SlowConsumerPolicy::Latest => {
+                        let mut dropped = 0;
+                        while self.full(&state, size)
+                            && Self::drop_oldest(&mut state, &mut unslotted)
+                        {
+                            dropped += 1;
+                        }
+                        if dropped > 0 {
+                            outcome = Pushed::Dropped(dropped);
+                        }
                     }
                 }
             }
-        }
-        self.enqueue(state, Outgoing::Publication(publication.clone()), true);
+            if policy == SlowConsumerPolicy::Disconnect {
+                state.strict = true;
+            }
+            self.enqueue(
+                state,
+                Outgoing::Publication(Queued::new(publication)),
+                size,
+                true,
+            );
+            outcome
+        };
+        clear(unslotted);
         outcome
     }
 
     /// Queues a publication replayed for recovery: never dropped, whatever the queue holds,
-    /// because the client was promised every one of them.
+    /// because the client was promised every one of them (history bounds how many there are).
     pub fn push_recovered(&self, publication: &Arc<Publication>) {
         let state = self.state.lock();
         if state.closing.is_some() {
             return;
         }
-        self.enqueue(state, Outgoing::Publication(publication.clone()), true);
+        let size = publication.size();
+        self.enqueue(
+            state,
+            Outgoing::Publication(Queued::new(publication)),
+            size,
+            true,
+        );
     }
 
     /// Queues a control frame. A client that keeps asking without ever reading is disconnected
-    /// once control frames alone fill the queue four times over.
+    /// once control frames fill the queue four times over in count, or twice over in bytes.
     pub fn push_control(&self, frame: Bytes) {
         self.push_other(Outgoing::Control(frame));
     }
 
     /// Queues a non-publication item (control frame or framing switch).
     pub fn push_other(&self, item: Outgoing) {
+        let size = match &item {
+            Outgoing::Control(frame) => frame.len(),
+            _ => 0,
+        };
         let mut state = self.state.lock();
         if state.closing.is_some() {
             return;
         }
-        if state.items.len() - state.publications >= self.capacity * 4 {
+        let too_many = state.controls >= self.limits.publications.saturating_mul(4);
+        let too_large = state.control_bytes > 0
+            && state.control_bytes.saturating_add(size) > self.limits.bytes.saturating_mul(2);
+        if too_many || too_large {
             state.closing = Some(DisconnectCode::SlowConsumer);
             drop(state);
             self.wake_on_close();
             return;
         }
-        self.enqueue(state, item, false);
+        if let Some(budget) = &self.budget {
+            budget.add(size);
+        }
+        self.enqueue(state, item, size, false);
     }
 
     /// Asks the writer to send a `disconnect` with `code` and close; the first code wins.
@@ -188,6 +325,30 @@ impl OutgoingQueue {
         }
         drop(state);
         self.wake_on_close();
+    }
+
+    /// Makes room when the server's queue budget is over: drops the oldest publications until
+    /// at most `keep` bytes of them are queued, or closes the queue with `slow_consumer` when it
+    /// holds publications of a `disconnect` namespace.
+    pub fn shed(&self, keep: usize) -> Shed {
+        let mut unslotted = Unslotted::new();
+        let mut state = self.state.lock();
+        if state.closing.is_some() || state.publication_bytes <= keep {
+            return Shed::Dropped(0);
+        }
+        if state.strict {
+            state.closing = Some(DisconnectCode::SlowConsumer);
+            drop(state);
+            self.wake_on_close();
+            return Shed::Disconnecting;
+        }
+        let mut dropped = 0;
+        while state.publication_bytes > keep && Self::drop_oldest(&mut state, &mut unslotted) {
+            dropped += 1;
+        }
+        drop(state);
+        clear(unslotted);
+        Shed::Dropped(dropped)
     }
 
     fn wake_on_close(&self) {
@@ -213,14 +374,15 @@ impl OutgoingQueue {
         self.state.lock().closing.is_some()
     }
 
-    /// Waits until something is queued or the connection closes, then moves everything queued
-    /// into `batch`. Returns the disconnect code once closing. Only the queue's writer calls it.
+    /// Waits until something is queued or the connection closes, then moves the oldest queued
+    /// items, about [`BATCH_BYTES`] of them, into `batch`. Returns the disconnect code once
+    /// closing and everything queued has been taken. Only the queue's writer calls it.
     pub async fn next_batch(&self, batch: &mut VecDeque<Outgoing>) -> Option<DisconnectCode> {
         poll_fn(|cx| self.poll_batch(cx, batch)).await
     }
 
-    /// [`Self::next_batch`] as a poll: ready with everything queued (and the disconnect code
-    /// once closing), or pending until something is queued or the queue closes.
+    /// [`Self::next_batch`] as a poll: ready with the next batch (and the disconnect code once
+    /// closing and empty), or pending until something is queued or the queue closes.
     pub fn poll_batch(
         &self,
         cx: &mut Context<'_>,
@@ -232,9 +394,47 @@ impl OutgoingQueue {
         if state.items.is_empty() && state.closing.is_none() {
             return Poll::Pending;
         }
-        std::mem::swap(&mut state.items, batch);
-        state.publications = 0;
-        Poll::Ready(state.closing)
+        let mut taken = 0;
+        let mut control_bytes = 0;
+        while taken < BATCH_BYTES {
+            let Some(item) = state.items.pop_front() else {
+                break;
+            };
+            let size = match &item {
+                Outgoing::Publication(publication) => {
+                    state.publications -= 1;
+                    let size = publication.size();
+                    state.publication_bytes = state.publication_bytes.saturating_sub(size);
+                    size
+                }
+                Outgoing::Latest(slot) => {
+                    state.publications -= 1;
+                    let size = slot.size.load(Ordering::Relaxed);
+                    state.publication_bytes = state.publication_bytes.saturating_sub(size);
+                    size
+                }
+                Outgoing::Control(frame) => {
+                    state.controls -= 1;
+                    state.control_bytes -= frame.len();
+                    control_bytes += frame.len();
+                    frame.len()
+                }
+                Outgoing::SwitchToLengthPrefixed | Outgoing::Ping => 0,
+            };
+            taken += size.max(1);
+            batch.push_back(item);
+        }
+        if state.items.is_empty() {
+            // Conflation can leave a few bytes counted for a slot already taken.
+            state.publication_bytes = 0;
+            state.strict = false;
+        }
+        let closing = state.closing.filter(|_| state.items.is_empty());
+        drop(state);
+        if let Some(budget) = &self.budget {
+            budget.sub(control_bytes);
+        }
+        Poll::Ready(closing)
     }
 
     /// For a writer whose socket takes nothing more: ready with the disconnect code once the
@@ -252,12 +452,17 @@ impl OutgoingQueue {
         &self,
         mut state: parking_lot::MutexGuard<'_, State>,
         item: Outgoing,
+        size: usize,
         publication: bool,
     ) {
         let was_empty = state.items.is_empty();
         state.items.push_back(item);
         if publication {
             state.publications += 1;
+            state.publication_bytes += size;
+        } else {
+            state.controls += 1;
+            state.control_bytes += size;
         }
         drop(state);
         // The writer takes everything at once, so only the first item after a take wakes it.
@@ -266,8 +471,9 @@ impl OutgoingQueue {
         }
     }
 
-    /// Removes the oldest queued publication; false if there was none.
-    fn drop_oldest(state: &mut State) -> bool {
+    /// Removes the oldest queued publication; false if there was none. A conflation slot it
+    /// removes is cleared by the caller once the state is unlocked.
+    fn drop_oldest(state: &mut State, unslotted: &mut Unslotted) -> bool {
         let Some(index) = state
             .items
             .iter()
@@ -275,11 +481,34 @@ impl OutgoingQueue {
         else {
             return false;
         };
-        if let Some(Outgoing::Latest(slot)) = state.items.remove(index) {
-            slot.take();
-        }
+        let size = match state.items.remove(index) {
+            Some(Outgoing::Publication(publication)) => publication.size(),
+            Some(Outgoing::Latest(slot)) => {
+                let size = slot.size.load(Ordering::Relaxed);
+                unslotted.push(slot);
+                size
+            }
+            _ => 0,
+        };
         state.publications -= 1;
+        state.publication_bytes = state.publication_bytes.saturating_sub(size);
         true
+    }
+}
+
+/// Clears the conflation slots whose markers were dropped.
+fn clear(unslotted: Unslotted) {
+    for slot in unslotted {
+        slot.take();
+    }
+}
+
+impl Drop for OutgoingQueue {
+    fn drop(&mut self) {
+        // Publications release themselves; control frames still queued are released here.
+        if let Some(budget) = &self.budget {
+            budget.sub(self.state.get_mut().control_bytes);
+        }
     }
 }
 
@@ -316,7 +545,7 @@ mod tests {
                 None,
             ));
         }
-        assert_eq!(outcomes[3], Pushed::DroppedOldest);
+        assert_eq!(outcomes[3], Pushed::Dropped(1));
         queue.push_control(Bytes::from_static(b"{}"));
         let mut batch = VecDeque::new();
         assert_eq!(queue.next_batch(&mut batch).await, None);
@@ -430,5 +659,171 @@ mod tests {
         tokio::time::timeout(within, queue.closed())
             .await
             .expect("already closed");
+    }
+
+    fn sized(offset: u64, bytes: usize, budget: Option<&Arc<ByteBudget>>) -> Arc<Publication> {
+        let data = RawValue::from_string(format!("\"{}\"", "x".repeat(bytes))).expect("json");
+        let payload = Payload::Json(data);
+        Arc::new(match budget {
+            Some(budget) => Publication::counted("c:x".into(), offset, &payload, budget),
+            None => Publication::new("c:x".into(), offset, &payload),
+        })
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_applies_before_the_count_and_one_publication_always_fits() {
+        let one = sized(0, 1000, None).size();
+        let queue = OutgoingQueue::with_limits(
+            QueueLimits {
+                publications: 1000,
+                bytes: 3 * one,
+            },
+            None,
+        );
+        let mut outcomes = Vec::new();
+        for offset in 1..=5 {
+            outcomes.push(queue.push_publication(
+                &sized(offset, 1000, None),
+                SlowConsumerPolicy::DropOldest,
+                None,
+            ));
+        }
+        assert_eq!(outcomes[2], Pushed::Queued);
+        assert_eq!(outcomes[3], Pushed::Dropped(1));
+        assert!(queue.queued_bytes() <= 3 * one);
+        let mut batch = VecDeque::new();
+        queue.next_batch(&mut batch).await;
+        assert_eq!(offsets(&batch), vec![3, 4, 5]);
+        // An empty queue takes a publication larger than its bound.
+        let huge = sized(6, 10_000, None);
+        assert_eq!(
+            queue.push_publication(&huge, SlowConsumerPolicy::Disconnect, None),
+            Pushed::Queued
+        );
+        assert_eq!(
+            queue.push_publication(&sized(7, 10, None), SlowConsumerPolicy::Disconnect, None),
+            Pushed::Disconnecting
+        );
+    }
+
+    #[tokio::test]
+    async fn a_writer_takes_bounded_batches_and_hears_the_close_after_the_last() {
+        let queue = OutgoingQueue::new(1000);
+        for offset in 1..=10 {
+            queue.push_publication(
+                &sized(offset, 20_000, None),
+                SlowConsumerPolicy::DropOldest,
+                None,
+            );
+        }
+        queue.close(DisconnectCode::Shutdown);
+        let mut seen = Vec::new();
+        let mut batches = 0;
+        loop {
+            let mut batch = VecDeque::new();
+            let closing = queue.next_batch(&mut batch).await;
+            batches += 1;
+            let taken: usize = batch
+                .iter()
+                .map(|item| match item {
+                    Outgoing::Publication(p) => p.size(),
+                    _ => 0,
+                })
+                .sum();
+            assert!(taken < BATCH_BYTES + 21_000, "{taken}");
+            seen.extend(offsets(&batch));
+            if closing.is_some() {
+                break;
+            }
+        }
+        assert!(batches > 1);
+        assert_eq!(seen, (1..=10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn control_frames_are_bounded_in_bytes_too() {
+        let queue = OutgoingQueue::with_limits(
+            QueueLimits {
+                publications: 1000,
+                bytes: 1000,
+            },
+            None,
+        );
+        queue.push_control(Bytes::from(vec![b'x'; 1500]));
+        assert!(!queue.is_closing(), "one frame always fits");
+        queue.push_control(Bytes::from(vec![b'x'; 600]));
+        assert!(queue.is_closing(), "then twice the bound closes it");
+    }
+
+    #[tokio::test]
+    async fn a_shared_publication_counts_once_in_the_budget_until_every_queue_let_go() {
+        let budget = ByteBudget::new(1 << 30);
+        let queues: Vec<OutgoingQueue> = (0..3)
+            .map(|_| {
+                OutgoingQueue::with_limits(
+                    QueueLimits {
+                        publications: 10,
+                        bytes: 1 << 20,
+                    },
+                    Some(budget.clone()),
+                )
+            })
+            .collect();
+        let publication = sized(1, 500, Some(&budget));
+        for queue in &queues {
+            queue.push_publication(&publication, SlowConsumerPolicy::DropOldest, None);
+        }
+        assert_eq!(budget.used(), publication.size());
+        queues[0].push_control(Bytes::from_static(b"{\"type\":\"pong\"}"));
+        assert_eq!(budget.used(), publication.size() + 15);
+        for queue in &queues {
+            let mut batch = VecDeque::new();
+            queue.next_batch(&mut batch).await;
+        }
+        assert_eq!(budget.used(), 0, "taken and dropped by every writer");
+    }
+
+    #[test]
+    fn shedding_drops_the_oldest_or_closes_a_queue_of_a_disconnect_namespace() {
+        let lenient = OutgoingQueue::new(100);
+        let strict = OutgoingQueue::new(100);
+        for offset in 1..=8 {
+            lenient.push_publication(
+                &sized(offset, 1000, None),
+                SlowConsumerPolicy::DropOldest,
+                None,
+            );
+            strict.push_publication(
+                &sized(offset, 1000, None),
+                SlowConsumerPolicy::Disconnect,
+                None,
+            );
+        }
+        let before = lenient.queued_bytes();
+        assert_eq!(lenient.shed(before / 2), Shed::Dropped(4));
+        assert!(lenient.queued_bytes() <= before / 2);
+        assert_eq!(strict.shed(0), Shed::Disconnecting);
+        assert!(strict.is_closing());
+    }
+
+    #[test]
+    fn a_dropped_conflation_marker_frees_its_slot() {
+        let queue = OutgoingQueue::new(1);
+        let slot = Arc::new(LatestSlot::default());
+        queue.push_publication(&publication(1), SlowConsumerPolicy::Latest, Some(&slot));
+        // Another channel's publication pushes the marker out of the full queue.
+        assert_eq!(
+            queue.push_publication(&publication(2), SlowConsumerPolicy::DropOldest, None),
+            Pushed::Dropped(1)
+        );
+        assert!(
+            slot.take().is_none(),
+            "the slot was cleared with its marker"
+        );
+        // The slot queues again next time instead of conflating into nothing.
+        assert_eq!(
+            queue.push_publication(&publication(3), SlowConsumerPolicy::Latest, Some(&slot)),
+            Pushed::Dropped(1)
+        );
     }
 }

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use duplex_proto::frames::{
     ClientFrame, ConnectResult, Connected, ErrorFrame, Keepalive, Limits, Published, Reply, to_json,
 };
-use duplex_proto::{DisconnectCode, ErrorCode, PROTOCOL_VERSION};
+use duplex_proto::{DisconnectCode, ErrorCode, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
@@ -31,7 +31,7 @@ use crate::broker::Present;
 use crate::hub::connection::{ClientAnswer, ConnectionHandle};
 use crate::hub::namespace::Caller;
 use crate::hub::publication::Payload;
-use crate::hub::queue::{Outgoing, OutgoingQueue};
+use crate::hub::queue::{Outgoing, OutgoingQueue, QueueLimits};
 use crate::hub::{ConnectionId, Hub, HubError};
 use crate::metrics::{CodeLabels, Metrics, TransportLabels};
 
@@ -53,6 +53,9 @@ pub struct SocketLimits {
     pub max_frame: usize,
     /// Publications queued per connection before the slow-consumer policy applies.
     pub queue_size: usize,
+    /// Bytes of publications queued per connection before the slow-consumer policy applies
+    /// (whichever of this and `queue_size` is reached first).
+    pub queue_bytes: usize,
     /// Subscriptions per connection.
     pub max_subscriptions: usize,
     /// Time between keepalive pings.
@@ -70,7 +73,7 @@ pub struct SocketLimits {
 }
 
 impl SocketLimits {
-    fn announced(&self) -> Limits {
+    pub(crate) fn announced(&self) -> Limits {
         Limits {
             max_frame: self.max_frame,
             max_subscriptions: self.max_subscriptions,
@@ -79,6 +82,15 @@ impl SocketLimits {
             ping_interval_ms: u64::try_from(self.ping_interval.as_millis()).unwrap_or(u64::MAX),
             publish_rate: self.publish_rate,
             publish_burst: self.publish_burst,
+            queue_bytes: self.queue_bytes,
+        }
+    }
+
+    /// The bounds of one connection's outgoing queue.
+    pub(crate) fn queue(&self) -> QueueLimits {
+        QueueLimits {
+            publications: self.queue_size,
+            bytes: self.queue_bytes,
         }
     }
 }
@@ -141,6 +153,9 @@ pub(crate) struct Session {
     token_deadline: Option<tokio::time::Instant>,
     /// What the token says, kept here so publishing does not lock the shared handle.
     auth: Arc<crate::hub::namespace::ClientAuth>,
+    /// Whether the connection has connected (a `connect` that succeeded, or a token at the
+    /// WebSocket upgrade): its identity is then fixed for its life.
+    connected: bool,
     /// A request that waits on the broker; the next frame is read once it is answered, so a
     /// connection's requests are answered in order.
     waiting: Option<Waiting>,
@@ -202,7 +217,7 @@ impl Session {
         slot: slots::Slot,
     ) -> Session {
         let id = ConnectionId::random();
-        let queue = Arc::new(OutgoingQueue::new(context.limits.queue_size));
+        let queue = Arc::new(context.hub.outgoing_queue(context.limits.queue()));
         let connection = Arc::new(ConnectionHandle::new(
             id,
             transport.name(),
@@ -235,6 +250,7 @@ impl Session {
             _slot: slot,
             token_deadline: None,
             auth: Arc::default(),
+            connected: false,
             waiting: None,
         }
     }
@@ -281,8 +297,15 @@ impl Session {
         &self.connection
     }
 
-    /// Authenticates the connection with a token already verified (WebSocket `?token=`).
-    pub(crate) fn authenticate(&mut self, auth: crate::hub::namespace::ClientAuth) {
+    /// Connects the connection with a token already verified (WebSocket `?token=`): a later
+    /// `connect` is refused, as a second one would be.
+    pub(crate) fn connect_with(&mut self, auth: crate::hub::namespace::ClientAuth) {
+        self.authenticate(auth);
+        self.connected = true;
+    }
+
+    /// Makes a verified token the connection's.
+    fn authenticate(&mut self, auth: crate::hub::namespace::ClientAuth) {
         self.token_deadline = deadline_of(auth.expires_at);
         self.connection
             .set_token_deadline(auth.expires_at.map(clock_deadline));
@@ -429,14 +452,32 @@ impl Session {
         self.publish(id, &channel, Payload::Binary(payload));
     }
 
+    /// `connect`: once per connection. A refused `connect` changes nothing (the client may try
+    /// again); one that succeeded fixes who the connection is, so a second is `already_connected`.
     fn connect(&mut self, id: u64, frame: &ClientFrame<'_>) {
         if let Some(version) = frame.version
-            && version != PROTOCOL_VERSION
+            && !(OLDEST_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&version)
         {
             self.error(
                 Some(id),
                 ErrorCode::Unsupported,
-                format!("this server speaks protocol version {PROTOCOL_VERSION}, not {version}"),
+                format!(
+                    "this server speaks protocol versions {OLDEST_PROTOCOL_VERSION} to {PROTOCOL_VERSION}, not {version}"
+                ),
+            );
+            return;
+        }
+        if self.connected {
+            let who = match self.connection.user() {
+                Some(user) => format!("as {user:?}"),
+                None => "anonymously".to_owned(),
+            };
+            self.error(
+                Some(id),
+                ErrorCode::AlreadyConnected,
+                format!(
+                    "this connection already connected {who}; open a new connection to connect otherwise (refresh renews a token)"
+                ),
             );
             return;
         }
@@ -445,6 +486,7 @@ impl Session {
         {
             return;
         }
+        self.connected = true;
         // The token's meta is the server's word; the client's own is a fallback.
         let meta = self
             .auth
@@ -476,17 +518,16 @@ impl Session {
                 true
             }
             Err(error) => {
-                let code = match error {
-                    crate::auth::TokenError::Expired => ErrorCode::TokenExpired,
-                    _ => ErrorCode::InvalidToken,
-                };
-                self.error(Some(id), code, error.to_string());
+                self.error(Some(id), error.code(), error.to_string());
                 false
             }
         }
     }
 
-    /// `refresh`: a fresh token for the same user before the current one expires.
+    /// `refresh`: a fresh token for the same user before the current one expires. Only a
+    /// connection that connected with a token has one to renew; an anonymous one is told to
+    /// `connect` instead. What the new token no longer allows ends at once: each such
+    /// subscription gets an `unsubscribed` push after the reply.
     fn refresh(&mut self, id: u64, token: Option<&str>) {
         let Some(token) = token else {
             self.bad_frame(
@@ -496,13 +537,20 @@ impl Session {
             );
             return;
         };
-        let before = self.connection.user();
+        let Some(before) = self.connection.user() else {
+            self.error(
+                Some(id),
+                ErrorCode::BadRequest,
+                "refresh renews the token of a connection that connected with one; an anonymous connection sends connect with a token",
+            );
+            return;
+        };
         let verified = match &self.context.tokens {
             Some(verifier) => verifier.verify(token),
             None => Err(crate::auth::TokenError::NotConfigured),
         };
         match verified {
-            Ok(auth) if before.is_some() && auth.user != before => self.error(
+            Ok(auth) if auth.user.as_deref() != Some(&*before) => self.error(
                 Some(id),
                 ErrorCode::InvalidToken,
                 "a refresh token must name the same user",
@@ -511,14 +559,11 @@ impl Session {
                 let expires_at = auth.expires_at;
                 self.authenticate(auth);
                 self.reply(id, serde_json::json!({ "expires_at": expires_at }));
+                self.context
+                    .hub
+                    .end_disallowed_subscriptions(&self.connection, &self.auth);
             }
-            Err(error) => {
-                let code = match error {
-                    crate::auth::TokenError::Expired => ErrorCode::TokenExpired,
-                    _ => ErrorCode::InvalidToken,
-                };
-                self.error(Some(id), code, error.to_string());
-            }
+            Err(error) => self.error(Some(id), error.code(), error.to_string()),
         }
     }
 

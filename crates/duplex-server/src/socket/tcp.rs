@@ -39,7 +39,11 @@ pub(crate) async fn accept(
                 }
                 match context.slots.acquire(Some(peer.ip())) {
                     Ok(slot) => {
-                        let stream = WriteDeadline::new(stream, write_timeout);
+                        let stream = WriteDeadline::new(stream, write_timeout).counting(
+                            context
+                                .metrics
+                                .disconnect_counter(DisconnectCode::WriteTimeout.as_str()),
+                        );
                         let context = context.clone();
                         let tls = tls.clone();
                         context.tracker.clone().spawn(async move {
@@ -180,15 +184,20 @@ where
         };
         buf.clear();
         let mut publications = 0;
-        for item in batch.drain(..) {
+        // The batch's publications stay held (and counted in the queue budget) until written.
+        let mut conflated = Vec::new();
+        for item in &batch {
             let publication = match item {
                 Outgoing::Publication(publication) => publication,
                 Outgoing::Latest(slot) => match slot.take() {
-                    Some(publication) => publication,
+                    Some(publication) => {
+                        conflated.push(publication);
+                        &conflated[conflated.len() - 1]
+                    }
                     None => continue,
                 },
                 Outgoing::Control(frame) => {
-                    push_control(&mut buf, framing, &frame);
+                    push_control(&mut buf, framing, frame);
                     continue;
                 }
                 Outgoing::SwitchToLengthPrefixed => {
@@ -213,6 +222,8 @@ where
             queue.close(DisconnectCode::SlowConsumer);
             return;
         }
+        batch.clear();
+        drop(conflated);
         context.metrics.deliveries_written.inc_by(publications);
         if closing.is_some() {
             let _ = socket.shutdown().await;

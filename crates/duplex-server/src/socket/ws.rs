@@ -80,7 +80,7 @@ fn serve(
 ) -> impl Future<Output = ()> + Send {
     let mut session = Session::start(context.clone(), Transport::WebSocket, Some(remote), slot);
     if let Some(auth) = auth {
-        session.authenticate(auth);
+        session.connect_with(auth);
     }
     let queue = session.queue().clone();
     // Pings, the idle timeout, token expiry and shutdown come from the keepalive sweeper as a
@@ -222,10 +222,16 @@ impl Connection {
         drop(session);
         Box::pin(async move {
             let goodbye = async {
-                // After what a blocked write left in the batch, not instead of it.
+                // After what a blocked write left in the batch, not instead of it. The queue
+                // is closing, so it only drains: its code comes with the last of it.
                 let mut rest = VecDeque::new();
-                queue.next_batch(&mut rest).await;
-                batch.append(&mut rest);
+                loop {
+                    let last = queue.next_batch(&mut rest).await;
+                    batch.append(&mut rest);
+                    if last.is_some() {
+                        break;
+                    }
+                }
                 if write_batch(&mut socket, &mut batch, &context).await.is_ok() {
                     say_goodbye(&mut socket, code, &context).await;
                 }

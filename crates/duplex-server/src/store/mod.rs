@@ -6,17 +6,20 @@
 //! same for every backend (validation, merge patch, cursors, document layout) lives here; a
 //! backend only moves rows.
 
+mod cursor;
+mod numbers;
 mod postgres;
 mod sqlite;
 
 use std::fmt;
 
 use async_trait::async_trait;
-use base64::Engine as _;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
+pub use cursor::CursorKey;
+pub use numbers::check_numbers;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
@@ -121,7 +124,8 @@ impl SortOrder {
         })
     }
 
-    fn as_str(self) -> &'static str {
+    /// The `sort` parameter that names this order.
+    pub fn as_str(self) -> &'static str {
         match self {
             SortOrder::CreatedAscending => "created",
             SortOrder::CreatedDescending => "-created",
@@ -162,33 +166,6 @@ pub struct Cursor {
     pub key: i64,
     /// The insertion sequence of that record, which breaks ties.
     pub seq: i64,
-}
-
-impl Cursor {
-    /// The opaque text handed to clients.
-    pub fn encode(&self) -> String {
-        let plain = format!("1:{}:{}:{}", self.order.as_str(), self.key, self.seq);
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(plain)
-    }
-
-    /// Reads a cursor a client sent back; `None` for anything this server did not issue.
-    pub fn decode(text: &str) -> Option<Self> {
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(text)
-            .ok()?;
-        let plain = std::str::from_utf8(&bytes).ok()?;
-        let mut parts = plain.split(':');
-        if parts.next()? != "1" {
-            return None;
-        }
-        let order = SortOrder::parse(parts.next()?)?;
-        let key = parts.next()?.parse().ok()?;
-        let seq = parts.next()?.parse().ok()?;
-        if parts.next().is_some() {
-            return None;
-        }
-        Some(Cursor { order, key, seq })
-    }
 }
 
 /// An equality filter on a top-level field: `?filter.author=ana`.
@@ -325,6 +302,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Lists collections that hold at least one record, by name.
     async fn collections(&self) -> Result<Vec<CollectionSummary>, StoreError>;
 
+    /// The server secret called `name`: made at random the first time it is asked for, then
+    /// kept in the store, so every node sharing the store gets the same one.
+    async fn secret(&self, name: &str) -> Result<Vec<u8>, StoreError>;
+
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -368,6 +349,15 @@ pub fn is_valid_field(field: &str) -> bool {
         && field
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// 32 random bytes for a new secret.
+pub(crate) fn new_secret() -> Vec<u8> {
+    let mut secret = Vec::with_capacity(32);
+    for _ in 0..2 {
+        secret.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    }
+    secret
 }
 
 /// A new record id: time-ordered (UUID v7), 32 lowercase hex digits.
@@ -528,22 +518,6 @@ mod tests {
         assert!(!is_valid_id(""));
         assert!(!is_valid_id("a.b"));
         assert!(!is_valid_id(&"x".repeat(65)));
-    }
-
-    #[test]
-    fn cursor_round_trips_and_rejects_foreign_text() {
-        let cursor = Cursor {
-            order: SortOrder::UpdatedDescending,
-            key: 1_700_000_000_123_456,
-            seq: 42,
-        };
-        assert_eq!(Cursor::decode(&cursor.encode()), Some(cursor));
-        assert_eq!(Cursor::decode("not a cursor"), None);
-        assert_eq!(Cursor::decode(""), None);
-        let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("1:created:x:1");
-        assert_eq!(Cursor::decode(&forged), None);
-        let extra = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("1:created:1:1:1");
-        assert_eq!(Cursor::decode(&extra), None);
     }
 
     #[test]

@@ -296,6 +296,19 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn secret(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        sqlx::query("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)")
+            .bind(name)
+            .bind(super::new_secret())
+            .execute(&self.writer)
+            .await?;
+        let value: Vec<u8> = sqlx::query_scalar("SELECT value FROM secrets WHERE name = ?")
+            .bind(name)
+            .fetch_one(&self.writer)
+            .await?;
+        Ok(value)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.readers).await?;
         Ok(())
