@@ -117,8 +117,6 @@ struct State {
     publication_bytes: usize,
     /// Bytes of control frames among `items`.
     control_bytes: usize,
-    /// Control frames among `items`.
-    controls: usize,
     /// Whether a publication of a `disconnect` namespace is among `items`: shedding this queue
     /// must close it rather than drop silently.
     strict: bool,
@@ -302,7 +300,8 @@ impl OutgoingQueue {
         if state.closing.is_some() {
             return;
         }
-        let too_many = state.controls >= self.limits.publications.saturating_mul(4);
+        let controls = state.items.len() - state.publications;
+        let too_many = controls >= self.limits.publications.saturating_mul(4);
         let too_large = state.control_bytes > 0
             && state.control_bytes.saturating_add(size) > self.limits.bytes.saturating_mul(2);
         if too_many || too_large {
@@ -414,7 +413,6 @@ impl OutgoingQueue {
                     size
                 }
                 Outgoing::Control(frame) => {
-                    state.controls -= 1;
                     state.control_bytes -= frame.len();
                     control_bytes += frame.len();
                     frame.len()
@@ -461,7 +459,6 @@ impl OutgoingQueue {
             state.publications += 1;
             state.publication_bytes += size;
         } else {
-            state.controls += 1;
             state.control_bytes += size;
         }
         drop(state);
