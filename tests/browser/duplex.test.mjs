@@ -2,36 +2,17 @@
 //
 // Run by crates/duplex-server/tests/browser.rs, which starts the server and a TCP proxy in front
 // of it. DUPLEX_URL is the proxy (what the page uses), DUPLEX_DIRECT the server itself (what this
-// script uses to act as a backend). To drop the page's socket, this script prints a command line
-// (DOWN: cut every proxied connection and refuse new ones; UP: accept again) and waits for the
-// harness to answer OK on stdin.
+// script uses to act as a backend). To drop the page's socket it asks the harness to cut the
+// proxy (see harness.mjs).
 
-import { createInterface } from "node:readline";
-import { chromium } from "playwright-core";
+import { check, checkNoProblems, done, harness as ask, launch, waitFor, watch } from "./harness.mjs";
 
 const PAGE = process.env.DUPLEX_URL;
 const DIRECT = process.env.DUPLEX_DIRECT;
-const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
-const TIMEOUT = 15000;
 
-const input = createInterface({ input: process.stdin });
-const answers = input[Symbol.asyncIterator]();
+/** DOWN: cut every proxied connection and refuse new ones; UP: accept again. */
 async function harness(command) {
-  console.log(command);
-  const { value } = await answers.next();
-  if (value !== "OK") throw new Error(`the harness answered ${value} to ${command}`);
-}
-
-function check(condition, message) {
-  if (!condition) throw new Error(`check failed: ${message}`);
-}
-
-async function waitFor(page, predicate, arg, what) {
-  try {
-    await page.waitForFunction(predicate, arg, { timeout: TIMEOUT, polling: 20 });
-  } catch (error) {
-    throw new Error(`timed out waiting for ${what}: ${error.message}`);
-  }
+  await ask(command.toLowerCase());
 }
 
 async function backend(path, body) {
@@ -45,10 +26,10 @@ async function backend(path, body) {
   return JSON.parse(text);
 }
 
-const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ["--no-sandbox"] });
+const browser = await launch();
 try {
-  const page = await browser.newPage();
-  page.on("pageerror", (error) => console.error(`page error: ${error.message}`));
+  // The proxy is cut under the page on purpose: its failed sockets are logged, not counted.
+  const page = watch(await browser.newPage(), "page", { consoleErrors: false });
   await page.goto(`${PAGE}/duplex.js`);
   await page.evaluate(async () => {
     window.D = await import("/duplex.js");
@@ -171,7 +152,7 @@ try {
   console.error("ok: a narrowed token ends what it no longer allows");
 
   // Without WebSocket, subscriptions fall back to Server-Sent Events.
-  const fallback = await browser.newPage();
+  const fallback = watch(await browser.newPage(), "fallback", { consoleErrors: false });
   await fallback.goto(`${PAGE}/duplex.js`);
   await fallback.evaluate(async () => {
     delete window.WebSocket;
@@ -187,8 +168,9 @@ try {
   console.error("ok: SSE fallback");
 
   await page.evaluate(() => duplex.close());
+  checkNoProblems();
   console.log("PASS");
 } finally {
   await browser.close();
-  input.close();
+  done();
 }

@@ -105,6 +105,8 @@ pub enum DisconnectCode {
     /// The client took nothing the server wrote for `write_timeout`: it stopped reading. It is
     /// never sent (the client is not reading); it names the disconnect in metrics and logs.
     WriteTimeout,
+    /// The server's operator disconnected this connection (`DELETE /api/connections/{id}`).
+    Kicked,
 }
 
 impl DisconnectCode {
@@ -121,6 +123,7 @@ impl DisconnectCode {
             DisconnectCode::TokenExpired => "token_expired",
             DisconnectCode::InsufficientState => "insufficient_state",
             DisconnectCode::WriteTimeout => "write_timeout",
+            DisconnectCode::Kicked => "kicked",
         }
     }
 
@@ -136,7 +139,8 @@ impl DisconnectCode {
             | DisconnectCode::WriteTimeout => true,
             DisconnectCode::FrameTooLarge
             | DisconnectCode::ProtocolError
-            | DisconnectCode::TooManyErrors => false,
+            | DisconnectCode::TooManyErrors
+            | DisconnectCode::Kicked => false,
         }
     }
 
@@ -153,6 +157,7 @@ impl DisconnectCode {
             DisconnectCode::TokenExpired => 4004,
             DisconnectCode::InsufficientState => 4005,
             DisconnectCode::WriteTimeout => 4006,
+            DisconnectCode::Kicked => 4007,
         }
     }
 
@@ -171,6 +176,7 @@ impl DisconnectCode {
                 "this node lost track of a channel; reconnect and resubscribe since your last offset"
             }
             DisconnectCode::WriteTimeout => "the client took nothing the server wrote in time",
+            DisconnectCode::Kicked => "the server's operator disconnected this connection",
         }
     }
 }

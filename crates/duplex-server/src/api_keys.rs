@@ -8,7 +8,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq as _;
 
 /// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 pub enum Scope {
     /// `POST /api/channels/{channel}/publish`.
     #[serde(rename = "channels:publish")]
@@ -140,6 +140,49 @@ impl ApiKeys {
     }
 }
 
+/// Who a bearer value is, as far as API keys go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity<'a> {
+    /// No key is configured: everything is open.
+    Open,
+    /// A configured key: its name and scopes.
+    Key {
+        /// The key's name.
+        name: &'a str,
+        /// What it grants.
+        scopes: &'a [Scope],
+    },
+    /// No bearer value, while keys are configured.
+    Missing,
+    /// Not one of the configured keys.
+    Unknown,
+}
+
+impl ApiKeys {
+    /// Which configured key `given` is, compared in constant time against every key.
+    pub fn identify(&self, given: Option<&str>) -> Identity<'_> {
+        if self.keys.is_empty() {
+            return Identity::Open;
+        }
+        let Some(given) = given else {
+            return Identity::Missing;
+        };
+        let mut matched: Option<&ApiKey> = None;
+        for key in &self.keys {
+            if bool::from(key.key.as_bytes().ct_eq(given.as_bytes())) {
+                matched = Some(key);
+            }
+        }
+        match matched {
+            Some(key) => Identity::Key {
+                name: key.name.as_deref().unwrap_or("api_key"),
+                scopes: &key.scopes,
+            },
+            None => Identity::Unknown,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +209,16 @@ mod tests {
         assert_eq!(keys.check(Some("guess"), publish), KeyCheck::Unknown);
         assert_eq!(keys.check(None, publish), KeyCheck::Unknown);
         assert_eq!(ApiKeys::default().check(None, publish), KeyCheck::Open);
+        assert_eq!(
+            keys.identify(Some("publisher-key-0123456789")),
+            Identity::Key {
+                name: "pub",
+                scopes: &[Scope::ChannelsPublish]
+            }
+        );
+        assert_eq!(keys.identify(Some("guess")), Identity::Unknown);
+        assert_eq!(keys.identify(None), Identity::Missing);
+        assert_eq!(ApiKeys::default().identify(None), Identity::Open);
     }
 
     #[test]

@@ -67,6 +67,10 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// PEM certificate chain and private key: with both, both ports speak TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Whether the web console is served at `/` (`/console/`).
+    pub console: bool,
+    /// Whether the example applications are served at `/examples/`.
+    pub examples: bool,
 }
 
 impl Default for Config {
@@ -104,6 +108,8 @@ impl Default for Config {
             jwt_public_key: None,
             allowed_origins: Vec::new(),
             tls: None,
+            console: true,
+            examples: true,
         }
     }
 }
@@ -196,6 +202,10 @@ pub struct ConfigLayer {
     pub body_read_timeout: Option<String>,
     /// See [`Config::write_timeout`], as text such as `"30s"`.
     pub write_timeout: Option<String>,
+    /// See [`Config::console`].
+    pub console: Option<bool>,
+    /// See [`Config::examples`].
+    pub examples: Option<bool>,
     /// `[namespaces.NAME]` tables (file only).
     #[serde(default)]
     pub namespaces: HashMap<String, NamespaceConfig>,
@@ -254,6 +264,8 @@ impl ConfigLayer {
             tls_key: self.tls_key.or(lower.tls_key),
             body_read_timeout: self.body_read_timeout.or(lower.body_read_timeout),
             write_timeout: self.write_timeout.or(lower.write_timeout),
+            console: self.console.or(lower.console),
+            examples: self.examples.or(lower.examples),
             namespaces: if self.namespaces.is_empty() {
                 lower.namespaces
             } else {
@@ -413,6 +425,8 @@ impl ConfigLayer {
             });
         }
         Ok(Config {
+            console: self.console.unwrap_or(defaults.console),
+            examples: self.examples.unwrap_or(defaults.examples),
             tls,
             jwt_public_key: self.jwt_public_key,
             api_key: self.api_key,
@@ -709,6 +723,14 @@ mod tests {
         let defaults = Config::default();
         assert_eq!(defaults.sockets.queue_bytes, 1024 * 1024);
         assert_eq!(defaults.hub.max_channels, 100_000);
+        assert!(config.console && config.examples, "both on by default");
+        let off: ConfigLayer =
+            toml::from_str("console = false\nexamples = false").expect("valid toml");
+        let off = ConfigLayer::default()
+            .over(off)
+            .over_defaults()
+            .expect("valid");
+        assert!(!off.console && !off.examples);
         let zero: ConfigLayer = toml::from_str("max_channels = 0").expect("valid toml");
         assert!(ConfigLayer::default().over(zero).over_defaults().is_err());
     }

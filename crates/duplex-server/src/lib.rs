@@ -23,6 +23,7 @@ pub mod http;
 pub mod metrics;
 mod server;
 mod socket;
+mod stats;
 pub mod store;
 pub mod tls;
 mod write_deadline;

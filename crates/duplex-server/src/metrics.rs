@@ -90,6 +90,8 @@ pub struct Metrics {
     pub budget_sheds: Counter,
     /// History publications evicted, oldest first, because the history budget was over.
     pub history_evictions: Counter,
+    /// HTTP latencies since the console's last sample (not exported to Prometheus).
+    pub recent_http: crate::stats::LatencyWindow,
 }
 
 fn latency_histogram() -> Histogram {
@@ -243,6 +245,7 @@ impl Metrics {
             history_evictions.clone(),
         );
         Arc::new(Metrics {
+            recent_http: crate::stats::LatencyWindow::default(),
             channels,
             channel_refusals,
             queued_bytes,

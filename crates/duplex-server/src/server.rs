@@ -212,6 +212,30 @@ impl Server {
         ));
         tracker.spawn(sweep(hub.clone(), shutdown.clone()));
         tracker.spawn(hub.clone().enforce_budgets(shutdown.clone()));
+        let store_url = self.config.store_url();
+        let stats = crate::stats::Stats::new(
+            self.node.started_at.clone(),
+            if store_url.starts_with("sqlite:") {
+                "sqlite"
+            } else {
+                "postgres"
+            },
+            match self
+                .config
+                .broker
+                .as_deref()
+                .and_then(|b| b.split_once("://"))
+            {
+                Some(("redis" | "rediss", _)) => "redis",
+                Some(("nats" | "tls", _)) => "nats",
+                _ => "memory",
+            },
+        );
+        tracker.spawn(
+            stats
+                .clone()
+                .run(hub.clone(), self.metrics.clone(), shutdown.clone()),
+        );
         tracker.spawn(socket::keepalive::run(
             hub.clone(),
             Arc::new(self.config.sockets.clone()),
@@ -233,6 +257,11 @@ impl Server {
             ),
             allowed_origins: self.config.allowed_origins.clone().into(),
             cursors: Arc::new(crate::store::CursorKey::new(&self.cursor_secret)),
+            stats,
+            pages: http::Pages {
+                console: self.config.console,
+                examples: self.config.examples,
+            },
         };
         let app = http::router(state);
         let grace = self.config.shutdown_grace;

@@ -152,9 +152,22 @@ struct ServeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "DUPLEX_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// Serve the web console at / (/console/) [default: on].
+    #[arg(long, env = "DUPLEX_CONSOLE", value_enum)]
+    console: Option<Switch>,
+    /// Serve the example applications at /examples/ [default: on].
+    #[arg(long, env = "DUPLEX_EXAMPLES", value_enum)]
+    examples: Option<Switch>,
     /// Log format.
     #[arg(long, env = "DUPLEX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
     log_format: LogFormat,
+}
+
+/// A feature turned on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -185,6 +198,8 @@ impl ServeArgs {
             allowed_origins: (!self.allowed_origins.is_empty()).then_some(self.allowed_origins),
             tls_cert: self.tls_cert,
             tls_key: self.tls_key,
+            console: self.console.map(|s| s == Switch::On),
+            examples: self.examples.map(|s| s == Switch::On),
             ..ConfigLayer::default()
         };
         Ok(Config::resolve(flags, file.as_deref())?)

@@ -28,6 +28,7 @@ pub(crate) fn publish_router() -> Router<AppState> {
 pub(crate) fn read_router() -> Router<AppState> {
     Router::new()
         .route("/api/channels", get(list_channels))
+        .route("/api/channels/{channel}", get(channel_info))
         .route("/api/channels/{channel}/history", get(history))
         .route("/api/channels/{channel}/presence", get(presence))
 }
@@ -183,4 +184,59 @@ pub(crate) async fn list_channels(
         })
         .collect();
     Ok(axum::Json(ChannelList { items, next }))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub(crate) struct ChannelInfo {
+    channel: String,
+    /// Whether the channel exists on this node now (subscribers, waiting polls or history).
+    active: bool,
+    subscribers: usize,
+    offset: u64,
+    epoch: Option<String>,
+    rate: f64,
+    /// The rules of the channel's namespace.
+    #[schema(value_type = Object)]
+    namespace: serde_json::Value,
+}
+
+/// One channel: its figures on this node (when active) and its namespace's rules.
+#[utoipa::path(get, path = "/api/channels/{channel}", tag = "channels",
+    params(("channel" = String, Path, description = "namespace:name")),
+    responses(
+        (status = 200, description = "`{channel, active, subscribers, offset, epoch, rate, namespace}`", body = ChannelInfo),
+        (status = 400, description = "Bad channel name", body = super::error::Problem)))]
+pub(crate) async fn channel_info(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<axum::Json<ChannelInfo>, ApiError> {
+    let Path(channel) = path?;
+    if !duplex_proto::is_valid_channel(&channel) {
+        return Err(ApiError::InvalidChannel);
+    }
+    let rules = state.hub.namespaces().for_channel(&channel);
+    let namespace = serde_json::json!({
+        "name": rules.name,
+        "publish": rules.publish,
+        "subscribe": rules.subscribe,
+        "read_presence": rules.read_presence,
+        "read_history": rules.read_history,
+        "presence": rules.presence,
+        "binary": rules.binary,
+        "history_size": rules.history_size,
+        "history_bytes": rules.history_bytes,
+        "history_ttl_seconds": rules.history_ttl.as_secs(),
+        "max_message_size": rules.max_message_size,
+        "slow_consumer": rules.slow_consumer,
+    });
+    let summary = state.hub.channel_summary(&channel);
+    Ok(axum::Json(ChannelInfo {
+        active: summary.is_some(),
+        subscribers: summary.as_ref().map_or(0, |s| s.subscribers),
+        offset: summary.as_ref().map_or(0, |s| s.offset),
+        epoch: summary.as_ref().map(|s| s.epoch.to_string()),
+        rate: summary.as_ref().map_or(0.0, |s| s.rate),
+        channel,
+        namespace,
+    }))
 }

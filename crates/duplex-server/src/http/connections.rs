@@ -28,6 +28,10 @@ pub const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub(crate) fn router() -> Router<AppState> {
     Router::new()
         .route("/api/connections", get(list_connections))
+        .route(
+            "/api/connections/{id}",
+            axum::routing::delete(disconnect_connection),
+        )
         .route("/api/connections/{id}/request", post(request_connection))
         .route("/api/users/{user}/request", post(request_user))
         .route("/api/nodes", get(list_nodes))
@@ -66,6 +70,25 @@ impl From<&ConnectionHandle> for ConnectionItem {
 pub(crate) struct ConnectionList {
     items: Vec<ConnectionItem>,
     next: Option<String>,
+}
+
+/// Disconnects a connection of this node: it gets `disconnect` with `kicked` (do not
+/// reconnect) and is closed.
+#[utoipa::path(delete, path = "/api/connections/{id}", tag = "connections",
+    params(("id" = String, Path, description = "16 hex digits")),
+    responses(
+        (status = 204, description = "Disconnected"),
+        (status = 404, description = "Not connected to this node", body = super::error::Problem)))]
+pub(crate) async fn disconnect_connection(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    let Path(id) = path?;
+    let connection = parse_connection_id(&id)
+        .and_then(|id| state.hub.connection(id))
+        .ok_or_else(|| ApiError::NotFound("no connection with this id on this node".into()))?;
+    connection.queue.close(duplex_proto::DisconnectCode::Kicked);
+    Ok(axum::http::StatusCode::NO_CONTENT)
 }
 
 fn parse_connection_id(text: &str) -> Option<ConnectionId> {

@@ -8,7 +8,9 @@ mod connections;
 mod error;
 mod ops;
 mod records;
+mod stats;
 mod transports;
+mod web;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,7 +51,13 @@ pub(crate) struct AppState {
     pub(crate) allowed_origins: Arc<[String]>,
     /// What list cursors are sealed with.
     pub(crate) cursors: Arc<crate::store::CursorKey>,
+    /// This node's live figures, for the console.
+    pub(crate) stats: Arc<crate::stats::Stats>,
+    /// Which web pages are served.
+    pub(crate) pages: web::Pages,
 }
+
+pub(crate) use web::Pages;
 
 /// Checks a browser's `Origin` for WebSockets and event streams: none (not a browser), the
 /// server's own host, or one listed in `allowed_origins`.
@@ -282,7 +290,9 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(records::router())
         .merge(transports::router())
         .merge(server_api)
+        .merge(stats::router())
         .merge(ops::router())
+        .merge(web::router(state.pages))
         .route("/ws", axum::routing::get(crate::socket::ws::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -383,10 +393,12 @@ async fn track_request(
         route,
         status: response.status().as_u16(),
     };
+    let elapsed = started.elapsed();
     metrics.http_requests.get_or_create(&labels).inc();
     metrics
         .http_duration
         .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
+        .observe(elapsed.as_secs_f64());
+    metrics.recent_http.record(elapsed);
     response
 }

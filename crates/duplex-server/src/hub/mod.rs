@@ -1478,6 +1478,19 @@ impl Hub {
             .collect()
     }
 
+    /// One channel's figures, when it is active on this node.
+    pub fn channel_summary(&self, name: &str) -> Option<ChannelSummary> {
+        let channel = self.channels.get(name)?.clone();
+        let state = channel.state.lock();
+        Some(ChannelSummary {
+            name: channel.name.clone(),
+            subscribers: state.subscribers.len(),
+            offset: state.last_offset,
+            epoch: state.epoch.clone(),
+            rate: state.current_rate(Instant::now()),
+        })
+    }
+
     /// How many channels exist.
     pub fn channel_count(&self) -> usize {
         self.channel_count.load(Ordering::Relaxed)

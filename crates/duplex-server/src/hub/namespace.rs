@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::config::{ByteSize, parse_duration};
 
 /// Who may do something in a namespace: publish, subscribe, read presence or history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Access {
     /// Any connection or HTTP client, with or without a token.
@@ -75,7 +75,7 @@ impl Access {
 }
 
 /// What happens when a subscriber's outgoing queue is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SlowConsumerPolicy {
     /// Drop the oldest queued publication to make room.
