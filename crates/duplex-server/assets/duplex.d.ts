@@ -39,6 +39,8 @@ export declare class Records {
   get(id: string): Promise<DuplexRecord>;
   list(options?: ListOptions): Promise<Page>;
   all(options?: ListOptions): AsyncGenerator<DuplexRecord>;
+  /** Creates the record with this id, or replaces it when it exists. */
+  upsert(id: string, fields: object): Promise<DuplexRecord>;
   update(id: string, fields: object, options?: WriteOptions): Promise<DuplexRecord>;
   patch(id: string, patch: object, options?: WriteOptions): Promise<DuplexRecord>;
   delete(id: string, options?: WriteOptions): Promise<void>;
@@ -74,6 +76,8 @@ export interface Handlers {
   onLeave?(who: PresenceEntry): void;
   /** Publications were missed and could not be replayed. */
   onGap?(gap: Gap): void;
+  /** After a reconnect, what was missed was replayed (`missed` publications). */
+  onRecover?(recovered: { missed: number; lastSeen: number; offset: number; epoch: string }): void;
   /** The subscription ended for good (refused, ended by the server with `unsubscribed` after a
    * refresh narrowed the token, or the server said not to reconnect). */
   onEnd?(code: string): void;
@@ -110,7 +114,12 @@ export declare class Duplex {
   readonly transport: "auto" | "websocket" | "sse";
   records(collection: string): Records;
   connect(): Promise<void>;
-  subscribe(channel: string, handlers?: Handlers | ((message: Message) => void)): Promise<Subscription>;
+  /** `options.since`: start after this position (from `history`), replaying what came since. */
+  subscribe(
+    channel: string,
+    handlers?: Handlers | ((message: Message) => void),
+    options?: { since?: { offset: number; epoch: string } },
+  ): Promise<Subscription>;
   publish(channel: string, data: unknown): Promise<{ offset: number; epoch: string }>;
   /** Bytes, in a binary frame, to a namespace with `binary` on. */
   publishBytes(channel: string, bytes: Uint8Array | ArrayBuffer): Promise<{ offset: number; epoch: string }>;

@@ -74,6 +74,24 @@ class Records {
     } while (cursor);
   }
 
+  /** Creates the record with this id, or replaces it when it exists (PUT with
+   * If-None-Match: *, then a plain PUT when it was there already). */
+  async upsert(id, fields) {
+    for (;;) {
+      try {
+        return await this.duplex.fetchJson(this.path(id), { method: "PUT", json: fields, headers: { "if-none-match": "*" } });
+      } catch (error) {
+        if (error.code !== "precondition_failed" && error.code !== "conflict") throw error;
+      }
+      try {
+        return await this.duplex.fetchJson(this.path(id), { method: "PUT", json: fields });
+      } catch (error) {
+        // Deleted meanwhile: create it again.
+        if (error.code !== "not_found") throw error;
+      }
+    }
+  }
+
   update(id, fields, { ifVersion } = {}) {
     return this.duplex.fetchJson(this.path(id), { method: "PUT", json: fields, ifVersion });
   }
@@ -172,8 +190,8 @@ export class Duplex {
     for (const listener of this.statusListeners) listener(status);
   }
 
-  async fetchJson(path, { method = "GET", json, ifVersion, contentType = "application/json" } = {}) {
-    const headers = {};
+  async fetchJson(path, { method = "GET", json, ifVersion, contentType = "application/json", headers: extra = {} } = {}) {
+    const headers = { ...extra };
     if (this.token) headers.authorization = `Bearer ${this.token}`;
     if (ifVersion !== undefined) headers["if-match"] = `"${ifVersion}"`;
     let body;
@@ -382,6 +400,9 @@ export class Duplex {
         if (hadPosition && result.recovered === false) {
           sub.handlers.onGap?.({ reason: result.reason, lastSeen, resumedAt: result.offset, epoch: result.epoch });
         }
+        if (hadPosition && result.recovered === true) {
+          sub.handlers.onRecover?.({ missed: result.missed, lastSeen, offset: result.offset, epoch: result.epoch });
+        }
         if (result.recovered !== true) sub.offset = result.offset;
         sub.epoch = result.epoch;
         sub.ready = true;
@@ -402,12 +423,20 @@ export class Duplex {
    * Follows a channel. `handlers`: `onMessage({channel, offset, epoch, data})` (data is JSON,
    * or a Uint8Array for binary publications), `onJoin`/`onLeave({client, user, meta})`,
    * `onGap({reason, lastSeen, resumedAt, epoch})` when missed publications could not be
-   * replayed, `onEnd(code)` when the subscription ends for good. Resolves once subscribed.
+   * replayed, `onRecover({missed, lastSeen, offset, epoch})` when a resubscription replayed
+   * what was missed, `onEnd(code)` when the subscription ends for good. `options.since`
+   * (`{offset, epoch}`, from `history`) starts after that position: what was published since
+   * comes first, so a page that shows history and then follows misses nothing in between.
+   * Resolves once subscribed.
    */
-  async subscribe(channel, handlers = {}) {
+  async subscribe(channel, handlers = {}, options = {}) {
     if (typeof handlers === "function") handlers = { onMessage: handlers };
     if (this.subscriptions.has(channel)) throw new DuplexError("already_subscribed", `already following ${channel}`);
     const sub = new Subscription(this, channel, handlers);
+    if (options.since) {
+      sub.offset = options.since.offset;
+      sub.epoch = options.since.epoch;
+    }
     this.subscriptions.set(channel, sub);
     if (this.transport === "sse") {
       await this.openEventSource(sub);

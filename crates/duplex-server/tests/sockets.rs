@@ -220,21 +220,35 @@ async fn binary_publications_arrive_byte_exact_on_both_transports() {
     assert_eq!(reply["result"]["offset"], 2);
 
     for (offset, expected) in [(1u64, &payload[..]), (2, &payload[..100])] {
-        let Some(WsEvent::Binary(frame)) = ws.next_event().await else {
-            panic!("expected a binary frame");
+        // `stream` has presence on: the subscribers' joins come first, as text.
+        let frame = loop {
+            match ws.next_event().await {
+                Some(WsEvent::Binary(frame)) => break frame,
+                Some(WsEvent::Json(value)) if value["type"] == "join" => continue,
+                other => panic!("expected a binary frame, got {other:?}"),
+            }
         };
         let message = binary::decode_message(&frame).expect("valid binary message");
         assert_eq!((message.channel, message.offset), ("stream:cam1", offset));
         assert_eq!(message.payload, expected);
 
-        let Some(TcpFrame::Binary(frame)) = tcp_framed.next_frame().await else {
-            panic!("expected a binary frame");
+        let frame = loop {
+            match tcp_framed.next_frame().await {
+                Some(TcpFrame::Binary(frame)) => break frame,
+                Some(TcpFrame::Text(text)) if text.windows(6).any(|w| w == b"\"join\"") => continue,
+                other => panic!("expected a binary frame, got {other:?}"),
+            }
         };
         let message = binary::decode_message(&frame).expect("valid binary message");
         assert_eq!(message.offset, offset);
         assert_eq!(message.payload, expected);
 
-        let line = tcp_lines.next_json().await;
+        let line = loop {
+            let line = tcp_lines.next_json().await;
+            if line["type"] != "join" {
+                break line;
+            }
+        };
         assert_eq!(line["offset"], offset);
         use base64::Engine as _;
         let decoded = base64::engine::general_purpose::STANDARD

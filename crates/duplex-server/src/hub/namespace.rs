@@ -249,6 +249,8 @@ fn builtin(name: &str) -> Option<Namespace> {
             history_size: 0,
             max_message_size: 1024 * KIB,
             slow_consumer: SlowConsumerPolicy::DropOldest,
+            // Who is watching: a live stream shows its audience.
+            presence: true,
             ..default
         },
         "game" => Namespace {
@@ -257,6 +259,13 @@ fn builtin(name: &str) -> Option<Namespace> {
             history_size: 0,
             slow_consumer: SlowConsumerPolicy::Latest,
             presence: true,
+            ..default
+        },
+        // Ephemeral signals (typing indicators, cursors): nothing kept, nobody announced.
+        "signal" => Namespace {
+            publish: Access::Anyone,
+            history_size: 0,
+            max_message_size: 4 * KIB,
             ..default
         },
         "private" => Namespace {
@@ -300,7 +309,7 @@ impl Namespaces {
             fallback = config.apply(&fallback, "default")?;
         }
         let mut named = HashMap::new();
-        for name in ["chat", "records", "stream", "game", "private"] {
+        for name in ["chat", "records", "stream", "game", "signal", "private"] {
             let namespace = builtin(name).expect("listed names are built in");
             named.insert(name.to_owned(), namespace);
         }
