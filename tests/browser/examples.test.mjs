@@ -67,6 +67,9 @@ try {
   await cara.getByTestId("chat-input").fill("hello Dan");
   await cara.getByTestId("chat-send").click();
   await waitForText(dan, "chat-messages", "hello Dan", "Cara's message at Dan's");
+  await cara.getByTestId("chat-input").pressSequentially("typing", { delay: 20 });
+  await dan.getByText("Cara is typing").waitFor();
+  await cara.getByTestId("chat-input").fill("");
   await harness("down");
   await waitForText(dan, "connection-status", "reconnecting", "Dan noticing the cut");
   for (const text of ["are you there?", "you missed this"]) {

@@ -122,6 +122,8 @@ async function say() {
   const text = input.value.trim();
   if (!text || !duplex) return;
   input.value = "";
+  // The message ends the typing; the next keystroke announces it again.
+  lastTypingSent = 0;
   await duplex.publish(`chat:${room}`, { name: nameInput.value.trim(), text });
 }
 
