@@ -20,12 +20,15 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod http;
+mod latency;
 pub mod metrics;
+pub mod model;
 mod server;
 mod socket;
 mod stats;
 pub mod store;
 pub mod tls;
+pub mod units;
 mod write_deadline;
 
 pub use config::{Config, ConfigError, ConfigLayer};

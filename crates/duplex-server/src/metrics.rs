@@ -91,7 +91,7 @@ pub struct Metrics {
     /// History publications evicted, oldest first, because the history budget was over.
     pub history_evictions: Counter,
     /// HTTP latencies since the console's last sample (not exported to Prometheus).
-    pub recent_http: crate::stats::LatencyWindow,
+    pub recent_http: crate::latency::LatencyWindow,
 }
 
 fn latency_histogram() -> Histogram {
@@ -245,7 +245,7 @@ impl Metrics {
             history_evictions.clone(),
         );
         Arc::new(Metrics {
-            recent_http: crate::stats::LatencyWindow::default(),
+            recent_http: crate::latency::LatencyWindow::default(),
             channels,
             channel_refusals,
             queued_bytes,

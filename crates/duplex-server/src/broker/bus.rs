@@ -26,8 +26,7 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 use super::{BrokerError, BrokerEvents, NodeInfo, Present, UserAnswer};
-use crate::hub::ConnectionId;
-use crate::hub::connection::{ClientAnswer, RequestError};
+use crate::model::{ClientAnswer, ConnectionId, RequestError};
 
 /// Sends a message to every node.
 #[async_trait]
@@ -219,20 +218,17 @@ impl Bus {
         }
         let to = request.from.to_owned();
         let id = request.id;
-        let connection = u64::from_str_radix(request.client, 16)
-            .ok()
-            .and_then(|client| events.local_connection(ConnectionId(client)));
-        let link = link.clone();
-        let Some(connection) = connection else {
-            tokio::spawn(
-                async move { answer(&*link, &to, id, Err(RequestError::NotConnected)).await },
-            );
-            return;
-        };
         let data: Box<RawValue> = request.data.to_owned();
         let timeout = Duration::from_millis(request.timeout_ms);
+        let asking = u64::from_str_radix(request.client, 16)
+            .ok()
+            .and_then(|client| events.ask_local(ConnectionId(client), data, timeout));
+        let link = link.clone();
         tokio::spawn(async move {
-            let result = connection.request(&data, timeout).await;
+            let result = match asking {
+                Some(asking) => asking.await,
+                None => Err(RequestError::NotConnected),
+            };
             answer(&*link, &to, id, result).await;
         });
     }
@@ -281,20 +277,13 @@ impl Bus {
         if request.from == self.node {
             return;
         }
-        let connections = events.local_connections_of_user(request.user);
-        let to = request.from.to_owned();
-        let id = request.id;
         let data: Arc<RawValue> = Arc::from(request.data.to_owned());
         let timeout = Duration::from_millis(request.timeout_ms);
+        let asks = events.ask_local_user(request.user, data, timeout);
+        let to = request.from.to_owned();
+        let id = request.id;
         let link = link.clone();
         tokio::spawn(async move {
-            let asks = connections.into_iter().map(|connection| {
-                let data = data.clone();
-                async move {
-                    let answer = connection.request(&data, timeout).await;
-                    (connection.id.to_string(), answer)
-                }
-            });
             let answers = futures_util::future::join_all(asks).await;
             let reply = BusUserAnswers {
                 to: &to,

@@ -27,13 +27,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+use futures_util::future::BoxFuture;
+
 use serde_json::value::RawValue;
 
-use crate::hub::ConnectionId;
-use crate::hub::connection::{ClientAnswer, RequestError};
-use crate::hub::namespace::Namespace;
-use crate::hub::publication::Payload;
+use crate::model::{ClientAnswer, ConnectionId, Payload, RequestError};
+pub use crate::model::{NodeInfo, Present, UserAnswer};
 
 /// The broker failed or cannot be reached.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,16 +46,6 @@ pub struct Retention {
     pub size: usize,
     /// How long history lives after the channel's last publication.
     pub ttl: Duration,
-}
-
-impl Retention {
-    /// The retention a namespace asks for.
-    pub fn of(namespace: &Namespace) -> Self {
-        Retention {
-            size: namespace.history_size.max(1),
-            ttl: namespace.history_ttl.max(Duration::from_secs(1)),
-        }
-    }
 }
 
 /// A publication as the broker stored it.
@@ -97,38 +86,6 @@ pub enum HistoryRange {
     Last(usize),
 }
 
-/// A client in a channel's presence.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Present {
-    /// Its connection id.
-    pub client: String,
-    /// The user its token named.
-    pub user: Option<String>,
-    /// Its metadata.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub meta: Option<Box<RawValue>>,
-}
-
-/// One connection's answer to a user-wide request.
-pub type UserAnswer = (String, Result<ClientAnswer, RequestError>);
-
-/// A node as the registry lists it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct NodeInfo {
-    /// Its id.
-    pub id: String,
-    /// Where it serves HTTP.
-    pub http: String,
-    /// Where it serves raw TCP.
-    pub tcp: String,
-    /// How many socket connections it holds.
-    pub connections: u64,
-    /// The server version.
-    pub version: String,
-    /// When it started, RFC 3339.
-    pub started_at: String,
-}
-
 /// What a broker tells the hub of its node.
 pub trait BrokerEvents: Send + Sync + 'static {
     /// A publication, in offset order per channel, from any node.
@@ -138,16 +95,22 @@ pub trait BrokerEvents: Send + Sync + 'static {
     fn presence_event(&self, channel: &str, except: ConnectionId, frame: Bytes);
     /// The broker link came back after a break: publications may have been missed.
     fn reconnected(&self);
-    /// A connection of this node, if it has it.
-    fn local_connection(
+    /// Asks a connection of this node and waits for its answer; `None` when the connection is
+    /// not here.
+    fn ask_local(
         &self,
         id: ConnectionId,
-    ) -> Option<Arc<crate::hub::connection::ConnectionHandle>>;
-    /// The connections of this node whose token named `user`.
-    fn local_connections_of_user(
+        data: Box<RawValue>,
+        timeout: Duration,
+    ) -> Option<BoxFuture<'static, Result<ClientAnswer, RequestError>>>;
+    /// Asks every connection of this node whose token named `user`: one future per connection,
+    /// each with the connection's id and its answer.
+    fn ask_local_user(
         &self,
         user: &str,
-    ) -> Vec<Arc<crate::hub::connection::ConnectionHandle>>;
+        data: Arc<RawValue>,
+        timeout: Duration,
+    ) -> Vec<BoxFuture<'static, UserAnswer>>;
     /// Every (channel, client) pair this node holds presence for.
     fn local_presence(&self) -> Vec<(Arc<str>, Present)>;
     /// This node's description for the registry.

@@ -16,9 +16,9 @@ use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use super::{AppState, JSON};
-use crate::config::parse_duration;
 use crate::hub::ConnectionId;
 use crate::hub::connection::{ClientAnswer, ConnectionHandle, RequestError};
+use crate::units::parse_duration;
 
 /// How long a server request waits when the caller names no `timeout`.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);

@@ -11,6 +11,7 @@ mod records;
 mod stats;
 mod transports;
 mod web;
+mod websocket;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -293,7 +294,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(stats::router())
         .merge(ops::router())
         .merge(web::router(state.pages))
-        .route("/ws", axum::routing::get(crate::socket::ws::upgrade))
+        .route("/ws", axum::routing::get(websocket::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.max_body))

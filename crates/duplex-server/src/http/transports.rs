@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use super::{AppState, JSON};
-use crate::config::parse_duration;
 use crate::hub::connection::ConnectionHandle;
 use crate::hub::namespace::{Caller, ClientAuth};
 use crate::hub::publication::Publication;
@@ -34,6 +33,7 @@ use crate::hub::queue::{Outgoing, OutgoingQueue};
 use crate::hub::{ConnectionId, Hub, NotRecovered};
 use crate::metrics::{Metrics, TransportLabels};
 use crate::socket::{HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, history_json};
+use crate::units::parse_duration;
 
 /// The longest `wait` of a long poll.
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(60);

@@ -131,7 +131,7 @@ impl Hub {
     }
 
     /// Drops a channel's oldest held publication; when the next one was published, if any.
-    fn evict_oldest_of(&self, channel: &Channel) -> Option<Instant> {
+    pub(super) fn evict_oldest_of(&self, channel: &Channel) -> Option<Instant> {
         let mut state = channel.state.lock();
         if state.closed {
             return None;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{ByteSize, parse_duration};
+use crate::units::{ByteSize, parse_duration};
 
 /// Who may do something in a namespace: publish, subscribe, read presence or history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]

@@ -10,33 +10,9 @@ use std::sync::{Arc, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use serde_json::value::RawValue;
 
 use super::budget::ByteBudget;
-
-/// What a publication carries.
-#[derive(Debug, Clone)]
-pub enum Payload {
-    /// Any JSON value.
-    Json(Box<RawValue>),
-    /// Bytes, for namespaces that allow binary.
-    Binary(Bytes),
-}
-
-impl Payload {
-    /// The payload's size in bytes.
-    pub fn len(&self) -> usize {
-        match self {
-            Payload::Json(raw) => raw.get().len(),
-            Payload::Binary(bytes) => bytes.len(),
-        }
-    }
-
-    /// Whether the payload is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+pub use crate::model::Payload;
 
 /// One publication on one channel, ready to send.
 #[derive(Debug)]
@@ -218,6 +194,7 @@ impl Drop for Queued {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::value::RawValue;
 
     #[test]
     fn one_buffer_serves_every_transport() {

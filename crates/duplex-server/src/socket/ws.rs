@@ -1,4 +1,5 @@
-//! WebSocket at `GET /ws`: JSON text frames and binary frames, over axum's tungstenite.
+//! A WebSocket connection (upgraded at `GET /ws` by [`crate::http`]): JSON text frames and
+//! binary frames, over axum's tungstenite.
 //!
 //! Buffers are sized deliberately (tungstenite would otherwise read into 128 KiB per
 //! connection); the keepalive sweeper ([`super::keepalive`]) pings, and anything the client
@@ -9,59 +10,22 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
-use axum::response::Response;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::Bytes;
 use duplex_proto::DisconnectCode;
 use duplex_proto::frames::{Disconnect, to_json};
 use futures_util::{SinkExt as _, StreamExt as _};
 
 use super::{Session, SocketContext, Transport};
-use crate::http::{ApiError, AppState};
 use crate::hub::publication::Publication;
 use crate::hub::queue::{Outgoing, OutgoingQueue};
 
-const READ_BUFFER: usize = 512;
-const WRITE_FLUSH_THRESHOLD: usize = 16 * 1024;
-const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
-
-/// Upgrades `GET /ws` to a WebSocket connection.
-pub(crate) async fn upgrade(
-    State(state): State<AppState>,
-    ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
-    headers: axum::http::HeaderMap,
-    axum::extract::RawQuery(query): axum::extract::RawQuery,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Result<Response, ApiError> {
-    crate::http::check_origin(&state, &headers)?;
-    // Browsers cannot set headers on a WebSocket: a token may come as `?token=`.
-    let token = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
-        .find(|(key, _)| key == "token")
-        .map(|(_, value)| value.into_owned());
-    let auth = match token {
-        Some(token) => Some(crate::http::verify_token(&state, &token)?),
-        None => None,
-    };
-    let upgrade = upgrade.map_err(|rejection| ApiError::UpgradeRequired(rejection.body_text()))?;
-    let context = state.sockets.clone();
-    let slot = context.slots.acquire(Some(remote.ip())).map_err(|limit| {
-        context.metrics.connection_refusals.inc();
-        ApiError::TooManyConnections(limit.to_string())
-    })?;
-    let max_frame = context.limits.max_frame;
-    Ok(upgrade
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_FLUSH_THRESHOLD)
-        .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .max_message_size(max_frame)
-        .max_frame_size(max_frame)
-        .on_upgrade(move |socket| {
-            let tracker = context.tracker.clone();
-            tracker.track_future(serve(socket, remote, context, slot, auth))
-        }))
-}
+/// tungstenite's read buffer (its default, 128 KiB, would be held by every idle connection).
+pub(crate) const READ_BUFFER: usize = 512;
+/// Queued frames are flushed once this much is buffered.
+pub(crate) const WRITE_FLUSH_THRESHOLD: usize = 16 * 1024;
+/// The most a connection's writes may buffer.
+pub(crate) const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
 
 /// One task per connection reads frames and writes queued ones (the sweeper's pings included)
 /// in batches on the one socket, which costs less memory than a reader and a writer task with a
@@ -71,7 +35,7 @@ pub(crate) async fn upgrade(
 /// holds the socket, the session and the batch, and nothing else (an `async fn` with a
 /// `select!` kept every branch's future and the write future side by side, 1.6 KiB per task
 /// measured). Only a connection that closes pays for its goodbye, boxed.
-fn serve(
+pub(crate) fn serve(
     socket: WebSocket,
     remote: std::net::SocketAddr,
     context: Arc<SocketContext>,

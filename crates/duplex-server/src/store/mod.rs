@@ -2,13 +2,19 @@
 //!
 //! A record is a JSON object in a named collection. The store owns the server fields (`id`,
 //! `created`, `updated`, `version`) and keeps each record as the full JSON document clients
-//! receive, so reading a record sends stored bytes without decoding them. Everything that is the
-//! same for every backend (validation, merge patch, cursors, document layout) lives here; a
-//! backend only moves rows.
+//! receive, so reading a record sends stored bytes without decoding them.
+//!
+//! Everything that is the same for every database (server fields, versions and preconditions,
+//! merge patch, document layout, paging) is [`RecordStore`] in [`records`]; a database is a
+//! [`backend::Backend`] that only moves rows: [`sql`] runs the statements for both databases,
+//! [`sqlite`] and [`postgres`] bring their SQL and open their pools.
 
+mod backend;
 mod cursor;
 mod numbers;
 mod postgres;
+mod records;
+mod sql;
 mod sqlite;
 
 use std::fmt;
@@ -16,12 +22,10 @@ use std::fmt;
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{Map, Value};
-use time::OffsetDateTime;
 
 pub use cursor::CursorKey;
 pub use numbers::check_numbers;
-pub use postgres::PostgresStore;
-pub use sqlite::SqliteStore;
+use records::RecordStore;
 
 /// The fields the server owns; a client's values for them are ignored.
 pub const SERVER_FIELDS: [&str; 4] = ["id", "created", "updated", "version"];
@@ -135,7 +139,7 @@ impl SortOrder {
     }
 
     /// The SQL of this order: the sort column, the direction, and the comparison that finds the
-    /// rows after a cursor. Static text only; both stores build their listing from it.
+    /// rows after a cursor. Static text only; both backends build their listing from it.
     pub(crate) fn sql(self) -> (&'static str, &'static str, &'static str) {
         match self {
             SortOrder::CreatedAscending => ("created_us", "ASC", ">"),
@@ -316,10 +320,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 /// Opens the store a URL names.
 pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     if let Some(path) = url.strip_prefix("sqlite://") {
-        return Ok(std::sync::Arc::new(SqliteStore::open(path).await?));
+        let backend = sqlite::open(path).await?;
+        return Ok(std::sync::Arc::new(RecordStore::new(backend)));
     }
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Ok(std::sync::Arc::new(PostgresStore::open(url).await?));
+        let backend = postgres::open(url).await?;
+        return Ok(std::sync::Arc::new(RecordStore::new(backend)));
     }
     Err(StoreError::UnsupportedUrl(url.to_owned()))
 }
@@ -351,152 +357,9 @@ pub fn is_valid_field(field: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// 32 random bytes for a new secret.
-pub(crate) fn new_secret() -> Vec<u8> {
-    let mut secret = Vec::with_capacity(32);
-    for _ in 0..2 {
-        secret.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
-    }
-    secret
-}
-
-/// A new record id: time-ordered (UUID v7), 32 lowercase hex digits.
-pub(crate) fn new_record_id() -> String {
-    uuid::Uuid::now_v7().simple().to_string()
-}
-
-/// Removes the server fields a client sent; they are the server's to set.
-pub(crate) fn strip_server_fields(fields: &mut Map<String, Value>) {
-    for key in SERVER_FIELDS {
-        fields.remove(key);
-    }
-}
-
-/// The client fields of a stored document.
-pub(crate) fn client_fields(document: &[u8]) -> Result<Map<String, Value>, StoreError> {
-    let mut fields: Map<String, Value> =
-        serde_json::from_slice(document).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    strip_server_fields(&mut fields);
-    Ok(fields)
-}
-
-/// Applies a change to a record's client fields.
-pub(crate) fn apply_change(
-    current: Map<String, Value>,
-    change: Change,
-) -> Result<Map<String, Value>, StoreError> {
-    let mut fields = match change {
-        Change::Replace(fields) => fields,
-        Change::MergePatch(patch) => {
-            let mut document = Value::Object(current);
-            json_patch::merge(&mut document, &patch);
-            match document {
-                Value::Object(fields) => fields,
-                _ => return Err(StoreError::NotAnObject),
-            }
-        }
-    };
-    strip_server_fields(&mut fields);
-    Ok(fields)
-}
-
-/// Microseconds since the Unix epoch: the precision timestamps are kept at.
-pub(crate) fn now_micros() -> i64 {
-    let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
-    i64::try_from(nanos / 1_000).expect("the clock is within ±292,000 years of 1970")
-}
-
-/// RFC 3339 text of a microsecond timestamp.
-pub(crate) fn rfc3339(micros: i64) -> String {
-    let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
-        .expect("microsecond timestamps from now_micros are in range");
-    at.format(&time::format_description::well_known::Rfc3339)
-        .expect("RFC 3339 can format every in-range UTC time")
-}
-
-/// One page from the rows a listing fetched (`limit + 1` of them at most, each its document,
-/// sort key and sequence): the first `limit`, and a cursor when there was one more.
-pub(crate) fn page_from_rows(
-    rows: impl IntoIterator<Item = Result<(String, i64, i64), StoreError>>,
-    query: &ListQuery,
-) -> Result<Page, StoreError> {
-    let limit = query.limit as usize;
-    let mut items = Vec::with_capacity(limit.min(64));
-    let mut last = None;
-    let mut more = false;
-    for row in rows {
-        if items.len() == limit {
-            more = true;
-            break;
-        }
-        let (document, key, seq) = row?;
-        items.push(Bytes::from(document));
-        last = Some((key, seq));
-    }
-    let next = match (more, last) {
-        (true, Some((key, seq))) => Some(Cursor {
-            order: query.order,
-            key,
-            seq,
-        }),
-        _ => None,
-    };
-    Ok(Page { items, next })
-}
-
-/// A stored record as it is before a write.
-pub(crate) struct Current {
-    pub(crate) version: i64,
-    pub(crate) created_us: i64,
-    pub(crate) updated_us: i64,
-    pub(crate) document: String,
-}
-
-/// The record after `change`: the next version, `updated` never running backwards even if the
-/// clock does; returns it and its `updated` time for the row.
-pub(crate) fn next_version(
-    id: &str,
-    current: &Current,
-    change: Change,
-) -> Result<(Record, i64), StoreError> {
-    let fields = apply_change(client_fields(current.document.as_bytes())?, change)?;
-    let updated_us = now_micros().max(current.updated_us);
-    let version = current.version + 1;
-    let document = render_document(id, version, current.created_us, updated_us, fields);
-    Ok((
-        Record {
-            id: id.to_owned(),
-            version,
-            document,
-        },
-        updated_us,
-    ))
-}
-
-/// Builds the document clients receive: server fields first, then the client's.
-pub(crate) fn render_document(
-    id: &str,
-    version: i64,
-    created_us: i64,
-    updated_us: i64,
-    fields: Map<String, Value>,
-) -> Bytes {
-    let mut document = Map::with_capacity(fields.len() + SERVER_FIELDS.len());
-    document.insert("id".into(), Value::String(id.to_owned()));
-    document.insert("created".into(), Value::String(rfc3339(created_us)));
-    document.insert("updated".into(), Value::String(rfc3339(updated_us)));
-    document.insert("version".into(), Value::from(version));
-    document.extend(fields);
-    Bytes::from(
-        serde_json::to_vec(&Value::Object(document))
-            .expect("a JSON object with string keys always serialises"),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
     fn collection_names_follow_the_documented_pattern() {
@@ -509,35 +372,6 @@ mod tests {
         assert!(!is_valid_collection("po sts"));
         assert!(!is_valid_collection("posts/1"));
         assert!(!is_valid_collection("pöst"));
-    }
-
-    #[test]
-    fn record_ids_follow_the_documented_pattern() {
-        assert!(is_valid_id(&new_record_id()));
-        assert!(is_valid_id("Abc-1_2"));
-        assert!(!is_valid_id(""));
-        assert!(!is_valid_id("a.b"));
-        assert!(!is_valid_id(&"x".repeat(65)));
-    }
-
-    #[test]
-    fn merge_patch_follows_rfc_7396_and_keeps_server_fields_out() {
-        let current = json!({"title": "a", "tags": ["x"], "meta": {"a": 1, "b": 2}});
-        let Value::Object(current) = current else {
-            unreachable!()
-        };
-        let patch = json!({"title": "b", "meta": {"a": null, "c": 3}, "tags": null, "id": "evil"});
-        let patched = apply_change(current, Change::MergePatch(patch)).expect("object");
-        assert_eq!(
-            Value::Object(patched),
-            json!({"title": "b", "meta": {"b": 2, "c": 3}})
-        );
-    }
-
-    #[test]
-    fn merge_patch_that_is_not_an_object_is_refused() {
-        let err = apply_change(Map::new(), Change::MergePatch(json!([1, 2])));
-        assert!(matches!(err, Err(StoreError::NotAnObject)));
     }
 
     #[test]
@@ -565,17 +399,5 @@ mod tests {
         assert_eq!(f("5"), ("\"5\"".into(), "5".into()));
         assert_eq!(f("true"), ("\"true\"".into(), "true".into()));
         assert_eq!(f("null"), ("\"null\"".into(), "null".into()));
-    }
-
-    #[test]
-    fn documents_put_server_fields_first() {
-        let mut fields = Map::new();
-        fields.insert("title".into(), json!("hi"));
-        let doc = render_document("abc", 2, 0, 1_000_000, fields);
-        let text = std::str::from_utf8(&doc).expect("utf-8");
-        assert_eq!(
-            text,
-            r#"{"id":"abc","created":"1970-01-01T00:00:00Z","updated":"1970-01-01T00:00:01Z","version":2,"title":"hi"}"#
-        );
     }
 }

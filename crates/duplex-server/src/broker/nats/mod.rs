@@ -18,10 +18,10 @@
 //! any namespace asks for, for a day.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, kv, stream};
+use async_nats::jetstream::{self, kv, stream};
 use async_nats::{HeaderMap, connection::State};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -30,14 +30,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use super::bus::{Bus, BusLink, jitter_ms, new_epoch, now_ms, presence_messages, split_prefix};
+use super::bus::{Bus, BusLink, new_epoch, now_ms, presence_messages, split_prefix};
 use super::{
     Broker, BrokerError, BrokerEvents, BrokerHistory, HistoryRange, NodeInfo, Present, Retention,
     Stored, UserAnswer, decode_payload, encode_payload,
 };
-use crate::hub::ConnectionId;
-use crate::hub::connection::{ClientAnswer, RequestError};
-use crate::hub::publication::Payload;
+use crate::model::{ClientAnswer, ConnectionId, Payload, RequestError};
+use follow::keep_running;
+
+mod follow;
 
 const OFFSET: &str = "Duplex-Offset";
 const EPOCH: &str = "Duplex-Epoch";
@@ -286,92 +287,6 @@ impl NatsBroker {
         }
         Ok(())
     }
-
-    /// Follows the channels stream until it breaks or shutdown; true on shutdown.
-    async fn follow(
-        self: &Arc<Self>,
-        events: &Arc<dyn BrokerEvents>,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, BrokerError> {
-        let deliver_policy = consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: self.delivered.load(Ordering::Acquire) + 1,
-        };
-        let consumer = self
-            .stream
-            .create_consumer(consumer::push::OrderedConfig {
-                deliver_subject: self.client.new_inbox(),
-                filter_subject: format!("{}.ch.>", self.prefix),
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(nats_error)?;
-        let mut messages = consumer.messages().await.map_err(nats_error)?;
-        let prefix = format!("{}.ch.", self.prefix);
-        let mut connected = self.connected.clone();
-        connected.mark_unchanged();
-        loop {
-            let message = tokio::select! {
-                () = shutdown.cancelled() => return Ok(true),
-                _ = connected.changed() => {
-                    tracing::info!("reconnected to NATS; following the channels from where this node stopped");
-                    return Ok(false);
-                }
-                message = messages.next() => message,
-            };
-            let message = match message {
-                Some(Ok(message)) => message,
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "the NATS channel consumer failed");
-                    continue;
-                }
-                None => return Err(BrokerError("the NATS channel consumer ended".into())),
-            };
-            if let Ok(info) = message.info() {
-                self.delivered
-                    .store(info.stream_sequence, Ordering::Release);
-            }
-            let channel = message
-                .subject
-                .as_str()
-                .strip_prefix(&prefix)
-                .and_then(unhex);
-            let position = message.headers.as_ref().and_then(position);
-            let payload = decode_payload(&message.payload);
-            match (channel, position, payload) {
-                (Some(channel), Some((offset, epoch)), Some(payload)) => {
-                    events.deliver(&channel, offset, &epoch, payload);
-                }
-                _ => tracing::warn!(subject = %message.subject, "unreadable publication"),
-            }
-        }
-    }
-
-    async fn follow_bus(
-        self: &Arc<Self>,
-        events: &Arc<dyn BrokerEvents>,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, BrokerError> {
-        let mut subscriber = self
-            .client
-            .subscribe(self.bus_subject.clone())
-            .await
-            .map_err(nats_error)?;
-        let link: Arc<dyn BusLink> = self.clone();
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return Ok(true),
-                message = subscriber.next() => match message {
-                    Some(message) => {
-                        if !self.bus.on_message(&link, events, &message.payload) {
-                            tracing::warn!("unknown message on the broker bus");
-                        }
-                    }
-                    None => return Err(BrokerError("the NATS bus subscription ended".into())),
-                },
-            }
-        }
-    }
 }
 
 /// Offset and epoch from a publication's headers.
@@ -379,28 +294,6 @@ fn position(headers: &HeaderMap) -> Option<(u64, Arc<str>)> {
     let offset = headers.get(OFFSET)?.as_str().parse().ok()?;
     let epoch = headers.get(EPOCH)?.as_str();
     Some((offset, epoch.into()))
-}
-
-/// Runs `attempt` until shutdown, again after each failure, with backoff.
-async fn keep_running<F, Fut>(what: &str, shutdown: &CancellationToken, mut attempt: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool, BrokerError>>,
-{
-    let mut delay = RECONNECT_MIN;
-    loop {
-        match attempt().await {
-            Ok(true) => return,
-            Ok(false) => delay = RECONNECT_MIN,
-            Err(error) => tracing::warn!(%error, "{what}; retrying"),
-        }
-        let jitter = Duration::from_millis(jitter_ms(delay));
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delay + jitter) => {}
-        }
-        delay = (delay * 2).min(RECONNECT_MAX);
-    }
 }
 
 #[async_trait]

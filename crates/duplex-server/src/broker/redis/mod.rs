@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
@@ -38,95 +38,16 @@ use super::{
     Broker, BrokerError, BrokerEvents, BrokerHistory, HistoryRange, NodeInfo, Present, Retention,
     Stored, UserAnswer, decode_payload, encode_payload,
 };
-use crate::hub::ConnectionId;
-use crate::hub::connection::{ClientAnswer, RequestError};
-use crate::hub::publication::Payload;
+use crate::model::{ClientAnswer, ConnectionId, Payload, RequestError};
+use scripts::Scripts;
+
+mod scripts;
 
 /// How long a channel's epoch and last offset outlive its last publication.
 const META_TTL_SECONDS: u64 = 24 * 60 * 60;
 /// Backoff between attempts to re-establish the pub/sub link.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
-
-const PUBLISH: &str = r"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[6]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
-end
-local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], 'p' .. offset .. ':' .. epoch .. ':' .. ARGV[2])
-return {offset, epoch}
-";
-
-const HISTORY: &str = r"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[4]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-end
-local top = redis.call('HGET', KEYS[1], 'top')
-local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-local oldest = ''
-if #first > 0 then oldest = first[1][1] end
-local entries = {}
-if ARGV[1] == 'after' then
-  entries = redis.call('XRANGE', KEYS[2], '(' .. ARGV[2] .. '-0', '+', 'COUNT', ARGV[5])
-elseif ARGV[1] == 'last' then
-  entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[5])
-end
-return {top, epoch, oldest, entries}
-";
-
-const NOW_MS: &str = r"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-";
-
-const JOIN: &str = r"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[1])
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
-if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[5], ARGV[6]) end
-return 1
-";
-
-const LEAVE: &str = r"
-local message = redis.call('HGET', KEYS[3], ARGV[1])
-local removed = redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-if removed == 1 and message then redis.call('PUBLISH', ARGV[2], message) end
-return removed
-";
-
-const PRESENCE: &str = r"
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-for _, client in ipairs(expired) do
-  local message = redis.call('HGET', KEYS[3], client)
-  redis.call('HDEL', KEYS[1], client)
-  redis.call('HDEL', KEYS[3], client)
-  redis.call('ZREM', KEYS[2], client)
-  if message then redis.call('PUBLISH', ARGV[1], message) end
-end
-return redis.call('HVALS', KEYS[1])
-";
-
-#[derive(Debug)]
-struct Scripts {
-    publish: Script,
-    history: Script,
-    join: Script,
-    leave: Script,
-    presence: Script,
-}
 
 /// Channels, history, presence and requests between nodes through Redis.
 pub struct RedisBroker {
@@ -184,7 +105,6 @@ impl RedisBroker {
             .get_connection_manager_with_config(config)
             .await
             .map_err(broker_error)?;
-        let now = |body: &str| Script::new(&format!("{NOW_MS}{body}"));
         Ok(RedisBroker {
             client,
             connection,
@@ -192,13 +112,7 @@ impl RedisBroker {
             prefix,
             node: node.clone(),
             presence_ttl,
-            scripts: Scripts {
-                publish: Script::new(PUBLISH),
-                history: Script::new(HISTORY),
-                join: now(JOIN),
-                leave: Script::new(LEAVE),
-                presence: now(PRESENCE),
-            },
+            scripts: Scripts::new(),
             bus_state: Arc::new(Bus::new(node.clone())),
             linked: AtomicBool::new(false),
         })

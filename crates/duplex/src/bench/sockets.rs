@@ -1,74 +1,12 @@
-//! `duplex bench`: runs the load generators of `duplex-bench` and prints their reports.
+//! `duplex bench fanout`, `connections`, `roundtrip` and `transports`: the socket side.
 
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Subcommand, ValueEnum};
-use duplex_bench::{
-    ConnectionsOptions, FanoutOptions, ServerProcess, Transport, run_connections, run_fanout,
-};
+use clap::{Args, ValueEnum};
+use duplex_bench::{ConnectionsOptions, FanoutOptions, Transport, run_connections, run_fanout};
 
-/// Benchmarks. Each run is bounded and stops by itself; by default it starts its own server.
-#[derive(Debug, Subcommand)]
-pub(crate) enum BenchCommand {
-    /// Fan-out: subscribers follow one channel while a publisher sends at a fixed rate.
-    Fanout(FanoutArgs),
-    /// Idle connections: server memory per connection and connect rate.
-    Connections(ConnectionsArgs),
-    /// Round trips: the server asking a client, and recovery after a reconnect.
-    Roundtrip(RoundtripArgs),
-    /// The same updates by short polling, long polling, SSE, WebSocket and raw TCP.
-    Transports(TransportsArgs),
-    /// Records over HTTP: create, get and list throughput and latency.
-    Http(HttpArgs),
-    /// Hostile clients against a server on its default configuration: server memory
-    /// throughout, and how a healthy client is answered meanwhile.
-    Attack(AttackArgs),
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum ScenarioArg {
-    /// Subscribers that never read, each flooded with 60 KiB publications.
-    SlowReaders,
-    /// Anonymous publishers filling the history of many channels.
-    History,
-    /// Connections making as many channels as they can.
-    Channels,
-}
-
-#[derive(Debug, Args)]
-pub(crate) struct AttackArgs {
-    /// Which attacks (comma-separated; default all), each against a fresh server unless
-    /// `--server` names one.
-    #[arg(long, value_enum, value_delimiter = ',')]
-    scenario: Vec<ScenarioArg>,
-    /// 1 runs the counts of the hostile-clients report; less for a quick run.
-    #[arg(long, default_value_t = 1.0)]
-    scale: f64,
-    /// How long the pressure is held after each flood, e.g. 5s.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    hold: Duration,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    target: Target,
-}
-
-#[derive(Debug, Args)]
-pub(crate) struct HttpArgs {
-    /// Concurrent keep-alive clients.
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
-    /// Time per operation, e.g. 10s.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    duration: Duration,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    target: Target,
-}
+use super::{Target, parse_duration, server_for, with_progress};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum MethodArg {
@@ -128,23 +66,6 @@ pub(crate) struct RoundtripArgs {
     json: bool,
     #[command(flatten)]
     target: Target,
-}
-
-/// Where the server under test is.
-#[derive(Debug, Args)]
-pub(crate) struct Target {
-    /// A running server's HTTP address (http://127.0.0.1:PORT or 127.0.0.1:PORT); default:
-    /// start one as a child process, so its CPU and memory are measured apart from the load.
-    /// A server of your own needs `[namespaces.bench]` with `publish = "anyone"` and a lifted
-    /// `publish_rate`, as the child gets.
-    #[arg(long)]
-    server: Option<String>,
-    /// Raw TCP address of that server.
-    #[arg(long)]
-    tcp_server: Option<String>,
-    /// Process id of that server, for its CPU and memory.
-    #[arg(long)]
-    pid: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -212,229 +133,7 @@ pub(crate) struct ConnectionsArgs {
     target: Target,
 }
 
-/// Runs `work` under a progress bar that fills over `expected` (a spinner when unknown),
-/// redrawn by a ticker rather than by the work itself, so it costs the measurement nothing.
-async fn with_progress<T>(
-    label: String,
-    expected: Option<Duration>,
-    quiet: bool,
-    work: impl std::future::Future<Output = T>,
-) -> T {
-    let bar = match expected {
-        Some(expected) => {
-            let bar = indicatif::ProgressBar::new(expected.as_millis() as u64);
-            if let Ok(style) =
-                indicatif::ProgressStyle::with_template("{prefix:>24} [{bar:40}] {elapsed}")
-            {
-                bar.set_style(style.progress_chars("=> "));
-            }
-            bar
-        }
-        None => indicatif::ProgressBar::new_spinner(),
-    };
-    if quiet {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_prefix(label);
-    let started = std::time::Instant::now();
-    let ticker = {
-        let bar = bar.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                tick.tick().await;
-                bar.set_position(started.elapsed().as_millis() as u64);
-                bar.tick();
-            }
-        })
-    };
-    let result = work.await;
-    ticker.abort();
-    bar.finish_and_clear();
-    result
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    duplex_server::config::parse_duration(text)
-        .ok_or_else(|| format!("{text:?} is not a duration such as 500ms, 10s or 2m"))
-}
-
-/// The server a run measures: a child process we started, or one the user named.
-async fn server_for(
-    target: &Target,
-) -> anyhow::Result<(Option<ServerProcess>, String, String, Option<u32>)> {
-    match &target.server {
-        Some(http) => {
-            let addr = http
-                .trim_start_matches("http://")
-                .trim_end_matches('/')
-                .to_owned();
-            // Say plainly when the server is not there, before any load starts.
-            let health = format!("http://{addr}/healthz");
-            match reqwest::get(&health).await {
-                Ok(response) if response.status().is_success() => {}
-                Ok(response) => anyhow::bail!("{health} answered {}", response.status()),
-                Err(error) => anyhow::bail!("cannot reach the server at {addr}: {error}"),
-            }
-            Ok((
-                None,
-                addr,
-                target.tcp_server.clone().unwrap_or_default(),
-                target.pid,
-            ))
-        }
-        None => {
-            let exe = std::env::current_exe().context("cannot find the duplex executable")?;
-            let server = ServerProcess::start(&exe).await?;
-            let (http, tcp, pid) = (
-                server.http_addr.clone(),
-                server.tcp_addr.clone(),
-                server.pid(),
-            );
-            Ok((Some(server), http, tcp, pid))
-        }
-    }
-}
-
-pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
-    // Load runs open many sockets; the server we start inherits the raised limit.
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => tracing::debug!(limit, "open file limit"),
-        Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
-    }
-    match command {
-        BenchCommand::Fanout(args) => fanout(args).await,
-        BenchCommand::Connections(args) => connections(args).await,
-        BenchCommand::Roundtrip(args) => roundtrip(args).await,
-        BenchCommand::Transports(args) => transports(args).await,
-        BenchCommand::Http(args) => http(args).await,
-        BenchCommand::Attack(args) => attack(args).await,
-    }
-}
-
-async fn attack(args: AttackArgs) -> anyhow::Result<()> {
-    use duplex_bench::Scenario;
-    let scenarios: Vec<Scenario> = if args.scenario.is_empty() {
-        Scenario::ALL.to_vec()
-    } else {
-        args.scenario
-            .iter()
-            .map(|s| match s {
-                ScenarioArg::SlowReaders => Scenario::SlowReaders,
-                ScenarioArg::History => Scenario::History,
-                ScenarioArg::Channels => Scenario::Channels,
-            })
-            .collect()
-    };
-    let mut reports = Vec::new();
-    for scenario in scenarios {
-        // A fresh default server per attack (the user's own with --server).
-        let (server, http_addr, tcp_addr, pid) = match &args.target.server {
-            Some(_) => server_for(&args.target).await?,
-            None => {
-                let exe = std::env::current_exe().context("cannot find the duplex executable")?;
-                let server = ServerProcess::start_with_config(&exe, "").await?;
-                let (http, tcp, pid) = (
-                    server.http_addr.clone(),
-                    server.tcp_addr.clone(),
-                    server.pid(),
-                );
-                (Some(server), http, tcp, pid)
-            }
-        };
-        let options = duplex_bench::AttackOptions {
-            http_addr,
-            tcp_addr,
-            server_pid: pid.context("--pid is needed to read a running server's memory")?,
-            scenario,
-            scale: args.scale,
-            hold: args.hold,
-        };
-        let report = with_progress(
-            scenario.name().to_owned(),
-            None,
-            args.json,
-            duplex_bench::run_attack(&options),
-        )
-        .await?;
-        reports.push(report);
-        if let Some(server) = server {
-            server.stop().await?;
-        }
-    }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
-        return Ok(());
-    }
-    println!(
-        "{:<13} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>6}  refused",
-        "attack", "sent", "RSS before", "RSS max", "RSS after", "pings", "p50 ms", "max ms", "lost"
-    );
-    let mib = |bytes: u64| format!("{:.0} MB", bytes as f64 / 1e6);
-    for r in &reports {
-        let refused: Vec<String> = r.refused.iter().map(|(c, n)| format!("{c} {n}")).collect();
-        println!(
-            "{:<13} {:>9} {:>10} {:>9} {:>9} {:>8} {:>8.2} {:>8.2} {:>6}  {}",
-            r.scenario.name(),
-            r.sent,
-            mib(r.rss_before),
-            mib(r.rss_max),
-            mib(r.rss_after),
-            r.pings,
-            r.ping_p50_ms,
-            r.ping_max_ms,
-            r.unanswered,
-            if refused.is_empty() {
-                "-".to_owned()
-            } else {
-                refused.join(", ")
-            },
-        );
-    }
-    Ok(())
-}
-
-async fn http(args: HttpArgs) -> anyhow::Result<()> {
-    let (server, http_addr, _, _) = server_for(&args.target).await?;
-    let phases = with_progress(
-        "create, get, list".into(),
-        Some(args.duration * 3),
-        args.json,
-        duplex_bench::run_records(&http_addr, args.concurrency, args.duration),
-    )
-    .await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&phases)?);
-    } else {
-        println!(
-            "records over HTTP, {} clients, {:?} per operation",
-            args.concurrency, args.duration
-        );
-        println!(
-            "{:<8} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}",
-            "op", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors"
-        );
-        for phase in &phases {
-            println!(
-                "{:<8} {:>10} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>7}",
-                phase.operation,
-                phase.requests,
-                phase.requests_per_second,
-                phase.latency_ms.p50,
-                phase.latency_ms.p90,
-                phase.latency_ms.p99,
-                phase.latency_ms.max,
-                phase.errors
-            );
-        }
-    }
-    if let Some(server) = server {
-        server.stop().await?;
-    }
-    Ok(())
-}
-
-async fn transports(args: TransportsArgs) -> anyhow::Result<()> {
+pub(super) async fn transports(args: TransportsArgs) -> anyhow::Result<()> {
     use duplex_bench::Method;
     let (server, http_addr, tcp_addr, pid) = server_for(&args.target).await?;
     let methods: Vec<Method> = if args.transports.is_empty() {
@@ -534,7 +233,7 @@ async fn transports(args: TransportsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn roundtrip(args: RoundtripArgs) -> anyhow::Result<()> {
+pub(super) async fn roundtrip(args: RoundtripArgs) -> anyhow::Result<()> {
     let (server, http_addr, _, _) = server_for(&args.target).await?;
     let mut reports = vec![
         with_progress(
@@ -581,7 +280,7 @@ async fn roundtrip(args: RoundtripArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
+pub(super) async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     let transport = match args.transport {
         TransportArg::Websocket => Transport::Websocket,
         TransportArg::Tcp => Transport::Tcp,
@@ -714,7 +413,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
+pub(super) async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
     let (server, http_addr, _, pid) = server_for(&args.target).await?;
     let pid = pid.context("--pid is needed to read a running server's memory")?;
     let options = ConnectionsOptions {

@@ -1,0 +1,301 @@
+//! The subscribers of a fan-out run: lean WebSocket and raw TCP readers that look at each frame
+//! in place for its offset and due time.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use hdrhistogram::Histogram;
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::TcpStream;
+
+use crate::lean_ws;
+
+#[derive(Debug)]
+pub(super) struct SubscriberStats {
+    pub(super) received: u64,
+    pub(super) missed: u64,
+    pub(super) duplicated: u64,
+    pub(super) last_offset: u64,
+    pub(super) latency_us: Histogram<u64>,
+}
+
+pub(super) fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// The unsigned integer after `key` in `text`.
+pub(super) fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
+    let start = text.windows(key.len()).position(|w| w == key)? + key.len();
+    let digits = text[start..].iter().take_while(|b| b.is_ascii_digit());
+    let mut value: u64 = 0;
+    let mut any = false;
+    for digit in digits {
+        value = value
+            .checked_mul(10)?
+            .checked_add(u64::from(digit - b'0'))?;
+        any = true;
+    }
+    any.then_some(value)
+}
+
+impl SubscriberStats {
+    pub(super) fn new() -> anyhow::Result<Self> {
+        Ok(SubscriberStats {
+            received: 0,
+            missed: 0,
+            duplicated: 0,
+            last_offset: 0,
+            latency_us: Histogram::new_with_bounds(1, 600_000_000, 2)?,
+        })
+    }
+
+    /// Counts publications after the last one received as missed.
+    pub(super) fn count_missing_tail(&mut self, last: u64) {
+        if self.last_offset < last {
+            self.missed += last - self.last_offset;
+        }
+    }
+
+    /// Records one `message` frame.
+    pub(super) fn record(&mut self, frame: &[u8]) {
+        let (Some(offset), Some(sent)) = (
+            number_after(frame, b"\"offset\":"),
+            number_after(frame, b"\"t\":"),
+        ) else {
+            return;
+        };
+        self.received += 1;
+        if offset <= self.last_offset {
+            self.duplicated += 1;
+            return;
+        }
+        self.missed += offset - self.last_offset - 1;
+        self.last_offset = offset;
+        let latency = now_micros().saturating_sub(sent).max(1);
+        let _ = self.latency_us.record(latency.min(600_000_000));
+    }
+}
+
+/// A WebSocket subscriber on the lean client ([`crate::lean_ws`]): one read takes whatever
+/// the socket holds, and every frame in it is looked at in place.
+pub(super) async fn ws_subscriber(
+    addr: String,
+    channel: String,
+    ready: tokio::sync::mpsc::Sender<()>,
+    last: u64,
+    stop: tokio::sync::watch::Receiver<u64>,
+) -> anyhow::Result<SubscriberStats> {
+    let mut socket = LeanSocket::connect(&addr).await?;
+    let subscribe = format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#);
+    socket.send(lean_ws::OP_TEXT, subscribe.as_bytes()).await?;
+    loop {
+        let (opcode, payload) = socket
+            .next_frame()
+            .await?
+            .context("closed before the reply")?;
+        let payload = &socket.buf[payload];
+        if opcode == lean_ws::OP_TEXT && contains(payload, b"\"reply\"") {
+            break;
+        }
+        if opcode == lean_ws::OP_TEXT && contains(payload, b"\"error\"") {
+            bail!("subscribe failed: {}", String::from_utf8_lossy(payload));
+        }
+    }
+    ready.send(()).await.ok();
+    drop(ready);
+    let mut stats = SubscriberStats::new()?;
+    let mut stop = stop;
+    'read: while stats.last_offset < last {
+        // Every whole frame already read, then one more read.
+        while let Some((opcode, payload)) = socket.buffered_frame()? {
+            match opcode {
+                lean_ws::OP_TEXT => stats.record(&socket.buf[payload]),
+                lean_ws::OP_PING => {
+                    let data = socket.buf[payload].to_vec();
+                    socket.send(lean_ws::OP_PONG, &data).await?;
+                }
+                lean_ws::OP_CLOSE => break 'read,
+                _ => {}
+            }
+        }
+        if stats.last_offset >= last {
+            break;
+        }
+        tokio::select! {
+            read = socket.fill() => if !read? { break },
+            _ = stop.changed() => break,
+        }
+    }
+    stats.count_missing_tail(last);
+    Ok(stats)
+}
+
+pub(super) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A client WebSocket over a tokio `TcpStream`: a read buffer and the position of the next
+/// unread frame in it.
+pub(super) struct LeanSocket {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// Where the next unread frame starts in `buf`.
+    at: usize,
+}
+
+impl LeanSocket {
+    /// Connects and upgrades `GET /ws` on `addr`.
+    pub(super) async fn connect(addr: &str) -> anyhow::Result<LeanSocket> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        stream
+            .write_all(lean_ws::upgrade_request(addr, "/ws").as_bytes())
+            .await?;
+        let mut socket = LeanSocket {
+            stream,
+            buf: Vec::with_capacity(16 * 1024),
+            at: 0,
+        };
+        loop {
+            if !socket.fill().await? {
+                bail!("closed during the upgrade");
+            }
+            if let Some(head) = lean_ws::upgrade_response(&socket.buf)? {
+                socket.at = head;
+                return Ok(socket);
+            }
+        }
+    }
+
+    pub(super) async fn send(&mut self, opcode: u8, payload: &[u8]) -> anyhow::Result<()> {
+        let mut frame = Vec::with_capacity(payload.len() + 14);
+        lean_ws::client_frame(&mut frame, opcode, payload);
+        self.stream.write_all(&frame).await?;
+        Ok(())
+    }
+
+    /// The next whole frame in the buffer (opcode, where its payload is), if any.
+    pub(super) fn buffered_frame(
+        &mut self,
+    ) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
+        let Some(frame) = lean_ws::server_frame(&self.buf[self.at..])? else {
+            return Ok(None);
+        };
+        if !frame.fin || frame.opcode == 0 {
+            bail!("the bench client does not read fragmented messages");
+        }
+        let payload = self.at + frame.payload.start..self.at + frame.payload.end;
+        self.at = payload.end;
+        Ok(Some((frame.opcode, payload)))
+    }
+
+    /// The next frame, reading as needed; `None` once the server closed the connection.
+    pub(super) async fn next_frame(
+        &mut self,
+    ) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
+        loop {
+            if let Some(frame) = self.buffered_frame()? {
+                return Ok(Some(frame));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Drops what was read, then reads once more; false at end of stream.
+    pub(super) async fn fill(&mut self) -> anyhow::Result<bool> {
+        use tokio::io::AsyncReadExt as _;
+        self.buf.drain(..self.at);
+        self.at = 0;
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(self.buf.capacity().max(16 * 1024));
+        }
+        Ok(self.stream.read_buf(&mut self.buf).await? > 0)
+    }
+}
+
+pub(super) async fn tcp_subscriber(
+    addr: String,
+    channel: String,
+    ready: tokio::sync::mpsc::Sender<()>,
+    last: u64,
+    stop: tokio::sync::watch::Receiver<u64>,
+) -> anyhow::Result<SubscriberStats> {
+    let stream = TcpStream::connect(&addr).await?;
+    stream.set_nodelay(true)?;
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::with_capacity(16 * 1024, read);
+    let subscribe = format!("{{\"type\":\"subscribe\",\"id\":1,\"channel\":\"{channel}\"}}\n");
+    write.write_all(subscribe.as_bytes()).await?;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if lines.read_until(b'\n', &mut line).await? == 0 {
+            bail!("closed before the reply");
+        }
+        if line.windows(7).any(|w| w == b"\"reply\"") {
+            break;
+        }
+    }
+    ready.send(()).await.ok();
+    drop(ready);
+    let stats = read_lines(lines, last, stop).await;
+    drop(write);
+    stats
+}
+
+/// Reads `message` lines until offset `last` (or `stop`), recording each.
+pub(super) async fn read_lines<R: tokio::io::AsyncRead + Unpin>(
+    mut lines: BufReader<R>,
+    last: u64,
+    mut stop: tokio::sync::watch::Receiver<u64>,
+) -> anyhow::Result<SubscriberStats> {
+    let mut stats = SubscriberStats::new()?;
+    let mut line = Vec::new();
+    while stats.last_offset < last {
+        line.clear();
+        tokio::select! {
+            read = lines.read_until(b'\n', &mut line) => match read {
+                Ok(n) if n > 0 => {
+                    if line.starts_with(b"{\"type\":\"message\"") {
+                        stats.record(&line);
+                    }
+                }
+                _ => break,
+            },
+            _ = stop.changed() => break,
+        }
+    }
+    stats.count_missing_tail(last);
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    pub(super) fn numbers_are_read_after_their_keys() {
+        let frame = br#"{"type":"message","channel":"b:f","offset":42,"data":{"t":1700000000000001,"p":"x"}}"#;
+        assert_eq!(number_after(frame, b"\"offset\":"), Some(42));
+        assert_eq!(number_after(frame, b"\"t\":"), Some(1_700_000_000_000_001));
+        assert_eq!(number_after(frame, b"\"missing\":"), None);
+    }
+
+    #[test]
+    pub(super) fn gaps_and_repeats_are_counted() {
+        let mut stats = SubscriberStats::new().expect("histogram");
+        for offset in [1, 2, 4, 4, 3, 5] {
+            let frame = format!(r#"{{"offset":{offset},"data":{{"t":1}}}}"#);
+            stats.record(frame.as_bytes());
+        }
+        assert_eq!(stats.received, 6);
+        assert_eq!(stats.missed, 1);
+        assert_eq!(stats.duplicated, 2);
+        assert_eq!(stats.last_offset, 5);
+    }
+}

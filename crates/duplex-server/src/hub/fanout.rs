@@ -1,0 +1,287 @@
+//! Publishing and fan-out: a publication gets the channel's next offset under the channel's
+//! lock, is encoded once and pushed to every subscriber's queue before the lock is released.
+//! With a broker, the broker allocates the offset and every node fans out what it broadcasts
+//! ([`Hub::deliver`]), checking that nothing was missed on the way.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use duplex_proto::DisconnectCode;
+
+use super::channel::new_epoch;
+use super::namespace::Caller;
+use super::publication::{Payload, Publication};
+use super::queue::Pushed;
+use super::{Channel, ChannelState, Hub, HubError, PublishOutcome, check_access, retention_of};
+
+impl Hub {
+    /// Publishes on a channel. On the in-process broker the publication is fanned out before
+    /// this returns; with a broker, once the broker has it (every node, this one included,
+    /// fans out what the broker sends).
+    pub async fn publish(
+        &self,
+        channel_name: &str,
+        payload: Payload,
+        caller: Caller<'_>,
+    ) -> Result<PublishOutcome, HubError> {
+        if !duplex_proto::is_valid_channel(channel_name) {
+            return Err(HubError::InvalidChannel);
+        }
+        let namespace = self.namespaces.for_channel(channel_name);
+        check_access(namespace.publish, caller, channel_name, "publish")?;
+        if matches!(payload, Payload::Binary(_)) && !namespace.binary {
+            return Err(HubError::BinaryNotAllowed);
+        }
+        if matches!(&payload, Payload::Json(data) if data.get().trim() == "null") {
+            return Err(HubError::NullData);
+        }
+        if payload.len() > namespace.max_message_size {
+            return Err(HubError::MessageTooLarge {
+                limit: namespace.max_message_size,
+            });
+        }
+        match &self.broker {
+            None => self.publish_here(channel_name, &payload),
+            Some(broker) => {
+                let (offset, epoch) = broker
+                    .publish(channel_name, &payload, retention_of(namespace))
+                    .await
+                    .map_err(|e| HubError::Unavailable(e.to_string()))?;
+                Ok(PublishOutcome { offset, epoch })
+            }
+        }
+    }
+
+    /// The in-process broker: offset, fan-out and history under the channel's lock.
+    fn publish_here(
+        &self,
+        channel_name: &str,
+        payload: &Payload,
+    ) -> Result<PublishOutcome, HubError> {
+        if !self.channels.contains_key(channel_name)
+            && self.namespaces.for_channel(channel_name).history_size == 0
+        {
+            // Nobody follows it and nothing would be kept: the channel would be made and
+            // removed at once. Its first offset in a fresh epoch, without making it (so a
+            // publisher to nobody is not held to `max_channels`).
+            self.metrics.publications.inc();
+            return Ok(PublishOutcome {
+                offset: 1,
+                epoch: new_epoch(),
+            });
+        }
+        loop {
+            let channel = self.channel(channel_name)?;
+            let mut state = channel.state.lock();
+            if state.closed {
+                continue;
+            }
+            state.last_offset += 1;
+            let offset = state.last_offset;
+            let publication = Arc::new(Publication::counted(
+                channel.name.clone(),
+                offset,
+                payload,
+                &self.queue_budget,
+            ));
+            let namespace = &channel.namespace;
+            let far_over = self.history_budget.is_far_over();
+            let fan_out = self.holding(&mut state, |state| {
+                let now = Instant::now();
+                let fan_out = fan_out(&channel, state, &publication, now);
+                if namespace.history_size > 0 {
+                    state.remember(now, publication);
+                    state.trim_history(namespace, now);
+                    // The enforcer is behind: this channel gives up its oldest at once.
+                    if far_over && state.history.len() > 1 {
+                        state.drop_oldest_held();
+                    }
+                }
+                fan_out
+            });
+            let outcome = PublishOutcome {
+                offset,
+                epoch: state.epoch.clone(),
+            };
+            let unused = state.unused();
+            let watched = state.watchers > 0;
+            drop(state);
+            self.published(&channel, watched, &fan_out);
+            if unused {
+                self.remove_if_unused(channel_name);
+            }
+            return Ok(outcome);
+        }
+    }
+
+    /// After a fan-out: wakes long polls and counts.
+    fn published(&self, channel: &Channel, watched: bool, fan_out: &FanOut) {
+        if watched {
+            channel.published.notify_waiters();
+        }
+        let metrics = &self.metrics;
+        metrics.publications.inc();
+        metrics.deliveries_queued.inc_by(fan_out.delivered);
+        if fan_out.dropped > 0 {
+            metrics.dropped.inc_by(fan_out.dropped);
+        }
+        if fan_out.conflated > 0 {
+            metrics.conflated.inc_by(fan_out.conflated);
+        }
+        if fan_out.disconnected > 0 {
+            metrics
+                .slow_consumer_disconnects
+                .inc_by(fan_out.disconnected);
+        }
+    }
+
+    /// With a broker: a publication the broker sent, from any node, in offset order. Channels
+    /// nobody here follows are skipped. A gap in offsets or a new epoch means this node missed
+    /// publications; its subscribers are disconnected with `insufficient_state` so that they
+    /// resubscribe `since` their last offset and recover from the broker's history.
+    pub fn deliver(&self, channel_name: &str, offset: u64, epoch: &str, payload: &Payload) {
+        let Some(channel) = self.channels.get(channel_name).map(|c| c.clone()) else {
+            return;
+        };
+        let mut state = channel.state.lock();
+        if state.closed {
+            return;
+        }
+        let same_epoch = *state.epoch == *epoch;
+        if state.synced {
+            if same_epoch && offset <= state.last_offset {
+                return;
+            }
+            if !same_epoch || offset != state.last_offset + 1 {
+                tracing::warn!(
+                    channel = channel_name,
+                    expected = state.last_offset + 1,
+                    got = offset,
+                    "missed publications from the broker; subscribers will recover"
+                );
+                self.lost_track(&mut state);
+            }
+        }
+        state.synced = true;
+        state.last_offset = offset;
+        if !same_epoch {
+            state.epoch = epoch.into();
+        }
+        let publication = Arc::new(Publication::counted(
+            channel.name.clone(),
+            offset,
+            payload,
+            &self.queue_budget,
+        ));
+        let fan_out = self.holding(&mut state, |state| {
+            fan_out(&channel, state, &publication, Instant::now())
+        });
+        let watched = state.watchers > 0;
+        drop(state);
+        self.published(&channel, watched, &fan_out);
+    }
+
+    /// Disconnects every subscriber of a channel this node lost track of.
+    fn lost_track(&self, state: &mut ChannelState) {
+        for subscriber in state.subscribers.values() {
+            subscriber
+                .connection
+                .queue
+                .close(DisconnectCode::InsufficientState);
+        }
+        self.metrics
+            .insufficient_state_disconnects
+            .inc_by(state.subscribers.len() as u64);
+    }
+
+    /// With a broker: after the link to it broke, compares every followed channel with the
+    /// broker's position and disconnects the subscribers of those that moved on meanwhile (or
+    /// that the broker lost), so that they recover.
+    pub async fn resync(&self) {
+        let Some(broker) = &self.broker else {
+            return;
+        };
+        let names: Vec<Arc<str>> = self
+            .channels
+            .iter()
+            .filter(|c| c.state.lock().synced)
+            .map(|c| c.name.clone())
+            .collect();
+        // The command connection may only now find its old socket broken: retry a little, and
+        // if the broker still cannot say, have every subscriber recover (from a broker that
+        // answers by then, recovery tells them nothing was lost if nothing was).
+        let mut positions = vec![None; names.len()];
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=4 {
+            match broker.positions(&names).await {
+                Ok(found) => {
+                    positions = found;
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, attempt, "cannot compare channels with the broker");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+            }
+        }
+        for (name, position) in names.iter().zip(positions) {
+            let Some(channel) = self.channels.get(name).map(|c| c.clone()) else {
+                continue;
+            };
+            let mut state = channel.state.lock();
+            let current = match &position {
+                Some((top, epoch)) => *top == state.last_offset && **epoch == *state.epoch,
+                None => false,
+            };
+            if !current {
+                self.lost_track(&mut state);
+                state.synced = false;
+            }
+        }
+    }
+}
+
+/// Fan-out counts of one publication.
+#[derive(Default)]
+struct FanOut {
+    delivered: u64,
+    dropped: u64,
+    conflated: u64,
+    disconnected: u64,
+}
+
+/// Pushes a publication to every subscriber of a channel (buffering it for those still reading
+/// the broker's history) and records it as the channel's latest.
+fn fan_out(
+    channel: &Channel,
+    state: &mut ChannelState,
+    publication: &Arc<Publication>,
+    now: Instant,
+) -> FanOut {
+    let policy = channel.namespace.slow_consumer;
+    let mut counts = FanOut::default();
+    for subscriber in state.subscribers.values_mut() {
+        if let Some(buffer) = &mut subscriber.recovering {
+            buffer.push(publication.clone());
+            continue;
+        }
+        if publication.offset() <= subscriber.after {
+            continue;
+        }
+        match subscriber.connection.queue.push_publication(
+            publication,
+            policy,
+            subscriber.latest.as_ref(),
+        ) {
+            Pushed::Queued | Pushed::Closed => {}
+            Pushed::Dropped(dropped) => counts.dropped += dropped as u64,
+            Pushed::Conflated => counts.conflated += 1,
+            Pushed::Disconnecting => counts.disconnected += 1,
+        }
+    }
+    counts.delivered = state.subscribers.len() as u64;
+    state.count_publication(now);
+    state.latest = Some((now, publication.clone()));
+    counts
+}

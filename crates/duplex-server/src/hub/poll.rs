@@ -1,0 +1,142 @@
+//! Short and long polling: a poll reads what came after `since`; a long poll waits on the
+//! channel's `Notify` until a publication arrives or its wait ends, holding the channel (and its
+//! epoch) alive meanwhile.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use duplex_proto::frames::Since;
+
+use super::history::page_of;
+use super::namespace::Caller;
+use super::publication::Publication;
+use super::{Channel, HistoryPage, Hub, HubError, NotRecovered, retention_of};
+use crate::broker::HistoryRange;
+use crate::metrics::Metrics;
+
+impl Hub {
+    /// Polls a channel: the first `limit` publications after `since`. With a `wait`, holds on
+    /// until one arrives or the wait ends; a waiting poll costs a registration on the
+    /// channel's `Notify` and nothing else until a publication wakes it.
+    pub async fn poll(
+        &self,
+        channel_name: &str,
+        since: Option<&Since>,
+        limit: usize,
+        wait: Duration,
+        caller: Caller<'_>,
+    ) -> Result<HistoryPage, HubError> {
+        self.check_readable(channel_name, caller)?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let channel = self.channel(channel_name)?;
+            let watcher = {
+                let mut state = channel.state.lock();
+                if state.closed {
+                    continue;
+                }
+                state.watchers += 1;
+                Watcher {
+                    hub: self,
+                    channel: &channel,
+                }
+            };
+            loop {
+                let notified = channel.published.notified();
+                tokio::pin!(notified);
+                // Registered before looking, so a publication between the look and the wait
+                // still wakes us.
+                notified.as_mut().enable();
+                let page = match &self.broker {
+                    None => {
+                        let state = channel.state.lock();
+                        let recovered = since.map(|since| state.readable_since(since));
+                        let publications: Vec<Arc<Publication>> = match (since, recovered) {
+                            (Some(since), Some(Ok(()) | Err(NotRecovered::HistoryTrimmed))) => {
+                                state
+                                    .publications_after(since.offset())
+                                    .take(limit)
+                                    .cloned()
+                                    .collect()
+                            }
+                            _ => Vec::new(),
+                        };
+                        HistoryPage {
+                            publications,
+                            offset: state.last_offset,
+                            epoch: state.epoch.clone(),
+                            recovered,
+                        }
+                    }
+                    Some(broker) => {
+                        let range = match since {
+                            Some(since) => HistoryRange::After {
+                                offset: since.offset(),
+                                limit,
+                            },
+                            None => HistoryRange::None,
+                        };
+                        let history = broker
+                            .history(channel_name, range, retention_of(&channel.namespace))
+                            .await
+                            .map_err(|e| HubError::Unavailable(e.to_string()))?;
+                        let mut page = page_of(&channel.name, history, since);
+                        if let Some(Err(reason)) = page.recovered
+                            && reason != NotRecovered::HistoryTrimmed
+                        {
+                            page.publications.clear();
+                        }
+                        page
+                    }
+                };
+                let nothing_yet =
+                    page.publications.is_empty() && matches!(page.recovered, Some(Ok(())));
+                if !nothing_yet || tokio::time::Instant::now() >= deadline {
+                    drop(watcher);
+                    return Ok(page);
+                }
+                let waiting = WaitingPoll::new(&self.metrics);
+                let woken = tokio::time::timeout_at(deadline, notified).await;
+                drop(waiting);
+                if woken.is_err() {
+                    drop(watcher);
+                    return Ok(page);
+                }
+            }
+        }
+    }
+}
+
+/// Counts a long poll as waiting for as long as it waits, however the wait ends.
+struct WaitingPoll<'a>(&'a Metrics);
+
+impl<'a> WaitingPoll<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.long_polls.inc();
+        WaitingPoll(metrics)
+    }
+}
+
+impl Drop for WaitingPoll<'_> {
+    fn drop(&mut self) {
+        self.0.long_polls.dec();
+    }
+}
+
+/// A long poll's hold on a channel: while it lives the channel is not dropped.
+struct Watcher<'a> {
+    hub: &'a Hub,
+    channel: &'a Arc<Channel>,
+}
+
+impl Drop for Watcher<'_> {
+    fn drop(&mut self) {
+        let mut state = self.channel.state.lock();
+        state.watchers -= 1;
+        let unused = state.unused();
+        drop(state);
+        if unused {
+            self.hub.remove_if_unused(&self.channel.name);
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! One connection's protocol state: the [`Session`] a socket task owns, how it reads a frame and
+//! dispatches it, and how it answers. The requests themselves are in [`super::requests`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use duplex_proto::frames::{ClientFrame, Connected, ErrorFrame, Keepalive, Reply, to_json};
+use duplex_proto::{DisconnectCode, ErrorCode, PROTOCOL_VERSION};
+use serde::Serialize;
+
+use super::{
+    MAX_BAD_FRAMES_IN_A_ROW, SocketContext, Transport, clock_deadline, deadline_of, slots,
+};
+use crate::hub::connection::ConnectionHandle;
+use crate::hub::publication::Payload;
+use crate::hub::queue::OutgoingQueue;
+use crate::hub::{ConnectionId, HubError};
+use crate::metrics::{CodeLabels, Metrics};
+
+/// What the reader must do after a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum After {
+    Continue,
+    /// Raw TCP: read length-prefixed frames from now on.
+    SwitchToLengthPrefixed,
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub(super) id: ConnectionId,
+    pub(super) transport: Transport,
+    pub(super) context: Arc<SocketContext>,
+    pub(super) queue: Arc<OutgoingQueue>,
+    pub(super) connection: Arc<ConnectionHandle>,
+    pub(super) bad_frames_in_a_row: u32,
+    pub(super) publish_limiter: governor::DefaultDirectRateLimiter,
+    /// The connection's place under the connection limits, given back when the session ends.
+    _slot: slots::Slot,
+    /// When the connection's token expires; kept here so the reader does not ask per frame.
+    token_deadline: Option<tokio::time::Instant>,
+    /// What the token says, kept here so publishing does not lock the shared handle.
+    pub(super) auth: Arc<crate::hub::namespace::ClientAuth>,
+    /// Whether the connection has connected (a `connect` that succeeded, or a token at the
+    /// WebSocket upgrade): its identity is then fixed for its life.
+    pub(super) connected: bool,
+    /// A request that waits on the broker; the next frame is read once it is answered, so a
+    /// connection's requests are answered in order.
+    waiting: Option<Waiting>,
+}
+
+/// A request in progress.
+struct Waiting(Pin<Box<dyn Future<Output = ()> + Send>>);
+
+impl std::fmt::Debug for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waiting")
+    }
+}
+
+/// Queues the error a hub refusal gets.
+pub(super) fn hub_error(queue: &OutgoingQueue, metrics: &Metrics, id: u64, error: &HubError) {
+    push_error(queue, metrics, Some(id), error.code(), error.to_string());
+}
+
+/// Queues a `reply`.
+pub(super) fn push_reply<T: Serialize>(queue: &OutgoingQueue, id: u64, result: T) {
+    queue.push_control(Bytes::from(to_json(&Reply { id, result })));
+}
+
+/// Queues an `error` and counts it.
+fn push_error(
+    queue: &OutgoingQueue,
+    metrics: &Metrics,
+    id: Option<u64>,
+    code: ErrorCode,
+    message: impl Into<String>,
+) {
+    metrics
+        .socket_errors
+        .get_or_create(&CodeLabels {
+            code: code.as_str(),
+        })
+        .inc();
+    queue.push_control(Bytes::from(to_json(&ErrorFrame {
+        id,
+        code,
+        message: message.into().into(),
+    })));
+}
+
+/// A connection's publish rate limiter: `rate` a second, `burst` at once.
+fn publish_limiter(rate: u32, burst: u32) -> governor::DefaultDirectRateLimiter {
+    let rate = std::num::NonZeroU32::new(rate).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst = std::num::NonZeroU32::new(burst).unwrap_or(rate);
+    governor::RateLimiter::direct(governor::Quota::per_second(rate).allow_burst(burst))
+}
+
+impl Session {
+    /// Starts a session, registers the connection with the hub and queues `connected`.
+    pub(crate) fn start(
+        context: Arc<SocketContext>,
+        transport: Transport,
+        remote: Option<SocketAddr>,
+        slot: slots::Slot,
+    ) -> Session {
+        let id = ConnectionId::random();
+        let queue = Arc::new(context.hub.outgoing_queue(context.limits.queue()));
+        let connection = Arc::new(ConnectionHandle::new(
+            id,
+            transport.name(),
+            remote,
+            queue.clone(),
+        ));
+        let client = id.to_string();
+        queue.push_control(Bytes::from(to_json(&Connected {
+            client: client.as_str().into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol: PROTOCOL_VERSION,
+            limits: context.limits.announced(),
+        })));
+        context
+            .metrics
+            .connections
+            .get_or_create(&transport.label())
+            .inc();
+        context.hub.register(connection.clone());
+        let publish_limiter =
+            publish_limiter(context.limits.publish_rate, context.limits.publish_burst);
+        Session {
+            id,
+            transport,
+            context,
+            queue,
+            connection,
+            bad_frames_in_a_row: 0,
+            publish_limiter,
+            _slot: slot,
+            token_deadline: None,
+            auth: Arc::default(),
+            connected: false,
+            waiting: None,
+        }
+    }
+
+    /// Runs a request; one that has to wait (on the broker) is kept, and no frame is read
+    /// until it is done.
+    pub(super) fn run(&mut self, request: impl Future<Output = ()> + Send + 'static) {
+        use futures_util::FutureExt;
+        let mut request = Box::pin(request);
+        if request.as_mut().now_or_never().is_none() {
+            self.waiting = Some(Waiting(request));
+        }
+    }
+
+    /// Whether a request is in progress.
+    pub(crate) fn is_waiting(&self) -> bool {
+        self.waiting.is_some()
+    }
+
+    /// Completes the request in progress (cancel-safe: it stays kept until done).
+    pub(crate) async fn finish_waiting(&mut self) {
+        std::future::poll_fn(|cx| self.poll_waiting(cx)).await;
+    }
+
+    /// Polls the request in progress; ready once there is none.
+    pub(crate) fn poll_waiting(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if let Some(Waiting(request)) = &mut self.waiting {
+            std::task::ready!(request.as_mut().poll(cx));
+            self.waiting = None;
+        }
+        std::task::Poll::Ready(())
+    }
+
+    /// When the connection's token runs out, if it has one.
+    pub(crate) fn token_deadline(&self) -> Option<tokio::time::Instant> {
+        self.token_deadline
+    }
+
+    pub(crate) fn queue(&self) -> &Arc<OutgoingQueue> {
+        &self.queue
+    }
+
+    pub(crate) fn connection(&self) -> &Arc<ConnectionHandle> {
+        &self.connection
+    }
+
+    /// Connects the connection with a token already verified (WebSocket `?token=`): a later
+    /// `connect` is refused, as a second one would be.
+    pub(crate) fn connect_with(&mut self, auth: crate::hub::namespace::ClientAuth) {
+        self.authenticate(auth);
+        self.connected = true;
+    }
+
+    /// Makes a verified token the connection's.
+    pub(super) fn authenticate(&mut self, auth: crate::hub::namespace::ClientAuth) {
+        self.token_deadline = deadline_of(auth.expires_at);
+        self.connection
+            .set_token_deadline(auth.expires_at.map(clock_deadline));
+        if let Some(meta) = &auth.meta {
+            self.connection.set_meta(Some(meta.clone()));
+        }
+        self.connection.set_auth(auth);
+        self.auth = self.connection.auth();
+    }
+
+    pub(super) fn reply<T: Serialize>(&mut self, id: u64, result: T) {
+        self.bad_frames_in_a_row = 0;
+        push_reply(&self.queue, id, result);
+    }
+
+    pub(super) fn error(&mut self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
+        push_error(&self.queue, &self.context.metrics, id, code, message);
+    }
+
+    /// An error caused by a malformed frame; too many in a row close the connection.
+    pub(super) fn bad_frame(
+        &mut self,
+        id: Option<u64>,
+        code: ErrorCode,
+        message: impl Into<String>,
+    ) {
+        self.error(id, code, message);
+        self.bad_frames_in_a_row += 1;
+        if self.bad_frames_in_a_row >= MAX_BAD_FRAMES_IN_A_ROW {
+            self.queue.close(DisconnectCode::TooManyErrors);
+        }
+    }
+
+    pub(super) fn hub_error(&mut self, id: u64, error: &HubError) {
+        self.bad_frames_in_a_row = 0;
+        hub_error(&self.queue, &self.context.metrics, id, error);
+    }
+
+    /// Handles a text frame that may not be UTF-8 (raw TCP).
+    pub(crate) fn on_unchecked_text(&mut self, text: &[u8]) -> After {
+        match std::str::from_utf8(text) {
+            Ok(text) => self.on_text(text),
+            Err(error) => {
+                self.bad_frame(
+                    None,
+                    ErrorCode::BadFrame,
+                    format!("a text frame must be UTF-8: {error}"),
+                );
+                After::Continue
+            }
+        }
+    }
+
+    /// Handles a JSON text frame.
+    pub(crate) fn on_text(&mut self, text: &str) -> After {
+        let frame = match ClientFrame::parse(text.as_bytes()) {
+            Ok(frame) => frame,
+            Err(error) => {
+                self.bad_frame(
+                    None,
+                    ErrorCode::BadFrame,
+                    format!("expected a JSON object with a string \"type\": {error}"),
+                );
+                return After::Continue;
+            }
+        };
+        let kind = frame.kind.as_ref();
+        match kind {
+            "ping" => {
+                self.bad_frames_in_a_row = 0;
+                self.queue
+                    .push_control(Bytes::from(to_json(&Keepalive::Pong { id: frame.id })));
+                return After::Continue;
+            }
+            "pong" => return After::Continue,
+            "reply" | "error" => {
+                self.answer(&frame);
+                return After::Continue;
+            }
+            "connect" | "subscribe" | "unsubscribe" | "publish" | "framing" | "history"
+            | "presence" | "refresh" => {}
+            _ => {
+                self.bad_frame(
+                    frame.id,
+                    ErrorCode::UnknownType,
+                    format!("unknown frame type {kind:?}"),
+                );
+                return After::Continue;
+            }
+        }
+        let Some(id) = frame.id else {
+            self.bad_frame(
+                None,
+                ErrorCode::MissingId,
+                format!("a {kind} request needs an unsigned integer \"id\""),
+            );
+            return After::Continue;
+        };
+        match kind {
+            "connect" => self.connect(id, &frame),
+            "refresh" => self.refresh(id, frame.token.as_deref()),
+            "framing" => return self.framing(id, frame.mode.as_deref()),
+            _ => {
+                let Some(channel) = frame.channel.as_deref() else {
+                    self.bad_frame(
+                        Some(id),
+                        ErrorCode::BadRequest,
+                        format!("a {kind} request needs a \"channel\""),
+                    );
+                    return After::Continue;
+                };
+                match kind {
+                    "subscribe" => self.subscribe(id, channel, frame.since.as_ref()),
+                    "unsubscribe" => self.unsubscribe(id, channel),
+                    "history" => self.history(id, channel, frame.since.as_ref(), frame.limit),
+                    "presence" => self.presence(id, channel),
+                    _ => match frame.data {
+                        Some(data) => {
+                            self.publish(id, channel, Payload::Json(data.to_owned()));
+                        }
+                        None => self.bad_frame(
+                            Some(id),
+                            ErrorCode::BadRequest,
+                            "a publish request needs \"data\" (any JSON value but null)",
+                        ),
+                    },
+                }
+            }
+        }
+        After::Continue
+    }
+
+    /// Handles a binary frame (kind byte first).
+    pub(crate) fn on_binary(&mut self, frame: Bytes) {
+        let (id, channel, payload) = match duplex_proto::binary::decode_publish(&frame) {
+            Ok(publish) => {
+                let start = frame.len() - publish.payload.len();
+                (
+                    u64::from(publish.id),
+                    publish.channel.to_owned(),
+                    frame.slice(start..),
+                )
+            }
+            Err(error) => {
+                self.bad_frame(None, ErrorCode::BadFrame, error.to_string());
+                return;
+            }
+        };
+        self.publish(id, &channel, Payload::Binary(payload));
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.context.hub.deregister(&self.connection);
+        self.context
+            .metrics
+            .connections
+            .get_or_create(&self.transport.label())
+            .dec();
+    }
+}

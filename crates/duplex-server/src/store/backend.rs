@@ -1,0 +1,104 @@
+//! The seam between the record logic ([`super::RecordStore`]) and a database: a [`Backend`]
+//! moves rows in its own SQL and maps its own errors, and decides nothing about records.
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use super::{CollectionSummary, ListQuery, Record, StoreError};
+
+/// A record's row as a write finds it.
+#[derive(Debug, Clone)]
+pub(crate) struct Current {
+    pub(crate) version: i64,
+    pub(crate) created_us: i64,
+    pub(crate) updated_us: i64,
+    pub(crate) document: String,
+}
+
+/// The row a write leaves: the record and its `updated` time in microseconds.
+#[derive(Debug, Clone)]
+pub(crate) struct Next {
+    pub(crate) record: Record,
+    pub(crate) updated_us: i64,
+}
+
+/// A new record's row: version 1, created and updated at `at_us`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewRow<'a> {
+    pub(crate) collection: &'a str,
+    pub(crate) id: &'a str,
+    pub(crate) at_us: i64,
+    pub(crate) document: &'a str,
+}
+
+/// What an insert found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inserted {
+    /// The row is in.
+    Yes,
+    /// A row with that collection and id was there already; nothing changed.
+    Taken,
+}
+
+/// One row of a listing: the document, its sort key and its insertion sequence.
+pub(crate) type Listed = (String, i64, i64);
+
+/// Decides, from the row as it is (`None` when there is none), the row a write leaves.
+pub(crate) type Decide<'a> =
+    Box<dyn FnOnce(Option<Current>) -> Result<Next, StoreError> + Send + 'a>;
+
+/// Decides, from the record as it is, whether it may be deleted (and returns it).
+pub(crate) type Admit<'a> =
+    Box<dyn FnOnce(Option<Record>) -> Result<Record, StoreError> + Send + 'a>;
+
+/// A database under [`super::RecordStore`]: its queries and its error mapping, nothing else.
+///
+/// `update` and `delete` read the row and write it in one transaction that no other writer can
+/// interleave with (a single writer connection, or a row lock), calling the record logic in
+/// between; when it says no, nothing is written.
+#[async_trait]
+pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// Inserts a row unless its collection and id are taken.
+    async fn insert(&self, row: NewRow<'_>) -> Result<Inserted, StoreError>;
+
+    /// Reads one record.
+    async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>, StoreError>;
+
+    /// Reads the row, has `decide` make the next one, writes it.
+    async fn update(
+        &self,
+        collection: &str,
+        id: &str,
+        decide: Decide<'_>,
+    ) -> Result<Record, StoreError>;
+
+    /// Reads the record, has `admit` allow it, deletes it.
+    async fn delete(
+        &self,
+        collection: &str,
+        id: &str,
+        admit: Admit<'_>,
+    ) -> Result<Record, StoreError>;
+
+    /// Up to `rows` rows of a collection in the query's order, after its cursor, matching its
+    /// filters.
+    async fn list(
+        &self,
+        collection: &str,
+        query: &ListQuery,
+        rows: i64,
+    ) -> Result<Vec<Listed>, StoreError>;
+
+    /// Collections with at least one record and how many, by name.
+    async fn collections(&self) -> Result<Vec<CollectionSummary>, StoreError>;
+
+    /// Keeps `candidate` as the secret `name` unless one is kept already; returns the kept one.
+    async fn keep_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError>;
+
+    /// Checks that the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Closes the connections.
+    async fn close(&self);
+}

@@ -1,0 +1,307 @@
+//! The record logic every backend shares: server fields, versions and preconditions, merge
+//! patch, the document clients receive, paging. [`RecordStore`] implements [`Store`] over any
+//! [`Backend`], which only moves rows.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use super::backend::{Backend, Current, Inserted, Listed, NewRow, Next};
+use super::{
+    Change, CollectionSummary, Cursor, ListQuery, Page, Precondition, Record, SERVER_FIELDS, Store,
+    StoreError,
+};
+
+/// Records over a [`Backend`].
+#[derive(Debug)]
+pub(crate) struct RecordStore<B> {
+    backend: B,
+}
+
+impl<B: Backend> RecordStore<B> {
+    pub(crate) fn new(backend: B) -> Self {
+        RecordStore { backend }
+    }
+
+    /// Version 1 of a record; `precondition` is `None` (a fresh id) or `Absent` (the client's).
+    async fn insert(
+        &self,
+        collection: &str,
+        id: &str,
+        mut fields: Map<String, Value>,
+        precondition: Precondition,
+    ) -> Result<Record, StoreError> {
+        strip_server_fields(&mut fields);
+        let now = now_micros();
+        let document = render_document(id, 1, now, now, fields);
+        let row = NewRow {
+            collection,
+            id,
+            at_us: now,
+            document: std::str::from_utf8(&document).expect("serde_json writes UTF-8"),
+        };
+        match self.backend.insert(row).await? {
+            Inserted::Yes => Ok(Record {
+                id: id.to_owned(),
+                version: 1,
+                document,
+            }),
+            Inserted::Taken if precondition == Precondition::Absent => {
+                let current = self.backend.get(collection, id).await?;
+                Err(StoreError::PreconditionFailed {
+                    current: current.map(|record| record.version),
+                })
+            }
+            Inserted::Taken => Err(StoreError::Conflict),
+        }
+    }
+}
+
+#[async_trait]
+impl<B: Backend> Store for RecordStore<B> {
+    async fn create(
+        &self,
+        collection: &str,
+        fields: Map<String, Value>,
+    ) -> Result<Record, StoreError> {
+        self.insert(collection, &new_record_id(), fields, Precondition::None)
+            .await
+    }
+
+    async fn create_with_id(
+        &self,
+        collection: &str,
+        id: &str,
+        fields: Map<String, Value>,
+    ) -> Result<Record, StoreError> {
+        self.insert(collection, id, fields, Precondition::Absent)
+            .await
+    }
+
+    async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>, StoreError> {
+        self.backend.get(collection, id).await
+    }
+
+    async fn update(
+        &self,
+        collection: &str,
+        id: &str,
+        change: Change,
+        precondition: &Precondition,
+    ) -> Result<Record, StoreError> {
+        let decide = Box::new(move |current: Option<Current>| {
+            let current = precondition.admit(current, |c| c.version)?;
+            next_version(id, &current, change)
+        });
+        self.backend.update(collection, id, decide).await
+    }
+
+    async fn delete(
+        &self,
+        collection: &str,
+        id: &str,
+        precondition: &Precondition,
+    ) -> Result<Record, StoreError> {
+        let admit = Box::new(|record: Option<Record>| precondition.admit(record, |r| r.version));
+        self.backend.delete(collection, id, admit).await
+    }
+
+    async fn list(&self, collection: &str, query: &ListQuery) -> Result<Page, StoreError> {
+        let rows = self
+            .backend
+            .list(collection, query, i64::from(query.limit) + 1)
+            .await?;
+        Ok(page_from_rows(rows, query))
+    }
+
+    async fn collections(&self) -> Result<Vec<CollectionSummary>, StoreError> {
+        self.backend.collections().await
+    }
+
+    async fn secret(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        self.backend.keep_secret(name, &new_secret()).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.backend.ping().await
+    }
+
+    async fn close(&self) {
+        self.backend.close().await;
+    }
+}
+
+/// The record after `change`: the next version, `updated` never running backwards even if the
+/// clock does.
+fn next_version(id: &str, current: &Current, change: Change) -> Result<Next, StoreError> {
+    let fields = apply_change(client_fields(current.document.as_bytes())?, change)?;
+    let updated_us = now_micros().max(current.updated_us);
+    let version = current.version + 1;
+    let document = render_document(id, version, current.created_us, updated_us, fields);
+    Ok(Next {
+        record: Record {
+            id: id.to_owned(),
+            version,
+            document,
+        },
+        updated_us,
+    })
+}
+
+/// 32 random bytes for a new secret.
+pub(crate) fn new_secret() -> Vec<u8> {
+    let mut secret = Vec::with_capacity(32);
+    for _ in 0..2 {
+        secret.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    }
+    secret
+}
+
+/// A new record id: time-ordered (UUID v7), 32 lowercase hex digits.
+pub(crate) fn new_record_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// Removes the server fields a client sent; they are the server's to set.
+pub(crate) fn strip_server_fields(fields: &mut Map<String, Value>) {
+    for key in SERVER_FIELDS {
+        fields.remove(key);
+    }
+}
+
+/// The client fields of a stored document.
+pub(crate) fn client_fields(document: &[u8]) -> Result<Map<String, Value>, StoreError> {
+    let mut fields: Map<String, Value> =
+        serde_json::from_slice(document).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    strip_server_fields(&mut fields);
+    Ok(fields)
+}
+
+/// Applies a change to a record's client fields.
+pub(crate) fn apply_change(
+    current: Map<String, Value>,
+    change: Change,
+) -> Result<Map<String, Value>, StoreError> {
+    let mut fields = match change {
+        Change::Replace(fields) => fields,
+        Change::MergePatch(patch) => {
+            let mut document = Value::Object(current);
+            json_patch::merge(&mut document, &patch);
+            match document {
+                Value::Object(fields) => fields,
+                _ => return Err(StoreError::NotAnObject),
+            }
+        }
+    };
+    strip_server_fields(&mut fields);
+    Ok(fields)
+}
+
+/// Microseconds since the Unix epoch: the precision timestamps are kept at.
+pub(crate) fn now_micros() -> i64 {
+    let nanos = OffsetDateTime::now_utc().unix_timestamp_nanos();
+    i64::try_from(nanos / 1_000).expect("the clock is within ±292,000 years of 1970")
+}
+
+/// RFC 3339 text of a microsecond timestamp.
+pub(crate) fn rfc3339(micros: i64) -> String {
+    let at = OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1_000)
+        .expect("microsecond timestamps from now_micros are in range");
+    at.format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339 can format every in-range UTC time")
+}
+
+/// One page from the rows a listing fetched (`limit + 1` of them at most): the first `limit`,
+/// and a cursor when there was one more.
+fn page_from_rows(rows: Vec<Listed>, query: &ListQuery) -> Page {
+    let limit = query.limit as usize;
+    let mut items = Vec::with_capacity(limit.min(64));
+    let mut last = None;
+    let mut more = false;
+    for (document, key, seq) in rows {
+        if items.len() == limit {
+            more = true;
+            break;
+        }
+        items.push(Bytes::from(document));
+        last = Some((key, seq));
+    }
+    let next = match (more, last) {
+        (true, Some((key, seq))) => Some(Cursor {
+            order: query.order,
+            key,
+            seq,
+        }),
+        _ => None,
+    };
+    Page { items, next }
+}
+
+/// Builds the document clients receive: server fields first, then the client's.
+pub(crate) fn render_document(
+    id: &str,
+    version: i64,
+    created_us: i64,
+    updated_us: i64,
+    fields: Map<String, Value>,
+) -> Bytes {
+    let mut document = Map::with_capacity(fields.len() + SERVER_FIELDS.len());
+    document.insert("id".into(), Value::String(id.to_owned()));
+    document.insert("created".into(), Value::String(rfc3339(created_us)));
+    document.insert("updated".into(), Value::String(rfc3339(updated_us)));
+    document.insert("version".into(), Value::from(version));
+    document.extend(fields);
+    Bytes::from(
+        serde_json::to_vec(&Value::Object(document))
+            .expect("a JSON object with string keys always serialises"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::is_valid_id;
+    use serde_json::json;
+
+    #[test]
+    fn record_ids_follow_the_documented_pattern() {
+        assert!(is_valid_id(&new_record_id()));
+        assert!(is_valid_id("Abc-1_2"));
+        assert!(!is_valid_id(""));
+        assert!(!is_valid_id("a.b"));
+        assert!(!is_valid_id(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn merge_patch_follows_rfc_7396_and_keeps_server_fields_out() {
+        let current = json!({"title": "a", "tags": ["x"], "meta": {"a": 1, "b": 2}});
+        let Value::Object(current) = current else {
+            unreachable!()
+        };
+        let patch = json!({"title": "b", "meta": {"a": null, "c": 3}, "tags": null, "id": "evil"});
+        let patched = apply_change(current, Change::MergePatch(patch)).expect("object");
+        assert_eq!(
+            Value::Object(patched),
+            json!({"title": "b", "meta": {"b": 2, "c": 3}})
+        );
+    }
+
+    #[test]
+    fn merge_patch_that_is_not_an_object_is_refused() {
+        let err = apply_change(Map::new(), Change::MergePatch(json!([1, 2])));
+        assert!(matches!(err, Err(StoreError::NotAnObject)));
+    }
+
+    #[test]
+    fn documents_put_server_fields_first() {
+        let mut fields = Map::new();
+        fields.insert("title".into(), json!("hi"));
+        let doc = render_document("abc", 2, 0, 1_000_000, fields);
+        let text = std::str::from_utf8(&doc).expect("utf-8");
+        assert_eq!(
+            text,
+            r#"{"id":"abc","created":"1970-01-01T00:00:00Z","updated":"1970-01-01T00:00:01Z","version":2,"title":"hi"}"#
+        );
+    }
+}
