@@ -1,39 +1,94 @@
 #!/usr/bin/env bash
-# Measures the records API with wrk against a release build on loopback:
-# GET of one record by id, and POST of new records. Installs wrk (Debian) when missing.
-# Usage: scripts/bench-http.sh [DURATION_SECONDS] [CONNECTIONS]
+# Measures the records API with wrk against a release build on loopback, beside a bare axum
+# route that answers a typed JSON body of the record's size (`duplex bench baseline-server`):
+# GET one record by id, a page of 20, POST a new record, PATCH one record (If-Match: *, so every
+# request takes the conditional write path without retries). Installs wrk (Debian) when missing.
+#
+# Usage: scripts/bench-http.sh [DURATION_SECONDS] [CONNECTIONS] [DUPLEX_BINARY]
+# The binary defaults to this checkout's release build (built first); pass another one to
+# compare builds on the same machine. wrk runs one thread, so on a 2-core machine it and the
+# server each have about a core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-duration="${1:-10}"
+duration="${1:-8}"
 connections="${2:-64}"
+duplex="${3:-}"
 
 if ! command -v wrk >/dev/null; then
   apt-get update -qq && apt-get install -y -qq wrk >/dev/null
 fi
-cargo build --release -q
+if [ -z "$duplex" ]; then
+  cargo build --release -q -p duplex
+  duplex=./target/release/duplex
+fi
 
 data=$(mktemp -d)
-out="$data/stdout"
-./target/release/duplex serve --http 127.0.0.1:0 --tcp 127.0.0.1:0 --data "$data" \
-  >"$out" 2>"$data/stderr" &
-pid=$!
-trap 'kill "$pid" 2>/dev/null || true; rm -rf "$data"' EXIT
-for _ in $(seq 1 100); do grep -q 'http://' "$out" 2>/dev/null && break; sleep 0.1; done
-url=$(grep -o 'http://[0-9.:]*' "$out" | head -n1)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$data"
+}
+trap cleanup EXIT
 
-id=$(curl -sf "$url/api/collections/bench/records" -H 'content-type: application/json' \
-  -d '{"title":"a benchmark record","author":"ana","tags":["x","y"],"stars":5}' |
-  sed 's/.*"id":"\([^"]*\)".*/\1/')
+# Starts a process writing its address to $data/$1.out and prints that address.
+start() {
+  local name=$1
+  shift
+  "$@" >"$data/$name.out" 2>"$data/$name.err" &
+  pids+=($!)
+  for _ in $(seq 1 100); do grep -q 'http://' "$data/$name.out" 2>/dev/null && break; sleep 0.1; done
+  grep -o 'http://[0-9.:]*' "$data/$name.out" | head -n1
+}
 
-cat >"$data/post.lua" <<'LUA'
+url=$(start duplex "$duplex" serve --http 127.0.0.1:0 --tcp 127.0.0.1:0 --data "$data/db")
+server_pid=${pids[0]}
+records="$url/api/collections/bench/records"
+body='{"title":"a benchmark record","author":"ana","tags":["x","y"],"stars":5}'
+for _ in $(seq 1 40); do
+  curl -sf "$records" -H 'content-type: application/json' -d "$body" >/dev/null
+done
+created=$(curl -sf "$records" -H 'content-type: application/json' -d "$body")
+id=$(echo "$created" | sed 's/.*"id":"\([^"]*\)".*/\1/')
+size=$(curl -sf "$records/$id" | wc -c)
+
+baseline=""
+if "$duplex" bench baseline-server --help >/dev/null 2>&1; then
+  baseline=$(start baseline "$duplex" bench baseline-server --size "$size")
+fi
+
+cat >"$data/post.lua" <<LUA
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
-wrk.body = '{"title":"a benchmark record","author":"ana","tags":["x","y"],"stars":5}'
+wrk.body = '$body'
+LUA
+cat >"$data/patch.lua" <<'LUA'
+wrk.method = "PATCH"
+wrk.headers["Content-Type"] = "application/merge-patch+json"
+wrk.headers["If-Match"] = "*"
+wrk.body = '{"stars":4}'
 LUA
 
-echo "== GET $url/api/collections/bench/records/$id (${duration}s, $connections connections)"
-wrk -t2 -c"$connections" -d"${duration}s" --latency "$url/api/collections/bench/records/$id"
-echo "== POST $url/api/collections/bench/records (${duration}s, $connections connections)"
-wrk -t2 -c"$connections" -d"${duration}s" --latency -s "$data/post.lua" \
-  "$url/api/collections/bench/records"
-echo "== server RSS: $(grep VmRSS /proc/$pid/status)"
+# One wrk run: prints "name req/s p50 p99".
+run() {
+  local name=$1
+  shift
+  local out
+  out=$(wrk -t1 -c"$connections" -d"${duration}s" --latency "$@")
+  local rate p50 p99
+  rate=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p50=$(echo "$out" | awk '$1 == "50%" {print $2}')
+  p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+  if echo "$out" | grep -q 'Non-2xx'; then
+    echo "$out" | grep 'Non-2xx' >&2
+  fi
+  printf '%-10s %10s %9s %9s\n' "$name" "$rate" "$p50" "$p99"
+}
+
+echo "duplex: $duplex; a ${size}-byte record; wrk -t1 -c$connections -d${duration}s"
+printf '%-10s %10s %9s %9s\n' what req/s p50 p99
+if [ -n "$baseline" ]; then run baseline "$baseline/record"; fi
+run get "$records/$id"
+run list "$records?limit=20"
+run post -s "$data/post.lua" "$records"
+run patch -s "$data/patch.lua" "$records/$id"
+echo "server RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$server_pid/status")"

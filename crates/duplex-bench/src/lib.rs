@@ -5,6 +5,7 @@
 //! so the server's CPU and memory can be read from `/proc` apart from the load generator's.
 
 mod attack;
+mod baseline;
 mod connections;
 mod fanout;
 mod lean_ws;
@@ -16,9 +17,12 @@ mod server;
 mod transports;
 
 pub use attack::{AttackOptions, AttackReport, Scenario, run_attack};
+pub use baseline::{serve_baseline, serve_baseline_on};
 pub use connections::{ConnectionsOptions, ConnectionsReport, run_connections};
 pub use fanout::{FanoutOptions, FanoutReport, Percentiles, Transport, run_fanout};
-pub use records::{RecordsPhase, run_records};
+pub use records::{
+    HalfRate, HttpOptions, HttpPhase, HttpReport, bench_record, record_size, run_http,
+};
 pub use roundtrip::{RoundtripReport, run_recovery, run_requests};
 pub use server::{ServerProcess, ServerUsage};
 pub use transports::{Method, MethodReport, TransportsOptions, TransportsReport, run_transports};

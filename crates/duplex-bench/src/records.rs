@@ -1,128 +1,364 @@
-//! Records over HTTP: create, get by id and list throughput and latency, each phase with C
-//! concurrent keep-alive clients for a fixed time.
+//! Records over HTTP beside the HTTP stack itself: GET by id, a list of 20, POST and PATCH with
+//! `If-Match`, each first as fast as C keep-alive clients go, then open-loop at half that rate
+//! for its latency; and the same for a bare axum route serving a typed JSON body of the
+//! record's size ([`crate::baseline`]), so every operation reads as a ratio to the stack.
+//!
+//! The half-rate pass is open-loop: each client's requests are due at fixed times and latency
+//! runs from the due time, so a server that falls behind shows as latency, not as a slower
+//! client (no coordinated omission).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use hdrhistogram::Histogram;
+use reqwest::header::{ETAG, IF_MATCH};
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::fanout::Percentiles;
+use crate::server::usage_of;
 
-/// One phase's figures.
-#[derive(Debug, Clone, Serialize)]
-pub struct RecordsPhase {
-    /// `create`, `get` or `list`.
-    pub operation: &'static str,
-    /// Requests answered with success.
-    pub requests: u64,
-    /// Requests that failed.
-    pub errors: u64,
-    /// Successful requests per second.
-    pub requests_per_second: f64,
-    /// Latency percentiles.
-    pub latency_ms: Percentiles,
+/// What `duplex bench http` measures.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Concurrent keep-alive clients.
+    pub concurrency: usize,
+    /// Time per pass of each operation.
+    pub duration: Duration,
+    /// The duplex server's process, for its CPU per request.
+    pub server_pid: Option<u32>,
+    /// The bare axum baseline's address and process, when measured.
+    pub baseline: Option<(String, Option<u32>)>,
 }
 
-#[derive(Clone, Copy)]
+/// One operation's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpPhase {
+    /// `baseline`, `get`, `list`, `create` or `patch`.
+    pub operation: &'static str,
+    /// Requests answered with success at full speed.
+    pub requests: u64,
+    /// Requests that failed at full speed.
+    pub errors: u64,
+    /// Successful requests per second at full speed.
+    pub requests_per_second: f64,
+    /// Latency at full speed.
+    pub latency_ms: Percentiles,
+    /// The server's CPU time per request at full speed, in microseconds.
+    pub cpu_us_per_request: Option<f64>,
+    /// Requests per second divided by the baseline's.
+    pub ratio: Option<f64>,
+    /// The open-loop pass at half the full-speed rate.
+    pub half_rate: Option<HalfRate>,
+}
+
+/// An open-loop pass at a fixed rate.
+#[derive(Debug, Clone, Serialize)]
+pub struct HalfRate {
+    /// Requests a second asked for.
+    pub rate: f64,
+    /// Latency from each request's due time.
+    pub latency_ms: Percentiles,
+    /// Requests that failed.
+    pub errors: u64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpReport {
+    /// The size of the benchmark record's document (and of the baseline's body).
+    pub record_bytes: usize,
+    /// The bare axum route, when measured.
+    pub baseline: Option<HttpPhase>,
+    /// duplex's operations.
+    pub phases: Vec<HttpPhase>,
+}
+
+/// The fields of the benchmark record.
+pub fn bench_record() -> Value {
+    json!({"title": "a benchmark record", "author": "ana", "stars": 5})
+}
+
+/// How big the benchmark record's document is, measured on the server.
+pub async fn record_size(http_addr: &str) -> anyhow::Result<usize> {
+    let http = reqwest::Client::new();
+    let base = format!("http://{http_addr}/api/collections/bench_records/records");
+    let response = http
+        .post(&base)
+        .json(&bench_record())
+        .send()
+        .await?
+        .error_for_status()?;
+    Ok(response.bytes().await?.len())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Operation {
-    Create,
+    Baseline,
     Get,
     List,
+    Create,
+    Patch,
 }
 
 impl Operation {
     fn name(self) -> &'static str {
         match self {
-            Operation::Create => "create",
+            Operation::Baseline => "baseline",
             Operation::Get => "get",
             Operation::List => "list",
+            Operation::Create => "create",
+            Operation::Patch => "patch",
         }
     }
 }
 
-/// Runs create, get and list for `duration` each with `concurrency` clients.
-pub async fn run_records(
-    http_addr: &str,
-    concurrency: usize,
-    duration: Duration,
-) -> anyhow::Result<Vec<RecordsPhase>> {
-    let base = format!("http://{http_addr}/api/collections/bench_records/records");
+/// What one pass of one operation targets.
+struct Pass {
+    operation: Operation,
+    http: reqwest::Client,
+    url: Arc<str>,
+    /// For PATCH: the records each client edits, one each (an `If-Match` race is not the
+    /// point here; the concurrency tests cover it), with the version the last pass left.
+    records: Arc<Vec<Mutex<(String, u64)>>>,
+    pid: Option<u32>,
+}
+
+/// Runs the baseline (when given) and duplex's four operations.
+pub async fn run_http(http_addr: &str, options: &HttpOptions) -> anyhow::Result<HttpReport> {
+    let concurrency = options.concurrency.max(1);
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency.max(1))
+        .pool_max_idle_per_host(concurrency)
         .build()?;
-    let seed: Value = http
-        .post(&base)
-        .json(&json!({"title": "seed", "author": "ana", "stars": 5}))
+    let base = format!("http://{http_addr}/api/collections/bench_records/records");
+    // Enough records that a list of 20 is a full page.
+    let mut seeded = Vec::new();
+    for _ in 0..40 {
+        seeded.push(create(&http, &base).await?);
+    }
+    let record_bytes = record_size(http_addr).await?;
+    let (id, _) = seeded[0].clone();
+    let mut records = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        records.push(Mutex::new(create(&http, &base).await?));
+    }
+    let records = Arc::new(records);
+
+    let baseline = match &options.baseline {
+        Some((addr, pid)) => {
+            let pass = Pass {
+                operation: Operation::Baseline,
+                http: http.clone(),
+                url: format!("http://{addr}/record").into(),
+                records: records.clone(),
+                pid: *pid,
+            };
+            Some(measure(&pass, concurrency, options.duration).await?)
+        }
+        None => None,
+    };
+    let mut phases = Vec::new();
+    for operation in [
+        Operation::Get,
+        Operation::List,
+        Operation::Create,
+        Operation::Patch,
+    ] {
+        let url: Arc<str> = match operation {
+            Operation::Get => format!("{base}/{id}").into(),
+            Operation::List => format!("{base}?limit=20").into(),
+            _ => base.clone().into(),
+        };
+        let pass = Pass {
+            operation,
+            http: http.clone(),
+            url,
+            records: records.clone(),
+            pid: options.server_pid,
+        };
+        let mut phase = measure(&pass, concurrency, options.duration).await?;
+        phase.ratio = baseline
+            .as_ref()
+            .map(|b| phase.requests_per_second / b.requests_per_second);
+        phases.push(phase);
+    }
+    Ok(HttpReport {
+        record_bytes,
+        baseline,
+        phases,
+    })
+}
+
+async fn create(http: &reqwest::Client, base: &str) -> anyhow::Result<(String, u64)> {
+    let record: Value = http
+        .post(base)
+        .json(&bench_record())
         .send()
         .await?
         .error_for_status()?
         .json()
         .await?;
-    let id = seed["id"].as_str().context("no id")?.to_owned();
-    let mut phases = Vec::new();
-    for operation in [Operation::Create, Operation::Get, Operation::List] {
-        let url: Arc<str> = match operation {
-            Operation::Create => base.clone().into(),
-            Operation::Get => format!("{base}/{id}").into(),
-            Operation::List => format!("{base}?limit=50").into(),
-        };
-        let started = Instant::now();
-        let mut workers = Vec::new();
-        for _ in 0..concurrency.max(1) {
-            let http = http.clone();
-            let url = url.clone();
-            workers.push(tokio::spawn(async move {
-                let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2)?;
-                let (mut ok, mut errors) = (0u64, 0u64);
-                while started.elapsed() < duration {
-                    let sent = Instant::now();
-                    let request = match operation {
-                        Operation::Create => http.post(&*url).json(
-                            &json!({"title": "a benchmark record", "author": "ana", "stars": 5}),
-                        ),
-                        Operation::Get | Operation::List => http.get(&*url),
-                    };
-                    match request.send().await {
-                        Ok(response) if response.status().is_success() => {
-                            response.bytes().await?;
-                            ok += 1;
-                            let micros = sent.elapsed().as_micros() as u64;
-                            let _ = histogram.record(micros.clamp(1, 600_000_000));
-                        }
-                        _ => errors += 1,
-                    }
-                }
-                anyhow::Ok((histogram, ok, errors))
-            }));
-        }
-        let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2)?;
-        let (mut requests, mut errors) = (0, 0);
-        for worker in workers {
-            let (h, ok, failed) = worker.await??;
-            histogram.add(&h)?;
-            requests += ok;
-            errors += failed;
-        }
-        if requests == 0 {
-            bail!("no {} request succeeded", operation.name());
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        let ms = |micros: u64| micros as f64 / 1000.0;
-        phases.push(RecordsPhase {
-            operation: operation.name(),
-            requests,
-            errors,
-            requests_per_second: requests as f64 / elapsed,
-            latency_ms: Percentiles {
-                p50: ms(histogram.value_at_quantile(0.50)),
-                p90: ms(histogram.value_at_quantile(0.90)),
-                p99: ms(histogram.value_at_quantile(0.99)),
-                max: ms(histogram.max()),
-            },
-        });
+    let id = record["id"].as_str().context("no id")?.to_owned();
+    let version = record["version"].as_u64().context("no version")?;
+    Ok((id, version))
+}
+
+/// Full speed, then half of it open-loop.
+async fn measure(pass: &Pass, concurrency: usize, duration: Duration) -> anyhow::Result<HttpPhase> {
+    let before = pass.pid.and_then(|pid| usage_of(pid).ok());
+    let full = run_pass(pass, concurrency, duration, None).await?;
+    let after = pass.pid.and_then(|pid| usage_of(pid).ok());
+    if full.ok == 0 {
+        bail!("no {} request succeeded", pass.operation.name());
     }
-    Ok(phases)
+    let requests_per_second = full.ok as f64 / full.elapsed.as_secs_f64();
+    let cpu_us_per_request = match (before, after) {
+        (Some(before), Some(after)) => {
+            Some((after.cpu_seconds - before.cpu_seconds) * 1e6 / full.ok as f64)
+        }
+        _ => None,
+    };
+    let rate = requests_per_second / 2.0;
+    let half = run_pass(pass, concurrency, duration, Some(rate)).await?;
+    Ok(HttpPhase {
+        operation: pass.operation.name(),
+        requests: full.ok,
+        errors: full.errors,
+        requests_per_second,
+        latency_ms: percentiles(&full.histogram),
+        cpu_us_per_request,
+        ratio: None,
+        half_rate: Some(HalfRate {
+            rate,
+            latency_ms: percentiles(&half.histogram),
+            errors: half.errors,
+        }),
+    })
+}
+
+struct Tally {
+    histogram: Histogram<u64>,
+    ok: u64,
+    errors: u64,
+    elapsed: Duration,
+}
+
+/// `concurrency` clients for `duration`: as fast as they go, or each at `rate / concurrency`
+/// a second on a fixed schedule.
+async fn run_pass(
+    pass: &Pass,
+    concurrency: usize,
+    duration: Duration,
+    rate: Option<f64>,
+) -> anyhow::Result<Tally> {
+    let started = Instant::now();
+    let interval = rate.map(|rate| Duration::from_secs_f64(concurrency as f64 / rate.max(1.0)));
+    let mut workers = Vec::with_capacity(concurrency);
+    for worker in 0..concurrency {
+        let (operation, http, url) = (pass.operation, pass.http.clone(), pass.url.clone());
+        let records = pass.records.clone();
+        workers.push(tokio::spawn(async move {
+            let mut record = records.get(worker).map(|r| lock(r).clone());
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2)?;
+            let (mut ok, mut errors) = (0u64, 0u64);
+            // Spread the clients' schedules over one interval.
+            let mut due = interval.map(|i| started + i.mul_f64(worker as f64 / concurrency as f64));
+            loop {
+                let sent = match (&mut due, interval) {
+                    (Some(at), Some(interval)) => {
+                        tokio::time::sleep_until((*at).into()).await;
+                        let this = *at;
+                        *at += interval;
+                        this
+                    }
+                    _ => Instant::now(),
+                };
+                if sent.duration_since(started) >= duration {
+                    break;
+                }
+                match send(operation, &http, &url, record.as_mut()).await {
+                    Ok(()) => {
+                        ok += 1;
+                        let micros = sent.elapsed().as_micros() as u64;
+                        let _ = histogram.record(micros.clamp(1, 600_000_000));
+                    }
+                    Err(_) => errors += 1,
+                }
+            }
+            if let (Some(kept), Some(record)) = (records.get(worker), record) {
+                *lock(kept) = record;
+            }
+            anyhow::Ok((histogram, ok, errors))
+        }));
+    }
+    let mut tally = Tally {
+        histogram: Histogram::<u64>::new_with_bounds(1, 600_000_000, 2)?,
+        ok: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+    };
+    for worker in workers {
+        let (histogram, ok, errors) = worker.await??;
+        tally.histogram.add(&histogram)?;
+        tally.ok += ok;
+        tally.errors += errors;
+    }
+    tally.elapsed = started.elapsed();
+    Ok(tally)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One request; a PATCH moves its record's version on.
+async fn send(
+    operation: Operation,
+    http: &reqwest::Client,
+    url: &str,
+    record: Option<&mut (String, u64)>,
+) -> anyhow::Result<()> {
+    let response = match operation {
+        Operation::Baseline | Operation::Get | Operation::List => http.get(url).send().await?,
+        Operation::Create => http.post(url).json(&bench_record()).send().await?,
+        Operation::Patch => {
+            let (id, version) = record.context("no record to patch")?;
+            let response = http
+                .patch(format!("{url}/{id}"))
+                .header(IF_MATCH, format!("\"{version}\""))
+                .header("content-type", "application/merge-patch+json")
+                .body(r#"{"stars":4}"#)
+                .send()
+                .await?;
+            if let Some(etag) = response.headers().get(ETAG) {
+                *version = etag.to_str()?.trim_matches('"').parse()?;
+            } else if response.status() == reqwest::StatusCode::PRECONDITION_FAILED {
+                // Out of step (an earlier request failed on the way): read where it is.
+                let current = http.get(format!("{url}/{id}")).send().await?;
+                if let Some(etag) = current.headers().get(ETAG) {
+                    *version = etag.to_str()?.trim_matches('"').parse()?;
+                }
+            }
+            response
+        }
+    };
+    let status = response.status();
+    response.bytes().await?;
+    if !status.is_success() {
+        bail!("{status}");
+    }
+    Ok(())
+}
+
+fn percentiles(histogram: &Histogram<u64>) -> Percentiles {
+    let ms = |micros: u64| micros as f64 / 1000.0;
+    Percentiles {
+        p50: ms(histogram.value_at_quantile(0.50)),
+        p90: ms(histogram.value_at_quantile(0.90)),
+        p99: ms(histogram.value_at_quantile(0.99)),
+        max: ms(histogram.max()),
+    }
 }

@@ -81,6 +81,36 @@ impl ServerProcess {
         })
     }
 
+    /// Starts `exe bench baseline-server`: the bare axum route `duplex bench http` compares
+    /// with, serving a body of `size` bytes.
+    pub async fn start_baseline(exe: &Path, size: usize) -> anyhow::Result<ServerProcess> {
+        let data = tempfile::tempdir()?;
+        let mut child = Command::new(exe)
+            .args(["bench", "baseline-server", "--size", &size.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start {}", exe.display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .context("the baseline did not start within 30 s")??
+            .context("the baseline exited before printing its address")?;
+        let http_addr = line
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("http://"))
+            .context("no HTTP address in the baseline's first line")?
+            .to_owned();
+        Ok(ServerProcess {
+            child,
+            http_addr,
+            tcp_addr: String::new(),
+            _data: data,
+        })
+    }
+
     /// The process id.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()

@@ -120,17 +120,48 @@ async fn transports_report_every_method_with_nothing_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn records_bench_reports_each_operation() {
+async fn http_bench_reports_each_operation_beside_the_baseline() {
     let server = TestServer::start().await;
-    let phases =
-        duplex_bench::run_records(&server.http_addr.to_string(), 4, Duration::from_millis(300))
-            .await
-            .expect("a short run completes");
-    let names: Vec<&str> = phases.iter().map(|p| p.operation).collect();
-    assert_eq!(names, vec!["create", "get", "list"]);
-    for phase in &phases {
-        assert!(phase.requests > 0);
-        assert_eq!(phase.errors, 0);
+    let http_addr = server.http_addr.to_string();
+    let size = duplex_bench::record_size(&http_addr)
+        .await
+        .expect("the record is created");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let baseline_addr = listener.local_addr().expect("addr").to_string();
+    let baseline = tokio::spawn(duplex_bench::serve_baseline_on(listener, size));
+    let body = reqwest::get(format!("http://{baseline_addr}/record"))
+        .await
+        .expect("the baseline answers")
+        .bytes()
+        .await
+        .expect("body");
+    assert_eq!(body.len(), size, "the baseline's body is the record's size");
+    let options = duplex_bench::HttpOptions {
+        concurrency: 4,
+        duration: Duration::from_millis(300),
+        server_pid: None,
+        baseline: Some((baseline_addr, None)),
+    };
+    let report = duplex_bench::run_http(&http_addr, &options)
+        .await
+        .expect("a short run completes");
+    baseline.abort();
+    assert_eq!(report.record_bytes, size);
+    let baseline = report.baseline.expect("the baseline was measured");
+    assert!(baseline.requests > 0);
+    let names: Vec<&str> = report.phases.iter().map(|p| p.operation).collect();
+    assert_eq!(names, vec!["get", "list", "create", "patch"]);
+    for phase in &report.phases {
+        assert!(phase.requests > 0, "{}", phase.operation);
+        assert_eq!(phase.errors, 0, "{} failed", phase.operation);
+        let ratio = phase.ratio.expect("a ratio to the baseline");
+        let expected = phase.requests_per_second / baseline.requests_per_second;
+        assert!((ratio - expected).abs() < 1e-9);
+        let half = phase.half_rate.as_ref().expect("a half-rate pass");
+        assert!((half.rate - phase.requests_per_second / 2.0).abs() < 1e-6);
+        assert_eq!(half.errors, 0, "{} failed at half rate", phase.operation);
     }
 }
 

@@ -23,6 +23,7 @@ pub mod http;
 mod latency;
 pub mod metrics;
 pub mod model;
+mod record_events;
 mod server;
 mod socket;
 mod stats;

@@ -59,6 +59,8 @@ pub struct Server {
     tcp_listener: TcpListener,
     tcp_addr: SocketAddr,
     store: Arc<dyn Store>,
+    /// The store's committed writes, published on `records:{collection}` once running.
+    record_events: store::RecordEvents,
     metrics: Arc<Metrics>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     tokens: Option<crate::auth::TokenVerifier>,
@@ -98,7 +100,7 @@ impl Server {
             }
             (None, None) => None,
         };
-        let store = store::open(&config.store_url()).await?;
+        let (store, record_events) = store::open(&config.store_url()).await?;
         let cursor_secret = store.secret("cursors").await?;
         let http_listener =
             TcpListener::bind(config.http)
@@ -148,6 +150,7 @@ impl Server {
             tcp_listener,
             tcp_addr,
             store,
+            record_events,
             metrics: Metrics::new(),
             tls,
             tokens,
@@ -185,6 +188,10 @@ impl Server {
             self.config.hub,
         ));
         let tracker = TaskTracker::new();
+        let announcer = tokio::spawn(crate::record_events::announce(
+            hub.clone(),
+            self.record_events,
+        ));
         // The broker's links stop after the sockets have said goodbye (see below).
         let broker_shutdown = CancellationToken::new();
         let broker_task = self.broker.clone().map(|broker| {
@@ -241,7 +248,7 @@ impl Server {
             Arc::new(self.config.sockets.clone()),
             shutdown.clone(),
         ));
-        let state = AppState {
+        let state = AppState::new(http::Shared {
             store: self.store.clone(),
             hub,
             sockets,
@@ -262,7 +269,7 @@ impl Server {
                 console: self.config.console,
                 examples: self.config.examples,
             },
-        };
+        });
         let app = http::router(state);
         let grace = self.config.shutdown_grace;
         let http_connections = TaskTracker::new();
@@ -305,6 +312,7 @@ impl Server {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
         self.store.close().await;
+        announcer.abort();
         tracing::info!("server stopped");
         Ok(())
     }

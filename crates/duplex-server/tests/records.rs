@@ -903,7 +903,161 @@ async fn cursors_cannot_be_forged_or_carried_to_another_listing(store: Store) {
     }
 }
 
+/// Many writers at once (which SQLite's writer gathers into shared transactions): each
+/// precondition is decided against exactly what committed before it, no update is lost, and
+/// `records:{collection}` carries every committed write once, in commit order.
+async fn concurrent_writes_stay_exact_and_are_announced_in_commit_order(store: Store) {
+    let server = start(store, |_| {}).await;
+    let mut ws = server.ws().await;
+    ws.subscribe("records:race", 1).await;
+    let base = server.url("/api/collections/race/records");
+    let record = create(&server, "race", json!({"start": true})).await;
+    let url = format!("{base}/{}", record["id"].as_str().expect("id"));
+
+    // Twenty writers all read version 1: exactly one If-Match wins. Ten choose the same new id:
+    // exactly one creates it. Ten plain creates all land.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let url = url.clone();
+        tasks.spawn(async move {
+            let response = client()
+                .patch(&url)
+                .header(header::IF_MATCH, "\"1\"")
+                .header(header::CONTENT_TYPE, "application/merge-patch+json")
+                .body(json!({"first": i}).to_string())
+                .send()
+                .await
+                .expect("request");
+            ("if-match", response.status())
+        });
+    }
+    for i in 0..10 {
+        let url = format!("{base}/chosen");
+        tasks.spawn(async move {
+            let response = client()
+                .put(&url)
+                .header(header::IF_NONE_MATCH, "*")
+                .json(&json!({"by": i}))
+                .send()
+                .await
+                .expect("request");
+            ("if-none-match", response.status())
+        });
+    }
+    for i in 0..10 {
+        let base = base.clone();
+        tasks.spawn(async move {
+            let response = client()
+                .post(&base)
+                .json(&json!({"plain": i}))
+                .send()
+                .await
+                .expect("request");
+            ("create", response.status())
+        });
+    }
+    let mut outcomes = std::collections::BTreeMap::<(&str, u16), u32>::new();
+    while let Some(done) = tasks.join_next().await {
+        let (kind, status) = done.expect("writer");
+        *outcomes.entry((kind, status.as_u16())).or_default() += 1;
+    }
+    let expected = std::collections::BTreeMap::from([
+        (("create", 201), 10),
+        (("if-match", 200), 1),
+        (("if-match", 412), 19),
+        (("if-none-match", 201), 1),
+        (("if-none-match", 412), 9),
+    ]);
+    assert_eq!(outcomes, expected);
+
+    // Twenty writers each add their own field, retrying on 412 from the version they last saw:
+    // every field is kept, and the versions count every write.
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let url = url.clone();
+        writers.spawn(async move {
+            let client = client();
+            loop {
+                let current = client.get(&url).send().await.expect("request");
+                let etag = current.headers()[header::ETAG].clone();
+                let response = client
+                    .patch(&url)
+                    .header(header::IF_MATCH, etag)
+                    .header(header::CONTENT_TYPE, "application/merge-patch+json")
+                    .body(json!({ format!("w{i}"): true }).to_string())
+                    .send()
+                    .await
+                    .expect("request");
+                match response.status() {
+                    StatusCode::OK => break,
+                    StatusCode::PRECONDITION_FAILED => continue,
+                    other => panic!("writer {i}: {other}"),
+                }
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.expect("writer");
+    }
+    let now: Value = client()
+        .get(&url)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        now["version"], 22,
+        "1, the If-Match winner, then twenty writers"
+    );
+    for i in 0..20 {
+        assert_eq!(now[format!("w{i}")], true, "writer {i}'s field was lost");
+    }
+
+    // The events: 1 + 1 + 1 + 10 + 20, offsets without a gap, and the record's updates in
+    // version order, each carrying exactly the fields committed by then.
+    let mut updates = Vec::new();
+    let mut created = 0;
+    let mut last_offset = None;
+    for _ in 0..33 {
+        let event = tokio::time::timeout(Duration::from_secs(10), ws.next_json())
+            .await
+            .expect("every committed write is announced");
+        assert_eq!(event["type"], "message");
+        let offset = event["offset"].as_u64().expect("offset");
+        if let Some(last) = last_offset {
+            assert_eq!(offset, last + 1, "an offset was skipped");
+        }
+        last_offset = Some(offset);
+        match event["data"]["op"].as_str() {
+            Some("created") => created += 1,
+            Some("updated") => updates.push(event["data"]["record"].clone()),
+            other => panic!("unexpected op {other:?}"),
+        }
+    }
+    assert_eq!(
+        created, 12,
+        "the first record, the chosen id and ten plain creates"
+    );
+    let versions: Vec<u64> = updates
+        .iter()
+        .map(|r| r["version"].as_u64().expect("version"))
+        .collect();
+    assert_eq!(versions, (2..=22).collect::<Vec<u64>>());
+    for record in &updates {
+        let fields = record
+            .as_object()
+            .expect("object")
+            .keys()
+            .filter(|k| k.starts_with('w'))
+            .count() as u64;
+        assert_eq!(fields + 2, record["version"].as_u64().expect("version"));
+    }
+}
+
 on_both_stores!(
+    concurrent_writes_stay_exact_and_are_announced_in_commit_order,
     numbers_come_back_exactly_or_are_refused,
     cursors_cannot_be_forged_or_carried_to_another_listing,
     create_returns_201_with_location_etag_and_server_fields,

@@ -267,9 +267,8 @@ impl From<StoreError> for ApiError {
             StoreError::NotAnObject => {
                 ApiError::Validation("the patched record must remain a JSON object".into())
             }
-            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed) => {
-                ApiError::Unavailable
-            }
+            StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed)
+            | StoreError::Unavailable(_) => ApiError::Unavailable,
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -36,9 +36,27 @@ use crate::metrics::{HttpLabels, Metrics};
 use crate::socket::SocketContext;
 use crate::store::Store;
 
-/// What every handler can reach.
+/// What every handler can reach: one `Arc`, so handing it to a request is one increment.
 #[derive(Debug, Clone)]
-pub(crate) struct AppState {
+pub(crate) struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub(crate) fn new(shared: Shared) -> AppState {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// The server's parts, shared by every request.
+#[derive(Debug)]
+pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) hub: Arc<Hub>,
     pub(crate) sockets: Arc<SocketContext>,

@@ -9,13 +9,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::{AppState, HttpCaller};
-use crate::hub::namespace::Caller;
-use crate::hub::publication::Payload;
 use crate::store::{
     Change, CollectionSummary, CursorKey, FieldFilter, ListQuery, Precondition, Record, SortOrder,
     is_valid_collection, is_valid_field, is_valid_id,
@@ -144,7 +141,6 @@ pub(crate) async fn create_record(
     authorize(&state, &headers, &collection, Op::Write)?;
     let fields = read_object(&state, &headers, body, &[JSON])?;
     let record = state.store.create(&collection, fields).await?;
-    publish_record_event(&state, &collection, "created", &record).await;
     Ok(created(&collection, &record))
 }
 
@@ -200,14 +196,12 @@ pub(crate) async fn replace_record(
     let precondition = write_precondition(&headers)?;
     if precondition == Precondition::Absent {
         let record = state.store.create_with_id(&collection, &id, fields).await?;
-        publish_record_event(&state, &collection, "created", &record).await;
         return Ok(created(&collection, &record));
     }
     let record = state
         .store
         .update(&collection, &id, Change::Replace(fields), &precondition)
         .await?;
-    publish_record_event(&state, &collection, "updated", &record).await;
     Ok(record_response(StatusCode::OK, &record))
 }
 
@@ -240,7 +234,6 @@ pub(crate) async fn patch_record(
         .store
         .update(&collection, &id, Change::MergePatch(patch), &precondition)
         .await?;
-    publish_record_event(&state, &collection, "updated", &record).await;
     Ok(record_response(StatusCode::OK, &record))
 }
 
@@ -266,8 +259,7 @@ pub(crate) async fn delete_record(
             "If-None-Match: * cannot guard a delete".into(),
         ));
     }
-    let record = state.store.delete(&collection, &id, &precondition).await?;
-    publish_record_event(&state, &collection, "deleted", &record).await;
+    state.store.delete(&collection, &id, &precondition).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -394,32 +386,6 @@ fn parse_list_query(
         list.after = Some(cursor);
     }
     Ok(list)
-}
-
-/// Publishes `{"op": …, "record": …}` on `records:{collection}` once the write is committed.
-async fn publish_record_event(state: &AppState, collection: &str, op: &str, record: &Record) {
-    let mut data = Vec::with_capacity(record.document.len() + 32);
-    data.extend_from_slice(b"{\"op\":\"");
-    data.extend_from_slice(op.as_bytes());
-    data.extend_from_slice(b"\",\"record\":");
-    data.extend_from_slice(&record.document);
-    data.push(b'}');
-    let data = String::from_utf8(data).expect("stored documents are UTF-8 JSON");
-    let data = match RawValue::from_string(data) {
-        Ok(data) => data,
-        Err(error) => {
-            tracing::error!(%error, collection, "cannot publish a record event");
-            return;
-        }
-    };
-    let channel = format!("records:{collection}");
-    if let Err(error) = state
-        .hub
-        .publish(&channel, Payload::Json(data), Caller::Server)
-        .await
-    {
-        tracing::error!(%error, channel, "cannot publish a record event");
-    }
 }
 
 fn check_collection(collection: &str) -> Result<(), ApiError> {

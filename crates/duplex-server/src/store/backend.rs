@@ -24,12 +24,11 @@ pub(crate) struct Next {
 }
 
 /// A new record's row: version 1, created and updated at `at_us`.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct NewRow<'a> {
-    pub(crate) collection: &'a str,
-    pub(crate) id: &'a str,
+#[derive(Debug, Clone)]
+pub(crate) struct NewRow {
+    pub(crate) collection: String,
     pub(crate) at_us: i64,
-    pub(crate) document: &'a str,
+    pub(crate) record: Record,
 }
 
 /// What an insert found.
@@ -45,22 +44,25 @@ pub(crate) enum Inserted {
 pub(crate) type Listed = (String, i64, i64);
 
 /// Decides, from the row as it is (`None` when there is none), the row a write leaves.
-pub(crate) type Decide<'a> =
-    Box<dyn FnOnce(Option<Current>) -> Result<Next, StoreError> + Send + 'a>;
+pub(crate) type Decide = Box<dyn FnOnce(Option<Current>) -> Result<Next, StoreError> + Send>;
 
 /// Decides, from the record as it is, whether it may be deleted (and returns it).
-pub(crate) type Admit<'a> =
-    Box<dyn FnOnce(Option<Record>) -> Result<Record, StoreError> + Send + 'a>;
+pub(crate) type Admit = Box<dyn FnOnce(Option<Record>) -> Result<Record, StoreError> + Send>;
+
+/// Told about a write once it is committed, with the record it wrote (or deleted). A backend
+/// calls these in the order its writes commit, and never for a write that did not.
+pub(crate) type Committed = Box<dyn FnOnce(&Record) + Send>;
 
 /// A database under [`super::RecordStore`]: its queries and its error mapping, nothing else.
 ///
 /// `update` and `delete` read the row and write it in one transaction that no other writer can
-/// interleave with (a single writer connection, or a row lock), calling the record logic in
-/// between; when it says no, nothing is written.
+/// interleave with, calling the record logic in between; when it says no, nothing is written.
+/// A write that was handed to the database goes on to its commit (or its failure) even when the
+/// caller stops waiting, so a write is never half done and a committed one is always announced.
 #[async_trait]
 pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Inserts a row unless its collection and id are taken.
-    async fn insert(&self, row: NewRow<'_>) -> Result<Inserted, StoreError>;
+    async fn insert(&self, row: NewRow, committed: Committed) -> Result<Inserted, StoreError>;
 
     /// Reads one record.
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>, StoreError>;
@@ -70,7 +72,8 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
         &self,
         collection: &str,
         id: &str,
-        decide: Decide<'_>,
+        decide: Decide,
+        committed: Committed,
     ) -> Result<Record, StoreError>;
 
     /// Reads the record, has `admit` allow it, deletes it.
@@ -78,7 +81,8 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
         &self,
         collection: &str,
         id: &str,
-        admit: Admit<'_>,
+        admit: Admit,
+        committed: Committed,
     ) -> Result<Record, StoreError>;
 
     /// Up to `rows` rows of a collection in the query's order, after its cursor, matching its
@@ -94,11 +98,11 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
     async fn collections(&self) -> Result<Vec<CollectionSummary>, StoreError>;
 
     /// Keeps `candidate` as the secret `name` unless one is kept already; returns the kept one.
-    async fn keep_secret(&self, name: &str, candidate: &[u8]) -> Result<Vec<u8>, StoreError>;
+    async fn keep_secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError>;
 
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Closes the connections.
+    /// Finishes the writes handed over and closes the connections.
     async fn close(&self);
 }

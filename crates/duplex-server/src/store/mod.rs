@@ -6,15 +6,17 @@
 //!
 //! Everything that is the same for every database (server fields, versions and preconditions,
 //! merge patch, document layout, paging) is [`RecordStore`] in [`records`]; a database is a
-//! [`backend::Backend`] that only moves rows: [`sql`] runs the statements for both databases,
-//! [`sqlite`] and [`postgres`] bring their SQL and open their pools.
+//! [`backend::Backend`] that only moves rows: [`sqlite`] (rusqlite: reads on the calling thread,
+//! writes gathered by one writer thread into group commits) and [`postgres`] (sqlx).
+//!
+//! Every committed write is announced, in commit order, as a [`RecordEvent`] on the channel
+//! [`open`] returns; the server publishes them on `records:{collection}`.
 
 mod backend;
 mod cursor;
 mod numbers;
 mod postgres;
 mod records;
-mod sql;
 mod sqlite;
 
 use std::fmt;
@@ -22,6 +24,7 @@ use std::fmt;
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
 
 pub use cursor::CursorKey;
 pub use numbers::check_numbers;
@@ -253,6 +256,15 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The store is closed or its writer stopped.
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    /// The database file or its schema cannot be used.
+    #[error("{0}")]
+    Schema(String),
     /// The schema could not be brought up to date.
     #[error("migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
@@ -317,17 +329,56 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn close(&self);
 }
 
-/// Opens the store a URL names.
-pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>, StoreError> {
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        let backend = sqlite::open(path).await?;
-        return Ok(std::sync::Arc::new(RecordStore::new(backend)));
+/// A committed write, for `records:{collection}`.
+#[derive(Debug)]
+pub struct RecordEvent {
+    /// The record's collection.
+    pub collection: String,
+    /// What happened to it.
+    pub op: RecordOp,
+    /// The record as written (or as it was, when deleted).
+    pub record: Record,
+    /// Told once the event went out; the write's caller waits for it, so a client that got its
+    /// answer finds the event published.
+    pub announced: oneshot::Sender<()>,
+}
+
+/// What a write did to a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordOp {
+    /// `created`
+    Created,
+    /// `updated`
+    Updated,
+    /// `deleted`
+    Deleted,
+}
+
+impl RecordOp {
+    /// The `op` of the event.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordOp::Created => "created",
+            RecordOp::Updated => "updated",
+            RecordOp::Deleted => "deleted",
+        }
     }
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let backend = postgres::open(url).await?;
-        return Ok(std::sync::Arc::new(RecordStore::new(backend)));
-    }
-    Err(StoreError::UnsupportedUrl(url.to_owned()))
+}
+
+/// Committed writes in commit order, from [`open`].
+pub type RecordEvents = mpsc::UnboundedReceiver<RecordEvent>;
+
+/// Opens the store a URL names, with the stream of its committed writes.
+pub async fn open(url: &str) -> Result<(std::sync::Arc<dyn Store>, RecordEvents), StoreError> {
+    let (events, receiver) = mpsc::unbounded_channel();
+    let store: std::sync::Arc<dyn Store> = if let Some(path) = url.strip_prefix("sqlite://") {
+        std::sync::Arc::new(RecordStore::new(sqlite::open(path).await?, events))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        std::sync::Arc::new(RecordStore::new(postgres::open(url).await?, events))
+    } else {
+        return Err(StoreError::UnsupportedUrl(url.to_owned()));
+    };
+    Ok((store, receiver))
 }
 
 /// Whether `name` is a valid collection name: `[a-z0-9_-]{1,64}`.

@@ -3,17 +3,62 @@
 //! The same layout and semantics as SQLite (versions, ETags, keyset cursors, filters): `doc` holds
 //! the served document as text, `doc_json` the same document as JSONB for filtering. Writes run in
 //! a transaction that locks the row (`SELECT … FOR UPDATE`), so concurrent writers on any node
-//! see each other's versions. `?options[search_path]=NAME` puts the tables in schema NAME (created
+//! see each other's versions; PostgreSQL itself gathers the commits of concurrent writers into
+//! shared WAL flushes, so writes run concurrently on the pool rather than through one writer.
+//! Each write runs in a task of its own: a caller that stops waiting cannot cut it between its
+//! commit and its announcement. Announcements keep the order in which rows were locked
+//! ([`CommitOrder`]), so two writes to one record are announced in the order they committed. `?options[search_path]=NAME` puts the tables in schema NAME (created
 //! if missing), which is how tests get a database of their own.
 
-use serde_json::Value;
-use sqlx::Postgres;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions as _};
 use std::str::FromStr as _;
 
-use super::sql::{Dialect, SqlBackend, Statements};
-use super::{FieldFilter, StoreError};
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions as _, FromRow};
+use tokio::sync::{mpsc, oneshot};
+
+use super::backend::{Admit, Backend, Committed, Current, Decide, Inserted, Listed, NewRow};
+use super::{CollectionSummary, FieldFilter, ListQuery, Record, StoreError};
+
+/// Records in PostgreSQL.
+#[derive(Debug)]
+pub(crate) struct PgBackend {
+    pool: PgPool,
+    order: CommitOrder,
+}
+
+/// A committed write waiting to be announced.
+type Announcement = (Committed, Record);
+
+/// Announces writes in the order they took their place. An update or delete takes it while it
+/// holds its row's lock, and an insert before it runs (a write that meets the new row waits for
+/// its commit), so a later write to the same record always comes after; the places are filled
+/// after `COMMIT`, and a write that did not commit leaves its place empty.
+#[derive(Debug, Clone)]
+struct CommitOrder(mpsc::UnboundedSender<oneshot::Receiver<Announcement>>);
+
+impl CommitOrder {
+    fn start() -> CommitOrder {
+        let (places, mut queue) = mpsc::unbounded_channel::<oneshot::Receiver<Announcement>>();
+        tokio::spawn(async move {
+            while let Some(place) = queue.recv().await {
+                if let Ok((committed, record)) = place.await {
+                    committed(&record);
+                }
+            }
+        });
+        CommitOrder(places)
+    }
+
+    /// The next place in line; send it the announcement once the write committed.
+    fn take_place(&self) -> oneshot::Sender<Announcement> {
+        let (fill, place) = oneshot::channel();
+        let _ = self.0.send(place);
+        fill
+    }
+}
 
 /// Connections per node.
 const POOL_SIZE: u32 = 16;
@@ -29,7 +74,7 @@ fn search_path(url: &str) -> Option<String> {
 }
 
 /// Connects to the database at `url` and migrates it.
-pub(crate) async fn open(url: &str) -> Result<SqlBackend<Postgres>, StoreError> {
+pub(crate) async fn open(url: &str) -> Result<PgBackend, StoreError> {
     let options = PgConnectOptions::from_str(url)?.log_statements(tracing::log::LevelFilter::Trace);
     if let Some(schema) = search_path(url) {
         if !schema
@@ -52,47 +97,279 @@ pub(crate) async fn open(url: &str) -> Result<SqlBackend<Postgres>, StoreError> 
         .connect_with(options)
         .await?;
     sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-    Ok(SqlBackend {
-        writer: pool.clone(),
-        readers: pool,
+    Ok(PgBackend {
+        pool,
+        order: CommitOrder::start(),
     })
 }
 
-impl Dialect for Postgres {
-    const STATEMENTS: Statements = Statements {
-        insert: "INSERT INTO records (collection, id, version, created_us, updated_us, doc, doc_json) \
+#[derive(FromRow)]
+struct RecordRow {
+    id: String,
+    version: i64,
+    doc: String,
+}
+
+impl From<RecordRow> for Record {
+    fn from(row: RecordRow) -> Record {
+        Record {
+            id: row.id,
+            version: row.version,
+            document: Bytes::from(row.doc),
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct CurrentRow {
+    version: i64,
+    created_us: i64,
+    updated_us: i64,
+    doc: String,
+}
+
+#[derive(FromRow)]
+struct ListedRow {
+    doc: String,
+    sort_key: i64,
+    seq: i64,
+}
+
+#[derive(FromRow)]
+struct CollectionRow {
+    collection: String,
+    records: i64,
+}
+
+/// Runs a write in a task of its own, so that it reaches its commit and its announcement even
+/// if the caller stops waiting.
+async fn detached<T: Send + 'static>(
+    write: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::spawn(write)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("the write stopped: {e}")))?
+}
+
+/// The SQL of a listing: the order's key, then `(key, seq)` after the cursor, the filters (the
+/// document contains `{field: candidate}` for one of the filter's two JSON candidates, which a
+/// GIN index on `doc_json` can answer), and the limit.
+fn list_sql(query: &ListQuery) -> (String, Vec<String>) {
+    let (key, direction, comparison) = query.order.sql();
+    // Only static fragments and numbered placeholders go into the text; every value is bound.
+    let mut sql = format!("SELECT seq, {key} AS sort_key, doc FROM records WHERE collection = $1");
+    let mut n = 1;
+    if query.after.is_some() {
+        sql.push_str(&format!(
+            " AND ({key}, seq) {comparison} (${}, ${})",
+            n + 1,
+            n + 2
+        ));
+        n += 2;
+    }
+    let mut values = Vec::new();
+    for filter in &query.filters {
+        sql.push_str(&format!(
+            " AND (doc_json @> ${}::jsonb OR doc_json @> ${}::jsonb)",
+            n + 1,
+            n + 2
+        ));
+        n += 2;
+        values.extend(contains(filter));
+    }
+    sql.push_str(&format!(
+        " ORDER BY {key} {direction}, seq {direction} LIMIT ${}",
+        n + 1
+    ));
+    (sql, values)
+}
+
+/// `{field: candidate}` for both JSON candidates of a filter.
+fn contains(filter: &FieldFilter) -> [String; 2] {
+    let (as_string, as_scalar) = filter.json_candidates();
+    let field = Value::String(filter.field.clone());
+    [
+        format!("{{{field}:{as_string}}}"),
+        format!("{{{field}:{as_scalar}}}"),
+    ]
+}
+
+#[async_trait]
+impl Backend for PgBackend {
+    async fn insert(&self, row: NewRow, committed: Committed) -> Result<Inserted, StoreError> {
+        let pool = self.pool.clone();
+        let place = self.order.take_place();
+        detached(async move {
+            let text = std::str::from_utf8(&row.record.document).expect("serde_json writes UTF-8");
+            let inserted: Option<String> = sqlx::query_scalar(
+                "INSERT INTO records (collection, id, version, created_us, updated_us, doc, doc_json) \
                  VALUES ($1, $2, 1, $3, $3, $4, $4::jsonb) ON CONFLICT (collection, id) DO NOTHING \
                  RETURNING id",
-        get: "SELECT id, version, doc FROM records WHERE collection = $1 AND id = $2",
-        lock_current: "SELECT version, created_us, updated_us, doc FROM records \
-                       WHERE collection = $1 AND id = $2 FOR UPDATE",
-        update: "UPDATE records SET version = $1, updated_us = $2, doc = $3, doc_json = $3::jsonb \
-                 WHERE collection = $4 AND id = $5",
-        lock_record: "SELECT id, version, doc FROM records \
-                      WHERE collection = $1 AND id = $2 FOR UPDATE",
-        delete: "DELETE FROM records WHERE collection = $1 AND id = $2",
-        collections: "SELECT collection, COUNT(*) AS records FROM records \
-                      GROUP BY collection ORDER BY collection",
-        keep_secret: "INSERT INTO secrets (name, value) VALUES ($1, $2) \
-                      ON CONFLICT (name) DO NOTHING",
-        read_secret: "SELECT value FROM secrets WHERE name = $1",
-    };
-
-    fn placeholder(n: usize) -> String {
-        format!("${n}")
+            )
+            .bind(&row.collection)
+            .bind(&row.record.id)
+            .bind(row.at_us)
+            .bind(text)
+            .fetch_optional(&pool)
+            .await?;
+            Ok(match inserted {
+                Some(_) => {
+                    let _ = place.send((committed, row.record));
+                    Inserted::Yes
+                }
+                None => Inserted::Taken,
+            })
+        })
+        .await
     }
 
-    /// The document contains `{field: candidate}` for one of the two JSON candidates (a GIN
-    /// index on `doc_json` can answer it).
-    fn filter(filter: &FieldFilter, first: usize) -> (String, Vec<String>) {
-        let (as_string, as_scalar) = filter.json_candidates();
-        let contains = |json: &str| format!("{{{}:{json}}}", Value::String(filter.field.clone()));
-        let condition = format!(
-            "(doc_json @> ${}::jsonb OR doc_json @> ${}::jsonb)",
-            first,
-            first + 1
-        );
-        (condition, vec![contains(&as_string), contains(&as_scalar)])
+    async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>, StoreError> {
+        let row: Option<RecordRow> = sqlx::query_as(
+            "SELECT id, version, doc FROM records WHERE collection = $1 AND id = $2",
+        )
+        .bind(collection)
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Record::from))
+    }
+
+    async fn update(
+        &self,
+        collection: &str,
+        id: &str,
+        decide: Decide,
+        committed: Committed,
+    ) -> Result<Record, StoreError> {
+        let (pool, collection, id) = (self.pool.clone(), collection.to_owned(), id.to_owned());
+        let order = self.order.clone();
+        detached(async move {
+            let mut tx = pool.begin().await?;
+            let row: Option<CurrentRow> = sqlx::query_as(
+                "SELECT version, created_us, updated_us, doc FROM records \
+                 WHERE collection = $1 AND id = $2 FOR UPDATE",
+            )
+            .bind(&collection)
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let next = decide(row.map(|row| Current {
+                version: row.version,
+                created_us: row.created_us,
+                updated_us: row.updated_us,
+                document: row.doc,
+            }))?;
+            let text = std::str::from_utf8(&next.record.document).expect("serde_json writes UTF-8");
+            sqlx::query(
+                "UPDATE records SET version = $1, updated_us = $2, doc = $3, doc_json = $3::jsonb \
+                 WHERE collection = $4 AND id = $5",
+            )
+            .bind(next.record.version)
+            .bind(next.updated_us)
+            .bind(text)
+            .bind(&collection)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+            let place = order.take_place();
+            tx.commit().await?;
+            let _ = place.send((committed, next.record.clone()));
+            Ok(next.record)
+        })
+        .await
+    }
+
+    async fn delete(
+        &self,
+        collection: &str,
+        id: &str,
+        admit: Admit,
+        committed: Committed,
+    ) -> Result<Record, StoreError> {
+        let (pool, collection, id) = (self.pool.clone(), collection.to_owned(), id.to_owned());
+        let order = self.order.clone();
+        detached(async move {
+            let mut tx = pool.begin().await?;
+            let row: Option<RecordRow> = sqlx::query_as(
+                "SELECT id, version, doc FROM records WHERE collection = $1 AND id = $2 FOR UPDATE",
+            )
+            .bind(&collection)
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let record = admit(row.map(Record::from))?;
+            sqlx::query("DELETE FROM records WHERE collection = $1 AND id = $2")
+                .bind(&collection)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            let place = order.take_place();
+            tx.commit().await?;
+            let _ = place.send((committed, record.clone()));
+            Ok(record)
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        collection: &str,
+        query: &ListQuery,
+        rows: i64,
+    ) -> Result<Vec<Listed>, StoreError> {
+        let (sql, values) = list_sql(query);
+        let mut statement = sqlx::query_as(AssertSqlSafe(sql)).bind(collection);
+        if let Some(after) = &query.after {
+            statement = statement.bind(after.key).bind(after.seq);
+        }
+        for value in values {
+            statement = statement.bind(value);
+        }
+        let found: Vec<ListedRow> = statement.bind(rows).fetch_all(&self.pool).await?;
+        Ok(found
+            .into_iter()
+            .map(|row| (row.doc, row.sort_key, row.seq))
+            .collect())
+    }
+
+    async fn collections(&self) -> Result<Vec<CollectionSummary>, StoreError> {
+        let rows: Vec<CollectionRow> = sqlx::query_as(
+            "SELECT collection, COUNT(*) AS records FROM records \
+             GROUP BY collection ORDER BY collection",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| CollectionSummary {
+                name: row.collection,
+                records: u64::try_from(row.records).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    async fn keep_secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        sqlx::query(
+            "INSERT INTO secrets (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(candidate)
+        .execute(&self.pool)
+        .await?;
+        let value: Vec<u8> = sqlx::query_scalar("SELECT value FROM secrets WHERE name = $1")
+            .bind(name)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(value)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.pool.close().await;
     }
 }
 

@@ -6,22 +6,43 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
 
-use super::backend::{Backend, Current, Inserted, Listed, NewRow, Next};
+use super::backend::{Backend, Committed, Current, Inserted, Listed, NewRow, Next};
 use super::{
-    Change, CollectionSummary, Cursor, ListQuery, Page, Precondition, Record, SERVER_FIELDS, Store,
-    StoreError,
+    Change, CollectionSummary, Cursor, ListQuery, Page, Precondition, Record, RecordEvent,
+    RecordOp, SERVER_FIELDS, Store, StoreError,
 };
 
 /// Records over a [`Backend`].
 #[derive(Debug)]
 pub(crate) struct RecordStore<B> {
     backend: B,
+    /// Where committed writes are announced, in commit order.
+    events: mpsc::UnboundedSender<RecordEvent>,
 }
 
 impl<B: Backend> RecordStore<B> {
-    pub(crate) fn new(backend: B) -> Self {
-        RecordStore { backend }
+    pub(crate) fn new(backend: B, events: mpsc::UnboundedSender<RecordEvent>) -> Self {
+        RecordStore { backend, events }
+    }
+
+    /// What the backend calls once a write committed: the event goes out in commit order, and
+    /// the receiver hears when it was announced.
+    fn announce(&self, collection: &str, op: RecordOp) -> (Committed, oneshot::Receiver<()>) {
+        let (announced, heard) = oneshot::channel();
+        let events = self.events.clone();
+        let collection = collection.to_owned();
+        let committed: Committed = Box::new(move |record: &Record| {
+            // Nobody listening (a store used alone) is fine: there is nobody to tell.
+            let _ = events.send(RecordEvent {
+                collection,
+                op,
+                record: record.clone(),
+                announced,
+            });
+        });
+        (committed, heard)
     }
 
     /// Version 1 of a record; `precondition` is `None` (a fresh id) or `Absent` (the client's).
@@ -34,19 +55,22 @@ impl<B: Backend> RecordStore<B> {
     ) -> Result<Record, StoreError> {
         strip_server_fields(&mut fields);
         let now = now_micros();
-        let document = render_document(id, 1, now, now, fields);
-        let row = NewRow {
-            collection,
-            id,
-            at_us: now,
-            document: std::str::from_utf8(&document).expect("serde_json writes UTF-8"),
+        let record = Record {
+            id: id.to_owned(),
+            version: 1,
+            document: render_document(id, 1, now, now, fields),
         };
-        match self.backend.insert(row).await? {
-            Inserted::Yes => Ok(Record {
-                id: id.to_owned(),
-                version: 1,
-                document,
-            }),
+        let row = NewRow {
+            collection: collection.to_owned(),
+            at_us: now,
+            record: record.clone(),
+        };
+        let (committed, announced) = self.announce(collection, RecordOp::Created);
+        match self.backend.insert(row, committed).await? {
+            Inserted::Yes => {
+                let _ = announced.await;
+                Ok(record)
+            }
             Inserted::Taken if precondition == Precondition::Absent => {
                 let current = self.backend.get(collection, id).await?;
                 Err(StoreError::PreconditionFailed {
@@ -90,11 +114,18 @@ impl<B: Backend> Store for RecordStore<B> {
         change: Change,
         precondition: &Precondition,
     ) -> Result<Record, StoreError> {
+        let (precondition, owned_id) = (precondition.clone(), id.to_owned());
         let decide = Box::new(move |current: Option<Current>| {
             let current = precondition.admit(current, |c| c.version)?;
-            next_version(id, &current, change)
+            next_version(&owned_id, &current, change)
         });
-        self.backend.update(collection, id, decide).await
+        let (committed, announced) = self.announce(collection, RecordOp::Updated);
+        let record = self
+            .backend
+            .update(collection, id, decide, committed)
+            .await?;
+        let _ = announced.await;
+        Ok(record)
     }
 
     async fn delete(
@@ -103,8 +134,16 @@ impl<B: Backend> Store for RecordStore<B> {
         id: &str,
         precondition: &Precondition,
     ) -> Result<Record, StoreError> {
-        let admit = Box::new(|record: Option<Record>| precondition.admit(record, |r| r.version));
-        self.backend.delete(collection, id, admit).await
+        let precondition = precondition.clone();
+        let admit =
+            Box::new(move |record: Option<Record>| precondition.admit(record, |r| r.version));
+        let (committed, announced) = self.announce(collection, RecordOp::Deleted);
+        let record = self
+            .backend
+            .delete(collection, id, admit, committed)
+            .await?;
+        let _ = announced.await;
+        Ok(record)
     }
 
     async fn list(&self, collection: &str, query: &ListQuery) -> Result<Page, StoreError> {
@@ -120,7 +159,7 @@ impl<B: Backend> Store for RecordStore<B> {
     }
 
     async fn secret(&self, name: &str) -> Result<Vec<u8>, StoreError> {
-        self.backend.keep_secret(name, &new_secret()).await
+        self.backend.keep_secret(name, new_secret()).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

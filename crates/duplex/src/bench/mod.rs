@@ -11,7 +11,7 @@ use clap::{Args, Subcommand};
 use duplex_bench::ServerProcess;
 
 use attack::{AttackArgs, attack};
-use http::{HttpArgs, http};
+use http::{BaselineArgs, HttpArgs, baseline_server, http};
 use sockets::{
     ConnectionsArgs, FanoutArgs, RoundtripArgs, TransportsArgs, connections, fanout, roundtrip,
     transports,
@@ -28,8 +28,12 @@ pub(crate) enum BenchCommand {
     Roundtrip(RoundtripArgs),
     /// The same updates by short polling, long polling, SSE, WebSocket and raw TCP.
     Transports(TransportsArgs),
-    /// Records over HTTP: create, get and list throughput and latency.
+    /// Records over HTTP: get, list, create and patch beside a bare axum route of the same
+    /// size, as ratios to it, with latency at half the maximum rate.
     Http(HttpArgs),
+    /// The bare axum route `bench http` compares with (started by it).
+    #[command(hide = true)]
+    BaselineServer(BaselineArgs),
     /// Hostile clients against a server on its default configuration: server memory
     /// throughout, and how a healthy client is answered meanwhile.
     Attack(AttackArgs),
@@ -148,6 +152,7 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Roundtrip(args) => roundtrip(args).await,
         BenchCommand::Transports(args) => transports(args).await,
         BenchCommand::Http(args) => http(args).await,
+        BenchCommand::BaselineServer(args) => baseline_server(args).await,
         BenchCommand::Attack(args) => attack(args).await,
     }
 }

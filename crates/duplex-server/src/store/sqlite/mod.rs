@@ -1,0 +1,399 @@
+//! The embedded default store: SQLite in WAL mode through rusqlite.
+//!
+//! - **Reads** run on the calling thread, on a read-only connection taken from a small pool
+//!   (WAL lets readers run beside the writer), with cached prepared statements: a read by id
+//!   or a page in index order costs microseconds and no thread hop. A listing with filters,
+//!   which may scan, and the collection counts run on the blocking pool instead.
+//! - **Writes** go to one writer thread that gathers those waiting into one transaction
+//!   ([`writer`]): group commit, answered after `COMMIT`.
+//!
+//! `synchronous = NORMAL` in WAL mode makes a committed transaction survive a crash of the
+//! process (`kill -9`); a power loss may lose the last transactions, which
+//! `DUPLEX_SQLITE_SYNCHRONOUS=full` prevents at the cost of an fsync per commit (per group of
+//! writes, not per write).
+
+mod checkpoint;
+mod migrate;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rusqlite::{Connection, OpenFlags, OptionalExtension as _, Row};
+
+use super::backend::{Admit, Backend, Committed, Current, Decide, Inserted, Listed, NewRow};
+use super::{CollectionSummary, ListQuery, Record, StoreError};
+use checkpoint::Checkpointer;
+use writer::Writer;
+
+/// Idle read connections kept for the next reads.
+const IDLE_READERS: usize = 8;
+
+/// How long a statement waits for a lock before it fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Prepared statements each connection keeps (listings vary with their filters).
+const STATEMENT_CACHE: usize = 64;
+
+const GET: &str = "SELECT id, version, doc FROM records WHERE collection = ?1 AND id = ?2";
+
+/// Records in a SQLite file.
+#[derive(Debug)]
+pub(crate) struct SqliteBackend {
+    readers: Arc<Readers>,
+    writer: Writer,
+    checkpointer: Checkpointer,
+}
+
+/// Read-only connections to the file, opened when none is idle.
+#[derive(Debug)]
+struct Readers {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Readers {
+    /// Runs `read` on an idle connection (or a new one), then keeps the connection.
+    fn read<T>(
+        &self,
+        read: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let idle = self.idle.lock().pop();
+        let connection = match idle {
+            Some(connection) => connection,
+            None => self.open()?,
+        };
+        let result = read(&connection);
+        let mut idle = self.idle.lock();
+        if idle.len() < IDLE_READERS {
+            idle.push(connection);
+        }
+        Ok(result?)
+    }
+
+    fn open(&self) -> Result<Connection, StoreError> {
+        let connection = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        connection.busy_timeout(BUSY_TIMEOUT)?;
+        connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(connection)
+    }
+}
+
+/// The `synchronous` setting: `DUPLEX_SQLITE_SYNCHRONOUS` (`off`, `normal`, `full`, `extra`),
+/// `normal` by default.
+fn synchronous() -> Result<String, StoreError> {
+    match std::env::var("DUPLEX_SQLITE_SYNCHRONOUS") {
+        Err(_) => Ok("NORMAL".into()),
+        Ok(value) => {
+            let value = value.to_ascii_uppercase();
+            if ["OFF", "NORMAL", "FULL", "EXTRA"].contains(&value.as_str()) {
+                Ok(value)
+            } else {
+                Err(StoreError::Schema(format!(
+                    "DUPLEX_SQLITE_SYNCHRONOUS={value:?}: expected off, normal, full or extra"
+                )))
+            }
+        }
+    }
+}
+
+/// Opens (creating if needed) the database file at `path`, migrates it and starts its writer.
+pub(crate) async fn open(path: impl AsRef<Path>) -> Result<SqliteBackend, StoreError> {
+    let path = path.as_ref().to_owned();
+    tokio::task::spawn_blocking(move || open_blocking(path))
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("opening the store stopped: {e}")))?
+}
+
+fn open_blocking(path: PathBuf) -> Result<SqliteBackend, StoreError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| StoreError::Schema(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    let mut connection = Connection::open(&path)?;
+    connection.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Schema(format!(
+            "{} cannot use write-ahead logging (journal mode {mode})",
+            path.display()
+        )));
+    }
+    connection.pragma_update(None, "synchronous", synchronous()?)?;
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    // Checkpoints run on their own thread (`checkpoint.rs`), not inside a commit.
+    connection.pragma_update(None, "wal_autocheckpoint", 0)?;
+    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    migrate::run(&mut connection)?;
+    let writer = Writer::start(connection)
+        .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
+    let checkpointer = Checkpointer::start(&path, BUSY_TIMEOUT, writer.commit_count())?;
+    Ok(SqliteBackend {
+        checkpointer,
+        readers: Arc::new(Readers {
+            path,
+            idle: Mutex::new(Vec::new()),
+        }),
+        writer,
+    })
+}
+
+fn record_from_row(row: &Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record {
+        id: row.get(0)?,
+        version: row.get(1)?,
+        document: Bytes::from(row.get::<_, String>(2)?),
+    })
+}
+
+/// The SQL of a listing: the order's key, then `(key, seq)` after the cursor, the filters (the
+/// field's JSON text, which `->` gives, is one of the filter's two JSON candidates), and the
+/// limit; with the values to bind in order.
+fn list_sql(
+    collection: &str,
+    query: &ListQuery,
+    rows: i64,
+) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let (key, direction, comparison) = query.order.sql();
+    // Only static fragments and numbered placeholders go into the text; every value is bound.
+    let mut sql = format!("SELECT doc, {key}, seq FROM records WHERE collection = ?1");
+    let mut values = vec![Value::Text(collection.to_owned())];
+    if let Some(after) = &query.after {
+        sql.push_str(&format!(
+            " AND ({key}, seq) {comparison} (?{}, ?{})",
+            values.len() + 1,
+            values.len() + 2
+        ));
+        values.extend([Value::Integer(after.key), Value::Integer(after.seq)]);
+    }
+    for filter in &query.filters {
+        let (as_string, as_scalar) = filter.json_candidates();
+        sql.push_str(&format!(
+            " AND (doc -> ?{}) IN (?{}, ?{})",
+            values.len() + 1,
+            values.len() + 2,
+            values.len() + 3
+        ));
+        values.extend([
+            Value::Text(format!("$.\"{}\"", filter.field)),
+            Value::Text(as_string),
+            Value::Text(as_scalar),
+        ]);
+    }
+    sql.push_str(&format!(
+        " ORDER BY {key} {direction}, seq {direction} LIMIT ?{}",
+        values.len() + 1
+    ));
+    values.push(Value::Integer(rows));
+    (sql, values)
+}
+
+fn list_rows(
+    connection: &Connection,
+    sql: &str,
+    values: Vec<rusqlite::types::Value>,
+) -> rusqlite::Result<Vec<Listed>> {
+    let mut statement = connection.prepare_cached(sql)?;
+    let rows = statement.query_map(rusqlite::params_from_iter(values), |row| {
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+    })?;
+    rows.collect()
+}
+
+#[async_trait]
+impl Backend for SqliteBackend {
+    async fn insert(&self, row: NewRow, committed: Committed) -> Result<Inserted, StoreError> {
+        self.writer
+            .write(
+                move |connection| {
+                    let document =
+                        std::str::from_utf8(&row.record.document).expect("serde_json writes UTF-8");
+                    let mut statement = connection.prepare_cached(
+                        "INSERT INTO records (collection, id, version, created_us, updated_us, doc) \
+                         VALUES (?1, ?2, 1, ?3, ?3, ?4) ON CONFLICT (collection, id) DO NOTHING",
+                    )?;
+                    let inserted = statement.execute((
+                        &row.collection,
+                        &row.record.id,
+                        row.at_us,
+                        document,
+                    ))?;
+                    Ok(if inserted == 0 {
+                        (Inserted::Taken, None)
+                    } else {
+                        (Inserted::Yes, Some(row.record))
+                    })
+                },
+                move |(_, record): &(Inserted, Option<Record>)| {
+                    if let Some(record) = record {
+                        committed(record);
+                    }
+                },
+            )
+            .await
+            .map(|(inserted, _)| inserted)
+    }
+
+    async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>, StoreError> {
+        self.readers.read(|connection| {
+            connection
+                .prepare_cached(GET)?
+                .query_row((collection, id), record_from_row)
+                .optional()
+        })
+    }
+
+    async fn update(
+        &self,
+        collection: &str,
+        id: &str,
+        decide: Decide,
+        committed: Committed,
+    ) -> Result<Record, StoreError> {
+        let (collection, id) = (collection.to_owned(), id.to_owned());
+        self.writer
+            .write(
+                move |connection| {
+                    let current = connection
+                        .prepare_cached(
+                            "SELECT version, created_us, updated_us, doc FROM records \
+                             WHERE collection = ?1 AND id = ?2",
+                        )?
+                        .query_row((&collection, &id), |row| {
+                            Ok(Current {
+                                version: row.get(0)?,
+                                created_us: row.get(1)?,
+                                updated_us: row.get(2)?,
+                                document: row.get(3)?,
+                            })
+                        })
+                        .optional()?;
+                    let next = decide(current)?;
+                    let document = std::str::from_utf8(&next.record.document)
+                        .expect("serde_json writes UTF-8");
+                    connection
+                        .prepare_cached(
+                            "UPDATE records SET version = ?1, updated_us = ?2, doc = ?3 \
+                             WHERE collection = ?4 AND id = ?5",
+                        )?
+                        .execute((
+                            next.record.version,
+                            next.updated_us,
+                            document,
+                            &collection,
+                            &id,
+                        ))?;
+                    Ok(next.record)
+                },
+                move |record: &Record| committed(record),
+            )
+            .await
+    }
+
+    async fn delete(
+        &self,
+        collection: &str,
+        id: &str,
+        admit: Admit,
+        committed: Committed,
+    ) -> Result<Record, StoreError> {
+        let (collection, id) = (collection.to_owned(), id.to_owned());
+        self.writer
+            .write(
+                move |connection| {
+                    let record = connection
+                        .prepare_cached(GET)?
+                        .query_row((&collection, &id), record_from_row)
+                        .optional()?;
+                    let record = admit(record)?;
+                    connection
+                        .prepare_cached("DELETE FROM records WHERE collection = ?1 AND id = ?2")?
+                        .execute((&collection, &id))?;
+                    Ok(record)
+                },
+                move |record: &Record| committed(record),
+            )
+            .await
+    }
+
+    async fn list(
+        &self,
+        collection: &str,
+        query: &ListQuery,
+        rows: i64,
+    ) -> Result<Vec<Listed>, StoreError> {
+        let (sql, values) = list_sql(collection, query, rows);
+        if query.filters.is_empty() {
+            // A walk along an index that stops after `rows`: as cheap as a read by id.
+            return self
+                .readers
+                .read(|connection| list_rows(connection, &sql, values));
+        }
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            readers.read(|connection| list_rows(connection, &sql, values))
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("the listing stopped: {e}")))?
+    }
+
+    async fn collections(&self) -> Result<Vec<CollectionSummary>, StoreError> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            readers.read(|connection| {
+                let mut statement = connection.prepare_cached(
+                    "SELECT collection, COUNT(*) FROM records \
+                     GROUP BY collection ORDER BY collection",
+                )?;
+                let rows = statement.query_map([], |row| {
+                    Ok(CollectionSummary {
+                        name: row.get(0)?,
+                        records: u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0),
+                    })
+                })?;
+                rows.collect()
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("counting collections stopped: {e}")))?
+    }
+
+    async fn keep_secret(&self, name: &str, candidate: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        let name = name.to_owned();
+        self.writer
+            .write(
+                move |connection| {
+                    connection.execute(
+                        "INSERT OR IGNORE INTO secrets (name, value) VALUES (?1, ?2)",
+                        (&name, &candidate),
+                    )?;
+                    Ok(connection.query_row(
+                        "SELECT value FROM secrets WHERE name = ?1",
+                        [&name],
+                        |row| row.get(0),
+                    )?)
+                },
+                |_: &Vec<u8>| {},
+            )
+            .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.readers
+            .read(|connection| connection.query_row("SELECT 1", [], |_| Ok(())))
+    }
+
+    async fn close(&self) {
+        self.writer.close().await;
+        self.checkpointer.close().await;
+        self.readers.idle.lock().clear();
+    }
+}
