@@ -30,18 +30,23 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts a process writing its address to $data/$1.out and prints that address.
+# Starts a process that prints its address to $data/$1.out.
 start() {
   local name=$1
   shift
   "$@" >"$data/$name.out" 2>"$data/$name.err" &
   pids+=($!)
-  for _ in $(seq 1 100); do grep -q 'http://' "$data/$name.out" 2>/dev/null && break; sleep 0.1; done
-  grep -o 'http://[0-9.:]*' "$data/$name.out" | head -n1
 }
 
-url=$(start duplex "$duplex" serve --http 127.0.0.1:0 --tcp 127.0.0.1:0 --data "$data/db")
+# Prints the address the process named $1 printed, once it did.
+address() {
+  for _ in $(seq 1 100); do grep -q 'http://' "$data/$1.out" 2>/dev/null && break; sleep 0.1; done
+  grep -o 'http://[0-9.:]*' "$data/$1.out" | head -n1
+}
+
+start duplex "$duplex" serve --http 127.0.0.1:0 --tcp 127.0.0.1:0 --data "$data/db"
 server_pid=${pids[0]}
+url=$(address duplex)
 records="$url/api/collections/bench/records"
 body='{"title":"a benchmark record","author":"ana","tags":["x","y"],"stars":5}'
 for _ in $(seq 1 40); do
@@ -53,7 +58,8 @@ size=$(curl -sf "$records/$id" | wc -c)
 
 baseline=""
 if "$duplex" bench baseline-server --help >/dev/null 2>&1; then
-  baseline=$(start baseline "$duplex" bench baseline-server --size "$size")
+  start baseline "$duplex" bench baseline-server --size "$size"
+  baseline=$(address baseline)
 fi
 
 cat >"$data/post.lua" <<LUA

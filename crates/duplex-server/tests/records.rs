@@ -903,6 +903,16 @@ async fn cursors_cannot_be_forged_or_carried_to_another_listing(store: Store) {
     }
 }
 
+/// The version an `ETag` names.
+fn version_of(response: &Response) -> u64 {
+    response.headers()[header::ETAG]
+        .to_str()
+        .expect("ascii")
+        .trim_matches('"')
+        .parse()
+        .expect("a version")
+}
+
 /// Many writers at once (which SQLite's writer gathers into shared transactions): each
 /// precondition is decided against exactly what committed before it, no update is lost, and
 /// `records:{collection}` carries every committed write once, in commit order.
@@ -989,7 +999,13 @@ async fn concurrent_writes_stay_exact_and_are_announced_in_commit_order(store: S
                     .await
                     .expect("request");
                 match response.status() {
-                    StatusCode::OK => break,
+                    StatusCode::OK => {
+                        // Once acknowledged, no read serves an older version.
+                        let written = version_of(&response);
+                        let read = client.get(&url).send().await.expect("request");
+                        assert!(version_of(&read) >= written, "a stale read");
+                        break;
+                    }
                     StatusCode::PRECONDITION_FAILED => continue,
                     other => panic!("writer {i}: {other}"),
                 }

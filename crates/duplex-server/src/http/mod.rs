@@ -321,7 +321,10 @@ pub(crate) fn router(state: AppState) -> Router {
             read_body_in_time,
         ))
         .with_state(state)
-        .layer(cors(&origins))
+        // Without allowed origins, every browser request is same-origin: no CORS work at all.
+        .layer(tower::util::option_layer(
+            (!origins.is_empty()).then(|| cors(&origins)),
+        ))
         .layer(middleware::from_fn_with_state(metrics, track_request))
         // Failures are logged once, by `ApiError` (client-caused ones at debug).
         .layer(TraceLayer::new_for_http().on_failure(()))

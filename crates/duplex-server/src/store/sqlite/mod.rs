@@ -4,6 +4,8 @@
 //!   (WAL lets readers run beside the writer), with cached prepared statements: a read by id
 //!   or a page in index order costs microseconds and no thread hop. A listing with filters,
 //!   which may scan, and the collection counts run on the blocking pool instead.
+//! - **Hot records** read by id are kept in memory ([`hot`]), exact because the writer keeps
+//!   them so before it answers.
 //! - **Writes** go to one writer thread that gathers those waiting into one transaction
 //!   ([`writer`]): group commit, answered after `COMMIT`.
 //!
@@ -13,6 +15,7 @@
 //! writes, not per write).
 
 mod checkpoint;
+mod hot;
 mod migrate;
 mod writer;
 
@@ -28,6 +31,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension as _, Row};
 use super::backend::{Admit, Backend, Committed, Current, Decide, Inserted, Listed, NewRow};
 use super::{CollectionSummary, ListQuery, Record, StoreError};
 use checkpoint::Checkpointer;
+use hot::HotRecords;
 use writer::Writer;
 
 /// Idle read connections kept for the next reads.
@@ -35,6 +39,9 @@ const IDLE_READERS: usize = 8;
 
 /// How long a statement waits for a lock before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes of recently read records kept in memory ([`hot`]).
+const HOT_BYTES: usize = 32 << 20;
 
 /// Prepared statements each connection keeps (listings vary with their filters).
 const STATEMENT_CACHE: usize = 64;
@@ -47,6 +54,7 @@ pub(crate) struct SqliteBackend {
     readers: Arc<Readers>,
     writer: Writer,
     checkpointer: Checkpointer,
+    hot: Arc<HotRecords>,
 }
 
 /// Read-only connections to the file, opened when none is idle.
@@ -137,6 +145,7 @@ fn open_blocking(path: PathBuf) -> Result<SqliteBackend, StoreError> {
     let checkpointer = Checkpointer::start(&path, BUSY_TIMEOUT, writer.commit_count())?;
     Ok(SqliteBackend {
         checkpointer,
+        hot: Arc::new(HotRecords::new(HOT_BYTES)),
         readers: Arc::new(Readers {
             path,
             idle: Mutex::new(Vec::new()),
@@ -243,12 +252,20 @@ impl Backend for SqliteBackend {
     }
 
     async fn get(&self, collection: &str, id: &str) -> Result<Option<Record>, StoreError> {
-        self.readers.read(|connection| {
+        let ticket = match self.hot.get(collection, id) {
+            Ok(record) => return Ok(Some(record)),
+            Err(ticket) => ticket,
+        };
+        let record = self.readers.read(|connection| {
             connection
                 .prepare_cached(GET)?
                 .query_row((collection, id), record_from_row)
                 .optional()
-        })
+        })?;
+        if let Some(record) = &record {
+            self.hot.offer(ticket, collection, record);
+        }
+        Ok(record)
     }
 
     async fn update(
@@ -259,6 +276,7 @@ impl Backend for SqliteBackend {
         committed: Committed,
     ) -> Result<Record, StoreError> {
         let (collection, id) = (collection.to_owned(), id.to_owned());
+        let (hot, written) = (self.hot.clone(), collection.clone());
         self.writer
             .write(
                 move |connection| {
@@ -293,7 +311,10 @@ impl Backend for SqliteBackend {
                         ))?;
                     Ok(next.record)
                 },
-                move |record: &Record| committed(record),
+                move |record: &Record| {
+                    hot.written(&written, record);
+                    committed(record);
+                },
             )
             .await
     }
@@ -306,6 +327,7 @@ impl Backend for SqliteBackend {
         committed: Committed,
     ) -> Result<Record, StoreError> {
         let (collection, id) = (collection.to_owned(), id.to_owned());
+        let (hot, deleted) = (self.hot.clone(), collection.clone());
         self.writer
             .write(
                 move |connection| {
@@ -319,7 +341,10 @@ impl Backend for SqliteBackend {
                         .execute((&collection, &id))?;
                     Ok(record)
                 },
-                move |record: &Record| committed(record),
+                move |record: &Record| {
+                    hot.deleted(&deleted, &record.id);
+                    committed(record);
+                },
             )
             .await
     }
