@@ -226,12 +226,12 @@ async fn measure(pass: &Pass, concurrency: usize, duration: Duration) -> anyhow:
         requests: full.ok,
         errors: full.errors,
         requests_per_second,
-        latency_ms: percentiles(&full.histogram),
+        latency_ms: Percentiles::of_micros(&full.histogram),
         cpu_us_per_request,
         ratio: None,
         half_rate: Some(HalfRate {
             rate,
-            latency_ms: percentiles(&half.histogram),
+            latency_ms: Percentiles::of_micros(&half.histogram),
             errors: half.errors,
         }),
     })
@@ -351,14 +351,4 @@ async fn send(
         bail!("{status}");
     }
     Ok(())
-}
-
-fn percentiles(histogram: &Histogram<u64>) -> Percentiles {
-    let ms = |micros: u64| micros as f64 / 1000.0;
-    Percentiles {
-        p50: ms(histogram.value_at_quantile(0.50)),
-        p90: ms(histogram.value_at_quantile(0.90)),
-        p99: ms(histogram.value_at_quantile(0.99)),
-        max: ms(histogram.max()),
-    }
 }

@@ -24,16 +24,6 @@ pub struct RoundtripReport {
     pub latency_ms: Percentiles,
 }
 
-fn percentiles(histogram: &Histogram<u64>) -> Percentiles {
-    let ms = |micros: u64| micros as f64 / 1000.0;
-    Percentiles {
-        p50: ms(histogram.value_at_quantile(0.50)),
-        p90: ms(histogram.value_at_quantile(0.90)),
-        p99: ms(histogram.value_at_quantile(0.99)),
-        max: ms(histogram.max()),
-    }
-}
-
 fn record(histogram: &mut Histogram<u64>, elapsed: Duration) {
     let micros = u64::try_from(elapsed.as_micros())
         .unwrap_or(u64::MAX)
@@ -83,7 +73,7 @@ pub async fn run_requests(http_addr: &str, count: u64) -> anyhow::Result<Roundtr
     Ok(RoundtripReport {
         what: "server → client request over HTTP API and WebSocket".into(),
         samples: count,
-        latency_ms: percentiles(&histogram),
+        latency_ms: Percentiles::of_micros(&histogram),
     })
 }
 
@@ -183,6 +173,6 @@ pub async fn run_recovery(
     Ok(RoundtripReport {
         what: format!("reconnect and recover {missed} missed publications"),
         samples: rounds,
-        latency_ms: percentiles(&histogram),
+        latency_ms: Percentiles::of_micros(&histogram),
     })
 }

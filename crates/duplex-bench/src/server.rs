@@ -59,17 +59,7 @@ impl ServerProcess {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", exe.display()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .context("the server did not start within 30 s")??
-            .context("the server exited before printing its address")?;
-        let http_addr = line
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix("http://"))
-            .context("no HTTP address in the server's first line")?
-            .to_owned();
+        let (line, http_addr) = first_line_address(&mut child, "the server").await?;
         let Some(tcp_addr) = line.split_whitespace().last().map(str::to_owned) else {
             bail!("no TCP address in {line:?}");
         };
@@ -92,17 +82,7 @@ impl ServerProcess {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start {}", exe.display()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .context("the baseline did not start within 30 s")??
-            .context("the baseline exited before printing its address")?;
-        let http_addr = line
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix("http://"))
-            .context("no HTTP address in the baseline's first line")?
-            .to_owned();
+        let (_, http_addr) = first_line_address(&mut child, "the baseline").await?;
         Ok(ServerProcess {
             child,
             http_addr,
@@ -156,4 +136,23 @@ pub(crate) fn usage_of(pid: u32) -> anyhow::Result<ServerUsage> {
         cpu_seconds: ticks / 100.0,
         rss_bytes: rss_kib * 1024,
     })
+}
+
+/// The first line `child` prints, and the `http://` address in it.
+async fn first_line_address(
+    child: &mut tokio::process::Child,
+    what: &str,
+) -> anyhow::Result<(String, String)> {
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .with_context(|| format!("{what} did not start within 30 s"))??
+        .with_context(|| format!("{what} exited before printing its address"))?;
+    let http_addr = line
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("http://"))
+        .with_context(|| format!("no HTTP address in {what}'s first line"))?
+        .to_owned();
+    Ok((line, http_addr))
 }

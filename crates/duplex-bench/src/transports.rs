@@ -568,12 +568,7 @@ async fn run_method(
         publications,
         deliveries,
         deliveries_per_second: deliveries as f64 / publishing.as_secs_f64().max(1e-9),
-        latency_ms: Percentiles {
-            p50: ms(histogram.value_at_quantile(0.50)),
-            p90: ms(histogram.value_at_quantile(0.90)),
-            p99: ms(histogram.value_at_quantile(0.99)),
-            max: ms(histogram.max()),
-        },
+        latency_ms: Percentiles::of_micros(&histogram),
         latency_distribution: distribution.into_values().collect(),
         server_cpu_per_1000_deliveries: match (before, after) {
             (Some(b), Some(a)) => {

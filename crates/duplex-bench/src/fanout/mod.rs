@@ -103,6 +103,19 @@ pub struct Percentiles {
     pub max: f64,
 }
 
+impl Percentiles {
+    /// The percentiles of a histogram of microseconds.
+    pub fn of_micros(histogram: &Histogram<u64>) -> Percentiles {
+        let ms = |micros: u64| micros as f64 / 1000.0;
+        Percentiles {
+            p50: ms(histogram.value_at_quantile(0.50)),
+            p90: ms(histogram.value_at_quantile(0.90)),
+            p99: ms(histogram.value_at_quantile(0.99)),
+            max: ms(histogram.max()),
+        }
+    }
+}
+
 /// The publisher, on a thread of its own with a blocking socket: it sleeps to each due time with
 /// the operating system's timer (tokio's has a 1 ms grain, which would add up to a millisecond
 /// to every latency) and writes the frame. A second thread reads and drops the replies.
@@ -296,7 +309,6 @@ fn report_of(
         missed += stats.missed;
         duplicated += stats.duplicated;
     }
-    let ms = |micros: u64| micros as f64 / 1000.0;
     Ok(FanoutReport {
         transport: options.transport,
         subscribers: options.subscribers,
@@ -305,12 +317,7 @@ fn report_of(
         publications,
         deliveries,
         deliveries_per_second: deliveries as f64 / publishing.as_secs_f64().max(1e-9),
-        latency_ms: Percentiles {
-            p50: ms(histogram.value_at_quantile(0.50)),
-            p90: ms(histogram.value_at_quantile(0.90)),
-            p99: ms(histogram.value_at_quantile(0.99)),
-            max: ms(histogram.max()),
-        },
+        latency_ms: Percentiles::of_micros(&histogram),
         missed,
         duplicated,
     })
