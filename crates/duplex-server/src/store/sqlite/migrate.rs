@@ -85,3 +85,55 @@ pub(super) fn run(connection: &mut Connection) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    use super::run;
+    use crate::store::StoreError;
+
+    #[test]
+    fn migrations_apply_once_and_refuse_a_changed_or_newer_schema() {
+        let mut connection = Connection::open_in_memory().expect("open");
+        run(&mut connection).expect("first run");
+        run(&mut connection).expect("a second run changes nothing");
+        let applied: i64 = connection
+            .query_row("SELECT COUNT(*) FROM _sqlx_migrations", [], |row| {
+                row.get(0)
+            })
+            .expect("count");
+        assert_eq!(applied, 2);
+        connection
+            .execute("INSERT INTO records (collection, id, version, created_us, updated_us, doc) VALUES ('c', 'a', 1, 0, 0, '{}')", [])
+            .expect("the records table is there");
+
+        connection
+            .execute(
+                "INSERT INTO _sqlx_migrations (version, description, success, checksum, \
+                 execution_time) VALUES (99, 'later', TRUE, x'00', 0)",
+                [],
+            )
+            .expect("insert");
+        let newer = run(&mut connection).expect_err("a newer database is refused");
+        assert!(
+            matches!(&newer, StoreError::Schema(why) if why.contains("newer")),
+            "{newer:?}"
+        );
+        connection
+            .execute("DELETE FROM _sqlx_migrations WHERE version = 99", [])
+            .expect("delete");
+
+        connection
+            .execute(
+                "UPDATE _sqlx_migrations SET checksum = x'00' WHERE version = 1",
+                [],
+            )
+            .expect("update");
+        let changed = run(&mut connection).expect_err("changed SQL is refused");
+        assert!(
+            matches!(&changed, StoreError::Schema(why) if why.contains("different SQL")),
+            "{changed:?}"
+        );
+    }
+}
