@@ -291,6 +291,14 @@ pub(crate) fn body_bytes(
     })
 }
 
+/// A span and a response line per request, at DEBUG, when the log takes `tower_http` at DEBUG
+/// (`DUPLEX_LOG=debug` or `tower_http=debug`) as the server starts. Otherwise there is no layer
+/// at all: making and filtering a span per request costs about a sixth of a small GET's time.
+/// Failures are logged once either way, by `ApiError` (client-caused ones at debug).
+fn traced() -> bool {
+    tracing::enabled!(target: "tower_http::trace", tracing::Level::DEBUG)
+}
+
 /// The whole HTTP API.
 pub(crate) fn router(state: AppState) -> Router {
     let metrics = state.metrics.clone();
@@ -305,7 +313,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(scoped(channels::publish_router(), Scope::ChannelsPublish))
         .merge(scoped(channels::read_router(), Scope::ChannelsRead))
         .merge(scoped(connections::router(), Scope::Connections));
-    Router::new()
+    let router = Router::new()
         .merge(records::router())
         .merge(transports::router())
         .merge(server_api)
@@ -325,9 +333,12 @@ pub(crate) fn router(state: AppState) -> Router {
         .layer(tower::util::option_layer(
             (!origins.is_empty()).then(|| cors(&origins)),
         ))
-        .layer(middleware::from_fn_with_state(metrics, track_request))
-        // Failures are logged once, by `ApiError` (client-caused ones at debug).
-        .layer(TraceLayer::new_for_http().on_failure(()))
+        .layer(middleware::from_fn_with_state(metrics, track_request));
+    if traced() {
+        router.layer(TraceLayer::new_for_http().on_failure(()))
+    } else {
+        router
+    }
 }
 
 /// The server API answers only to a key with the route's scope, when keys are configured:
