@@ -365,7 +365,9 @@ impl RecordOp {
     }
 }
 
-/// Committed writes in commit order, from [`open`].
+/// Committed writes in commit order, from [`open`]. Unbounded, yet never longer than the writes
+/// in flight: each write waits for its own event to be announced before it answers, and the
+/// SQLite writer's queue and the HTTP connection limits bound those.
 pub type RecordEvents = mpsc::UnboundedReceiver<RecordEvent>;
 
 /// Opens the store a URL names, with the stream of its committed writes.

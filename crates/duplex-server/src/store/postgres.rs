@@ -35,7 +35,9 @@ type Announcement = (Committed, Record);
 /// Announces writes in the order they took their place. An update or delete takes it while it
 /// holds its row's lock, and an insert before it runs (a write that meets the new row waits for
 /// its commit), so a later write to the same record always comes after; the places are filled
-/// after `COMMIT`, and a write that did not commit leaves its place empty.
+/// after `COMMIT`, and a write that did not commit leaves its place empty. The line holds one
+/// place per write in flight (the pool and each caller waiting bound them), so it needs no bound
+/// of its own.
 #[derive(Debug, Clone)]
 struct CommitOrder(mpsc::UnboundedSender<oneshot::Receiver<Announcement>>);
 

@@ -97,18 +97,20 @@ impl Readers {
 /// The `synchronous` setting: `DUPLEX_SQLITE_SYNCHRONOUS` (`off`, `normal`, `full`, `extra`),
 /// `normal` by default.
 fn synchronous() -> Result<String, StoreError> {
-    match std::env::var("DUPLEX_SQLITE_SYNCHRONOUS") {
-        Err(_) => Ok("NORMAL".into()),
-        Ok(value) => {
-            let value = value.to_ascii_uppercase();
-            if ["OFF", "NORMAL", "FULL", "EXTRA"].contains(&value.as_str()) {
-                Ok(value)
-            } else {
-                Err(StoreError::Schema(format!(
-                    "DUPLEX_SQLITE_SYNCHRONOUS={value:?}: expected off, normal, full or extra"
-                )))
-            }
-        }
+    parse_synchronous(std::env::var("DUPLEX_SQLITE_SYNCHRONOUS").ok())
+}
+
+fn parse_synchronous(value: Option<String>) -> Result<String, StoreError> {
+    let Some(value) = value else {
+        return Ok("NORMAL".into());
+    };
+    let upper = value.to_ascii_uppercase();
+    if ["OFF", "NORMAL", "FULL", "EXTRA"].contains(&upper.as_str()) {
+        Ok(upper)
+    } else {
+        Err(StoreError::Schema(format!(
+            "DUPLEX_SQLITE_SYNCHRONOUS={value:?}: expected off, normal, full or extra"
+        )))
     }
 }
 
@@ -420,5 +422,25 @@ impl Backend for SqliteBackend {
         self.writer.close().await;
         self.checkpointer.close().await;
         self.readers.idle.lock().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_synchronous;
+    use crate::store::StoreError;
+
+    #[test]
+    fn the_synchronous_setting_is_normal_by_default_and_checked() {
+        assert_eq!(parse_synchronous(None).expect("default"), "NORMAL");
+        assert_eq!(
+            parse_synchronous(Some("full".into())).expect("full"),
+            "FULL"
+        );
+        let error = parse_synchronous(Some("fast".into())).expect_err("refused");
+        assert!(
+            matches!(&error, StoreError::Schema(why) if why.contains("\"fast\"")),
+            "{error:?}"
+        );
     }
 }

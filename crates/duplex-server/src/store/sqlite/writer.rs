@@ -191,7 +191,19 @@ fn commit_some(connection: &Connection, batch: &mut Vec<Box<dyn Job>>) -> bool {
     let mut finishes = Vec::with_capacity(jobs.len());
     let mut lost = false;
     for job in jobs.by_ref() {
-        finishes.push(job.run(connection));
+        // A write that panics (a bug) must not take the thread, and every later write, with it:
+        // its transaction is rolled back like one SQLite ended, and the thread goes on.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(connection))) {
+            Ok(finish) => finishes.push(finish),
+            Err(_) => {
+                tracing::error!("a write panicked; its transaction is rolled back");
+                if !connection.is_autocommit() {
+                    let _ = connection.execute_batch("ROLLBACK");
+                }
+                lost = true;
+                break;
+            }
+        }
         if connection.is_autocommit() {
             // A failing statement made SQLite roll the transaction back.
             lost = true;
@@ -362,8 +374,9 @@ mod tests {
     }
 
     /// A write that fails is answered with its error and writes nothing; the writes beside it
-    /// in the same transaction commit. When SQLite ends the transaction itself, the writes
-    /// already run in it are not committed (and say so), and the rest go on in the next.
+    /// in the same transaction commit. When SQLite ends the transaction itself, or a write
+    /// panics, the writes already run in it are not committed (and say so), and the rest go on
+    /// in the next.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_write_takes_nothing_else_with_it() {
         let writer = writer();
@@ -393,6 +406,22 @@ mod tests {
         assert_eq!(next.expect("committed in the next transaction"), 4);
         let total = writer.write(count, |_: &i64| {}).await.expect("count");
         assert_eq!(total, 3, "1, 2 and 4");
+
+        // A write that panics fails alone with its transaction; the thread goes on.
+        let panics = |_: &Connection| -> Result<i64, StoreError> { panic!("a bug in a write") };
+        let [before, panicked, next] =
+            three_together(&writer, (insert(5), panics, insert(6))).await;
+        assert!(
+            matches!(before, Err(StoreError::Unavailable(_))),
+            "{before:?}"
+        );
+        assert!(
+            matches!(panicked, Err(StoreError::Unavailable(_))),
+            "{panicked:?}"
+        );
+        assert_eq!(next.expect("committed in the next transaction"), 6);
+        let total = writer.write(count, |_: &i64| {}).await.expect("count");
+        assert_eq!(total, 4, "1, 2, 4 and 6");
         writer.close().await;
     }
 }
