@@ -88,10 +88,20 @@ impl Readers {
             &self.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        connection.busy_timeout(BUSY_TIMEOUT)?;
-        connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        tune(&connection)?;
         Ok(connection)
     }
+}
+
+/// What every connection sets: the lock wait, the statement cache, and the query planner's
+/// stability guarantee. Without it SQLite (3.50) marks a statement whose `LIMIT` is a bound
+/// parameter to be prepared again whenever that parameter is bound, so every listing was
+/// compiled anew; the plans here do not depend on the values bound.
+fn tune(connection: &Connection) -> rusqlite::Result<()> {
+    connection.busy_timeout(BUSY_TIMEOUT)?;
+    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    connection.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
+    Ok(())
 }
 
 /// The `synchronous` setting: `DUPLEX_SQLITE_SYNCHRONOUS` (`off`, `normal`, `full`, `extra`),
@@ -128,7 +138,7 @@ fn open_blocking(path: PathBuf) -> Result<SqliteBackend, StoreError> {
             .map_err(|e| StoreError::Schema(format!("cannot create {}: {e}", parent.display())))?;
     }
     let mut connection = Connection::open(&path)?;
-    connection.busy_timeout(BUSY_TIMEOUT)?;
+    tune(&connection)?;
     let mode: String = connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StoreError::Schema(format!(
@@ -140,7 +150,6 @@ fn open_blocking(path: PathBuf) -> Result<SqliteBackend, StoreError> {
     connection.pragma_update(None, "foreign_keys", "ON")?;
     // Checkpoints run on their own thread (`checkpoint.rs`), not inside a commit.
     connection.pragma_update(None, "wal_autocheckpoint", 0)?;
-    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     migrate::run(&mut connection)?;
     let writer = Writer::start(connection)
         .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
@@ -427,8 +436,29 @@ impl Backend for SqliteBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_synchronous;
-    use crate::store::StoreError;
+    use super::{list_rows, list_sql, open_blocking, parse_synchronous};
+    use crate::store::{ListQuery, StoreError};
+    use rusqlite::StatementStatus;
+
+    #[test]
+    fn a_listing_runs_its_prepared_statement_without_compiling_it_again() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = open_blocking(dir.path().join("db")).expect("store");
+        let query = ListQuery::default();
+        let (sql, _) = list_sql("c", &query, 20);
+        let reprepared = store
+            .readers
+            .read(|connection| {
+                for _ in 0..5 {
+                    let (_, values) = list_sql("c", &query, 20);
+                    list_rows(connection, &sql, values)?;
+                }
+                let statement = connection.prepare_cached(&sql)?;
+                Ok(statement.get_status(StatementStatus::RePrepare))
+            })
+            .expect("listed");
+        assert_eq!(reprepared, 0, "{sql}");
+    }
 
     #[test]
     fn the_synchronous_setting_is_normal_by_default_and_checked() {
