@@ -48,6 +48,9 @@ pub enum ErrorCode {
     AlreadyConnected,
     /// The server holds as many channels as it may; retry later.
     TooManyChannels,
+    /// The server's `connect` hook is on: a connection sends `connect` (and is allowed) before
+    /// anything else.
+    NotConnected,
 }
 
 impl ErrorCode {
@@ -74,6 +77,7 @@ impl ErrorCode {
             ErrorCode::TokenNotYetValid => "token_not_yet_valid",
             ErrorCode::AlreadyConnected => "already_connected",
             ErrorCode::TooManyChannels => "too_many_channels",
+            ErrorCode::NotConnected => "not_connected",
         }
     }
 }
@@ -107,6 +111,8 @@ pub enum DisconnectCode {
     WriteTimeout,
     /// The server's operator disconnected this connection (`DELETE /api/connections/{id}`).
     Kicked,
+    /// The application's backend refused a connection opened with a token (the `connect` hook).
+    ConnectRefused,
 }
 
 impl DisconnectCode {
@@ -124,6 +130,7 @@ impl DisconnectCode {
             DisconnectCode::InsufficientState => "insufficient_state",
             DisconnectCode::WriteTimeout => "write_timeout",
             DisconnectCode::Kicked => "kicked",
+            DisconnectCode::ConnectRefused => "connect_refused",
         }
     }
 
@@ -140,7 +147,8 @@ impl DisconnectCode {
             DisconnectCode::FrameTooLarge
             | DisconnectCode::ProtocolError
             | DisconnectCode::TooManyErrors
-            | DisconnectCode::Kicked => false,
+            | DisconnectCode::Kicked
+            | DisconnectCode::ConnectRefused => false,
         }
     }
 
@@ -158,6 +166,7 @@ impl DisconnectCode {
             DisconnectCode::InsufficientState => 4005,
             DisconnectCode::WriteTimeout => 4006,
             DisconnectCode::Kicked => 4007,
+            DisconnectCode::ConnectRefused => 4008,
         }
     }
 
@@ -177,6 +186,7 @@ impl DisconnectCode {
             }
             DisconnectCode::WriteTimeout => "the client took nothing the server wrote in time",
             DisconnectCode::Kicked => "the server's operator disconnected this connection",
+            DisconnectCode::ConnectRefused => "the application's backend refused the connection",
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::codes::{DisconnectCode, ErrorCode};
 /// and a missing field can be reported by name.
 #[derive(Debug, Deserialize)]
 pub struct ClientFrame<'a> {
-    /// `connect`, `subscribe`, `unsubscribe`, `publish`, `ping`, `pong`, `framing`.
+    /// `connect`, `subscribe`, `unsubscribe`, `publish`, `rpc`, `ping`, `pong`, `framing`, …
     #[serde(rename = "type", borrow)]
     pub kind: Cow<'a, str>,
     /// The request id, echoed in the answer.
@@ -55,6 +55,9 @@ pub struct ClientFrame<'a> {
     /// The message of a client's `error` answer to a server `request`.
     #[serde(default, borrow)]
     pub message: Option<Cow<'a, str>>,
+    /// The backend method an `rpc` calls.
+    #[serde(default, borrow)]
+    pub method: Option<Cow<'a, str>>,
 }
 
 /// A position in a channel: an offset, with the epoch it belongs to when the client knows it.
@@ -134,6 +137,10 @@ pub struct Connected<'a> {
     pub protocol: u32,
     /// The connection's limits.
     pub limits: Limits,
+    /// True when the server asks its application's backend who may connect: the client sends
+    /// `connect` before anything else (absent otherwise).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub connect_required: bool,
 }
 
 /// The answer to a request that succeeded.

@@ -14,8 +14,10 @@ pub use codes::{DisconnectCode, ErrorCode};
 
 /// The protocol version this crate speaks; `connected` announces it. Version 2 added the
 /// `unsubscribed` push, the `already_connected`, `token_not_yet_valid` and `too_many_channels`
-/// codes and `limits.queue_bytes`: additions a version 1 client can ignore.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// codes and `limits.queue_bytes`: additions a version 1 client can ignore. Version 3 added the
+/// `rpc` request, the `not_connected` code, the `connect_refused` disconnect and the codes of the
+/// application's backend (any `[a-z0-9_.-]` code in an `error` when hooks are on).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The oldest protocol version a server still serves (`connect` with `version` below it is
 /// refused).

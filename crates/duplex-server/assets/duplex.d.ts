@@ -125,6 +125,9 @@ export declare class Duplex {
   publishBytes(channel: string, bytes: Uint8Array | ArrayBuffer): Promise<{ offset: number; epoch: string }>;
   presence(channel: string): Promise<PresenceEntry[]>;
   history(channel: string, options?: { since?: number; limit?: number }): Promise<unknown>;
+  /** Calls the application's backend (the server's `rpc` hook); rejects with a DuplexError
+   * carrying the backend's code. */
+  rpc(method: string, data?: unknown): Promise<unknown>;
   /** A fresh token for the same user; what it no longer allows ends with `onEnd`. */
   refresh(token: string): Promise<{ expires_at: number }>;
   /** Answers the server's requests; throw a DuplexError to answer with its code. */

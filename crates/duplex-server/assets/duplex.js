@@ -275,7 +275,7 @@ export class Duplex {
           this.socket = socket;
           this.clientId = frame.client;
           try {
-            if (this.token || this.meta !== undefined) {
+            if (this.token || this.meta !== undefined || frame.connect_required) {
               await this.sendRequest({ type: "connect", token: this.token, meta: this.meta });
             }
             for (const sub of this.subscriptions.values()) this.resubscribe(sub);
@@ -535,11 +535,17 @@ export class Duplex {
     return this.sendRequest({ type: "history", channel, since, limit });
   }
 
+  /** Calls the application's backend through the server (its `rpc` hook): resolves with the
+   * backend's result, rejects with a DuplexError carrying the backend's code. */
+  rpc(method, data) {
+    return this.sendRequest({ type: "rpc", method, data });
+  }
+
   /** Hands the server a fresh token for the same user; subscriptions the new token no longer
    * allows end with `onEnd("permission_denied")`. */
   async refresh(token) {
     const result = await this.sendRequest({ type: "refresh", token });
-    this.token = token;
+    if (token !== undefined) this.token = token;
     return result;
   }
 

@@ -73,6 +73,8 @@ pub struct Config {
     pub console: bool,
     /// Whether the example applications are served at `/examples/`.
     pub examples: bool,
+    /// `[hooks]`: the application's backend decides (none by default).
+    pub hooks: Option<crate::hooks::HookSettings>,
 }
 
 impl Default for Config {
@@ -112,6 +114,7 @@ impl Default for Config {
             tls: None,
             console: true,
             examples: true,
+            hooks: None,
         }
     }
 }
@@ -217,6 +220,9 @@ pub struct ConfigLayer {
     /// `[[api_keys]]` tables (file only).
     #[serde(default)]
     pub api_keys: Vec<ApiKey>,
+    /// `[hooks]` (file only).
+    #[serde(default)]
+    pub hooks: Option<crate::hooks::HooksConfig>,
 }
 
 impl ConfigLayer {
@@ -283,6 +289,7 @@ impl ConfigLayer {
             } else {
                 self.api_keys
             },
+            hooks: self.hooks.or(lower.hooks),
         }
     }
 
@@ -426,7 +433,16 @@ impl ConfigLayer {
                 message: "use a JWT secret or a public key, not both".into(),
             });
         }
+        let hooks = self
+            .hooks
+            .map(crate::hooks::HooksConfig::settings)
+            .transpose()
+            .map_err(|message| ConfigError::Invalid {
+                key: "hooks",
+                message,
+            })?;
         Ok(Config {
+            hooks,
             console: self.console.unwrap_or(defaults.console),
             examples: self.examples.unwrap_or(defaults.examples),
             tls,

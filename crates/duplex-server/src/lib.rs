@@ -19,6 +19,7 @@ pub mod api_keys;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod hooks;
 pub mod http;
 mod latency;
 pub mod metrics;

@@ -38,6 +38,22 @@ pub struct CodeLabels {
     pub code: &'static str,
 }
 
+/// Labels of a hook's latency.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HookLabels {
+    /// `connect`, `subscribe`, `publish`, `refresh` or `rpc`.
+    pub hook: &'static str,
+}
+
+/// Labels of a hook call's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HookResultLabels {
+    /// The hook.
+    pub hook: &'static str,
+    /// `allowed`, `denied`, `failed_allowed` or `failed_denied` (failed: no valid answer in time).
+    pub result: &'static str,
+}
+
 /// The server's metrics and the registry that renders them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -90,6 +106,10 @@ pub struct Metrics {
     pub budget_sheds: Counter,
     /// History publications evicted, oldest first, because the history budget was over.
     pub history_evictions: Counter,
+    /// Hook calls to the backend, by hook and result.
+    pub hook_calls: Family<HookResultLabels, Counter>,
+    /// Hook latency in seconds, by hook.
+    pub hook_duration: Family<HookLabels, Histogram>,
     /// HTTP latencies since the console's last sample (not exported to Prometheus).
     pub recent_http: crate::latency::LatencyWindow,
 }
@@ -244,7 +264,22 @@ impl Metrics {
             "History publications evicted, oldest first, because max_history_bytes was reached",
             history_evictions.clone(),
         );
+        let hook_calls = Family::<HookResultLabels, Counter>::default();
+        registry.register(
+            "hook_calls",
+            "Hook calls to the application's backend, by hook and result",
+            hook_calls.clone(),
+        );
+        let hook_duration =
+            Family::<HookLabels, Histogram>::new_with_constructor(latency_histogram as fn() -> _);
+        registry.register(
+            "hook_duration_seconds",
+            "Hook call latency, by hook",
+            hook_duration.clone(),
+        );
         Arc::new(Metrics {
+            hook_calls,
+            hook_duration,
             recent_http: crate::latency::LatencyWindow::default(),
             channels,
             channel_refusals,

@@ -199,18 +199,22 @@ impl Server {
                 Arc::new(crate::hub::HubEvents(hub.clone()));
             tokio::spawn(broker.run(events, broker_shutdown.clone()))
         });
-        let sockets = Arc::new(SocketContext {
-            hub: hub.clone(),
-            tokens: self.tokens.clone(),
-            limits: Arc::new(self.config.sockets.clone()),
-            metrics: self.metrics.clone(),
-            shutdown: shutdown.clone(),
-            tracker: tracker.clone(),
-            slots: socket::slots::ConnectionSlots::new(
-                self.config.sockets.max_connections,
-                self.config.sockets.max_connections_per_ip,
-            ),
-        });
+        let sockets =
+            Arc::new(SocketContext {
+                hub: hub.clone(),
+                tokens: self.tokens.clone(),
+                limits: Arc::new(self.config.sockets.clone()),
+                metrics: self.metrics.clone(),
+                shutdown: shutdown.clone(),
+                tracker: tracker.clone(),
+                hooks: self.config.hooks.clone().map(|settings| {
+                    Arc::new(crate::hooks::Hooks::new(settings, self.metrics.clone()))
+                }),
+                slots: socket::slots::ConnectionSlots::new(
+                    self.config.sockets.max_connections,
+                    self.config.sockets.max_connections_per_ip,
+                ),
+            });
         tracker.spawn(socket::tcp::accept(
             self.tcp_listener,
             sockets.clone(),

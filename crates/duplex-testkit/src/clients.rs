@@ -121,8 +121,22 @@ pub struct WsClient {
 impl WsClient {
     /// Connects and reads `connected`.
     pub async fn connect(url: &str) -> WsClient {
+        Self::connect_with_headers(url, &[]).await
+    }
+
+    /// Connects with extra request headers (such as `Cookie`) and reads `connected`.
+    pub async fn connect_with_headers(url: &str, headers: &[(&str, &str)]) -> WsClient {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+        use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+        let mut request = url.into_client_request().expect("a WebSocket URL");
+        for (name, value) in headers {
+            request.headers_mut().append(
+                HeaderName::from_bytes(name.as_bytes()).expect("a header name"),
+                HeaderValue::from_str(value).expect("a header value"),
+            );
+        }
         let (stream, _) =
-            tokio::time::timeout(EVENT_TIMEOUT, tokio_tungstenite::connect_async(url))
+            tokio::time::timeout(EVENT_TIMEOUT, tokio_tungstenite::connect_async(request))
                 .await
                 .expect("connect in time")
                 .expect("WebSocket handshake");

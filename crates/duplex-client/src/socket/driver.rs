@@ -158,7 +158,8 @@ impl Driver {
             self.handshake(&mut session, frame, id).await?;
             session.transport.switch_to_length_prefixed();
         }
-        if self.options.token.is_some() || self.options.meta.is_some() {
+        if self.options.token.is_some() || self.options.meta.is_some() || connected.connect_required
+        {
             let id = self.id();
             let mut frame = json!({"type": "connect", "id": id});
             if let Some(token) = &self.options.token {

@@ -41,6 +41,8 @@ pub(super) struct Incoming {
     pub(super) meta: Option<Value>,
     #[serde(default)]
     pub(super) limits: Option<Value>,
+    #[serde(default)]
+    pub(super) connect_required: bool,
 }
 
 impl Driver {

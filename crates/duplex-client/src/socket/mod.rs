@@ -399,6 +399,15 @@ impl Connection {
         self.request(frame).await
     }
 
+    /// Calls the application's backend through the server (its `rpc` hook): the backend's
+    /// `result`, or its refusal as [`Error::Refused`] with the backend's own code.
+    pub async fn rpc(&self, method: &str, data: &impl Serialize) -> Result<Value, Error> {
+        let data = serde_json::to_value(data)
+            .map_err(|e| Error::Protocol(format!("the data is not JSON: {e}")))?;
+        self.request(json!({"type": "rpc", "method": method, "data": data}))
+            .await
+    }
+
     /// Hands the server a fresh token for the same user before the current one expires.
     pub async fn refresh(&self, token: &str) -> Result<Value, Error> {
         self.request(json!({"type": "refresh", "token": token}))

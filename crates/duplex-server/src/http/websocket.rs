@@ -32,6 +32,11 @@ pub(crate) async fn upgrade(
         context.metrics.connection_refusals.inc();
         ApiError::TooManyConnections(limit.to_string())
     })?;
+    let upgrade_context = context
+        .hooks
+        .as_ref()
+        .filter(|hooks| hooks.on(crate::hooks::Hook::Connect))
+        .and_then(|hooks| crate::hooks::upgrade_context(hooks.settings(), &headers));
     let max_frame = context.limits.max_frame;
     Ok(upgrade
         .read_buffer_size(READ_BUFFER)
@@ -41,6 +46,6 @@ pub(crate) async fn upgrade(
         .max_frame_size(max_frame)
         .on_upgrade(move |socket| {
             let tracker = context.tracker.clone();
-            tracker.track_future(serve(socket, remote, context, slot, auth))
+            tracker.track_future(serve(socket, remote, context, slot, auth, upgrade_context))
         }))
 }

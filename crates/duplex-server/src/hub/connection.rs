@@ -26,6 +26,9 @@ use super::queue::OutgoingQueue;
 /// The most server requests one connection may have unanswered.
 pub const MAX_PENDING_REQUESTS: usize = 1024;
 
+/// Presence metadata by channel.
+type MetaByChannel = HashMap<String, Arc<RawValue>>;
+
 /// One connected client.
 #[derive(Debug)]
 pub struct ConnectionHandle {
@@ -41,6 +44,9 @@ pub struct ConnectionHandle {
     pub queue: Arc<OutgoingQueue>,
     auth: Mutex<Arc<ClientAuth>>,
     meta: Mutex<Option<Arc<RawValue>>>,
+    /// What presence shows in particular channels instead of `meta` (the `subscribe` hook's
+    /// answers); allocated only once there is one.
+    channel_meta: Mutex<Option<Box<MetaByChannel>>>,
     subscriptions: Mutex<BTreeSet<String>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<ClientAnswer>>>,
     next_request: AtomicU64,
@@ -82,6 +88,7 @@ impl ConnectionHandle {
             queue,
             auth: Mutex::new(Arc::new(ClientAuth::default())),
             meta: Mutex::new(None),
+            channel_meta: Mutex::new(None),
             subscriptions: Mutex::new(BTreeSet::new()),
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
@@ -159,6 +166,36 @@ impl ConnectionHandle {
     /// Sets the metadata.
     pub fn set_meta(&self, meta: Option<Arc<RawValue>>) {
         *self.meta.lock() = meta;
+    }
+
+    /// What presence shows for it in `channel`: the channel's own metadata, else its own.
+    pub fn meta_in(&self, channel: &str) -> Option<Arc<RawValue>> {
+        if let Some(by_channel) = &*self.channel_meta.lock()
+            && let Some(meta) = by_channel.get(channel)
+        {
+            return Some(meta.clone());
+        }
+        self.meta()
+    }
+
+    /// Sets (or with `None` clears) what presence shows for it in `channel`.
+    pub fn set_channel_meta(&self, channel: &str, meta: Option<Arc<RawValue>>) {
+        let mut by_channel = self.channel_meta.lock();
+        match meta {
+            Some(meta) => {
+                by_channel
+                    .get_or_insert_with(Box::default)
+                    .insert(channel.to_owned(), meta);
+            }
+            None => {
+                if let Some(map) = by_channel.as_mut() {
+                    map.remove(channel);
+                    if map.is_empty() {
+                        *by_channel = None;
+                    }
+                }
+            }
+        }
     }
 
     /// Its subscriptions, by name.

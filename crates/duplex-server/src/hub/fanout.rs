@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use duplex_proto::DisconnectCode;
 
 use super::channel::new_epoch;
-use super::namespace::Caller;
+use super::namespace::{Caller, Namespace};
 use super::publication::{Payload, Publication};
 use super::queue::Pushed;
 use super::{Channel, ChannelState, Hub, HubError, PublishOutcome, check_access, retention_of};
@@ -24,22 +24,7 @@ impl Hub {
         payload: Payload,
         caller: Caller<'_>,
     ) -> Result<PublishOutcome, HubError> {
-        if !duplex_proto::is_valid_channel(channel_name) {
-            return Err(HubError::InvalidChannel);
-        }
-        let namespace = self.namespaces.for_channel(channel_name);
-        check_access(namespace.publish, caller, channel_name, "publish")?;
-        if matches!(payload, Payload::Binary(_)) && !namespace.binary {
-            return Err(HubError::BinaryNotAllowed);
-        }
-        if matches!(&payload, Payload::Json(data) if data.get().trim() == "null") {
-            return Err(HubError::NullData);
-        }
-        if payload.len() > namespace.max_message_size {
-            return Err(HubError::MessageTooLarge {
-                limit: namespace.max_message_size,
-            });
-        }
+        let namespace = self.check_publication(channel_name, &payload, caller)?;
         match &self.broker {
             None => self.publish_here(channel_name, &payload),
             Some(broker) => {
@@ -50,6 +35,33 @@ impl Hub {
                 Ok(PublishOutcome { offset, epoch })
             }
         }
+    }
+
+    /// Whether `caller` may publish `payload` in `channel_name`: the name, the namespace's
+    /// rule, its binary and size limits. Returns the namespace.
+    pub fn check_publication(
+        &self,
+        channel_name: &str,
+        payload: &Payload,
+        caller: Caller<'_>,
+    ) -> Result<&Arc<Namespace>, HubError> {
+        if !duplex_proto::is_valid_channel(channel_name) {
+            return Err(HubError::InvalidChannel);
+        }
+        let namespace = self.namespaces.for_channel(channel_name);
+        check_access(namespace.publish, caller, channel_name, "publish")?;
+        if matches!(payload, Payload::Binary(_)) && !namespace.binary {
+            return Err(HubError::BinaryNotAllowed);
+        }
+        if matches!(payload, Payload::Json(data) if data.get().trim() == "null") {
+            return Err(HubError::NullData);
+        }
+        if payload.len() > namespace.max_message_size {
+            return Err(HubError::MessageTooLarge {
+                limit: namespace.max_message_size,
+            });
+        }
+        Ok(namespace)
     }
 
     /// The in-process broker: offset, fan-out and history under the channel's lock.

@@ -113,6 +113,8 @@ pub struct Namespace {
     pub max_message_size: usize,
     /// What a full subscriber queue does.
     pub slow_consumer: SlowConsumerPolicy,
+    /// Which of the configured `[hooks]` apply to its channels (all of them by default).
+    pub hooks: crate::hooks::HookSet,
 }
 
 /// A `[namespaces.NAME]` table: every field optional, falling back to the built-in rules.
@@ -141,6 +143,8 @@ pub struct NamespaceConfig {
     pub max_message_size: Option<ByteSize>,
     /// See [`Namespace::slow_consumer`].
     pub slow_consumer: Option<SlowConsumerPolicy>,
+    /// See [`Namespace::hooks`]: the hooks that apply, such as `["publish"]`.
+    pub hooks: Option<Vec<crate::hooks::Hook>>,
 }
 
 impl NamespaceConfig {
@@ -164,6 +168,10 @@ impl NamespaceConfig {
             binary: self.binary.unwrap_or(base.binary),
             max_message_size: self.max_message_size.map_or(base.max_message_size, |s| s.0),
             slow_consumer: self.slow_consumer.unwrap_or(base.slow_consumer),
+            hooks: self
+                .hooks
+                .as_deref()
+                .map_or(base.hooks, crate::hooks::HookSet::of),
         })
     }
 }
@@ -225,6 +233,7 @@ fn builtin(name: &str) -> Option<Namespace> {
         binary: false,
         max_message_size: 64 * KIB,
         slow_consumer: SlowConsumerPolicy::DropOldest,
+        hooks: crate::hooks::HookSet::ALL,
     };
     let namespace = match name {
         "default" => default,

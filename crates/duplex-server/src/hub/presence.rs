@@ -36,7 +36,10 @@ impl Hub {
             }
             let state = channel.state.lock();
             for subscriber in state.subscribers.values() {
-                all.push((channel.name.clone(), present(&subscriber.connection)));
+                all.push((
+                    channel.name.clone(),
+                    present(&subscriber.connection, &channel.name),
+                ));
             }
         }
         all
@@ -74,14 +77,14 @@ impl Hub {
         Ok(state
             .subscribers
             .values()
-            .map(|s| present(&s.connection))
+            .map(|s| present(&s.connection, channel_name))
             .collect())
     }
 }
 
 /// A connection's `join` frame.
 pub(super) fn join_frame(channel_name: &str, connection: &ConnectionHandle) -> Bytes {
-    let meta = connection.meta();
+    let meta = connection.meta_in(channel_name);
     let user = connection.user();
     Bytes::from(to_json(&Join {
         channel: channel_name,
@@ -92,10 +95,12 @@ pub(super) fn join_frame(channel_name: &str, connection: &ConnectionHandle) -> B
 }
 
 /// A connection as presence lists it.
-pub(super) fn present(connection: &ConnectionHandle) -> Present {
+pub(super) fn present(connection: &ConnectionHandle, channel_name: &str) -> Present {
     Present {
         client: connection.id.to_string(),
         user: connection.user().map(|u| u.to_string()),
-        meta: connection.meta().map(|m| m.as_ref().to_owned()),
+        meta: connection
+            .meta_in(channel_name)
+            .map(|m| m.as_ref().to_owned()),
     }
 }

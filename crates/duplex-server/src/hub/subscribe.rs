@@ -141,7 +141,9 @@ impl Hub {
             return Ok(());
         }
         if channel.namespace.presence
-            && let Err(error) = broker.join(channel_name, &present(connection)).await
+            && let Err(error) = broker
+                .join(channel_name, &present(connection, channel_name))
+                .await
         {
             tracing::warn!(%error, channel = channel_name, "cannot add presence to the broker");
         }

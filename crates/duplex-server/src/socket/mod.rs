@@ -101,6 +101,8 @@ pub(crate) struct SocketContext {
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
     pub(crate) slots: Arc<slots::ConnectionSlots>,
+    /// The backend's hooks, when `[hooks]` is configured.
+    pub(crate) hooks: Option<Arc<crate::hooks::Hooks>>,
 }
 
 /// Which transport a connection uses.

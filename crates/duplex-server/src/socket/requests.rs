@@ -6,16 +6,18 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use duplex_proto::frames::{ClientFrame, ConnectResult, Published, to_json};
-use duplex_proto::{ErrorCode, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use duplex_proto::{DisconnectCode, ErrorCode, OLDEST_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use super::session::{After, Session, hub_error, push_reply};
+use super::session::{After, Session, Then, hub_error, push_denial, push_reply};
 use super::{HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, Transport};
 use crate::broker::Present;
+use crate::hooks::{Denial, Hook, HookRequest, Hooks, Verdict, boxed};
 use crate::hub::HubError;
 use crate::hub::connection::ClientAnswer;
 use crate::hub::namespace::Caller;
+use crate::hub::namespace::ClientAuth;
 use crate::hub::publication::Payload;
 use crate::hub::queue::Outgoing;
 
@@ -49,9 +51,19 @@ impl Session {
             );
             return;
         }
+        let hooks = self.hook(Hook::Connect, None);
+        // With a connect hook and no key of its own, duplex hands the token to the backend.
+        let verify_here = self.context.tokens.is_some() || hooks.is_none();
         if let Some(token) = &frame.token
+            && verify_here
             && !self.accept_token(id, token)
         {
+            return;
+        }
+        let client_meta = frame.meta.map(|meta| Arc::from(meta.to_owned()));
+        if let Some(hooks) = hooks {
+            let token = frame.token.clone().filter(|_| !verify_here);
+            self.ask_connect(hooks, Some(id), token, client_meta);
             return;
         }
         self.connected = true;
@@ -71,6 +83,89 @@ impl Session {
                 user: user.as_deref().map(Into::into),
             },
         );
+    }
+
+    /// Asks the `connect` hook; `id` is the `connect` request's, none for a WebSocket opened with
+    /// a token (refused, it is closed with `connect_refused`).
+    pub(super) fn ask_connect(
+        &mut self,
+        hooks: Arc<Hooks>,
+        id: Option<u64>,
+        token: Option<String>,
+        client_meta: Option<Arc<RawValue>>,
+    ) {
+        let mut request = HookRequest::new(Hook::Connect, &self.connection);
+        request.meta = self
+            .auth
+            .meta
+            .as_deref()
+            .or(client_meta.as_deref())
+            .map(boxed);
+        request.token = token;
+        if let Some(upgrade) = self.upgrade.as_deref() {
+            request.headers = Some(upgrade.headers.clone());
+            request.cookies = Some(upgrade.cookies.clone());
+        }
+        let base = (*self.auth).clone();
+        self.run_then(async move {
+            let verdict = hooks.ask(&request).await;
+            Some(Box::new(move |session: &mut Session| {
+                session.connect_answered(id, verdict, base, client_meta);
+            }) as Then)
+        });
+    }
+
+    /// Applies the `connect` hook's answer.
+    fn connect_answered(
+        &mut self,
+        id: Option<u64>,
+        verdict: Verdict,
+        base: ClientAuth,
+        client_meta: Option<Arc<RawValue>>,
+    ) {
+        let answer = match verdict {
+            Verdict::Allow(answer) => answer,
+            Verdict::Deny(denial) => {
+                push_denial(&self.queue, &self.context.metrics, id, &denial);
+                if id.is_none() {
+                    self.queue.close(DisconnectCode::ConnectRefused);
+                }
+                return;
+            }
+        };
+        let auth = ClientAuth {
+            user: answer.user.map(Arc::from).or(base.user),
+            channels: answer.channels.unwrap_or(base.channels),
+            expires_at: answer.expires_at.or(base.expires_at),
+            meta: answer.meta.map(Arc::from).or(base.meta),
+        };
+        if auth.expires_at.is_some_and(|at| at <= unix_now()) {
+            let denial = Denial {
+                code: ErrorCode::TokenExpired.as_str().into(),
+                message: "the backend's expires_at has already passed".into(),
+            };
+            push_denial(&self.queue, &self.context.metrics, id, &denial);
+            if id.is_none() {
+                self.queue.close(DisconnectCode::ConnectRefused);
+            }
+            return;
+        }
+        let meta = auth.meta.clone().or(client_meta);
+        self.authenticate(auth);
+        self.connection.set_meta(meta);
+        self.connected = true;
+        self.upgrade = None;
+        if let Some(id) = id {
+            let client = self.id.to_string();
+            let user = self.connection.user();
+            self.reply(
+                id,
+                ConnectResult {
+                    client: client.into(),
+                    user: user.as_deref().map(Into::into),
+                },
+            );
+        }
     }
 
     /// Verifies a token and makes it the connection's; answers the error and returns false when
@@ -97,6 +192,10 @@ impl Session {
     /// `connect` instead. What the new token no longer allows ends at once: each such
     /// subscription gets an `unsubscribed` push after the reply.
     pub(super) fn refresh(&mut self, id: u64, token: Option<&str>) {
+        if let Some(hooks) = self.hook(Hook::Refresh, None) {
+            self.refresh_through(hooks, id, token);
+            return;
+        }
         let Some(token) = token else {
             self.bad_frame(
                 Some(id),
@@ -133,6 +232,124 @@ impl Session {
             }
             Err(error) => self.error(Some(id), error.code(), error.to_string()),
         }
+    }
+
+    /// `refresh` with the hook on: the backend renews the connection (its `expires_at`,
+    /// `channels`, `meta`), with or without a token; a token is verified first when duplex has
+    /// a key, and handed to the backend otherwise.
+    fn refresh_through(&mut self, hooks: Arc<Hooks>, id: u64, token: Option<&str>) {
+        let mut base = (*self.auth).clone();
+        let mut request = HookRequest::new(Hook::Refresh, &self.connection);
+        if let Some(token) = token {
+            match &self.context.tokens {
+                Some(verifier) => match verifier.verify(token) {
+                    Ok(auth) if auth.user != base.user => {
+                        self.error(
+                            Some(id),
+                            ErrorCode::InvalidToken,
+                            "a refresh token must name the same user",
+                        );
+                        return;
+                    }
+                    Ok(auth) => base = auth,
+                    Err(error) => {
+                        self.error(Some(id), error.code(), error.to_string());
+                        return;
+                    }
+                },
+                None => request.token = Some(token.to_owned()),
+            }
+        }
+        self.run_then(async move {
+            let verdict = hooks.ask(&request).await;
+            Some(Box::new(move |session: &mut Session| {
+                session.refresh_answered(id, verdict, base);
+            }) as Then)
+        });
+    }
+
+    fn refresh_answered(&mut self, id: u64, verdict: Verdict, base: ClientAuth) {
+        let answer = match verdict {
+            Verdict::Allow(answer) => answer,
+            Verdict::Deny(denial) => {
+                push_denial(&self.queue, &self.context.metrics, Some(id), &denial);
+                return;
+            }
+        };
+        if answer
+            .user
+            .as_deref()
+            .is_some_and(|user| Some(user) != base.user.as_deref())
+        {
+            self.error(
+                Some(id),
+                ErrorCode::InvalidToken,
+                "a refresh keeps the connection's user; the backend named another",
+            );
+            return;
+        }
+        let auth = ClientAuth {
+            user: base.user,
+            channels: answer.channels.unwrap_or(base.channels),
+            expires_at: answer.expires_at.or(base.expires_at),
+            meta: answer.meta.map(Arc::from).or(base.meta),
+        };
+        let expires_at = auth.expires_at;
+        self.authenticate(auth);
+        self.reply(id, serde_json::json!({ "expires_at": expires_at }));
+        self.context
+            .hub
+            .end_disallowed_subscriptions(&self.connection, &self.auth);
+    }
+
+    /// `rpc`: the backend answers a client's call, through the `rpc` hook.
+    pub(super) fn rpc(&mut self, id: u64, method: Option<&str>, data: Option<&RawValue>) {
+        let Some(method) = method.filter(|m| !m.is_empty() && m.len() <= 256) else {
+            self.bad_frame(
+                Some(id),
+                ErrorCode::BadRequest,
+                "an rpc request needs a \"method\" (1 to 256 bytes)",
+            );
+            return;
+        };
+        let Some(hooks) = self.hook(Hook::Rpc, None) else {
+            self.error(
+                Some(id),
+                ErrorCode::Unsupported,
+                "no application backend answers rpc on this server (the [hooks] events do not name rpc)",
+            );
+            return;
+        };
+        if self.publish_limiter.check().is_err() {
+            self.context.metrics.rate_limited.inc();
+            self.error(
+                Some(id),
+                ErrorCode::RateLimited,
+                format!(
+                    "at most {} publications and calls a second",
+                    self.context.limits.publish_rate
+                ),
+            );
+            return;
+        }
+        self.bad_frames_in_a_row = 0;
+        let mut request = HookRequest::new(Hook::Rpc, &self.connection);
+        request.method = Some(method.to_owned());
+        request.data = data.map(boxed);
+        let metrics = self.context.metrics.clone();
+        let queue = self.queue.clone();
+        self.run(async move {
+            match hooks.ask(&request).await {
+                Verdict::Deny(denial) => push_denial(&queue, &metrics, Some(id), &denial),
+                Verdict::Allow(answer) => match answer.error {
+                    Some(error) => {
+                        let denial = Denial::from_backend(error.code, error.message, "rpc_failed");
+                        push_denial(&queue, &metrics, Some(id), &denial);
+                    }
+                    None => push_reply(&queue, id, answer.result),
+                },
+            }
+        });
     }
 
     /// A client's `reply` or `error` to one of the server's requests.
@@ -211,12 +428,39 @@ impl Session {
             return;
         }
         self.bad_frames_in_a_row = 0;
+        let hooks = self.hook(Hook::Subscribe, Some(channel));
+        let mut request = None;
+        if hooks.is_some() {
+            // The namespace's rule first: the backend is asked only about what it allows.
+            if let Err(error) = self
+                .context
+                .hub
+                .check_readable(channel, Caller::Client(&self.auth))
+            {
+                self.hub_error(id, &error);
+                return;
+            }
+            let mut asked = HookRequest::new(Hook::Subscribe, &self.connection);
+            asked.channel = Some(channel.to_owned());
+            request = Some(asked);
+        }
         let hub = self.context.hub.clone();
         let metrics = self.context.metrics.clone();
         let connection = self.connection.clone();
         let channel = channel.to_owned();
         let since = since.cloned();
         self.run(async move {
+            if let (Some(hooks), Some(request)) = (hooks, request) {
+                match hooks.ask(&request).await {
+                    Verdict::Deny(denial) => {
+                        push_denial(&connection.queue, &metrics, Some(id), &denial);
+                        return;
+                    }
+                    Verdict::Allow(answer) => {
+                        connection.set_channel_meta(&channel, answer.meta.map(Arc::from));
+                    }
+                }
+            }
             if let Err(error) = hub
                 .subscribe(&channel, &connection, id, since.as_ref())
                 .await
@@ -307,8 +551,46 @@ impl Session {
         let hub = self.context.hub.clone();
         let metrics = self.context.metrics.clone();
         let queue = self.queue.clone();
+        let hooks = self.hook(Hook::Publish, Some(channel));
+        let mut request = None;
+        if hooks.is_some() {
+            // The namespace's rules first: the backend sees only what could be published.
+            if let Err(error) = hub.check_publication(channel, &payload, Caller::Client(&auth)) {
+                self.hub_error(id, &error);
+                return;
+            }
+            let mut asked = HookRequest::new(Hook::Publish, &self.connection);
+            asked.channel = Some(channel.to_owned());
+            match &payload {
+                Payload::Json(data) => asked.data = Some(data.clone()),
+                Payload::Binary(bytes) => {
+                    use base64::Engine as _;
+                    let text = base64::engine::general_purpose::STANDARD.encode(bytes);
+                    asked.data =
+                        Some(serde_json::value::to_raw_value(&text).expect("a string is JSON"));
+                    asked.encoding = Some("base64");
+                }
+            }
+            request = Some(asked);
+        }
         let channel = channel.to_owned();
         self.run(async move {
+            let mut payload = payload;
+            if let (Some(hooks), Some(request)) = (hooks, request) {
+                match hooks.ask(&request).await {
+                    Verdict::Deny(denial) => {
+                        push_denial(&queue, &metrics, Some(id), &denial);
+                        return;
+                    }
+                    Verdict::Allow(answer) => match replaced(payload, answer.data) {
+                        Ok(replacement) => payload = replacement,
+                        Err(denial) => {
+                            push_denial(&queue, &metrics, Some(id), &denial);
+                            return;
+                        }
+                    },
+                }
+            }
             match hub.publish(&channel, payload, Caller::Client(&auth)).await {
                 Ok(outcome) => push_reply(
                     &queue,
@@ -322,6 +604,35 @@ impl Session {
             }
         });
     }
+}
+
+/// The payload to publish after the `publish` hook: the backend's `data` when it gave one (a
+/// base64 string for a binary publication), else the client's.
+fn replaced(payload: Payload, data: Option<Box<RawValue>>) -> Result<Payload, Denial> {
+    let Some(data) = data else {
+        return Ok(payload);
+    };
+    match payload {
+        Payload::Json(_) => Ok(Payload::Json(data)),
+        Payload::Binary(_) => {
+            use base64::Engine as _;
+            serde_json::from_str::<String>(data.get())
+                .ok()
+                .and_then(|text| base64::engine::general_purpose::STANDARD.decode(text).ok())
+                .map(|bytes| Payload::Binary(Bytes::from(bytes)))
+                .ok_or_else(|| Denial {
+                    code: ErrorCode::Unavailable.as_str().into(),
+                    message: "the application's backend replaced a binary publication with data that is not a base64 string".into(),
+                })
+        }
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// `{"channel","offset","epoch","recovered"?,"reason"?,"publications":[message frames]}`,

@@ -47,13 +47,18 @@ pub(crate) struct Session {
     /// Whether the connection has connected (a `connect` that succeeded, or a token at the
     /// WebSocket upgrade): its identity is then fixed for its life.
     pub(super) connected: bool,
-    /// A request that waits on the broker; the next frame is read once it is answered, so a
-    /// connection's requests are answered in order.
+    /// A request that waits on the broker or the backend; the next frame is read once it is
+    /// answered, so a connection's requests are answered in order.
     waiting: Option<Waiting>,
+    /// The upgrade request's headers and cookies for the `connect` hook, until connected.
+    pub(super) upgrade: Option<Box<crate::hooks::UpgradeContext>>,
 }
 
+/// What a finished request does to its session (a hook's answer changing who it is).
+pub(super) type Then = Box<dyn FnOnce(&mut Session) + Send>;
+
 /// A request in progress.
-struct Waiting(Pin<Box<dyn Future<Output = ()> + Send>>);
+struct Waiting(Pin<Box<dyn Future<Output = Option<Then>> + Send>>);
 
 impl std::fmt::Debug for Waiting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -69,6 +74,32 @@ pub(super) fn hub_error(queue: &OutgoingQueue, metrics: &Metrics, id: u64, error
 /// Queues a `reply`.
 pub(super) fn push_reply<T: Serialize>(queue: &OutgoingQueue, id: u64, result: T) {
     queue.push_control(Bytes::from(to_json(&Reply { id, result })));
+}
+
+/// Queues the `error` of a hook's refusal (the backend's code, or `unavailable`).
+pub(super) fn push_denial(
+    queue: &OutgoingQueue,
+    metrics: &Metrics,
+    id: Option<u64>,
+    denial: &crate::hooks::Denial,
+) {
+    #[derive(Serialize)]
+    #[serde(tag = "type", rename = "error")]
+    struct Refused<'a> {
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        code: &'a str,
+        message: &'a str,
+    }
+    metrics
+        .socket_errors
+        .get_or_create(&CodeLabels { code: "hook" })
+        .inc();
+    queue.push_control(Bytes::from(to_json(&Refused {
+        id,
+        code: &denial.code,
+        message: &denial.message,
+    })));
 }
 
 /// Queues an `error` and counts it.
@@ -121,6 +152,10 @@ impl Session {
             version: env!("CARGO_PKG_VERSION").into(),
             protocol: PROTOCOL_VERSION,
             limits: context.limits.announced(),
+            connect_required: context
+                .hooks
+                .as_ref()
+                .is_some_and(|hooks| hooks.on(crate::hooks::Hook::Connect)),
         })));
         context
             .metrics
@@ -143,17 +178,76 @@ impl Session {
             auth: Arc::default(),
             connected: false,
             waiting: None,
+            upgrade: None,
         }
     }
 
     /// Runs a request; one that has to wait (on the broker) is kept, and no frame is read
     /// until it is done.
     pub(super) fn run(&mut self, request: impl Future<Output = ()> + Send + 'static) {
+        self.run_then(async move {
+            request.await;
+            None
+        });
+    }
+
+    /// Runs a request whose outcome changes the session: `Then` is applied once it is done,
+    /// before the next frame is read.
+    pub(super) fn run_then(
+        &mut self,
+        request: impl Future<Output = Option<Then>> + Send + 'static,
+    ) {
         use futures_util::FutureExt;
-        let mut request = Box::pin(request);
-        if request.as_mut().now_or_never().is_none() {
-            self.waiting = Some(Waiting(request));
+        let mut request: Pin<Box<dyn Future<Output = Option<Then>> + Send>> = Box::pin(request);
+        match request.as_mut().now_or_never() {
+            None => self.waiting = Some(Waiting(request)),
+            Some(Some(then)) => then(self),
+            Some(None) => {}
         }
+    }
+
+    /// The hooks to call for `hook` (in `channel`'s namespace, when it is about a channel), if
+    /// that hook is on.
+    pub(super) fn hook(
+        &self,
+        hook: crate::hooks::Hook,
+        channel: Option<&str>,
+    ) -> Option<Arc<crate::hooks::Hooks>> {
+        let hooks = self.context.hooks.as_ref()?;
+        if !hooks.on(hook) {
+            return None;
+        }
+        if let Some(channel) = channel
+            && !self
+                .context
+                .hub
+                .namespaces()
+                .for_channel(channel)
+                .hooks
+                .has(hook)
+        {
+            return None;
+        }
+        Some(hooks.clone())
+    }
+
+    /// Keeps the upgrade request's headers and cookies the `connect` hook is to be given.
+    pub(crate) fn keep_upgrade(&mut self, upgrade: Option<crate::hooks::UpgradeContext>) {
+        self.upgrade = upgrade.map(Box::new);
+    }
+
+    /// Whether a request must wait for `connect` (the `connect` hook is on and the connection
+    /// has not connected); answers `not_connected` then.
+    fn refused_before_connect(&mut self, id: Option<u64>) -> bool {
+        if self.connected || self.hook(crate::hooks::Hook::Connect, None).is_none() {
+            return false;
+        }
+        self.error(
+            id,
+            ErrorCode::NotConnected,
+            "this server asks the application's backend who may connect: send connect first",
+        );
+        true
     }
 
     /// Whether a request is in progress.
@@ -169,8 +263,11 @@ impl Session {
     /// Polls the request in progress; ready once there is none.
     pub(crate) fn poll_waiting(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         if let Some(Waiting(request)) = &mut self.waiting {
-            std::task::ready!(request.as_mut().poll(cx));
+            let then = std::task::ready!(request.as_mut().poll(cx));
             self.waiting = None;
+            if let Some(then) = then {
+                then(self);
+            }
         }
         std::task::Poll::Ready(())
     }
@@ -190,9 +287,14 @@ impl Session {
 
     /// Connects the connection with a token already verified (WebSocket `?token=`): a later
     /// `connect` is refused, as a second one would be.
+    /// With the `connect` hook on, the backend is asked first, and a refusal closes the
+    /// connection with `connect_refused`.
     pub(crate) fn connect_with(&mut self, auth: crate::hub::namespace::ClientAuth) {
         self.authenticate(auth);
-        self.connected = true;
+        match self.hook(crate::hooks::Hook::Connect, None) {
+            Some(hooks) => self.ask_connect(hooks, None, None, None),
+            None => self.connected = true,
+        }
     }
 
     /// Makes a verified token the connection's.
@@ -277,7 +379,7 @@ impl Session {
                 return After::Continue;
             }
             "connect" | "subscribe" | "unsubscribe" | "publish" | "framing" | "history"
-            | "presence" | "refresh" => {}
+            | "presence" | "refresh" | "rpc" => {}
             _ => {
                 self.bad_frame(
                     frame.id,
@@ -295,9 +397,13 @@ impl Session {
             );
             return After::Continue;
         };
+        if !matches!(kind, "connect" | "framing") && self.refused_before_connect(Some(id)) {
+            return After::Continue;
+        }
         match kind {
             "connect" => self.connect(id, &frame),
             "refresh" => self.refresh(id, frame.token.as_deref()),
+            "rpc" => self.rpc(id, frame.method.as_deref(), frame.data),
             "framing" => return self.framing(id, frame.mode.as_deref()),
             _ => {
                 let Some(channel) = frame.channel.as_deref() else {
@@ -345,6 +451,9 @@ impl Session {
                 return;
             }
         };
+        if self.refused_before_connect(Some(id)) {
+            return;
+        }
         self.publish(id, &channel, Payload::Binary(payload));
     }
 }

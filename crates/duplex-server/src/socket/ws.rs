@@ -41,8 +41,10 @@ pub(crate) fn serve(
     context: Arc<SocketContext>,
     slot: super::slots::Slot,
     auth: Option<crate::hub::namespace::ClientAuth>,
+    upgrade: Option<crate::hooks::UpgradeContext>,
 ) -> impl Future<Output = ()> + Send {
     let mut session = Session::start(context.clone(), Transport::WebSocket, Some(remote), slot);
+    session.keep_upgrade(upgrade);
     if let Some(auth) = auth {
         session.connect_with(auth);
     }
