@@ -1,12 +1,14 @@
 //! The bare-HTTP-stack baseline of `duplex bench http`: axum serving one route, `GET /record`,
 //! whose handler builds a typed struct and returns it as `Json` — a body of the benchmark
 //! record's size with the same fields. It runs as `duplex bench baseline-server`, a child
-//! process started like the server under test, on the same kind of runtime.
+//! process started like the server under test, on the same kind of runtime. `POST /hook`
+//! answers `{"allow":true}`: the fastest backend a server's hooks can have, to measure what a
+//! hook costs the server (docs/benchmarks.md, "Hooks").
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
@@ -48,6 +50,16 @@ async fn record(State(body): State<Arc<Body>>) -> Json<Body> {
     Json(Body::clone(&body))
 }
 
+/// A backend that allows every hook.
+async fn hook(
+    _call: axum::body::Bytes,
+) -> ([(axum::http::HeaderName, &'static str); 1], &'static str) {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        "{\"allow\":true}",
+    )
+}
+
 /// Serves the baseline on 127.0.0.1 (an ephemeral port), printing `http://ADDR` on stdout, until
 /// the process is stopped.
 pub async fn serve_baseline(size: usize) -> anyhow::Result<()> {
@@ -66,6 +78,7 @@ pub async fn serve_baseline_on(
 ) -> anyhow::Result<()> {
     let app = Router::new()
         .route("/record", get(record))
+        .route("/hook", post(hook))
         .with_state(Arc::new(Body::of_size(size)));
     axum::serve(listener, app).await?;
     Ok(())

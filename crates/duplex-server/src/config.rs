@@ -75,6 +75,8 @@ pub struct Config {
     pub examples: bool,
     /// `[hooks]`: the application's backend decides (none by default).
     pub hooks: Option<crate::hooks::HookSettings>,
+    /// `[webhooks]`: the application's backend is told (none by default).
+    pub webhooks: Option<crate::webhooks::WebhookSettings>,
 }
 
 impl Default for Config {
@@ -115,6 +117,7 @@ impl Default for Config {
             console: true,
             examples: true,
             hooks: None,
+            webhooks: None,
         }
     }
 }
@@ -223,6 +226,9 @@ pub struct ConfigLayer {
     /// `[hooks]` (file only).
     #[serde(default)]
     pub hooks: Option<crate::hooks::HooksConfig>,
+    /// `[webhooks]` (file only).
+    #[serde(default)]
+    pub webhooks: Option<crate::webhooks::WebhooksConfig>,
 }
 
 impl ConfigLayer {
@@ -290,6 +296,7 @@ impl ConfigLayer {
                 self.api_keys
             },
             hooks: self.hooks.or(lower.hooks),
+            webhooks: self.webhooks.or(lower.webhooks),
         }
     }
 
@@ -441,7 +448,16 @@ impl ConfigLayer {
                 key: "hooks",
                 message,
             })?;
+        let webhooks = self
+            .webhooks
+            .map(crate::webhooks::WebhooksConfig::settings)
+            .transpose()
+            .map_err(|message| ConfigError::Invalid {
+                key: "webhooks",
+                message,
+            })?;
         Ok(Config {
+            webhooks,
             hooks,
             console: self.console.unwrap_or(defaults.console),
             examples: self.examples.unwrap_or(defaults.examples),

@@ -31,6 +31,7 @@ mod stats;
 pub mod store;
 pub mod tls;
 pub mod units;
+pub mod webhooks;
 mod write_deadline;
 
 pub use config::{Config, ConfigError, ConfigLayer};

@@ -54,6 +54,13 @@ pub struct HookResultLabels {
     pub result: &'static str,
 }
 
+/// Labels of a count by reason.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: &'static str,
+}
+
 /// The server's metrics and the registry that renders them.
 #[derive(Debug)]
 pub struct Metrics {
@@ -106,6 +113,19 @@ pub struct Metrics {
     pub budget_sheds: Counter,
     /// History publications evicted, oldest first, because the history budget was over.
     pub history_evictions: Counter,
+    /// Webhook events written to the outbox.
+    pub webhook_queued: Counter,
+    /// Webhook events the backend took.
+    pub webhook_delivered: Counter,
+    /// Webhook events in deliveries that failed (each retry counts them again).
+    pub webhook_retried: Counter,
+    /// Webhook events dropped: `full` (the outbox bound), `age` (`max_age`), `store` (the store
+    /// failed while stopping).
+    pub webhook_dropped: Family<ReasonLabels, Counter>,
+    /// Webhook events waiting in this node's outbox.
+    pub webhook_outbox: Gauge,
+    /// Connections of lost nodes whose `disconnected` (`node_lost`) this node wrote.
+    pub webhook_lost: Counter,
     /// Hook calls to the backend, by hook and result.
     pub hook_calls: Family<HookResultLabels, Counter>,
     /// Hook latency in seconds, by hook.
@@ -277,7 +297,49 @@ impl Metrics {
             "Hook call latency, by hook",
             hook_duration.clone(),
         );
+        let webhook_queued = Counter::default();
+        registry.register(
+            "webhook_events_queued",
+            "Webhook events written to the outbox",
+            webhook_queued.clone(),
+        );
+        let webhook_delivered = Counter::default();
+        registry.register(
+            "webhook_events_delivered",
+            "Webhook events the backend took",
+            webhook_delivered.clone(),
+        );
+        let webhook_retried = Counter::default();
+        registry.register(
+            "webhook_events_retried",
+            "Webhook events in deliveries that failed and will be retried",
+            webhook_retried.clone(),
+        );
+        let webhook_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "webhook_events_dropped",
+            "Webhook events dropped, by reason (full, age, store)",
+            webhook_dropped.clone(),
+        );
+        let webhook_outbox = Gauge::default();
+        registry.register(
+            "webhook_outbox_events",
+            "Webhook events waiting in this node's outbox",
+            webhook_outbox.clone(),
+        );
+        let webhook_lost = Counter::default();
+        registry.register(
+            "webhook_lost_connections",
+            "Connections of lost nodes whose disconnected (node_lost) this node wrote",
+            webhook_lost.clone(),
+        );
         Arc::new(Metrics {
+            webhook_queued,
+            webhook_delivered,
+            webhook_retried,
+            webhook_dropped,
+            webhook_outbox,
+            webhook_lost,
             hook_calls,
             hook_duration,
             recent_http: crate::latency::LatencyWindow::default(),

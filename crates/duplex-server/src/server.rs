@@ -68,6 +68,11 @@ pub struct Server {
     node: crate::broker::NodeInfo,
     /// The key list cursors are sealed with, kept in the store.
     cursor_secret: Vec<u8>,
+    /// The store's webhook outbox, and what the webhooks share with the record writes.
+    outbox: Arc<dyn crate::store::Outbox>,
+    single_node_store: bool,
+    webhook_budget: Option<Arc<crate::webhooks::Budget>>,
+    webhook_wake: crate::webhooks::Wake,
 }
 
 impl std::fmt::Debug for Server {
@@ -100,7 +105,36 @@ impl Server {
             }
             (None, None) => None,
         };
-        let (store, record_events) = store::open(&config.store_url()).await?;
+        let node_id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("{:016x}", crate::hub::ConnectionId::random().0));
+        let metrics = Metrics::new();
+        let webhook_wake = crate::webhooks::Wake::default();
+        let webhook_budget = config
+            .webhooks
+            .as_ref()
+            .map(|settings| Arc::new(crate::webhooks::Budget::new(settings.max_events)));
+        let record_webhooks = match (&config.webhooks, &webhook_budget) {
+            (Some(settings), Some(budget)) => {
+                use crate::webhooks::EventKind;
+                let ops = [
+                    settings.wants(EventKind::RecordCreated),
+                    settings.wants(EventKind::RecordUpdated),
+                    settings.wants(EventKind::RecordDeleted),
+                ];
+                ops.contains(&true).then(|| store::RecordWebhooks {
+                    node: node_id.clone(),
+                    ops,
+                    wake: webhook_wake.clone(),
+                    budget: budget.clone(),
+                    metrics: metrics.clone(),
+                })
+            }
+            _ => None,
+        };
+        let opened = store::open(&config.store_url(), record_webhooks).await?;
+        let (store, record_events) = (opened.store, opened.events);
         let cursor_secret = store.secret("cursors").await?;
         let http_listener =
             TcpListener::bind(config.http)
@@ -118,10 +152,6 @@ impl Server {
                     source,
                 })?;
         let tcp_addr = tcp_listener.local_addr()?;
-        let node_id = config
-            .node_id
-            .clone()
-            .unwrap_or_else(|| format!("{:016x}", crate::hub::ConnectionId::random().0));
         let broker = crate::broker::open(
             config.broker.as_deref().unwrap_or("memory"),
             node_id.clone(),
@@ -151,7 +181,11 @@ impl Server {
             tcp_addr,
             store,
             record_events,
-            metrics: Metrics::new(),
+            metrics,
+            outbox: opened.outbox,
+            single_node_store: opened.single_node,
+            webhook_budget,
+            webhook_wake,
             tls,
             tokens,
         })
@@ -199,8 +233,28 @@ impl Server {
                 Arc::new(crate::hub::HubEvents(hub.clone()));
             tokio::spawn(broker.run(events, broker_shutdown.clone()))
         });
+        let webhooks = match (&self.config.webhooks, &self.webhook_budget) {
+            (Some(settings), Some(budget)) => Some(
+                crate::webhooks::start(
+                    settings.clone(),
+                    self.node.id.clone(),
+                    self.outbox.clone(),
+                    self.single_node_store,
+                    budget.clone(),
+                    self.webhook_wake.clone(),
+                    self.metrics.clone(),
+                )
+                .await?,
+            ),
+            _ => None,
+        };
+        let (webhooks, webhook_tasks) = match webhooks {
+            Some((webhooks, tasks)) => (Some(webhooks), Some(tasks)),
+            None => (None, None),
+        };
         let sockets =
             Arc::new(SocketContext {
+                webhooks: webhooks.clone(),
                 hub: hub.clone(),
                 tokens: self.tokens.clone(),
                 limits: Arc::new(self.config.sockets.clone()),
@@ -314,6 +368,11 @@ impl Server {
         broker_shutdown.cancel();
         if let Some(task) = broker_task {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        // Every connection said goodbye: their `disconnected` events go into the outbox before
+        // the store closes.
+        if let Some(tasks) = webhook_tasks {
+            tasks.stop().await;
         }
         self.store.close().await;
         announcer.abort();

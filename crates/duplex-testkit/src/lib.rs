@@ -5,6 +5,7 @@
 mod certificate;
 mod clients;
 mod proxy;
+mod receiver;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use std::net::SocketAddr;
 pub use certificate::TestCertificate;
 pub use clients::{EVENT_TIMEOUT, TcpClient, WsClient, WsEvent, wait_for};
 pub use proxy::TcpProxy;
+pub use receiver::WebhookReceiver;
 
 use duplex_server::hub::namespace::{NamespaceConfig, Namespaces};
 use duplex_server::{Config, Server, ServerError};

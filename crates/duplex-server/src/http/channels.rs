@@ -73,7 +73,18 @@ pub(crate) async fn publish(
             serde_json::from_slice(&body).map_err(|e| ApiError::BadJson(e.to_string()))?;
         Payload::Json(data)
     };
+    let webhooks = state
+        .sockets
+        .webhooks
+        .as_ref()
+        .filter(|w| w.wants(crate::webhooks::EventKind::Published));
+    let told = webhooks.map(|_| payload.clone());
     let outcome = state.hub.publish(&channel, payload, Caller::Server).await?;
+    if let (Some(webhooks), Some(payload)) = (webhooks, told) {
+        webhooks
+            .published(None, &channel, outcome.offset, &payload)
+            .await;
+    }
     Ok(axum::Json(Published {
         offset: outcome.offset,
         epoch: outcome.epoch.to_string(),

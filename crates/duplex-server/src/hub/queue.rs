@@ -373,6 +373,11 @@ impl OutgoingQueue {
         self.state.lock().closing.is_some()
     }
 
+    /// The code the server is closing the connection with, if it is.
+    pub fn closing_code(&self) -> Option<DisconnectCode> {
+        self.state.lock().closing
+    }
+
     /// Waits until something is queued or the connection closes, then moves the oldest queued
     /// items, about [`BATCH_BYTES`] of them, into `batch`. Returns the disconnect code once
     /// closing and everything queued has been taken. Only the queue's writer calls it.

@@ -248,7 +248,12 @@ impl Hub {
 
     /// Ends every subscription of `connection` that `auth` (its new token) no longer allows,
     /// telling the client with an `unsubscribed` push for each.
-    pub fn end_disallowed_subscriptions(&self, connection: &ConnectionHandle, auth: &ClientAuth) {
+    pub fn end_disallowed_subscriptions(
+        &self,
+        connection: &ConnectionHandle,
+        auth: &ClientAuth,
+    ) -> Vec<String> {
+        let mut ended = Vec::new();
         for channel in connection.subscriptions() {
             if self.check_readable(&channel, Caller::Client(auth)).is_ok() {
                 continue;
@@ -260,8 +265,10 @@ impl Hub {
                         channel: channel.as_str().into(),
                         code: ErrorCode::PermissionDenied,
                     })));
+                ended.push(channel);
             }
         }
+        ended
     }
 
     pub(super) fn remove_subscriber(

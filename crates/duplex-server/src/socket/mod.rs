@@ -103,6 +103,8 @@ pub(crate) struct SocketContext {
     pub(crate) slots: Arc<slots::ConnectionSlots>,
     /// The backend's hooks, when `[hooks]` is configured.
     pub(crate) hooks: Option<Arc<crate::hooks::Hooks>>,
+    /// The webhooks, when `[webhooks]` is configured.
+    pub(crate) webhooks: Option<Arc<crate::webhooks::Webhooks>>,
 }
 
 /// Which transport a connection uses.

@@ -226,9 +226,7 @@ impl Session {
                 let expires_at = auth.expires_at;
                 self.authenticate(auth);
                 self.reply(id, serde_json::json!({ "expires_at": expires_at }));
-                self.context
-                    .hub
-                    .end_disallowed_subscriptions(&self.connection, &self.auth);
+                self.end_disallowed_subscriptions();
             }
             Err(error) => self.error(Some(id), error.code(), error.to_string()),
         }
@@ -297,9 +295,21 @@ impl Session {
         let expires_at = auth.expires_at;
         self.authenticate(auth);
         self.reply(id, serde_json::json!({ "expires_at": expires_at }));
-        self.context
+        self.end_disallowed_subscriptions();
+    }
+
+    /// Ends the subscriptions the connection's new grants no longer allow, and tells the
+    /// webhooks.
+    fn end_disallowed_subscriptions(&self) {
+        let ended = self
+            .context
             .hub
             .end_disallowed_subscriptions(&self.connection, &self.auth);
+        if let Some(webhooks) = &self.context.webhooks {
+            for channel in ended {
+                webhooks.unsubscribed(&self.connection, &channel, "permission_denied");
+            }
+        }
     }
 
     /// `rpc`: the backend answers a client's call, through the `rpc` hook.
@@ -449,6 +459,7 @@ impl Session {
         let connection = self.connection.clone();
         let channel = channel.to_owned();
         let since = since.cloned();
+        let webhooks = self.context.webhooks.clone();
         self.run(async move {
             if let (Some(hooks), Some(request)) = (hooks, request) {
                 match hooks.ask(&request).await {
@@ -461,18 +472,28 @@ impl Session {
                     }
                 }
             }
-            if let Err(error) = hub
+            match hub
                 .subscribe(&channel, &connection, id, since.as_ref())
                 .await
             {
-                hub_error(&connection.queue, &metrics, id, &error);
+                Ok(()) => {
+                    if let Some(webhooks) = &webhooks {
+                        webhooks.subscribed(&connection, &channel);
+                    }
+                }
+                Err(error) => hub_error(&connection.queue, &metrics, id, &error),
             }
         });
     }
 
     pub(super) fn unsubscribe(&mut self, id: u64, channel: &str) {
         match self.context.hub.unsubscribe(channel, &self.connection) {
-            Ok(()) => self.reply(id, serde_json::json!({})),
+            Ok(()) => {
+                if let Some(webhooks) = &self.context.webhooks {
+                    webhooks.unsubscribed(&self.connection, channel, "client");
+                }
+                self.reply(id, serde_json::json!({}));
+            }
             Err(error) => self.hub_error(id, &error),
         }
     }
@@ -574,6 +595,12 @@ impl Session {
             request = Some(asked);
         }
         let channel = channel.to_owned();
+        let webhooks = self
+            .context
+            .webhooks
+            .clone()
+            .filter(|w| w.wants(crate::webhooks::EventKind::Published));
+        let connection = self.connection.clone();
         self.run(async move {
             let mut payload = payload;
             if let (Some(hooks), Some(request)) = (hooks, request) {
@@ -591,15 +618,24 @@ impl Session {
                     },
                 }
             }
+            let told = webhooks.as_ref().map(|_| payload.clone());
             match hub.publish(&channel, payload, Caller::Client(&auth)).await {
-                Ok(outcome) => push_reply(
-                    &queue,
-                    id,
-                    Published {
-                        offset: outcome.offset,
-                        epoch: (*outcome.epoch).into(),
-                    },
-                ),
+                Ok(outcome) => {
+                    // Told to the backend's outbox before the publisher hears it is out.
+                    if let (Some(webhooks), Some(payload)) = (&webhooks, &told) {
+                        webhooks
+                            .published(Some(&connection), &channel, outcome.offset, payload)
+                            .await;
+                    }
+                    push_reply(
+                        &queue,
+                        id,
+                        Published {
+                            offset: outcome.offset,
+                            epoch: (*outcome.epoch).into(),
+                        },
+                    );
+                }
                 Err(error) => hub_error(&queue, &metrics, id, &error),
             }
         });

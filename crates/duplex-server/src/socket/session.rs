@@ -163,6 +163,9 @@ impl Session {
             .get_or_create(&transport.label())
             .inc();
         context.hub.register(connection.clone());
+        if let Some(webhooks) = &context.webhooks {
+            webhooks.connected(&connection);
+        }
         let publish_limiter =
             publish_limiter(context.limits.publish_rate, context.limits.publish_burst);
         Session {
@@ -307,6 +310,11 @@ impl Session {
         }
         self.connection.set_auth(auth);
         self.auth = self.connection.auth();
+        if self.auth.user.is_some()
+            && let Some(webhooks) = &self.context.webhooks
+        {
+            webhooks.identified(&self.connection);
+        }
     }
 
     pub(super) fn reply<T: Serialize>(&mut self, id: u64, result: T) {
@@ -461,6 +469,13 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.context.hub.deregister(&self.connection);
+        if let Some(webhooks) = &self.context.webhooks {
+            let reason = self
+                .queue
+                .closing_code()
+                .map_or("closed", DisconnectCode::as_str);
+            webhooks.disconnected(&self.connection, reason);
+        }
         self.context
             .metrics
             .connections

@@ -264,6 +264,10 @@ fn disconnect_code_for(error: axum::Error) -> Option<DisconnectCode> {
     let inner = error.into_inner();
     match inner.downcast_ref::<tungstenite::Error>()? {
         tungstenite::Error::Capacity(_) => Some(DisconnectCode::FrameTooLarge),
+        // The peer went away without a close frame: gone, not a protocol error.
+        tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => None,
         tungstenite::Error::Utf8(_) | tungstenite::Error::Protocol(_) => {
             Some(DisconnectCode::ProtocolError)
         }

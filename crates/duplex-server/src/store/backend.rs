@@ -16,11 +16,21 @@ pub(crate) struct Current {
     pub(crate) document: String,
 }
 
-/// The row a write leaves: the record and its `updated` time in microseconds.
+/// The row a write leaves: the record and its `updated` time in microseconds, and the webhook
+/// event that goes with it.
 #[derive(Debug, Clone)]
 pub(crate) struct Next {
     pub(crate) record: Record,
     pub(crate) updated_us: i64,
+    pub(crate) outbox: Option<Outboxed>,
+}
+
+/// A webhook event a record write appends to the outbox in its own transaction.
+#[derive(Debug, Clone)]
+pub(crate) struct Outboxed {
+    /// The node that delivers it.
+    pub(crate) node: String,
+    pub(crate) event: super::outbox::NewEvent,
 }
 
 /// A new record's row: version 1, created and updated at `at_us`.
@@ -29,6 +39,7 @@ pub(crate) struct NewRow {
     pub(crate) collection: String,
     pub(crate) at_us: i64,
     pub(crate) record: Record,
+    pub(crate) outbox: Option<Outboxed>,
 }
 
 /// What an insert found.
@@ -46,8 +57,10 @@ pub(crate) type Listed = (String, i64, i64);
 /// Decides, from the row as it is (`None` when there is none), the row a write leaves.
 pub(crate) type Decide = Box<dyn FnOnce(Option<Current>) -> Result<Next, StoreError> + Send>;
 
-/// Decides, from the record as it is, whether it may be deleted (and returns it).
-pub(crate) type Admit = Box<dyn FnOnce(Option<Record>) -> Result<Record, StoreError> + Send>;
+/// Decides, from the record as it is, whether it may be deleted (and returns it, with the
+/// webhook event of its deletion).
+pub(crate) type Admit =
+    Box<dyn FnOnce(Option<Record>) -> Result<(Record, Option<Outboxed>), StoreError> + Send>;
 
 /// Told about a write once it is committed, with the record it wrote (or deleted). A backend
 /// calls these in the order its writes commit, and never for a write that did not.

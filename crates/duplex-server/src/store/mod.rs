@@ -15,6 +15,7 @@
 mod backend;
 mod cursor;
 mod numbers;
+pub mod outbox;
 mod postgres;
 mod records;
 mod sqlite;
@@ -28,7 +29,10 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use cursor::CursorKey;
 pub use numbers::check_numbers;
+pub use outbox::Outbox;
 use records::RecordStore;
+pub(crate) use records::RecordWebhooks;
+pub(crate) use records::{now_micros, rfc3339 as rfc3339_micros};
 
 /// The fields the server owns; a client's values for them are ignored.
 pub const SERVER_FIELDS: [&str; 4] = ["id", "created", "updated", "version"];
@@ -371,16 +375,49 @@ impl RecordOp {
 pub type RecordEvents = mpsc::UnboundedReceiver<RecordEvent>;
 
 /// Opens the store a URL names, with the stream of its committed writes.
-pub async fn open(url: &str) -> Result<(std::sync::Arc<dyn Store>, RecordEvents), StoreError> {
+pub(crate) async fn open(
+    url: &str,
+    webhooks: Option<RecordWebhooks>,
+) -> Result<Opened, StoreError> {
     let (events, receiver) = mpsc::unbounded_channel();
-    let store: std::sync::Arc<dyn Store> = if let Some(path) = url.strip_prefix("sqlite://") {
-        std::sync::Arc::new(RecordStore::new(sqlite::open(path).await?, events))
-    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        std::sync::Arc::new(RecordStore::new(postgres::open(url).await?, events))
-    } else {
-        return Err(StoreError::UnsupportedUrl(url.to_owned()));
-    };
-    Ok((store, receiver))
+    let (store, outbox): (std::sync::Arc<dyn Store>, std::sync::Arc<dyn Outbox>) =
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            let backend = sqlite::open(path).await?;
+            let outbox = std::sync::Arc::new(backend.outbox());
+            (
+                std::sync::Arc::new(RecordStore::new(backend, events, webhooks)),
+                outbox,
+            )
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let backend = postgres::open(url).await?;
+            let outbox = std::sync::Arc::new(backend.outbox());
+            (
+                std::sync::Arc::new(RecordStore::new(backend, events, webhooks)),
+                outbox,
+            )
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        };
+    Ok(Opened {
+        store,
+        events: receiver,
+        outbox,
+        single_node: url.starts_with("sqlite://"),
+    })
+}
+
+/// An opened store: its records, the announcements of their writes, its webhook outbox.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    /// The records.
+    pub store: std::sync::Arc<dyn Store>,
+    /// Committed writes, in commit order.
+    pub events: RecordEvents,
+    /// The webhook outbox.
+    pub outbox: std::sync::Arc<dyn Outbox>,
+    /// Whether one server alone uses it (a SQLite file), so that whatever another node left in
+    /// it is from a node that stopped.
+    pub single_node: bool,
 }
 
 /// Whether `name` is a valid collection name: `[a-z0-9_-]{1,64}`.

@@ -19,7 +19,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions as _, FromRow};
 use tokio::sync::{mpsc, oneshot};
 
-use super::backend::{Admit, Backend, Committed, Current, Decide, Inserted, Listed, NewRow};
+use super::backend::{
+    Admit, Backend, Committed, Current, Decide, Inserted, Listed, NewRow, Outboxed,
+};
+use super::outbox::{Live, Lost, NewEvent, Outbox, Pending, TakenOver};
 use super::{CollectionSummary, FieldFilter, ListQuery, Record, StoreError};
 
 /// Records in PostgreSQL.
@@ -203,17 +206,35 @@ impl Backend for PgBackend {
         let place = self.order.take_place();
         detached(async move {
             let text = std::str::from_utf8(&row.record.document).expect("serde_json writes UTF-8");
-            let inserted: Option<String> = sqlx::query_scalar(
-                "INSERT INTO records (collection, id, version, created_us, updated_us, doc, doc_json) \
-                 VALUES ($1, $2, 1, $3, $3, $4, $4::jsonb) ON CONFLICT (collection, id) DO NOTHING \
-                 RETURNING id",
-            )
-            .bind(&row.collection)
-            .bind(&row.record.id)
-            .bind(row.at_us)
-            .bind(text)
-            .fetch_optional(&pool)
-            .await?;
+            // With a webhook event, one statement inserts both (or neither).
+            let sql = match row.outbox {
+                None => {
+                    "INSERT INTO records (collection, id, version, created_us, updated_us, doc, doc_json) \
+                     VALUES ($1, $2, 1, $3, $3, $4, $4::jsonb) ON CONFLICT (collection, id) DO NOTHING \
+                     RETURNING id"
+                }
+                Some(_) => {
+                    "WITH inserted AS (INSERT INTO records \
+                     (collection, id, version, created_us, updated_us, doc, doc_json) \
+                     VALUES ($1, $2, 1, $3, $3, $4, $4::jsonb) ON CONFLICT (collection, id) DO NOTHING \
+                     RETURNING id), \
+                     outboxed AS (INSERT INTO webhook_outbox (node, at_us, body) \
+                     SELECT $5, $6, $7 FROM inserted) \
+                     SELECT id FROM inserted"
+                }
+            };
+            let mut statement = sqlx::query_scalar(sql)
+                .bind(&row.collection)
+                .bind(&row.record.id)
+                .bind(row.at_us)
+                .bind(text);
+            if let Some(outboxed) = &row.outbox {
+                statement = statement
+                    .bind(&outboxed.node)
+                    .bind(outboxed.event.at_us)
+                    .bind(&outboxed.event.body);
+            }
+            let inserted: Option<String> = statement.fetch_optional(&pool).await?;
             Ok(match inserted {
                 Some(_) => {
                     let _ = place.send((committed, row.record));
@@ -273,6 +294,9 @@ impl Backend for PgBackend {
             .bind(&id)
             .execute(&mut *tx)
             .await?;
+            if let Some(outboxed) = &next.outbox {
+                append_outboxed(&mut tx, outboxed).await?;
+            }
             let place = order.take_place();
             tx.commit().await?;
             let _ = place.send((committed, next.record.clone()));
@@ -299,12 +323,15 @@ impl Backend for PgBackend {
             .bind(&id)
             .fetch_optional(&mut *tx)
             .await?;
-            let record = admit(row.map(Record::from))?;
+            let (record, outboxed) = admit(row.map(Record::from))?;
             sqlx::query("DELETE FROM records WHERE collection = $1 AND id = $2")
                 .bind(&collection)
                 .bind(&id)
                 .execute(&mut *tx)
                 .await?;
+            if let Some(outboxed) = &outboxed {
+                append_outboxed(&mut tx, outboxed).await?;
+            }
             let place = order.take_place();
             tx.commit().await?;
             let _ = place.send((committed, record.clone()));
@@ -390,5 +417,201 @@ mod tests {
             Some("x".into())
         );
         assert_eq!(search_path("postgres://u@h/db"), None);
+    }
+}
+
+/// Appends a record write's webhook event in the write's transaction.
+async fn append_outboxed(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    outboxed: &Outboxed,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO webhook_outbox (node, at_us, body) VALUES ($1, $2, $3)")
+        .bind(&outboxed.node)
+        .bind(outboxed.event.at_us)
+        .bind(&outboxed.event.body)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Appends events for `node` in a transaction.
+async fn append_events(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    node: &str,
+    events: &[NewEvent],
+) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let at: Vec<i64> = events.iter().map(|e| e.at_us).collect();
+    let bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
+    // One statement for the batch; `WITH ORDINALITY` keeps their order in `seq`.
+    sqlx::query(
+        "INSERT INTO webhook_outbox (node, at_us, body) \
+         SELECT $1, e.at_us, e.body FROM UNNEST($2::BIGINT[], $3::TEXT[]) \
+         WITH ORDINALITY AS e(at_us, body, n) ORDER BY e.n",
+    )
+    .bind(node)
+    .bind(&at)
+    .bind(&bodies)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// The webhook outbox in PostgreSQL, shared by every node of the database.
+#[derive(Debug, Clone)]
+pub(crate) struct PgOutbox {
+    pool: PgPool,
+}
+
+impl PgBackend {
+    /// Its webhook outbox.
+    pub(crate) fn outbox(&self) -> PgOutbox {
+        PgOutbox {
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+#[derive(FromRow)]
+struct PendingRow {
+    seq: i64,
+    at_us: i64,
+    body: String,
+}
+
+#[async_trait]
+impl Outbox for PgOutbox {
+    async fn append(
+        &self,
+        node: &str,
+        events: Vec<NewEvent>,
+        live: Vec<Live>,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        append_events(&mut tx, node, &events).await?;
+        for change in &live {
+            match change {
+                Live::Open { client, info } => {
+                    sqlx::query(
+                        "INSERT INTO webhook_live (node, client, info) VALUES ($1, $2, $3) \
+                         ON CONFLICT (node, client) DO UPDATE SET info = EXCLUDED.info",
+                    )
+                    .bind(node)
+                    .bind(client)
+                    .bind(info)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Live::Closed { client } => {
+                    sqlx::query("DELETE FROM webhook_live WHERE node = $1 AND client = $2")
+                        .bind(node)
+                        .bind(client)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn beat(&self, node: &str, now_us: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO webhook_nodes (node, seen_us) VALUES ($1, $2) \
+             ON CONFLICT (node) DO UPDATE SET seen_us = EXCLUDED.seen_us",
+        )
+        .bind(node)
+        .bind(now_us)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn take_over(
+        &self,
+        node: &str,
+        cutoff_us: i64,
+        restarted: bool,
+        lost: Lost,
+    ) -> Result<TakenOver, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Deleting a node's row is the claim: of several takers, one deletes it, the others
+        // wait on its lock and find it gone.
+        let mut stopped: Vec<String> = sqlx::query_scalar(
+            "DELETE FROM webhook_nodes WHERE seen_us < $1 AND node <> $2 RETURNING node",
+        )
+        .bind(cutoff_us)
+        .bind(node)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut taken = TakenOver {
+            nodes: stopped.len(),
+            connections: 0,
+        };
+        if restarted {
+            stopped.push(node.to_owned());
+        }
+        for other in &stopped {
+            let infos: Vec<String> =
+                sqlx::query_scalar("DELETE FROM webhook_live WHERE node = $1 RETURNING info")
+                    .bind(other)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            sqlx::query("UPDATE webhook_outbox SET node = $1 WHERE node = $2")
+                .bind(node)
+                .bind(other)
+                .execute(&mut *tx)
+                .await?;
+            let events: Vec<NewEvent> = infos.iter().map(|info| lost(info)).collect();
+            append_events(&mut tx, node, &events).await?;
+            taken.connections += events.len();
+        }
+        tx.commit().await?;
+        Ok(taken)
+    }
+
+    async fn pending(&self, node: &str, limit: usize) -> Result<Vec<Pending>, StoreError> {
+        let rows: Vec<PendingRow> = sqlx::query_as(
+            "SELECT seq, at_us, body FROM webhook_outbox WHERE node = $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(node)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Pending {
+                seq: row.seq,
+                at_us: row.at_us,
+                body: row.body,
+            })
+            .collect())
+    }
+
+    async fn remove(&self, seqs: Vec<i64>) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM webhook_outbox WHERE seq = ANY($1)")
+            .bind(&seqs)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn expire(&self, node: &str, before_us: i64) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM webhook_outbox WHERE node = $1 AND at_us < $2")
+            .bind(node)
+            .bind(before_us)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn count(&self, node: &str) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM webhook_outbox WHERE node = $1")
+            .bind(node)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 }

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
-use super::backend::{Backend, Committed, Current, Inserted, Listed, NewRow, Next};
+use super::backend::{Backend, Committed, Current, Inserted, Listed, NewRow, Next, Outboxed};
 use super::{
     Change, CollectionSummary, Cursor, ListQuery, Page, Precondition, Record, RecordEvent,
     RecordOp, SERVER_FIELDS, Store, StoreError,
@@ -20,11 +20,75 @@ pub(crate) struct RecordStore<B> {
     backend: B,
     /// Where committed writes are announced, in commit order.
     events: mpsc::UnboundedSender<RecordEvent>,
+    /// The record events the webhooks want, written with each write.
+    webhooks: Option<RecordWebhooks>,
+}
+
+/// Which record events go to the webhook outbox (in the write's own transaction), for which
+/// node, and whom to wake once one is in.
+#[derive(Debug, Clone)]
+pub(crate) struct RecordWebhooks {
+    /// The node that delivers them.
+    pub(crate) node: String,
+    /// `record.created`, `record.updated`, `record.deleted`.
+    pub(crate) ops: [bool; 3],
+    /// Woken after a write that appended an event.
+    pub(crate) wake: std::sync::Arc<tokio::sync::Notify>,
+    /// The node's outbox bound.
+    pub(crate) budget: std::sync::Arc<crate::webhooks::Budget>,
+    pub(crate) metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl RecordWebhooks {
+    fn event(&self, collection: &str, op: RecordOp, record: &Record) -> Option<Outboxed> {
+        let wanted = match op {
+            RecordOp::Created => self.ops[0],
+            RecordOp::Updated => self.ops[1],
+            RecordOp::Deleted => self.ops[2],
+        };
+        if !wanted || !self.budget.take(&self.metrics) {
+            return None;
+        }
+        self.metrics.webhook_queued.inc();
+        let at_us = now_micros();
+        let document = std::str::from_utf8(&record.document).expect("documents are UTF-8 JSON");
+        let fields = format!(
+            "\"collection\":{},\"record\":{document}",
+            serde_json::Value::String(collection.to_owned())
+        );
+        let body = crate::webhooks::event_body(
+            &format!("record.{}", op.as_str()),
+            at_us,
+            &self.node,
+            None,
+            None,
+            &fields,
+        );
+        Some(Outboxed {
+            node: self.node.clone(),
+            event: super::outbox::NewEvent { at_us, body },
+        })
+    }
 }
 
 impl<B: Backend> RecordStore<B> {
-    pub(crate) fn new(backend: B, events: mpsc::UnboundedSender<RecordEvent>) -> Self {
-        RecordStore { backend, events }
+    pub(crate) fn new(
+        backend: B,
+        events: mpsc::UnboundedSender<RecordEvent>,
+        webhooks: Option<RecordWebhooks>,
+    ) -> Self {
+        RecordStore {
+            backend,
+            events,
+            webhooks,
+        }
+    }
+
+    /// Wakes the webhook delivery after a write that appended an event.
+    fn woke(&self, appended: bool) {
+        if appended && let Some(webhooks) = &self.webhooks {
+            webhooks.wake.notify_one();
+        }
     }
 
     /// What the backend calls once a write committed: the event goes out in commit order, and
@@ -60,15 +124,22 @@ impl<B: Backend> RecordStore<B> {
             version: 1,
             document: render_document(id, 1, now, now, fields),
         };
+        let outbox = self
+            .webhooks
+            .as_ref()
+            .and_then(|w| w.event(collection, RecordOp::Created, &record));
+        let appended = outbox.is_some();
         let row = NewRow {
             collection: collection.to_owned(),
             at_us: now,
             record: record.clone(),
+            outbox,
         };
         let (committed, announced) = self.announce(collection, RecordOp::Created);
         match self.backend.insert(row, committed).await? {
             Inserted::Yes => {
                 let _ = announced.await;
+                self.woke(appended);
                 Ok(record)
             }
             Inserted::Taken if precondition == Precondition::Absent => {
@@ -115,9 +186,13 @@ impl<B: Backend> Store for RecordStore<B> {
         precondition: &Precondition,
     ) -> Result<Record, StoreError> {
         let (precondition, owned_id) = (precondition.clone(), id.to_owned());
+        let (webhooks, owned_collection) = (self.webhooks.clone(), collection.to_owned());
         let decide = Box::new(move |current: Option<Current>| {
             let current = precondition.admit(current, |c| c.version)?;
-            next_version(&owned_id, &current, change)
+            let mut next = next_version(&owned_id, &current, change)?;
+            next.outbox =
+                webhooks.and_then(|w| w.event(&owned_collection, RecordOp::Updated, &next.record));
+            Ok(next)
         });
         let (committed, announced) = self.announce(collection, RecordOp::Updated);
         let record = self
@@ -125,6 +200,7 @@ impl<B: Backend> Store for RecordStore<B> {
             .update(collection, id, decide, committed)
             .await?;
         let _ = announced.await;
+        self.woke(self.webhooks.as_ref().is_some_and(|w| w.ops[1]));
         Ok(record)
     }
 
@@ -135,14 +211,20 @@ impl<B: Backend> Store for RecordStore<B> {
         precondition: &Precondition,
     ) -> Result<Record, StoreError> {
         let precondition = precondition.clone();
-        let admit =
-            Box::new(move |record: Option<Record>| precondition.admit(record, |r| r.version));
+        let (webhooks, owned_collection) = (self.webhooks.clone(), collection.to_owned());
+        let admit = Box::new(move |record: Option<Record>| {
+            let record = precondition.admit(record, |r| r.version)?;
+            let outbox =
+                webhooks.and_then(|w| w.event(&owned_collection, RecordOp::Deleted, &record));
+            Ok((record, outbox))
+        });
         let (committed, announced) = self.announce(collection, RecordOp::Deleted);
         let record = self
             .backend
             .delete(collection, id, admit, committed)
             .await?;
         let _ = announced.await;
+        self.woke(self.webhooks.as_ref().is_some_and(|w| w.ops[2]));
         Ok(record)
     }
 
@@ -185,6 +267,7 @@ fn next_version(id: &str, current: &Current, change: Change) -> Result<Next, Sto
             document,
         },
         updated_us,
+        outbox: None,
     })
 }
 

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha384};
 use crate::store::StoreError;
 
 /// The migrations, in order: version, description, SQL.
-const MIGRATIONS: [(i64, &str, &str); 2] = [
+const MIGRATIONS: [(i64, &str, &str); 3] = [
     (
         1,
         "records",
@@ -21,6 +21,11 @@ const MIGRATIONS: [(i64, &str, &str); 2] = [
         2,
         "secrets",
         include_str!("../../../migrations/sqlite/0002_secrets.sql"),
+    ),
+    (
+        3,
+        "webhooks",
+        include_str!("../../../migrations/sqlite/0003_webhooks.sql"),
     ),
 ];
 
@@ -103,7 +108,7 @@ mod tests {
                 row.get(0)
             })
             .expect("count");
-        assert_eq!(applied, 2);
+        assert_eq!(applied, 3);
         connection
             .execute("INSERT INTO records (collection, id, version, created_us, updated_us, doc) VALUES ('c', 'a', 1, 0, 0, '{}')", [])
             .expect("the records table is there");

@@ -17,6 +17,7 @@
 mod checkpoint;
 mod hot;
 mod migrate;
+mod outbox;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -52,7 +53,7 @@ const GET: &str = "SELECT id, version, doc FROM records WHERE collection = ?1 AN
 #[derive(Debug)]
 pub(crate) struct SqliteBackend {
     readers: Arc<Readers>,
-    writer: Writer,
+    writer: Arc<Writer>,
     checkpointer: Checkpointer,
     hot: Arc<HotRecords>,
 }
@@ -164,7 +165,7 @@ fn open_blocking(path: PathBuf) -> Result<SqliteBackend, StoreError> {
             path,
             idle: Mutex::new(Vec::new()),
         }),
-        writer,
+        writer: Arc::new(writer),
     })
 }
 
@@ -249,6 +250,11 @@ impl Backend for SqliteBackend {
                         row.at_us,
                         document,
                     ))?;
+                    if inserted > 0
+                        && let Some(outboxed) = &row.outbox
+                    {
+                        outbox::append_one(connection, outboxed)?;
+                    }
                     Ok(if inserted == 0 {
                         (Inserted::Taken, None)
                     } else {
@@ -323,6 +329,9 @@ impl Backend for SqliteBackend {
                             &collection,
                             &id,
                         ))?;
+                    if let Some(outboxed) = &next.outbox {
+                        outbox::append_one(connection, outboxed)?;
+                    }
                     Ok(next.record)
                 },
                 move |record: &Record| {
@@ -349,10 +358,13 @@ impl Backend for SqliteBackend {
                         .prepare_cached(GET)?
                         .query_row((&collection, &id), record_from_row)
                         .optional()?;
-                    let record = admit(record)?;
+                    let (record, outboxed) = admit(record)?;
                     connection
                         .prepare_cached("DELETE FROM records WHERE collection = ?1 AND id = ?2")?
                         .execute((&collection, &id))?;
+                    if let Some(outboxed) = &outboxed {
+                        outbox::append_one(connection, outboxed)?;
+                    }
                     Ok(record)
                 },
                 move |record: &Record| {
