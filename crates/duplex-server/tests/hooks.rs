@@ -621,3 +621,51 @@ async fn refresh_renews_a_connection_through_the_backend() {
     assert_eq!(ended["type"], "unsubscribed", "{ended}");
     assert_eq!(ended["channel"], "secret:a");
 }
+
+#[tokio::test]
+async fn the_clients_connect_first_when_the_server_asks_its_backend() {
+    let backend = Backend::start(|call| match call["hook"].as_str() {
+        Some("connect") => Reaction::Json(json!({"allow": true, "user": "from-backend"})),
+        _ => Reaction::Status(500),
+    })
+    .await;
+    let server = server_with(backend.hooks(&[Hook::Connect]), "").await;
+
+    // A raw TCP client that does not connect is refused, and told why.
+    let mut tcp = server.tcp().await;
+    assert_eq!(tcp.connected["connect_required"], true);
+    let early = tcp
+        .request(
+            json!({"type": "subscribe", "id": 1, "channel": "chat:a"}),
+            1,
+        )
+        .await;
+    assert_eq!(early["code"], "not_connected", "{early}");
+    let connected = tcp.request(json!({"type": "connect", "id": 2}), 2).await;
+    assert_eq!(connected["result"]["user"], "from-backend", "{connected}");
+    let subscribed = tcp
+        .request(
+            json!({"type": "subscribe", "id": 3, "channel": "chat:a"}),
+            3,
+        )
+        .await;
+    assert_eq!(subscribed["type"], "reply", "{subscribed}");
+    let call = backend.calls("connect").pop().expect("asked");
+    assert_eq!(call.json["transport"], "tcp");
+
+    // The Rust client sends connect by itself, with no token or meta of its own.
+    let connection =
+        duplex_client::Connection::connect(duplex_client::ConnectOptions::new(&server.ws_url()))
+            .await
+            .expect("the Rust client connects");
+    connection
+        .subscribe("chat:a")
+        .await
+        .expect("subscribed after its connect");
+    let present = connection.presence("chat:a").await.expect("presence");
+    assert!(
+        present
+            .iter()
+            .any(|p| p.user.as_deref() == Some("from-backend"))
+    );
+}
