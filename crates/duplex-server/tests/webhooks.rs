@@ -291,6 +291,53 @@ async fn a_full_outbox_drops_new_events_and_publishing_goes_on() {
 }
 
 #[tokio::test]
+async fn a_full_outbox_keeps_every_pair_whole() {
+    let receiver = WebhookReceiver::start(None).await;
+    receiver.set_down(true);
+    let mut config = webhooks(&receiver, &[EventKind::Connected, EventKind::Disconnected]);
+    config.max_events = Some(2);
+    let server = server(config, None).await;
+    let mut ids = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let client = server.ws().await;
+        ids.push(client.connected["client"].as_str().expect("id").to_owned());
+        clients.push(client);
+    }
+    // Two `connected` fill the outbox; the two `disconnected` they are owed go past it.
+    drop(clients);
+    wait_for("every connection closed", || async {
+        (server
+            .metric("duplex_connections{transport=\"websocket\"}")
+            .await
+            == 0.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(
+        server
+            .metric("duplex_webhook_events_dropped_total{reason=\"full\"}")
+            .await,
+        1.0,
+        "the third connection is not told about at all"
+    );
+    receiver.set_down(false);
+    at_least(&receiver, "disconnected", 2).await;
+    for (i, id) in ids.iter().enumerate() {
+        let kinds: Vec<Value> = receiver
+            .of_client(id)
+            .into_iter()
+            .map(|e| e["event"].clone())
+            .collect();
+        if i < 2 {
+            assert_eq!(kinds, [json!("connected"), json!("disconnected")], "{id}");
+        } else {
+            assert!(kinds.is_empty(), "{kinds:?}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn events_older_than_max_age_are_dropped_undelivered() {
     let receiver = WebhookReceiver::start(None).await;
     receiver.set_down(true);

@@ -167,3 +167,46 @@ fn the_file_bounds_queues_history_and_channels_in_bytes() {
 fn unknown_keys_in_the_file_are_errors() {
     assert!(toml::from_str::<ConfigLayer>("htpp = \"127.0.0.1:1\"").is_err());
 }
+
+#[test]
+fn hooks_and_webhooks_come_from_their_tables_and_are_checked() {
+    let file: ConfigLayer = toml::from_str(
+        "[hooks]\nurl = \"http://127.0.0.1:9000/hooks\"\nevents = [\"connect\", \"publish\"]\n\
+         [webhooks]\nurl = \"http://127.0.0.1:9000/events\"\nevents = [\"disconnected\"]\n\
+         [namespaces.stream]\nhooks = [\"subscribe\"]",
+    )
+    .expect("toml");
+    let config = file.over_defaults().expect("valid");
+    let hooks = config.hooks.expect("hooks");
+    assert!(hooks.events.has(crate::hooks::Hook::Publish));
+    assert_eq!(hooks.timeout, std::time::Duration::from_secs(2));
+    let webhooks = config.webhooks.expect("webhooks");
+    assert!(webhooks.wants(crate::webhooks::EventKind::Disconnected));
+    assert!(!webhooks.wants(crate::webhooks::EventKind::Connected));
+    let stream = config.namespaces.for_channel("stream:x");
+    assert!(stream.hooks.has(crate::hooks::Hook::Subscribe));
+    assert!(!stream.hooks.has(crate::hooks::Hook::Publish));
+    assert!(
+        config
+            .namespaces
+            .for_channel("chat:x")
+            .hooks
+            .has(crate::hooks::Hook::Publish)
+    );
+
+    let bad: ConfigLayer =
+        toml::from_str("[webhooks]\nurl = \"http://x\"\nevents = []").expect("toml");
+    assert!(matches!(
+        bad.over_defaults(),
+        Err(ConfigError::Invalid {
+            key: "webhooks",
+            ..
+        })
+    ));
+    let bad: ConfigLayer =
+        toml::from_str("[hooks]\nurl = \"ftp://x\"\nevents = [\"rpc\"]").expect("toml");
+    assert!(matches!(
+        bad.over_defaults(),
+        Err(ConfigError::Invalid { key: "hooks", .. })
+    ));
+}

@@ -52,6 +52,8 @@ pub(crate) struct Session {
     waiting: Option<Waiting>,
     /// The upgrade request's headers and cookies for the `connect` hook, until connected.
     pub(super) upgrade: Option<Box<crate::hooks::UpgradeContext>>,
+    /// Whether the webhooks were told this connection opened (so they are told it closed).
+    told_open: bool,
 }
 
 /// What a finished request does to its session (a hook's answer changing who it is).
@@ -163,9 +165,10 @@ impl Session {
             .get_or_create(&transport.label())
             .inc();
         context.hub.register(connection.clone());
-        if let Some(webhooks) = &context.webhooks {
-            webhooks.connected(&connection);
-        }
+        let told_open = context
+            .webhooks
+            .as_ref()
+            .is_some_and(|webhooks| webhooks.connected(&connection));
         let publish_limiter =
             publish_limiter(context.limits.publish_rate, context.limits.publish_burst);
         Session {
@@ -182,6 +185,7 @@ impl Session {
             connected: false,
             waiting: None,
             upgrade: None,
+            told_open,
         }
     }
 
@@ -310,7 +314,8 @@ impl Session {
         }
         self.connection.set_auth(auth);
         self.auth = self.connection.auth();
-        if self.auth.user.is_some()
+        if self.told_open
+            && self.auth.user.is_some()
             && let Some(webhooks) = &self.context.webhooks
         {
             webhooks.identified(&self.connection);
@@ -469,7 +474,9 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.context.hub.deregister(&self.connection);
-        if let Some(webhooks) = &self.context.webhooks {
+        if self.told_open
+            && let Some(webhooks) = &self.context.webhooks
+        {
             let reason = self
                 .queue
                 .closing_code()

@@ -261,6 +261,11 @@ impl Budget {
         taken
     }
 
+    /// Counts `n` events whatever the bound (a `disconnected` owed).
+    pub(crate) fn add(&self, n: u64) {
+        self.waiting.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Gives back room for `n` events (delivered, dropped, or never written).
     pub(crate) fn release(&self, n: u64) {
         let _ = self
@@ -324,26 +329,21 @@ impl Webhooks {
         self.settings.wants(kind)
     }
 
-    /// Queues an event for the outbox. A full outbox drops the event; a connection's closing
-    /// still reaches its row (so no `node_lost` is sent later for a connection that closed),
-    /// and an opening without room is dropped whole (no `connected`, no row: no `disconnected`
-    /// either, so the pair stays whole).
-    fn emit(&self, mut emitted: Emitted) -> bool {
-        let mut counted = is_event(&emitted.event);
-        if counted && !self.budget.take(&self.metrics) {
-            match emitted.live {
-                Some(Live::Closed { .. }) => {
-                    emitted.event = NewEvent {
-                        at_us: 0,
-                        body: String::new(),
-                    };
-                    counted = false;
-                }
-                _ => return false,
+    /// Queues an event for the outbox; false when it was dropped. A full outbox drops new
+    /// events, an opening connection's whole (no `connected`, no row: no `disconnected` owed
+    /// either), but never a `disconnected` owed for a `connected` it took: those go past the
+    /// bound (at most one per connection it told about), so every pair stays whole.
+    fn emit(&self, emitted: Emitted) -> bool {
+        let counted = is_event(&emitted.event);
+        if counted {
+            if matches!(emitted.live, Some(Live::Closed { .. })) {
+                self.budget.add(1);
+            } else if !self.budget.take(&self.metrics) {
+                return false;
             }
         }
         match self.queue.try_send(emitted) {
-            Ok(()) => counted,
+            Ok(()) => true,
             Err(_) => {
                 if counted {
                     self.budget.release(1);
@@ -394,8 +394,10 @@ impl Webhooks {
     }
 
     /// A socket connection opened: `connected`, and its row among the open connections (even
-    /// when `connected` is not sent, so that `disconnected` can be).
-    pub(crate) fn connected(&self, connection: &ConnectionHandle) {
+    /// when `connected` is not sent, so that `disconnected` can be). False when nothing was
+    /// queued (not wanted, or the outbox is full): the connection's later events about its
+    /// row (`identified`, `disconnected`) are then not sent either.
+    pub(crate) fn connected(&self, connection: &ConnectionHandle) -> bool {
         let info = self.info(connection);
         let event = self.connection_event("connected", &info, "");
         let live = Live::Open {
@@ -416,7 +418,9 @@ impl Webhooks {
                 event,
                 live: Some(live),
                 done: None,
-            });
+            })
+        } else {
+            false
         }
     }
 
