@@ -157,7 +157,13 @@ fn open_blocking(path: PathBuf) -> Result<SqliteBackend, StoreError> {
     migrate::run(&mut connection)?;
     let writer = Writer::start(connection)
         .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
-    let checkpointer = Checkpointer::start(&path, BUSY_TIMEOUT, writer.commit_count())?;
+    let checkpointer = Checkpointer::start(
+        &path,
+        BUSY_TIMEOUT,
+        writer.commit_count(),
+        writer.restart_flag(),
+        checkpoint::WRAP_FRAMES,
+    )?;
     Ok(SqliteBackend {
         checkpointer,
         hot: Arc::new(HotRecords::new(HOT_BYTES)),

@@ -12,7 +12,7 @@
 //! means committed, exactly as with one transaction per write, at one commit's cost for many.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use parking_lot::Mutex;
@@ -87,6 +87,10 @@ pub(super) struct Writer {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Transactions committed so far.
     commits: Arc<AtomicU64>,
+    /// Set by the checkpointer when the log is long and checkpointed: the writer then
+    /// checkpoints the last few frames itself between two transactions, so that its next one
+    /// starts the log again from its beginning (see `checkpoint.rs`).
+    restart: Arc<AtomicBool>,
 }
 
 impl Writer {
@@ -94,14 +98,16 @@ impl Writer {
     pub(super) fn start(connection: Connection) -> std::io::Result<Writer> {
         let (jobs, queue) = mpsc::channel(QUEUE);
         let commits = Arc::new(AtomicU64::new(0));
-        let counted = commits.clone();
+        let restart = Arc::new(AtomicBool::new(false));
+        let (counted, wanted) = (commits.clone(), restart.clone());
         let thread = std::thread::Builder::new()
             .name("duplex-sqlite-writer".into())
-            .spawn(move || write_until_closed(&connection, queue, &counted))?;
+            .spawn(move || write_until_closed(&connection, queue, &counted, &wanted))?;
         Ok(Writer {
             jobs: Mutex::new(Some(jobs)),
             thread: Mutex::new(Some(thread)),
             commits,
+            restart,
         })
     }
 
@@ -143,6 +149,11 @@ impl Writer {
         self.commits.clone()
     }
 
+    /// What the checkpointer sets to have the writer start the log again.
+    pub(super) fn restart_flag(&self) -> Arc<AtomicBool> {
+        self.restart.clone()
+    }
+
     /// Takes no more writes, lets the thread finish those queued, and waits for it.
     pub(super) async fn close(&self) {
         self.jobs.lock().take();
@@ -158,6 +169,7 @@ fn write_until_closed(
     connection: &Connection,
     mut queue: mpsc::Receiver<Box<dyn Job>>,
     commits: &AtomicU64,
+    restart: &AtomicBool,
 ) {
     let mut batch: Vec<Box<dyn Job>> = Vec::new();
     while let Some(job) = queue.blocking_recv() {
@@ -173,6 +185,26 @@ fn write_until_closed(
                 commits.fetch_add(1, Ordering::Relaxed);
             }
         }
+        if restart.swap(false, Ordering::Relaxed) {
+            restart_log(connection);
+        }
+    }
+}
+
+/// Checkpoints, between two transactions, the frames committed since the checkpointer's last
+/// pass (a few milliseconds of writes, already mostly copied), so that every frame is in the
+/// database file when the next transaction begins: that transaction then writes the log from
+/// its beginning instead of growing it. Under a steady stream of writes nothing else can: the
+/// checkpointer, which never holds the writer up, always finishes a little behind it.
+fn restart_log(connection: &Connection) {
+    let started = std::time::Instant::now();
+    match connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
+    }) {
+        Ok((log, done)) => {
+            tracing::debug!(frames = log, checkpointed = done, took = ?started.elapsed(), "the writer checkpointed the end of the log");
+        }
+        Err(error) => tracing::warn!(%error, "a WAL checkpoint failed"),
     }
 }
 
