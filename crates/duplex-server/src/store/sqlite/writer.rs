@@ -181,9 +181,7 @@ fn write_until_closed(
             }
         }
         while !batch.is_empty() {
-            if commit_some(connection, &mut batch) {
-                commits.fetch_add(1, Ordering::Relaxed);
-            }
+            commit_some(connection, &mut batch, commits);
         }
         if restart.swap(false, Ordering::Relaxed) {
             restart_log(connection);
@@ -210,14 +208,16 @@ fn restart_log(connection: &Connection) {
 
 /// Runs the batch's writes in one transaction and finishes them; leaves in `batch` the writes
 /// that did not run because SQLite ended the transaction early. True when it committed.
-fn commit_some(connection: &Connection, batch: &mut Vec<Box<dyn Job>>) -> bool {
+/// Runs some of `batch` in one transaction and answers them; counts the commit in `commits`
+/// before answering, so that a caller that got its answer finds its transaction counted.
+fn commit_some(connection: &Connection, batch: &mut Vec<Box<dyn Job>>, commits: &AtomicU64) {
     if let Err(error) = connection.execute_batch("BEGIN IMMEDIATE") {
         let why = error.to_string();
         tracing::error!(%why, "cannot begin a write transaction");
         for job in batch.drain(..) {
             job.fail(&why);
         }
-        return false;
+        return;
     }
     let mut jobs = std::mem::take(batch).into_iter();
     let mut finishes = Vec::with_capacity(jobs.len());
@@ -253,13 +253,15 @@ fn commit_some(connection: &Connection, batch: &mut Vec<Box<dyn Job>>) -> bool {
             error.to_string()
         })
     };
-    if let Err(why) = &outcome {
-        tracing::error!(%why, writes = finishes.len(), "a group commit failed");
+    match &outcome {
+        Ok(()) => {
+            commits.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(why) => tracing::error!(%why, writes = finishes.len(), "a group commit failed"),
     }
     for finish in finishes {
         finish(outcome.as_ref().map(|_| ()).map_err(String::as_str));
     }
-    outcome.is_ok()
 }
 
 #[cfg(test)]
