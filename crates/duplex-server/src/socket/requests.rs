@@ -74,6 +74,11 @@ impl Session {
             .clone()
             .or_else(|| frame.meta.map(|meta| Arc::from(meta.to_owned())));
         self.connection.set_meta(meta);
+        self.reply_connected(id);
+    }
+
+    /// The reply to a `connect` that succeeded: the connection's id and user.
+    fn reply_connected(&mut self, id: u64) {
         let client = self.id.to_string();
         let user = self.connection.user();
         self.reply(
@@ -156,15 +161,7 @@ impl Session {
         self.connected = true;
         self.upgrade = None;
         if let Some(id) = id {
-            let client = self.id.to_string();
-            let user = self.connection.user();
-            self.reply(
-                id,
-                ConnectResult {
-                    client: client.into(),
-                    user: user.as_deref().map(Into::into),
-                },
-            );
+            self.reply_connected(id);
         }
     }
 

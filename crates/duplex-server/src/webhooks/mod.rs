@@ -409,10 +409,7 @@ impl Webhooks {
             let event = if self.wants(EventKind::Connected) {
                 event
             } else {
-                NewEvent {
-                    at_us: 0,
-                    body: String::new(),
-                }
+                no_event()
             };
             self.emit(Emitted {
                 event,
@@ -432,10 +429,7 @@ impl Webhooks {
         }
         let info = self.info(connection);
         self.emit(Emitted {
-            event: NewEvent {
-                at_us: 0,
-                body: String::new(),
-            },
+            event: no_event(),
             live: Some(Live::Open {
                 client: info.client.clone(),
                 info: serde_json::to_string(&info).expect("connection info serializes"),
@@ -457,10 +451,7 @@ impl Webhooks {
                 &format!("\"reason\":{}", json_string(reason)),
             )
         } else {
-            NewEvent {
-                at_us: 0,
-                body: String::new(),
-            }
+            no_event()
         };
         self.emit(Emitted {
             event,
@@ -608,6 +599,14 @@ fn lost_event(info: &str, taker: &str) -> NewEvent {
 /// Whether `outbox` events are real (an append of a row change alone carries an empty one).
 fn is_event(event: &NewEvent) -> bool {
     !event.body.is_empty()
+}
+
+/// What a row change that tells nothing carries.
+fn no_event() -> NewEvent {
+    NewEvent {
+        at_us: 0,
+        body: String::new(),
+    }
 }
 
 /// Wakes the delivery task.

@@ -121,7 +121,7 @@ fn checkpoint_until_stopped(
 }
 
 /// Runs a checkpoint; returns the frames in the log and how many of them are checkpointed.
-fn checkpoint(connection: &Connection, mode: &str) -> rusqlite::Result<(i64, i64)> {
+pub(super) fn checkpoint(connection: &Connection, mode: &str) -> rusqlite::Result<(i64, i64)> {
     connection.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |row| {
         Ok((row.get(1)?, row.get(2)?))
     })
@@ -136,19 +136,25 @@ mod tests {
     use super::Checkpointer;
     use crate::store::sqlite::writer::Writer;
 
-    /// With automatic checkpoints off, the thread is what moves committed pages into the
-    /// database file.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn commits_reach_the_database_file_without_automatic_checkpoints() {
-        let dir = tempfile::tempdir().expect("dir");
-        let path = dir.path().join("db.sqlite");
-        let connection = Connection::open(&path).expect("open");
+    /// A database in WAL mode whose commits never checkpoint by themselves, as the store's.
+    fn wal_without_autocheckpoint(path: &std::path::Path) -> Connection {
+        let connection = Connection::open(path).expect("open");
         let _: String = connection
             .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
             .expect("wal");
         connection
             .pragma_update(None, "wal_autocheckpoint", 0)
             .expect("pragma");
+        connection
+    }
+
+    /// With automatic checkpoints off, the thread is what moves committed pages into the
+    /// database file.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commits_reach_the_database_file_without_automatic_checkpoints() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("db.sqlite");
+        let connection = wal_without_autocheckpoint(&path);
         connection
             .execute_batch("CREATE TABLE t (x BLOB)")
             .expect("table");
@@ -195,13 +201,7 @@ mod tests {
     async fn the_log_wraps_under_a_steady_stream_of_writes() {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("db.sqlite");
-        let connection = Connection::open(&path).expect("open");
-        let _: String = connection
-            .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
-            .expect("wal");
-        connection
-            .pragma_update(None, "wal_autocheckpoint", 0)
-            .expect("pragma");
+        let connection = wal_without_autocheckpoint(&path);
         connection
             .pragma_update(None, "synchronous", "NORMAL")
             .expect("pragma");

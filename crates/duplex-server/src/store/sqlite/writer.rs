@@ -196,9 +196,7 @@ fn write_until_closed(
 /// checkpointer, which never holds the writer up, always finishes a little behind it.
 fn restart_log(connection: &Connection) {
     let started = std::time::Instant::now();
-    match connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
-        Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?))
-    }) {
+    match super::checkpoint::checkpoint(connection, "PASSIVE") {
         Ok((log, done)) => {
             tracing::debug!(frames = log, checkpointed = done, took = ?started.elapsed(), "the writer checkpointed the end of the log");
         }
