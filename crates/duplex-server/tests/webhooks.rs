@@ -290,6 +290,38 @@ async fn a_full_outbox_drops_new_events_and_publishing_goes_on() {
     assert_eq!(kept, [json!(0), json!(1), json!(2)]);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_s_publications_are_told_in_its_order() {
+    let receiver = WebhookReceiver::start(None).await;
+    let server = server(webhooks(&receiver, &[EventKind::Published]), None).await;
+    let mut publishers = Vec::new();
+    for p in 0..4 {
+        let mut client = server.ws().await;
+        publishers.push(tokio::spawn(async move {
+            // Each sends its next publication without waiting for the answer to the last.
+            for i in 0..25u64 {
+                let id = i + 1;
+                client
+                    .send_json(json!({"type": "publish", "id": id, "channel": "chat:race", "data": {"p": p, "i": i}}))
+                    .await;
+            }
+            for _ in 0..25 {
+                let answer = client.next_json().await;
+                assert_eq!(answer["type"], "reply", "{answer}");
+            }
+        }));
+    }
+    for publisher in publishers {
+        publisher.await.expect("publisher");
+    }
+    let published = at_least(&receiver, "published", 100).await;
+    let offsets: Vec<u64> = published
+        .iter()
+        .filter_map(|e| e["offset"].as_u64())
+        .collect();
+    assert_eq!(offsets, (1..=100).collect::<Vec<_>>());
+}
+
 #[tokio::test]
 async fn a_full_outbox_keeps_every_pair_whole() {
     let receiver = WebhookReceiver::start(None).await;

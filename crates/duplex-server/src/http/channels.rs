@@ -78,13 +78,21 @@ pub(crate) async fn publish(
         .webhooks
         .as_ref()
         .filter(|w| w.wants(crate::webhooks::EventKind::Published));
-    let told = webhooks.map(|_| payload.clone());
-    let outcome = state.hub.publish(&channel, payload, Caller::Server).await?;
-    if let (Some(webhooks), Some(payload)) = (webhooks, told) {
-        webhooks
-            .published(None, &channel, outcome.offset, &payload)
-            .await;
-    }
+    let outcome = match webhooks {
+        None => state.hub.publish(&channel, payload, Caller::Server).await?,
+        Some(webhooks) => {
+            let copy = payload.clone();
+            let mut written = None;
+            let mut told =
+                |offset: u64| written = webhooks.published(None, &channel, offset, &copy);
+            let outcome = state
+                .hub
+                .publish_told(&channel, payload, Caller::Server, Some(&mut told))
+                .await?;
+            crate::webhooks::Webhooks::written(written).await;
+            outcome
+        }
+    };
     Ok(axum::Json(Published {
         offset: outcome.offset,
         epoch: outcome.epoch.to_string(),

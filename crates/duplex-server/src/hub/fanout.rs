@@ -24,14 +24,31 @@ impl Hub {
         payload: Payload,
         caller: Caller<'_>,
     ) -> Result<PublishOutcome, HubError> {
+        self.publish_told(channel_name, payload, caller, None).await
+    }
+
+    /// [`publish`](Self::publish), calling `told` with the publication's offset as soon as it
+    /// has one: on the in-process broker under the channel's lock, so that what `told` records
+    /// (the webhook's `published`) is in the channel's order; with a broker, once the broker
+    /// answered.
+    pub(crate) async fn publish_told(
+        &self,
+        channel_name: &str,
+        payload: Payload,
+        caller: Caller<'_>,
+        told: Option<&mut (dyn FnMut(u64) + Send)>,
+    ) -> Result<PublishOutcome, HubError> {
         let namespace = self.check_publication(channel_name, &payload, caller)?;
         match &self.broker {
-            None => self.publish_here(channel_name, &payload),
+            None => self.publish_here(channel_name, &payload, told),
             Some(broker) => {
                 let (offset, epoch) = broker
                     .publish(channel_name, &payload, retention_of(namespace))
                     .await
                     .map_err(|e| HubError::Unavailable(e.to_string()))?;
+                if let Some(told) = told {
+                    told(offset);
+                }
                 Ok(PublishOutcome { offset, epoch })
             }
         }
@@ -69,6 +86,7 @@ impl Hub {
         &self,
         channel_name: &str,
         payload: &Payload,
+        mut told: Option<&mut (dyn FnMut(u64) + Send)>,
     ) -> Result<PublishOutcome, HubError> {
         if !self.channels.contains_key(channel_name)
             && self.namespaces.for_channel(channel_name).history_size == 0
@@ -77,6 +95,9 @@ impl Hub {
             // removed at once. Its first offset in a fresh epoch, without making it (so a
             // publisher to nobody is not held to `max_channels`).
             self.metrics.publications.inc();
+            if let Some(told) = told {
+                told(1);
+            }
             return Ok(PublishOutcome {
                 offset: 1,
                 epoch: new_epoch(),
@@ -90,6 +111,9 @@ impl Hub {
             }
             state.last_offset += 1;
             let offset = state.last_offset;
+            if let Some(told) = told.take() {
+                told(offset);
+            }
             let publication = Arc::new(Publication::counted(
                 channel.name.clone(),
                 offset,

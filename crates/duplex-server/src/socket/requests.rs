@@ -615,15 +615,24 @@ impl Session {
                     },
                 }
             }
-            let told = webhooks.as_ref().map(|_| payload.clone());
-            match hub.publish(&channel, payload, Caller::Client(&auth)).await {
+            let copy = webhooks.as_ref().map(|_| payload.clone());
+            let mut written = None;
+            let mut record = |offset: u64| {
+                if let (Some(webhooks), Some(copy)) = (&webhooks, &copy) {
+                    written = webhooks.published(Some(&connection), &channel, offset, copy);
+                }
+            };
+            let told: Option<&mut (dyn FnMut(u64) + Send)> = match &webhooks {
+                Some(_) => Some(&mut record),
+                None => None,
+            };
+            let published = hub
+                .publish_told(&channel, payload, Caller::Client(&auth), told)
+                .await;
+            match published {
                 Ok(outcome) => {
-                    // Told to the backend's outbox before the publisher hears it is out.
-                    if let (Some(webhooks), Some(payload)) = (&webhooks, &told) {
-                        webhooks
-                            .published(Some(&connection), &channel, outcome.offset, payload)
-                            .await;
-                    }
+                    // In the backend's outbox before the publisher hears it is out.
+                    crate::webhooks::Webhooks::written(written).await;
                     push_reply(
                         &queue,
                         id,

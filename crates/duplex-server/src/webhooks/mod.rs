@@ -503,17 +503,19 @@ impl Webhooks {
         });
     }
 
-    /// A publication was made (by `connection`, or by the server API when `None`); completes
-    /// once the event is in the outbox (or dropped), so the publisher is answered after it.
-    pub(crate) async fn published(
+    /// A publication was made (by `connection`, or by the server API when `None`): queues its
+    /// event (in the channel's order when called under the channel's lock, as
+    /// [`crate::hub::Hub::publish_told`] does); await [`Webhooks::written`] with what it
+    /// returns before answering the publisher.
+    pub(crate) fn published(
         &self,
         connection: Option<&ConnectionHandle>,
         channel: &str,
         offset: u64,
         payload: &Payload,
-    ) {
+    ) -> Option<oneshot::Receiver<()>> {
         if !self.wants(EventKind::Published) {
-            return;
+            return None;
         }
         let data = match payload {
             Payload::Json(data) => format!("\"data\":{}", data.get()),
@@ -544,19 +546,25 @@ impl Webhooks {
             ),
         };
         let (done, written) = oneshot::channel();
-        if self.emit(Emitted {
+        self.emit(Emitted {
             event,
             live: None,
             done: Some(done),
-        }) {
-            // A store that does not answer must not hold publishing up for good: past this the
-            // publisher is answered, and the event is written when the store is back.
-            if tokio::time::timeout(PUBLISHED_WAIT, written).await.is_err() {
-                tracing::warn!(
-                    channel,
-                    "a published event is not in the outbox yet; answering the publisher anyway"
-                );
-            }
+        })
+        .then_some(written)
+    }
+
+    /// Completes once a `published` event is in the outbox: the publisher is answered after.
+    /// A store that does not answer must not hold publishing up for good: past
+    /// [`PUBLISHED_WAIT`] the publisher is answered, and the event is written when the store is
+    /// back.
+    pub(crate) async fn written(written: Option<oneshot::Receiver<()>>) {
+        if let Some(written) = written
+            && tokio::time::timeout(PUBLISHED_WAIT, written).await.is_err()
+        {
+            tracing::warn!(
+                "a published event is not in the outbox yet; answering the publisher anyway"
+            );
         }
     }
 }
