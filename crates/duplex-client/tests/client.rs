@@ -171,9 +171,11 @@ async fn gapless_across_cuts(scheme: &str) {
         "no gap, no duplicate"
     );
     assert!(cuts >= 4);
+    // Not one reconnection per cut: a cut that lands while the client is between connections
+    // (it may still be reading what it had buffered) cuts nothing (seen once in CI).
     assert!(
-        proxy.forwarded() > 4,
-        "the client reconnected after each cut"
+        proxy.forwarded() > 1,
+        "the client reconnected after the cuts"
     );
 }
 
