@@ -669,3 +669,29 @@ async fn the_clients_connect_first_when_the_server_asks_its_backend() {
             .any(|p| p.user.as_deref() == Some("from-backend"))
     );
 }
+
+#[tokio::test]
+async fn an_answer_that_is_not_a_hook_answer_is_a_failed_hook() {
+    let backend = Backend::start(|call| match call["channel"].as_str() {
+        Some("chat:no-allow") => Reaction::Json(json!({"ok": true})),
+        Some("chat:not-an-object") => Reaction::Json(json!(["allow"])),
+        _ => Reaction::Json(json!({"allow": true})),
+    })
+    .await;
+    let server = server_with(backend.hooks(&[Hook::Subscribe]), "").await;
+    let mut client = server.ws().await;
+    for (id, channel) in [(1, "chat:no-allow"), (2, "chat:not-an-object")] {
+        let refused = try_subscribe(&mut client, channel, id).await;
+        assert_eq!(refused["code"], "unavailable", "{refused}");
+        let message = refused["message"].as_str().expect("a message");
+        assert!(message.contains("not a hook answer"), "{message}");
+    }
+    let fine = try_subscribe(&mut client, "chat:fine", 3).await;
+    assert_eq!(fine["type"], "reply", "{fine}");
+    assert_eq!(
+        server
+            .metric("duplex_hook_calls_total{hook=\"subscribe\",result=\"failed_denied\"}")
+            .await,
+        2.0
+    );
+}
