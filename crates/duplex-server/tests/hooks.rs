@@ -455,6 +455,18 @@ async fn rpc_calls_reach_the_backend_and_its_results_and_errors_come_back() {
     assert_eq!(down["code"], "unavailable", "{down}");
     let nameless = ask(&mut client, json!({"type": "rpc"}), 6).await;
     assert_eq!(nameless["code"], "bad_request", "{nameless}");
+    let long = ask(
+        &mut client,
+        json!({"type": "rpc", "method": "m".repeat(257)}),
+        7,
+    )
+    .await;
+    assert_eq!(long["code"], "bad_request", "{long}");
+    assert_eq!(
+        backend.calls("rpc").len(),
+        5,
+        "refused before the backend is asked"
+    );
 
     // The Rust client calls the same way.
     let connection =
@@ -675,23 +687,68 @@ async fn an_answer_that_is_not_a_hook_answer_is_a_failed_hook() {
     let backend = Backend::start(|call| match call["channel"].as_str() {
         Some("chat:no-allow") => Reaction::Json(json!({"ok": true})),
         Some("chat:not-an-object") => Reaction::Json(json!(["allow"])),
+        Some("chat:too-long") => Reaction::Json(json!({"allow": true, "pad": "x".repeat(1 << 20)})),
         _ => Reaction::Json(json!({"allow": true})),
     })
     .await;
     let server = server_with(backend.hooks(&[Hook::Subscribe]), "").await;
     let mut client = server.ws().await;
-    for (id, channel) in [(1, "chat:no-allow"), (2, "chat:not-an-object")] {
+    for (id, channel) in [
+        (1, "chat:no-allow"),
+        (2, "chat:not-an-object"),
+        (3, "chat:too-long"),
+    ] {
         let refused = try_subscribe(&mut client, channel, id).await;
         assert_eq!(refused["code"], "unavailable", "{refused}");
         let message = refused["message"].as_str().expect("a message");
         assert!(message.contains("not a hook answer"), "{message}");
     }
-    let fine = try_subscribe(&mut client, "chat:fine", 3).await;
+    let fine = try_subscribe(&mut client, "chat:fine", 4).await;
     assert_eq!(fine["type"], "reply", "{fine}");
     assert_eq!(
         server
             .metric("duplex_hook_calls_total{hook=\"subscribe\",result=\"failed_denied\"}")
             .await,
-        2.0
+        3.0
     );
+}
+
+#[tokio::test]
+async fn the_expiry_the_backend_sets_is_enforced() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let backend = Backend::start(move |call| {
+        let expires_at = if call["meta"]["past"] == true {
+            now - 10
+        } else {
+            now + 1
+        };
+        Reaction::Json(json!({"allow": true, "user": "ana", "expires_at": expires_at}))
+    })
+    .await;
+    let server = server_with(backend.hooks(&[Hook::Connect]), "").await;
+
+    // An expiry already past refuses the connect.
+    let mut late = server.ws().await;
+    let refused = ask(
+        &mut late,
+        json!({"type": "connect", "meta": {"past": true}}),
+        1,
+    )
+    .await;
+    assert_eq!(refused["code"], "token_expired", "{refused}");
+
+    // One a second ahead ends the connection when it passes, unless it is refreshed.
+    let mut client = server.ws().await;
+    let connected = ask(&mut client, json!({"type": "connect"}), 1).await;
+    assert_eq!(connected["result"]["user"], "ana", "{connected}");
+    let goodbye = loop {
+        let frame = client.next_json().await;
+        if frame["type"] == "disconnect" {
+            break frame;
+        }
+    };
+    assert_eq!(goodbye["code"], "token_expired", "{goodbye}");
 }

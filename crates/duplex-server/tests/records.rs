@@ -25,6 +25,18 @@ async fn create(server: &TestServer, collection: &str, body: Value) -> Value {
     response.json().await.expect("json")
 }
 
+/// GETs `url` and reads the JSON answer.
+async fn get_json(url: impl reqwest::IntoUrl) -> Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json")
+}
+
 /// Asserts a problem+json response and returns its code.
 async fn problem_code(response: Response, status: StatusCode) -> String {
     assert_eq!(response.status(), status);
@@ -64,14 +76,7 @@ async fn create_returns_201_with_location_etag_and_server_fields(store: Store) {
     time::OffsetDateTime::parse(created, &time::format_description::well_known::Rfc3339)
         .expect("created is RFC 3339");
 
-    let fetched: Value = client()
-        .get(server.url(&location))
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let fetched: Value = get_json(server.url(&location)).await;
     assert_eq!(fetched, record);
 }
 
@@ -166,14 +171,7 @@ async fn put_with_a_stale_if_match_is_412_and_nothing_is_lost(store: Store) {
         problem_code(second, StatusCode::PRECONDITION_FAILED).await,
         "precondition_failed"
     );
-    let now: Value = client()
-        .get(&url)
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let now: Value = get_json(&url).await;
     assert_eq!(now["text"], "from first");
     assert_eq!(now["version"], 2);
 
@@ -462,14 +460,7 @@ async fn collections_are_listed_with_record_counts(store: Store) {
         create(&server, "posts", json!({})).await;
     }
     create(&server, "comments", json!({})).await;
-    let body: Value = client()
-        .get(server.url("/api/collections"))
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let body: Value = get_json(server.url("/api/collections")).await;
     assert_eq!(
         body,
         json!({"items": [{"name": "comments", "records": 1}, {"name": "posts", "records": 3}]})
@@ -1015,14 +1006,7 @@ async fn concurrent_writes_stay_exact_and_are_announced_in_commit_order(store: S
     while let Some(done) = writers.join_next().await {
         done.expect("writer");
     }
-    let now: Value = client()
-        .get(&url)
-        .send()
-        .await
-        .expect("request")
-        .json()
-        .await
-        .expect("json");
+    let now: Value = get_json(&url).await;
     assert_eq!(
         now["version"], 22,
         "1, the If-Match winner, then twenty writers"

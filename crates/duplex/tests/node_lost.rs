@@ -53,23 +53,17 @@ async fn connected(receiver: &WebhookReceiver, ids: &[String]) {
     .await;
 }
 
-/// The `disconnected` events of `ids`, once each has exactly one (waiting up to `within`).
-async fn disconnected(receiver: &WebhookReceiver, ids: &[String], within: Duration) -> Vec<Value> {
-    tokio::time::timeout(within, async {
-        loop {
-            let found: Vec<Value> = receiver
-                .of("disconnected")
-                .into_iter()
-                .filter(|e| ids.iter().any(|id| e["client"] == id.as_str()))
-                .collect();
-            if found.len() >= ids.len() {
-                return found;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+/// The `disconnected` events of `ids`, once each has one.
+async fn disconnected(receiver: &WebhookReceiver, ids: &[String]) -> Vec<Value> {
+    wait_for("every connection's disconnected", || async {
+        let found: Vec<Value> = receiver
+            .of("disconnected")
+            .into_iter()
+            .filter(|e| ids.iter().any(|id| e["client"] == id.as_str()))
+            .collect();
+        (found.len() >= ids.len()).then_some(found)
     })
     .await
-    .expect("every connection's disconnected in time")
 }
 
 #[tokio::test]
@@ -90,7 +84,7 @@ async fn a_node_killed_with_connections_open_sends_their_disconnected_when_it_re
     );
 
     let (_child, _url) = common::spawn_serve(data.path(), &args).await;
-    let lost = disconnected(&receiver, &ids, Duration::from_secs(20)).await;
+    let lost = disconnected(&receiver, &ids).await;
     assert_eq!(lost.len(), 3, "exactly one each: {lost:#?}");
     for event in &lost {
         assert_eq!(event["reason"], "node_lost", "{event}");
@@ -147,7 +141,7 @@ async fn a_node_killed_in_a_cluster_is_taken_over_by_the_other_after_the_expiry(
     let killed = std::time::Instant::now();
     a.kill().await.expect("SIGKILL");
     drop(on_a);
-    let lost = disconnected(&receiver, &ids_a, Duration::from_secs(20)).await;
+    let lost = disconnected(&receiver, &ids_a).await;
     let took = killed.elapsed();
     assert_eq!(lost.len(), 3, "exactly one each: {lost:#?}");
     for event in &lost {

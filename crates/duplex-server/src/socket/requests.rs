@@ -592,12 +592,13 @@ impl Session {
             request = Some(asked);
         }
         let channel = channel.to_owned();
-        let webhooks = self
+        // Only when the webhooks want `published`: the publisher, to name it in the event.
+        let told_to = self
             .context
             .webhooks
             .clone()
-            .filter(|w| w.wants(crate::webhooks::EventKind::Published));
-        let connection = self.connection.clone();
+            .filter(|w| w.wants(crate::webhooks::EventKind::Published))
+            .map(|webhooks| (webhooks, self.connection.clone()));
         self.run(async move {
             let mut payload = payload;
             if let (Some(hooks), Some(request)) = (hooks, request) {
@@ -615,17 +616,17 @@ impl Session {
                     },
                 }
             }
-            let copy = webhooks.as_ref().map(|_| payload.clone());
+            let told_to =
+                told_to.map(|(webhooks, connection)| (webhooks, connection, payload.clone()));
             let mut written = None;
             let mut record = |offset: u64| {
-                if let (Some(webhooks), Some(copy)) = (&webhooks, &copy) {
-                    written = webhooks.published(Some(&connection), &channel, offset, copy);
+                if let Some((webhooks, connection, copy)) = &told_to {
+                    written = webhooks.published(Some(connection), &channel, offset, copy);
                 }
             };
-            let told: Option<&mut (dyn FnMut(u64) + Send)> = match &webhooks {
-                Some(_) => Some(&mut record),
-                None => None,
-            };
+            let told = told_to
+                .is_some()
+                .then_some(&mut record as &mut (dyn FnMut(u64) + Send));
             let published = hub
                 .publish_told(&channel, payload, Caller::Client(&auth), told)
                 .await;

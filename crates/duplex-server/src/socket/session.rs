@@ -239,8 +239,8 @@ impl Session {
     }
 
     /// Keeps the upgrade request's headers and cookies the `connect` hook is to be given.
-    pub(crate) fn keep_upgrade(&mut self, upgrade: Option<crate::hooks::UpgradeContext>) {
-        self.upgrade = upgrade.map(Box::new);
+    pub(crate) fn keep_upgrade(&mut self, upgrade: Option<Box<crate::hooks::UpgradeContext>>) {
+        self.upgrade = upgrade;
     }
 
     /// Whether a request must wait for `connect` (the `connect` hook is on and the connection

@@ -41,7 +41,7 @@ pub(crate) fn serve(
     context: Arc<SocketContext>,
     slot: super::slots::Slot,
     auth: Option<crate::hub::namespace::ClientAuth>,
-    upgrade: Option<crate::hooks::UpgradeContext>,
+    upgrade: Option<Box<crate::hooks::UpgradeContext>>,
 ) -> impl Future<Output = ()> + Send {
     let mut session = Session::start(context.clone(), Transport::WebSocket, Some(remote), slot);
     session.keep_upgrade(upgrade);

@@ -425,13 +425,7 @@ async fn append_outboxed(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     outboxed: &Outboxed,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO webhook_outbox (node, at_us, body) VALUES ($1, $2, $3)")
-        .bind(&outboxed.node)
-        .bind(outboxed.event.at_us)
-        .bind(&outboxed.event.body)
-        .execute(&mut **tx)
-        .await?;
-    Ok(())
+    append_events(tx, &outboxed.node, std::slice::from_ref(&outboxed.event)).await
 }
 
 /// Appends events for `node` in a transaction.

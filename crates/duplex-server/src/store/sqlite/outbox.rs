@@ -32,12 +32,11 @@ impl SqliteBackend {
 
 /// Appends a record write's event in the write's transaction.
 pub(super) fn append_one(connection: &Connection, outboxed: &Outboxed) -> rusqlite::Result<()> {
-    connection.prepare_cached(APPEND)?.execute((
+    append(
+        connection,
         &outboxed.node,
-        outboxed.event.at_us,
-        &outboxed.event.body,
-    ))?;
-    Ok(())
+        std::slice::from_ref(&outboxed.event),
+    )
 }
 
 fn append(connection: &Connection, node: &str, events: &[NewEvent]) -> rusqlite::Result<()> {
