@@ -8,6 +8,7 @@ mod attack;
 mod baseline;
 mod connections;
 mod fanout;
+mod lean_http;
 mod lean_ws;
 mod records;
 pub mod report;

@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use hdrhistogram::Histogram;
-use reqwest::header::{ETAG, IF_MATCH};
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::fanout::Percentiles;
+use crate::lean_http;
 use crate::server::usage_of;
 
 /// What `duplex bench http` measures.
@@ -117,8 +117,10 @@ impl Operation {
 /// What one pass of one operation targets.
 struct Pass {
     operation: Operation,
-    http: reqwest::Client,
-    url: Arc<str>,
+    /// The server's `host:port`.
+    addr: Arc<str>,
+    /// The path requested (for PATCH, the collection's records; the record's id follows).
+    path: Arc<str>,
     /// For PATCH: the records each client edits, one each (an `If-Match` race is not the
     /// point here; the concurrency tests cover it), with the version the last pass left.
     records: Arc<Vec<Mutex<(String, u64)>>>,
@@ -132,6 +134,7 @@ pub async fn run_http(http_addr: &str, options: &HttpOptions) -> anyhow::Result<
         .pool_max_idle_per_host(concurrency)
         .build()?;
     let base = format!("http://{http_addr}/api/collections/bench_records/records");
+    let records_path = "/api/collections/bench_records/records";
     // Enough records that a list of 20 is a full page.
     let mut seeded = Vec::new();
     for _ in 0..40 {
@@ -149,8 +152,8 @@ pub async fn run_http(http_addr: &str, options: &HttpOptions) -> anyhow::Result<
         Some((addr, pid)) => {
             let pass = Pass {
                 operation: Operation::Baseline,
-                http: http.clone(),
-                url: format!("http://{addr}/record").into(),
+                addr: addr.as_str().into(),
+                path: "/record".into(),
                 records: records.clone(),
                 pid: *pid,
             };
@@ -165,15 +168,15 @@ pub async fn run_http(http_addr: &str, options: &HttpOptions) -> anyhow::Result<
         Operation::Create,
         Operation::Patch,
     ] {
-        let url: Arc<str> = match operation {
-            Operation::Get => format!("{base}/{id}").into(),
-            Operation::List => format!("{base}?limit=20").into(),
-            _ => base.clone().into(),
+        let path: Arc<str> = match operation {
+            Operation::Get => format!("{records_path}/{id}").into(),
+            Operation::List => format!("{records_path}?limit=20").into(),
+            _ => records_path.into(),
         };
         let pass = Pass {
             operation,
-            http: http.clone(),
-            url,
+            addr: http_addr.into(),
+            path,
             records: records.clone(),
             pid: options.server_pid,
         };
@@ -246,44 +249,74 @@ struct Tally {
 
 /// `concurrency` clients for `duration`: as fast as they go, or each at `rate / concurrency`
 /// a second on a fixed schedule.
+///
+/// At a fixed rate a request's latency runs from its due time when the server still held the
+/// connection then (the previous answer came after it: the server's delay, counted), and from
+/// when it was written otherwise, so that the client's own timer (tokio's has a 1 ms grain)
+/// and scheduling on a shared machine are not counted as the server's.
 async fn run_pass(
     pass: &Pass,
     concurrency: usize,
     duration: Duration,
     rate: Option<f64>,
 ) -> anyhow::Result<Tally> {
-    let started = Instant::now();
     let interval = rate.map(|rate| Duration::from_secs_f64(concurrency as f64 / rate.max(1.0)));
+    let mut connections = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        connections.push(lean_http::Connection::open(&pass.addr).await?);
+    }
+    let started = Instant::now();
     let mut workers = Vec::with_capacity(concurrency);
-    for worker in 0..concurrency {
-        let (operation, http, url) = (pass.operation, pass.http.clone(), pass.url.clone());
+    for (worker, mut connection) in connections.into_iter().enumerate() {
+        let (operation, addr, path) = (pass.operation, pass.addr.clone(), pass.path.clone());
         let records = pass.records.clone();
         workers.push(tokio::spawn(async move {
             let mut record = records.get(worker).map(|r| lock(r).clone());
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2)?;
             let (mut ok, mut errors) = (0u64, 0u64);
+            let fixed = prepared(operation, &addr, &path);
             // Spread the clients' schedules over one interval.
             let mut due = interval.map(|i| started + i.mul_f64(worker as f64 / concurrency as f64));
+            let mut free_since = started;
             loop {
-                let sent = match (&mut due, interval) {
+                let scheduled = match (&mut due, interval) {
                     (Some(at), Some(interval)) => {
                         tokio::time::sleep_until((*at).into()).await;
                         let this = *at;
                         *at += interval;
-                        this
+                        Some(this)
                     }
-                    _ => Instant::now(),
+                    _ => None,
                 };
-                if sent.duration_since(started) >= duration {
+                let written = Instant::now();
+                if scheduled.unwrap_or(written).duration_since(started) >= duration {
                     break;
                 }
-                match send(operation, &http, &url, record.as_mut()).await {
+                let from = match scheduled {
+                    Some(due) if free_since > due => due,
+                    _ => written,
+                };
+                let result = send(
+                    operation,
+                    &mut connection,
+                    &fixed,
+                    &addr,
+                    &path,
+                    record.as_mut(),
+                )
+                .await;
+                free_since = Instant::now();
+                match result {
                     Ok(()) => {
                         ok += 1;
-                        let micros = sent.elapsed().as_micros() as u64;
+                        let micros = free_since.duration_since(from).as_micros() as u64;
                         let _ = histogram.record(micros.clamp(1, 600_000_000));
                     }
-                    Err(_) => errors += 1,
+                    Err(_) => {
+                        errors += 1;
+                        // The connection may be out of step with its answers: start again.
+                        connection = lean_http::Connection::open(&addr).await?;
+                    }
                 }
             }
             if let (Some(kept), Some(record)) = (records.get(worker), record) {
@@ -308,6 +341,21 @@ async fn run_pass(
     Ok(tally)
 }
 
+/// The request an operation sends every time (all but PATCH, whose `If-Match` moves on).
+fn prepared(operation: Operation, addr: &str, path: &str) -> Vec<u8> {
+    match operation {
+        Operation::Baseline | Operation::Get | Operation::List => lean_http::get(addr, path),
+        Operation::Create => lean_http::with_body(
+            "POST",
+            addr,
+            path,
+            &["content-type: application/json"],
+            bench_record().to_string().as_bytes(),
+        ),
+        Operation::Patch => Vec::new(),
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -317,38 +365,45 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// One request; a PATCH moves its record's version on.
 async fn send(
     operation: Operation,
-    http: &reqwest::Client,
-    url: &str,
+    connection: &mut lean_http::Connection,
+    prepared: &[u8],
+    addr: &str,
+    path: &str,
     record: Option<&mut (String, u64)>,
 ) -> anyhow::Result<()> {
-    let response = match operation {
-        Operation::Baseline | Operation::Get | Operation::List => http.get(url).send().await?,
-        Operation::Create => http.post(url).json(&bench_record()).send().await?,
+    let answer = match operation {
+        Operation::Baseline | Operation::Get | Operation::List | Operation::Create => {
+            connection.exchange(prepared).await?
+        }
         Operation::Patch => {
             let (id, version) = record.context("no record to patch")?;
-            let response = http
-                .patch(format!("{url}/{id}"))
-                .header(IF_MATCH, format!("\"{version}\""))
-                .header("content-type", "application/merge-patch+json")
-                .body(r#"{"stars":4}"#)
-                .send()
-                .await?;
-            if let Some(etag) = response.headers().get(ETAG) {
-                *version = etag.to_str()?.trim_matches('"').parse()?;
-            } else if response.status() == reqwest::StatusCode::PRECONDITION_FAILED {
+            let request = lean_http::with_body(
+                "PATCH",
+                addr,
+                &format!("{path}/{id}"),
+                &[
+                    &format!("if-match: \"{version}\""),
+                    "content-type: application/merge-patch+json",
+                ],
+                br#"{"stars":4}"#,
+            );
+            let answer = connection.exchange(&request).await?;
+            if let Some(moved) = answer.version {
+                *version = moved;
+            } else if answer.status == 412 {
                 // Out of step (an earlier request failed on the way): read where it is.
-                let current = http.get(format!("{url}/{id}")).send().await?;
-                if let Some(etag) = current.headers().get(ETAG) {
-                    *version = etag.to_str()?.trim_matches('"').parse()?;
+                let current = connection
+                    .exchange(&lean_http::get(addr, &format!("{path}/{id}")))
+                    .await?;
+                if let Some(current) = current.version {
+                    *version = current;
                 }
             }
-            response
+            answer
         }
     };
-    let status = response.status();
-    response.bytes().await?;
-    if !status.is_success() {
-        bail!("{status}");
+    if !(200..300).contains(&answer.status) {
+        bail!("{}", answer.status);
     }
     Ok(())
 }
