@@ -3,11 +3,8 @@
 
 use std::sync::Arc;
 
-use serde_json::value::RawValue;
-
 use crate::hub::Hub;
 use crate::hub::namespace::Caller;
-use crate::hub::publication::Payload;
 use crate::store::{RecordEvent, RecordEvents};
 
 /// Publishes each committed write as the store announces it, one after the other (so a
@@ -20,16 +17,7 @@ pub(crate) async fn announce(hub: Arc<Hub>, mut events: RecordEvents) {
 }
 
 async fn publish(hub: &Hub, event: &RecordEvent) {
-    let op = event.op.as_str();
-    let document = &event.record.document;
-    let mut data = Vec::with_capacity(document.len() + 32);
-    data.extend_from_slice(b"{\"op\":\"");
-    data.extend_from_slice(op.as_bytes());
-    data.extend_from_slice(b"\",\"record\":");
-    data.extend_from_slice(document);
-    data.push(b'}');
-    let data = String::from_utf8(data).expect("stored documents are UTF-8 JSON");
-    let data = match RawValue::from_string(data) {
+    let data = match crate::store::history::record_event(event.op, &event.record.document) {
         Ok(data) => data,
         Err(error) => {
             tracing::error!(%error, collection = event.collection, "cannot publish a record event");
@@ -37,10 +25,7 @@ async fn publish(hub: &Hub, event: &RecordEvent) {
         }
     };
     let channel = format!("records:{}", event.collection);
-    if let Err(error) = hub
-        .publish(&channel, Payload::Json(data), Caller::Server)
-        .await
-    {
+    if let Err(error) = hub.publish(&channel, data, Caller::Server).await {
         tracing::error!(%error, channel, "cannot publish a record event");
     }
 }

@@ -61,6 +61,8 @@ pub struct Server {
     store: Arc<dyn Store>,
     /// The store's committed writes, published on `records:{collection}` once running.
     record_events: store::RecordEvents,
+    /// Channel history kept in the store, where the store keeps it.
+    history: Option<store::history::OpenedHistory>,
     metrics: Arc<Metrics>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     tokens: Option<crate::auth::TokenVerifier>,
@@ -133,7 +135,21 @@ impl Server {
             }
             _ => None,
         };
-        let opened = store::open(&config.store_url(), record_webhooks).await?;
+        // Without a broker, the namespaces that say so keep their history in the store.
+        let history_bounds: Option<store::HistoryBounds> =
+            match config.broker.as_deref().unwrap_or("memory") {
+                "" | "memory" => {
+                    let namespaces = config.namespaces.clone();
+                    Some(Arc::new(move |channel: &str| {
+                        let namespace = namespaces.for_channel(channel);
+                        namespace
+                            .keeps_history_in_store()
+                            .then(|| namespace.retention())
+                    }))
+                }
+                _ => None,
+            };
+        let opened = store::open(&config.store_url(), record_webhooks, history_bounds).await?;
         let (store, record_events) = (opened.store, opened.events);
         let cursor_secret = store.secret("cursors").await?;
         let http_listener =
@@ -183,6 +199,7 @@ impl Server {
             record_events,
             metrics,
             outbox: opened.outbox,
+            history: opened.history,
             single_node_store: opened.single_node,
             webhook_budget,
             webhook_wake,
@@ -214,13 +231,24 @@ impl Server {
     /// Serves until `shutdown` is cancelled, then stops accepting, lets in-flight requests
     /// finish (for at most the configured grace period) and closes the store.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
-        let hub = Arc::new(Hub::with_broker(
+        let mut hub = Hub::with_broker(
             self.config.namespaces.clone(),
             self.metrics.clone(),
             self.broker.clone(),
             self.node.clone(),
             self.config.hub,
-        ));
+        );
+        let (history, deliveries) = match self.history {
+            // With a broker, history stays in the broker.
+            Some(opened) if self.broker.is_none() => (Some(opened.store), Some(opened.deliveries)),
+            _ => (None, None),
+        };
+        if let Some(history) = &history {
+            hub = hub.with_stored_history(history.clone());
+        }
+        let hub = Arc::new(hub);
+        let deliverer =
+            deliveries.map(|deliveries| tokio::spawn(hub.clone().deliver_stored(deliveries)));
         let tracker = TaskTracker::new();
         let announcer = tokio::spawn(crate::record_events::announce(
             hub.clone(),
@@ -276,6 +304,9 @@ impl Server {
             self.config.write_timeout,
         ));
         tracker.spawn(sweep(hub.clone(), shutdown.clone()));
+        if let Some(history) = history {
+            tracker.spawn(expire_history(history, shutdown.clone()));
+        }
         tracker.spawn(hub.clone().enforce_budgets(shutdown.clone()));
         let store_url = self.config.store_url();
         let stats = crate::stats::Stats::new(
@@ -376,6 +407,9 @@ impl Server {
         }
         self.store.close().await;
         announcer.abort();
+        if let Some(deliverer) = deliverer {
+            deliverer.abort();
+        }
         tracing::info!("server stopped");
         Ok(())
     }
@@ -497,6 +531,37 @@ async fn serve_http_connection<IO, S>(
 }
 
 /// Drops expired history and unused channels until shutdown.
+/// Entries of the store's channel history deleted per transaction once expired.
+const EXPIRE_BATCH: usize = 1000;
+
+/// Deletes expired entries of the store's channel history, a bounded batch per transaction
+/// and at most ten a sweep, so that a burst of expiries never holds the writer long (expired
+/// entries are never read, whenever they are deleted).
+async fn expire_history(
+    history: Arc<dyn crate::store::history::HistoryStore>,
+    shutdown: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = interval.tick() => {
+                for _ in 0..10 {
+                    match history.expire(EXPIRE_BATCH).await {
+                        Ok(deleted) if deleted == EXPIRE_BATCH => {}
+                        Ok(_) => break,
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot delete expired channel history");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 async fn sweep(hub: Arc<Hub>, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(SWEEP_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -46,6 +46,9 @@ pub struct Retention {
     pub size: usize,
     /// How long history lives after the channel's last publication.
     pub ttl: Duration,
+    /// Bytes of payload kept (the newest publication always stays); the store honours it, the
+    /// brokers keep `size` publications.
+    pub bytes: usize,
 }
 
 /// A publication as the broker stored it.
@@ -86,6 +89,9 @@ pub enum HistoryRange {
     Last(usize),
 }
 
+/// Called with a publication's offset as soon as it has one (see [`ChannelLog::publish`]).
+pub type Told = Box<dyn FnOnce(u64) + Send>;
+
 /// What a broker tells the hub of its node.
 pub trait BrokerEvents: Send + Sync + 'static {
     /// A publication, in offset order per channel, from any node.
@@ -117,9 +123,41 @@ pub trait BrokerEvents: Send + Sync + 'static {
     fn node_info(&self) -> NodeInfo;
 }
 
+/// Where channels' offsets, epochs and history live when not in this process's memory: a
+/// broker (for every namespace, across nodes), or the store (on one node, for the namespaces
+/// whose history survives a restart: `history_storage = "store"`). The hub's code for either
+/// is the same: it publishes through the log, reads history and recovers from it, and fans out
+/// what the log delivers ([`BrokerEvents::deliver`]) in offset order.
+#[async_trait]
+pub trait ChannelLog: Send + Sync + std::fmt::Debug + 'static {
+    /// Publishes: allocates the next offset (and the epoch) atomically, stores the publication
+    /// in history and has it delivered to every node's hub (a broker broadcasts it; the store
+    /// hands it to this node's hub after its commit, before this returns).
+    ///
+    /// `told` is called with the offset once the publication has one: by the store in the
+    /// channel's order (what it records, such as a webhook's `published` event, is in that
+    /// order), by a broker once it answered.
+    async fn publish(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+        told: Option<Told>,
+    ) -> Result<(u64, Arc<str>), BrokerError>;
+
+    /// A channel's position and part of its history (kept as `retention` says). A channel
+    /// the log does not know gets a fresh epoch here, so that every reader agrees on it.
+    async fn history(
+        &self,
+        channel: &str,
+        range: HistoryRange,
+        retention: Retention,
+    ) -> Result<BrokerHistory, BrokerError>;
+}
+
 /// An engine that carries channels between nodes.
 #[async_trait]
-pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
+pub trait Broker: ChannelLog {
     /// Runs the broker's links (subscription, heartbeats) until `shutdown`, reporting to
     /// `events`. Reconnects with backoff on its own.
     async fn run(
@@ -130,24 +168,6 @@ pub trait Broker: Send + Sync + std::fmt::Debug + 'static {
 
     /// This node's id.
     fn node_id(&self) -> &str;
-
-    /// Publishes: allocates the next offset (and the epoch) atomically, stores the publication
-    /// in history and broadcasts it to every node.
-    async fn publish(
-        &self,
-        channel: &str,
-        payload: &Payload,
-        retention: Retention,
-    ) -> Result<(u64, Arc<str>), BrokerError>;
-
-    /// A channel's position and part of its history (kept as `retention` says). A channel
-    /// the broker does not know gets a fresh epoch here, so that every node agrees on it.
-    async fn history(
-        &self,
-        channel: &str,
-        range: HistoryRange,
-        retention: Retention,
-    ) -> Result<BrokerHistory, BrokerError>;
 
     /// The channels' current positions (offset, epoch), `None` for channels the broker has lost.
     async fn positions(

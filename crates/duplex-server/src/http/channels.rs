@@ -81,15 +81,19 @@ pub(crate) async fn publish(
     let outcome = match webhooks {
         None => state.hub.publish(&channel, payload, Caller::Server).await?,
         Some(webhooks) => {
-            let copy = payload.clone();
-            let mut written = None;
-            let mut told =
-                |offset: u64| written = webhooks.published(None, &channel, offset, &copy);
+            let (event, written) = tokio::sync::oneshot::channel();
+            let told: crate::broker::Told = {
+                let (webhooks, channel, copy) =
+                    (webhooks.clone(), channel.clone(), payload.clone());
+                Box::new(move |offset| {
+                    let _ = event.send(webhooks.published(None, &channel, offset, &copy));
+                })
+            };
             let outcome = state
                 .hub
-                .publish_told(&channel, payload, Caller::Server, Some(&mut told))
+                .publish_told(&channel, payload, Caller::Server, Some(told))
                 .await?;
-            crate::webhooks::Webhooks::written(written).await;
+            crate::webhooks::Webhooks::written(written.await.ok().flatten()).await;
             outcome
         }
     };

@@ -13,11 +13,12 @@ use super::namespace::{Caller, Namespace};
 use super::publication::{Payload, Publication};
 use super::queue::Pushed;
 use super::{Channel, ChannelState, Hub, HubError, PublishOutcome, check_access, retention_of};
+use crate::broker::Told;
 
 impl Hub {
-    /// Publishes on a channel. On the in-process broker the publication is fanned out before
-    /// this returns; with a broker, once the broker has it (every node, this one included,
-    /// fans out what the broker sends).
+    /// Publishes on a channel. In memory, and with history in the store, the publication is
+    /// fanned out before this returns (in the store, once committed); with a broker, once the
+    /// broker has it (every node, this one included, fans out what the broker sends).
     pub async fn publish(
         &self,
         channel_name: &str,
@@ -28,27 +29,24 @@ impl Hub {
     }
 
     /// [`publish`](Self::publish), calling `told` with the publication's offset as soon as it
-    /// has one: on the in-process broker under the channel's lock, so that what `told` records
-    /// (the webhook's `published`) is in the channel's order; with a broker, once the broker
-    /// answered.
+    /// has one, in the channel's order: in memory under the channel's lock, in the store in
+    /// commit order (so that what `told` records, the webhook's `published`, is in the
+    /// channel's order); with a broker, once the broker answered.
     pub(crate) async fn publish_told(
         &self,
         channel_name: &str,
         payload: Payload,
         caller: Caller<'_>,
-        told: Option<&mut (dyn FnMut(u64) + Send)>,
+        told: Option<Told>,
     ) -> Result<PublishOutcome, HubError> {
         let namespace = self.check_publication(channel_name, &payload, caller)?;
-        match &self.broker {
+        match self.log_for(namespace) {
             None => self.publish_here(channel_name, &payload, told),
-            Some(broker) => {
-                let (offset, epoch) = broker
-                    .publish(channel_name, &payload, retention_of(namespace))
+            Some(log) => {
+                let (offset, epoch) = log
+                    .publish(channel_name, &payload, retention_of(namespace), told)
                     .await
                     .map_err(|e| HubError::Unavailable(e.to_string()))?;
-                if let Some(told) = told {
-                    told(offset);
-                }
                 Ok(PublishOutcome { offset, epoch })
             }
         }
@@ -86,7 +84,7 @@ impl Hub {
         &self,
         channel_name: &str,
         payload: &Payload,
-        mut told: Option<&mut (dyn FnMut(u64) + Send)>,
+        mut told: Option<Told>,
     ) -> Result<PublishOutcome, HubError> {
         if !self.channels.contains_key(channel_name)
             && self.namespaces.for_channel(channel_name).history_size == 0
@@ -171,7 +169,24 @@ impl Hub {
         }
     }
 
-    /// With a broker: a publication the broker sent, from any node, in offset order. Channels
+    /// Fans out what the store's channel history committed, in commit order, telling each
+    /// publisher once its publication is out; ends when the store stops handing any.
+    pub async fn deliver_stored(self: Arc<Self>, mut deliveries: crate::store::Deliveries) {
+        while let Some(delivery) = deliveries.recv().await {
+            if let Some(told) = delivery.told {
+                told(delivery.offset);
+            }
+            self.deliver(
+                &delivery.channel,
+                delivery.offset,
+                &delivery.epoch,
+                &delivery.payload,
+            );
+            let _ = delivery.delivered.send(());
+        }
+    }
+
+    /// With a broker (or history in the store): a publication the log sent, in offset order. Channels
     /// nobody here follows are skipped. A gap in offsets or a new epoch means this node missed
     /// publications; its subscribers are disconnected with `insufficient_state` so that they
     /// resubscribe `since` their last offset and recover from the broker's history.

@@ -29,7 +29,7 @@ impl Hub {
         }
         let namespace = self.namespaces.for_channel(channel_name);
         check_access(namespace.read_history, caller, channel_name, "read history")?;
-        if let Some(broker) = &self.broker {
+        if let Some(log) = self.log_for(namespace) {
             let range = match since {
                 Some(since) => HistoryRange::After {
                     offset: since.offset(),
@@ -37,7 +37,7 @@ impl Hub {
                 },
                 None => HistoryRange::Last(limit),
             };
-            let history = broker
+            let history = log
                 .history(channel_name, range, retention_of(namespace))
                 .await
                 .map_err(|e| HubError::Unavailable(e.to_string()))?;

@@ -36,7 +36,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use duplex_proto::ErrorCode;
 
-use crate::broker::{Broker, BrokerEvents, NodeInfo, Present, Retention};
+use crate::broker::{Broker, BrokerEvents, ChannelLog, NodeInfo, Present, Retention};
 use crate::metrics::Metrics;
 use budget::ByteBudget;
 use connection::ConnectionHandle;
@@ -150,6 +150,11 @@ pub struct Hub {
     metrics: Arc<Metrics>,
     /// The broker between nodes; `None` is the in-process (`memory`) broker.
     broker: Option<Arc<dyn Broker>>,
+    /// The broker as the log of every channel, when there is one.
+    broker_log: Option<Arc<dyn ChannelLog>>,
+    /// Without a broker: the store, the log of the channels whose namespace keeps history
+    /// there (`history_storage = "store"`).
+    stored: Option<Arc<dyn ChannelLog>>,
     /// This node, as `GET /api/nodes` and the registry describe it.
     node: NodeInfo,
     limits: HubLimits,
@@ -208,12 +213,38 @@ impl Hub {
             connections: DashMap::new(),
             namespaces,
             metrics,
+            broker_log: broker.clone().map(|broker| broker as Arc<dyn ChannelLog>),
+            stored: None,
             broker,
             node,
             limits,
             channel_count: AtomicUsize::new(0),
             queue_budget: ByteBudget::new(limits.max_queued_bytes),
             history_budget: ByteBudget::new(limits.max_history_bytes),
+        }
+    }
+
+    /// Keeps the history of the namespaces with `history_storage = "store"` in `log` (the
+    /// store), when there is no broker; the log hands what it committed to
+    /// [`Hub::deliver_stored`].
+    pub fn with_stored_history(mut self, log: Arc<dyn ChannelLog>) -> Self {
+        if self.broker.is_none() {
+            self.stored = Some(log);
+        }
+        self
+    }
+
+    /// Where a namespace's channels keep offsets and history when not in this process: the
+    /// broker for all, or without one the store for those whose namespace says so; `None` is
+    /// this process's memory.
+    fn log_for(&self, namespace: &Namespace) -> Option<&Arc<dyn ChannelLog>> {
+        if let Some(log) = &self.broker_log {
+            return Some(log);
+        }
+        if namespace.keeps_history_in_store() {
+            self.stored.as_ref()
+        } else {
+            None
         }
     }
 
@@ -396,12 +427,9 @@ impl BrokerEvents for HubEvents {
     }
 }
 
-/// How long and how much of a channel's history the broker keeps, from its namespace.
+/// How long and how much of a channel's history the log keeps, from its namespace.
 fn retention_of(namespace: &Namespace) -> Retention {
-    Retention {
-        size: namespace.history_size.max(1),
-        ttl: namespace.history_ttl.max(Duration::from_secs(1)),
-    }
+    namespace.retention()
 }
 
 /// Refuses `caller` unless `access` lets it do `what` on `channel`.

@@ -86,6 +86,19 @@ pub enum SlowConsumerPolicy {
     Disconnect,
 }
 
+/// Where a namespace's channels keep their offsets, epochs and history on a node without a
+/// broker (with a broker, the broker keeps them for every namespace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryStorage {
+    /// In this process: fastest; a restart starts every channel in a new epoch.
+    Memory,
+    /// In the store (the SQLite file, or PostgreSQL), appended by group commit before a
+    /// publication is acknowledged: a channel continues in the same epoch after a restart, so
+    /// clients recover across it.
+    Store,
+}
+
 /// The rules of one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Namespace {
@@ -105,6 +118,8 @@ pub struct Namespace {
     pub history_ttl: Duration,
     /// How many bytes of history each channel keeps (the newest publication always stays).
     pub history_bytes: usize,
+    /// Where history is kept when there is no broker.
+    pub history_storage: HistoryStorage,
     /// Whether presence and join/leave events are on.
     pub presence: bool,
     /// Whether binary publications are allowed.
@@ -135,6 +150,8 @@ pub struct NamespaceConfig {
     pub history_ttl: Option<String>,
     /// See [`Namespace::history_bytes`].
     pub history_bytes: Option<ByteSize>,
+    /// See [`Namespace::history_storage`]: `"memory"` or `"store"`.
+    pub history_storage: Option<HistoryStorage>,
     /// See [`Namespace::presence`].
     pub presence: Option<bool>,
     /// See [`Namespace::binary`].
@@ -164,6 +181,7 @@ impl NamespaceConfig {
             history_size: self.history_size.unwrap_or(base.history_size),
             history_ttl,
             history_bytes: self.history_bytes.map_or(base.history_bytes, |b| b.0),
+            history_storage: self.history_storage.unwrap_or(base.history_storage),
             presence: self.presence.unwrap_or(base.presence),
             binary: self.binary.unwrap_or(base.binary),
             max_message_size: self.max_message_size.map_or(base.max_message_size, |s| s.0),
@@ -229,6 +247,7 @@ fn builtin(name: &str) -> Option<Namespace> {
         history_size: 100,
         history_ttl: Duration::from_secs(300),
         history_bytes: 1024 * KIB,
+        history_storage: HistoryStorage::Memory,
         presence: false,
         binary: false,
         max_message_size: 64 * KIB,
@@ -240,6 +259,8 @@ fn builtin(name: &str) -> Option<Namespace> {
         "chat" => Namespace {
             publish: Access::Anyone,
             presence: true,
+            // A conversation is worth keeping across a restart.
+            history_storage: HistoryStorage::Store,
             history_size: 100,
             history_ttl: Duration::from_secs(3600),
             ..default
@@ -250,6 +271,7 @@ fn builtin(name: &str) -> Option<Namespace> {
             history_ttl: Duration::from_secs(3600),
             history_bytes: 4 * 1024 * KIB,
             max_message_size: 2 * 1024 * KIB,
+            history_storage: HistoryStorage::Store,
             ..default
         },
         "stream" => Namespace {
@@ -296,6 +318,23 @@ fn builtin(name: &str) -> Option<Namespace> {
 impl Default for Namespaces {
     fn default() -> Self {
         Self::new(&HashMap::new()).expect("the built-in namespaces are valid")
+    }
+}
+
+impl Namespace {
+    /// How long and how much of a channel's history is kept, as a log (a broker, the store)
+    /// is told.
+    pub fn retention(&self) -> crate::broker::Retention {
+        crate::broker::Retention {
+            size: self.history_size.max(1),
+            ttl: self.history_ttl.max(Duration::from_secs(1)),
+            bytes: self.history_bytes,
+        }
+    }
+
+    /// Whether, without a broker, its channels keep their history in the store.
+    pub fn keeps_history_in_store(&self) -> bool {
+        self.history_storage == HistoryStorage::Store && self.history_size > 0
     }
 }
 

@@ -47,7 +47,7 @@ impl Hub {
                 // Registered before looking, so a publication between the look and the wait
                 // still wakes us.
                 notified.as_mut().enable();
-                let page = match &self.broker {
+                let page = match self.log_for(&channel.namespace) {
                     None => {
                         let state = channel.state.lock();
                         let recovered = since.map(|since| state.readable_since(since));
@@ -68,7 +68,7 @@ impl Hub {
                             recovered,
                         }
                     }
-                    Some(broker) => {
+                    Some(log) => {
                         let range = match since {
                             Some(since) => HistoryRange::After {
                                 offset: since.offset(),
@@ -76,7 +76,7 @@ impl Hub {
                             },
                             None => HistoryRange::None,
                         };
-                        let history = broker
+                        let history = log
                             .history(channel_name, range, retention_of(&channel.namespace))
                             .await
                             .map_err(|e| HubError::Unavailable(e.to_string()))?;

@@ -16,7 +16,7 @@ use super::presence::{join_frame, present};
 use super::publication::Publication;
 use super::queue::LatestSlot;
 use super::{Channel, Hub, HubError, NotRecovered, retention_of};
-use crate::broker::{Broker, BrokerHistory, HistoryRange};
+use crate::broker::{BrokerHistory, ChannelLog, HistoryRange};
 use crate::model::ConnectionId;
 
 impl Hub {
@@ -32,10 +32,10 @@ impl Hub {
         since: Option<&Since>,
     ) -> Result<(), HubError> {
         self.check_readable(channel_name, Caller::Client(&connection.auth()))?;
-        match &self.broker {
+        match self.log_for(self.namespaces.for_channel(channel_name)) {
             None => self.subscribe_here(channel_name, connection, reply_id, since),
-            Some(broker) => {
-                self.subscribe_through(broker, channel_name, connection, reply_id, since)
+            Some(log) => {
+                self.subscribe_through(log, channel_name, connection, reply_id, since)
                     .await
             }
         }
@@ -99,12 +99,12 @@ impl Hub {
         }
     }
 
-    /// With a broker: the subscriber is added first and buffers what the broker sends while
-    /// the broker's history is read; the reply, the missed publications and then the buffered
-    /// ones after them are queued together.
+    /// With a broker (or history in the store): the subscriber is added first and buffers
+    /// what the log delivers while the log's history is read; the reply, the missed
+    /// publications and then the buffered ones after them are queued together.
     async fn subscribe_through(
         &self,
-        broker: &Arc<dyn Broker>,
+        log: &Arc<dyn ChannelLog>,
         channel_name: &str,
         connection: &Arc<ConnectionHandle>,
         reply_id: u64,
@@ -134,18 +134,38 @@ impl Hub {
             },
             None => HistoryRange::None,
         };
-        let read = broker
+        let read = log
             .history(channel_name, range, retention_of(&channel.namespace))
             .await;
         if !self.finish_subscription(&channel, connection, reply_id, since, read)? {
             return Ok(());
         }
-        if channel.namespace.presence
-            && let Err(error) = broker
-                .join(channel_name, &present(connection, channel_name))
-                .await
-        {
-            tracing::warn!(%error, channel = channel_name, "cannot add presence to the broker");
+        if !channel.namespace.presence {
+            return Ok(());
+        }
+        match &self.broker {
+            Some(broker) => {
+                if let Err(error) = broker
+                    .join(channel_name, &present(connection, channel_name))
+                    .await
+                {
+                    tracing::warn!(%error, channel = channel_name, "cannot add presence to the broker");
+                }
+            }
+            None => {
+                // History in the store, presence here: the others hear of the new subscriber.
+                let join = join_frame(channel_name, connection);
+                let state = channel.state.lock();
+                if !state.subscribers.contains_key(&connection.id) {
+                    // Gone already: its leave was told, or nobody heard of it.
+                    return Ok(());
+                }
+                for (id, other) in &state.subscribers {
+                    if *id != connection.id {
+                        other.connection.queue.push_control(join.clone());
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -616,24 +616,21 @@ impl Session {
                     },
                 }
             }
-            let told_to =
-                told_to.map(|(webhooks, connection)| (webhooks, connection, payload.clone()));
-            let mut written = None;
-            let mut record = |offset: u64| {
-                if let Some((webhooks, connection, copy)) = &told_to {
-                    written = webhooks.published(Some(connection), &channel, offset, copy);
-                }
-            };
-            let told = told_to
-                .is_some()
-                .then_some(&mut record as &mut (dyn FnMut(u64) + Send));
+            let (event, written) = tokio::sync::oneshot::channel();
+            let told = told_to.map(|(webhooks, connection)| -> crate::broker::Told {
+                let (channel, copy) = (channel.clone(), payload.clone());
+                Box::new(move |offset| {
+                    let _ =
+                        event.send(webhooks.published(Some(&connection), &channel, offset, &copy));
+                })
+            });
             let published = hub
                 .publish_told(&channel, payload, Caller::Client(&auth), told)
                 .await;
             match published {
                 Ok(outcome) => {
                     // In the backend's outbox before the publisher hears it is out.
-                    crate::webhooks::Webhooks::written(written).await;
+                    crate::webhooks::Webhooks::written(written.await.ok().flatten()).await;
                     push_reply(
                         &queue,
                         id,

@@ -62,9 +62,28 @@ pub(crate) type Decide = Box<dyn FnOnce(Option<Current>) -> Result<Next, StoreEr
 pub(crate) type Admit =
     Box<dyn FnOnce(Option<Record>) -> Result<(Record, Option<Outboxed>), StoreError> + Send>;
 
-/// Told about a write once it is committed, with the record it wrote (or deleted). A backend
-/// calls these in the order its writes commit, and never for a write that did not.
-pub(crate) type Committed = Box<dyn FnOnce(&Record) + Send>;
+/// What a write does once committed: where its record event is appended in its own
+/// transaction (the records channel's history, when the store keeps it), and whom to tell.
+pub(crate) struct Committed {
+    /// The channel history the write's event goes into, in the write's transaction; `None`
+    /// when history is not in this store, or the backend keeps none.
+    pub(crate) log: Option<super::history::LogTo>,
+    /// Told with the record written (or deleted), and the event's place in history when the
+    /// backend appended it. A backend calls these in the order its writes commit, and never
+    /// for a write that did not.
+    pub(crate) tell: Tell,
+}
+
+/// See [`Committed::tell`].
+pub(crate) type Tell = Box<dyn FnOnce(&Record, Option<super::history::Logged>) + Send>;
+
+impl fmt::Debug for Committed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Committed")
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
+}
 
 /// A database under [`super::RecordStore`]: its queries and its error mapping, nothing else.
 ///

@@ -14,6 +14,7 @@
 
 mod backend;
 mod cursor;
+pub(crate) mod history;
 mod numbers;
 pub mod outbox;
 mod postgres;
@@ -28,6 +29,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 pub use cursor::CursorKey;
+pub use history::{Deliveries, Delivery};
 pub use numbers::check_numbers;
 pub use outbox::Outbox;
 use records::RecordStore;
@@ -374,34 +376,58 @@ impl RecordOp {
 /// SQLite writer's queue and the HTTP connection limits bound those.
 pub type RecordEvents = mpsc::UnboundedReceiver<RecordEvent>;
 
+/// The bounds of a channel whose history the store keeps; `None` for the others.
+pub(crate) type HistoryBounds =
+    std::sync::Arc<dyn Fn(&str) -> Option<crate::broker::Retention> + Send + Sync>;
+
+/// What a store is made of: its records, its webhook outbox, its channel history (SQLite).
+type Parts = (
+    std::sync::Arc<dyn Store>,
+    std::sync::Arc<dyn Outbox>,
+    Option<std::sync::Arc<dyn history::HistoryStore>>,
+);
+
 /// Opens the store a URL names, with the stream of its committed writes.
+///
+/// `history` gives the bounds of each channel whose history this store keeps (none with a
+/// broker); the SQLite store keeps them, and appends a collection's record events to
+/// `records:{collection}`'s history in the write's own transaction.
 pub(crate) async fn open(
     url: &str,
     webhooks: Option<RecordWebhooks>,
+    history: Option<HistoryBounds>,
 ) -> Result<Opened, StoreError> {
     let (events, receiver) = mpsc::unbounded_channel();
-    let (store, outbox): (std::sync::Arc<dyn Store>, std::sync::Arc<dyn Outbox>) =
-        if let Some(path) = url.strip_prefix("sqlite://") {
-            let backend = sqlite::open(path).await?;
-            let outbox = std::sync::Arc::new(backend.outbox());
-            (
-                std::sync::Arc::new(RecordStore::new(backend, events, webhooks)),
-                outbox,
-            )
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let backend = postgres::open(url).await?;
-            let outbox = std::sync::Arc::new(backend.outbox());
-            (
-                std::sync::Arc::new(RecordStore::new(backend, events, webhooks)),
-                outbox,
-            )
-        } else {
-            return Err(StoreError::UnsupportedUrl(url.to_owned()));
-        };
+    let (deliver, deliveries) = mpsc::unbounded_channel();
+    let (store, outbox, history): Parts = if let Some(path) = url.strip_prefix("sqlite://") {
+        let backend = sqlite::open(path).await?;
+        let outbox = std::sync::Arc::new(backend.outbox());
+        let records = history.map(|retention| history::RecordHistory {
+            retention,
+            deliveries: deliver.clone(),
+        });
+        let history = std::sync::Arc::new(backend.history(deliver));
+        (
+            std::sync::Arc::new(RecordStore::new(backend, events, webhooks, records)),
+            outbox,
+            Some(history),
+        )
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let backend = postgres::open(url).await?;
+        let outbox = std::sync::Arc::new(backend.outbox());
+        (
+            std::sync::Arc::new(RecordStore::new(backend, events, webhooks, None)),
+            outbox,
+            None,
+        )
+    } else {
+        return Err(StoreError::UnsupportedUrl(url.to_owned()));
+    };
     Ok(Opened {
         store,
         events: receiver,
         outbox,
+        history: history.map(|store| history::OpenedHistory { store, deliveries }),
         single_node: url.starts_with("sqlite://"),
     })
 }
@@ -415,6 +441,8 @@ pub(crate) struct Opened {
     pub events: RecordEvents,
     /// The webhook outbox.
     pub outbox: std::sync::Arc<dyn Outbox>,
+    /// Channel history kept in the store, where the store keeps it.
+    pub history: Option<history::OpenedHistory>,
     /// Whether one server alone uses it (a SQLite file), so that whatever another node left in
     /// it is from a node that stopped.
     pub single_node: bool,

@@ -50,7 +50,8 @@ impl CommitOrder {
         tokio::spawn(async move {
             while let Some(place) = queue.recv().await {
                 if let Ok((committed, record)) = place.await {
-                    committed(&record);
+                    // PostgreSQL keeps no channel history: the event is published as it goes.
+                    (committed.tell)(&record, None);
                 }
             }
         });

@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 use super::backend::{Backend, Committed, Current, Inserted, Listed, NewRow, Next, Outboxed};
+use super::history::{Delivery, LogTo, Logged, RecordHistory};
 use super::{
     Change, CollectionSummary, Cursor, ListQuery, Page, Precondition, Record, RecordEvent,
     RecordOp, SERVER_FIELDS, Store, StoreError,
@@ -22,6 +23,8 @@ pub(crate) struct RecordStore<B> {
     events: mpsc::UnboundedSender<RecordEvent>,
     /// The record events the webhooks want, written with each write.
     webhooks: Option<RecordWebhooks>,
+    /// Which collections' events go into the store's channel history, with their write.
+    history: Option<RecordHistory>,
 }
 
 /// Which record events go to the webhook outbox (in the write's own transaction), for which
@@ -76,11 +79,13 @@ impl<B: Backend> RecordStore<B> {
         backend: B,
         events: mpsc::UnboundedSender<RecordEvent>,
         webhooks: Option<RecordWebhooks>,
+        history: Option<RecordHistory>,
     ) -> Self {
         RecordStore {
             backend,
             events,
             webhooks,
+            history,
         }
     }
 
@@ -91,22 +96,53 @@ impl<B: Backend> RecordStore<B> {
         }
     }
 
-    /// What the backend calls once a write committed: the event goes out in commit order, and
-    /// the receiver hears when it was announced.
+    /// What the backend does once a write committed: the event goes out in commit order, and
+    /// the receiver hears when it was announced. When the store keeps the collection's channel
+    /// history, the backend appends the event in the write's own transaction and it goes to the
+    /// hub with its offset; otherwise it is published as it comes.
     fn announce(&self, collection: &str, op: RecordOp) -> (Committed, oneshot::Receiver<()>) {
         let (announced, heard) = oneshot::channel();
         let events = self.events.clone();
-        let collection = collection.to_owned();
-        let committed: Committed = Box::new(move |record: &Record| {
-            // Nobody listening (a store used alone) is fine: there is nobody to tell.
-            let _ = events.send(RecordEvent {
-                collection,
-                op,
-                record: record.clone(),
-                announced,
-            });
+        let channel = format!("records:{collection}");
+        let history = self.history.as_ref().and_then(|history| {
+            (history.retention)(&channel).map(|retention| (history.deliveries.clone(), retention))
         });
-        (committed, heard)
+        let (log, deliveries) = match history {
+            Some((deliveries, retention)) => (
+                Some(LogTo {
+                    channel: channel.clone(),
+                    retention,
+                    op,
+                }),
+                Some(deliveries),
+            ),
+            None => (None, None),
+        };
+        let collection = collection.to_owned();
+        let tell = Box::new(move |record: &Record, logged: Option<Logged>| {
+            // Nobody listening (a store used alone) is fine: there is nobody to tell.
+            match (logged, deliveries) {
+                (Some((offset, epoch, payload)), Some(deliveries)) => {
+                    let _ = deliveries.send(Delivery {
+                        channel: channel.into(),
+                        offset,
+                        epoch,
+                        payload,
+                        told: None,
+                        delivered: announced,
+                    });
+                }
+                _ => {
+                    let _ = events.send(RecordEvent {
+                        collection,
+                        op,
+                        record: record.clone(),
+                        announced,
+                    });
+                }
+            }
+        });
+        (Committed { log, tell }, heard)
     }
 
     /// Version 1 of a record; `precondition` is `None` (a fresh id) or `Absent` (the client's).

@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::bus::{Bus, BusLink, new_epoch, now_ms, presence_messages, split_prefix};
 use super::{
-    Broker, BrokerError, BrokerEvents, BrokerHistory, HistoryRange, NodeInfo, Present, Retention,
-    Stored, UserAnswer, decode_payload, encode_payload,
+    Broker, BrokerError, BrokerEvents, BrokerHistory, ChannelLog, HistoryRange, NodeInfo, Present,
+    Retention, Stored, Told, UserAnswer, decode_payload, encode_payload,
 };
 use crate::model::{ClientAnswer, ConnectionId, Payload, RequestError};
 use follow::keep_running;
@@ -339,113 +339,6 @@ impl Broker for NatsBroker {
         &self.node
     }
 
-    async fn publish(
-        &self,
-        channel: &str,
-        payload: &Payload,
-        _retention: Retention,
-    ) -> Result<(u64, Arc<str>), BrokerError> {
-        let subject = self.subject(channel);
-        let body = Bytes::from(encode_payload(payload));
-        for _ in 0..PUBLISH_ATTEMPTS {
-            let (sequence, offset, epoch) = match self.last(channel).await? {
-                Some(last) => last,
-                None => (0, 0, self.epoch_of(channel).await?),
-            };
-            let mut headers = HeaderMap::new();
-            headers.insert(EXPECTED_LAST, sequence.to_string().as_str());
-            headers.insert(OFFSET, (offset + 1).to_string().as_str());
-            headers.insert(EPOCH, &*epoch);
-            let ack = self
-                .context
-                .publish_with_headers(subject.clone(), headers, body.clone())
-                .await
-                .map_err(nats_error)?;
-            match ack.await {
-                Ok(_) => return Ok((offset + 1, epoch)),
-                Err(error)
-                    if error.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {}
-                Err(error) => return Err(nats_error(error)),
-            }
-        }
-        Err(BrokerError(format!(
-            "{channel}: too many publishers raced for the next offset"
-        )))
-    }
-
-    async fn history(
-        &self,
-        channel: &str,
-        range: HistoryRange,
-        retention: Retention,
-    ) -> Result<BrokerHistory, BrokerError> {
-        let Some((last_sequence, top, epoch)) = self.last(channel).await? else {
-            return Ok(BrokerHistory {
-                top: 0,
-                epoch: self.epoch_of(channel).await?,
-                oldest: None,
-                publications: Vec::new(),
-            });
-        };
-        if range == HistoryRange::None {
-            // Only the position; `oldest` matters only with `since`, which reads a range.
-            return Ok(BrokerHistory {
-                top,
-                epoch,
-                oldest: Some(top),
-                publications: Vec::new(),
-            });
-        }
-        // The namespace's size and TTL, applied here.
-        let floor = top.saturating_sub(retention.size as u64) + 1;
-        let born_after = time::OffsetDateTime::now_utc() - retention.ttl;
-        let subject = self.subject(channel);
-        let mut kept: Vec<Stored> = Vec::new();
-        let mut next = None;
-        loop {
-            let message = match self
-                .stream
-                .direct_get_next_for_subject(subject.clone(), next)
-                .await
-            {
-                Ok(message) => message,
-                Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => break,
-                Err(error) => return Err(nats_error(error)),
-            };
-            let sequence = message.sequence;
-            if let Some((offset, _)) = position(&message.headers)
-                && offset >= floor
-                && message.time >= born_after
-                && let Some(payload) = decode_payload(&message.payload)
-            {
-                kept.push(Stored { offset, payload });
-            }
-            if sequence >= last_sequence {
-                break;
-            }
-            next = Some(sequence + 1);
-        }
-        let oldest = kept.first().map(|s| s.offset);
-        let publications = match range {
-            HistoryRange::None => Vec::new(),
-            HistoryRange::After { offset, limit } => kept
-                .into_iter()
-                .filter(|s| s.offset > offset)
-                .take(limit)
-                .collect(),
-            HistoryRange::Last(limit) => {
-                let skip = kept.len().saturating_sub(limit);
-                kept.into_iter().skip(skip).collect()
-            }
-        };
-        Ok(BrokerHistory {
-            top,
-            epoch,
-            oldest,
-            publications,
-        })
-    }
-
     async fn positions(
         &self,
         channels: &[Arc<str>],
@@ -558,6 +451,122 @@ impl Broker for NatsBroker {
             return Err(BrokerError("not connected to NATS".into()));
         }
         self.client.flush().await.map_err(nats_error)
+    }
+}
+
+#[async_trait]
+impl ChannelLog for NatsBroker {
+    async fn publish(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        _retention: Retention,
+        told: Option<Told>,
+    ) -> Result<(u64, Arc<str>), BrokerError> {
+        let subject = self.subject(channel);
+        let body = Bytes::from(encode_payload(payload));
+        for _ in 0..PUBLISH_ATTEMPTS {
+            let (sequence, offset, epoch) = match self.last(channel).await? {
+                Some(last) => last,
+                None => (0, 0, self.epoch_of(channel).await?),
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(EXPECTED_LAST, sequence.to_string().as_str());
+            headers.insert(OFFSET, (offset + 1).to_string().as_str());
+            headers.insert(EPOCH, &*epoch);
+            let ack = self
+                .context
+                .publish_with_headers(subject.clone(), headers, body.clone())
+                .await
+                .map_err(nats_error)?;
+            match ack.await {
+                Ok(_) => {
+                    if let Some(told) = told {
+                        told(offset + 1);
+                    }
+                    return Ok((offset + 1, epoch));
+                }
+                Err(error)
+                    if error.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {}
+                Err(error) => return Err(nats_error(error)),
+            }
+        }
+        Err(BrokerError(format!(
+            "{channel}: too many publishers raced for the next offset"
+        )))
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        range: HistoryRange,
+        retention: Retention,
+    ) -> Result<BrokerHistory, BrokerError> {
+        let Some((last_sequence, top, epoch)) = self.last(channel).await? else {
+            return Ok(BrokerHistory {
+                top: 0,
+                epoch: self.epoch_of(channel).await?,
+                oldest: None,
+                publications: Vec::new(),
+            });
+        };
+        if range == HistoryRange::None {
+            // Only the position; `oldest` matters only with `since`, which reads a range.
+            return Ok(BrokerHistory {
+                top,
+                epoch,
+                oldest: Some(top),
+                publications: Vec::new(),
+            });
+        }
+        // The namespace's size and TTL, applied here.
+        let floor = top.saturating_sub(retention.size as u64) + 1;
+        let born_after = time::OffsetDateTime::now_utc() - retention.ttl;
+        let subject = self.subject(channel);
+        let mut kept: Vec<Stored> = Vec::new();
+        let mut next = None;
+        loop {
+            let message = match self
+                .stream
+                .direct_get_next_for_subject(subject.clone(), next)
+                .await
+            {
+                Ok(message) => message,
+                Err(error) if error.kind() == stream::DirectGetErrorKind::NotFound => break,
+                Err(error) => return Err(nats_error(error)),
+            };
+            let sequence = message.sequence;
+            if let Some((offset, _)) = position(&message.headers)
+                && offset >= floor
+                && message.time >= born_after
+                && let Some(payload) = decode_payload(&message.payload)
+            {
+                kept.push(Stored { offset, payload });
+            }
+            if sequence >= last_sequence {
+                break;
+            }
+            next = Some(sequence + 1);
+        }
+        let oldest = kept.first().map(|s| s.offset);
+        let publications = match range {
+            HistoryRange::None => Vec::new(),
+            HistoryRange::After { offset, limit } => kept
+                .into_iter()
+                .filter(|s| s.offset > offset)
+                .take(limit)
+                .collect(),
+            HistoryRange::Last(limit) => {
+                let skip = kept.len().saturating_sub(limit);
+                kept.into_iter().skip(skip).collect()
+            }
+        };
+        Ok(BrokerHistory {
+            top,
+            epoch,
+            oldest,
+            publications,
+        })
     }
 }
 

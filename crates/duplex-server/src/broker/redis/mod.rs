@@ -35,8 +35,8 @@ use super::bus::{
     Bus, BusLink, jitter_ms, new_epoch, now_ms, presence_messages, split_channel, split_prefix,
 };
 use super::{
-    Broker, BrokerError, BrokerEvents, BrokerHistory, HistoryRange, NodeInfo, Present, Retention,
-    Stored, UserAnswer, decode_payload, encode_payload,
+    Broker, BrokerError, BrokerEvents, BrokerHistory, ChannelLog, HistoryRange, NodeInfo, Present,
+    Retention, Stored, Told, UserAnswer, decode_payload, encode_payload,
 };
 use crate::model::{ClientAnswer, ConnectionId, Payload, RequestError};
 use scripts::Scripts;
@@ -345,76 +345,6 @@ impl Broker for RedisBroker {
         &self.node
     }
 
-    async fn publish(
-        &self,
-        channel: &str,
-        payload: &Payload,
-        retention: Retention,
-    ) -> Result<(u64, Arc<str>), BrokerError> {
-        let (offset, epoch): (u64, String) = self
-            .scripts
-            .publish
-            .key(self.meta_key(channel))
-            .key(self.log_key(channel))
-            .arg(&self.bus)
-            .arg(publication_body(channel, payload))
-            .arg(retention.size)
-            .arg(retention.ttl.as_millis() as u64)
-            .arg(META_TTL_SECONDS)
-            .arg(new_epoch())
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(broker_error)?;
-        Ok((offset, epoch.into()))
-    }
-
-    async fn history(
-        &self,
-        channel: &str,
-        range: HistoryRange,
-        _retention: Retention,
-    ) -> Result<BrokerHistory, BrokerError> {
-        let (mode, after, limit) = match range {
-            HistoryRange::None => ("none", 0, 0),
-            HistoryRange::After { offset, limit } => ("after", offset, limit),
-            HistoryRange::Last(limit) => ("last", 0, limit),
-        };
-        let (top, epoch, oldest, entries): (u64, String, String, Vec<Entry>) = self
-            .scripts
-            .history
-            .key(self.meta_key(channel))
-            .key(self.log_key(channel))
-            .arg(mode)
-            .arg(after)
-            .arg(META_TTL_SECONDS)
-            .arg(new_epoch())
-            .arg(limit)
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(broker_error)?;
-        let mut publications = Vec::with_capacity(entries.len());
-        for (id, fields) in entries {
-            let offset = entry_offset(&id);
-            let body = fields.get(1).map(Vec::as_slice);
-            let payload = body
-                .and_then(split_channel)
-                .and_then(|(_, payload)| decode_payload(payload));
-            match (offset, payload) {
-                (Some(offset), Some(payload)) => publications.push(Stored { offset, payload }),
-                _ => return Err(BrokerError(format!("unreadable history entry {id}"))),
-            }
-        }
-        if matches!(range, HistoryRange::Last(_)) {
-            publications.reverse();
-        }
-        Ok(BrokerHistory {
-            top,
-            epoch: epoch.into(),
-            oldest: entry_offset(&oldest),
-            publications,
-        })
-    }
-
     async fn positions(
         &self,
         channels: &[Arc<str>],
@@ -537,6 +467,83 @@ impl Broker for RedisBroker {
             .await
             .map_err(broker_error)?;
         Ok(())
+    }
+}
+
+#[async_trait]
+impl ChannelLog for RedisBroker {
+    async fn publish(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+        told: Option<Told>,
+    ) -> Result<(u64, Arc<str>), BrokerError> {
+        let (offset, epoch): (u64, String) = self
+            .scripts
+            .publish
+            .key(self.meta_key(channel))
+            .key(self.log_key(channel))
+            .arg(&self.bus)
+            .arg(publication_body(channel, payload))
+            .arg(retention.size)
+            .arg(retention.ttl.as_millis() as u64)
+            .arg(META_TTL_SECONDS)
+            .arg(new_epoch())
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(broker_error)?;
+        if let Some(told) = told {
+            told(offset);
+        }
+        Ok((offset, epoch.into()))
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        range: HistoryRange,
+        _retention: Retention,
+    ) -> Result<BrokerHistory, BrokerError> {
+        let (mode, after, limit) = match range {
+            HistoryRange::None => ("none", 0, 0),
+            HistoryRange::After { offset, limit } => ("after", offset, limit),
+            HistoryRange::Last(limit) => ("last", 0, limit),
+        };
+        let (top, epoch, oldest, entries): (u64, String, String, Vec<Entry>) = self
+            .scripts
+            .history
+            .key(self.meta_key(channel))
+            .key(self.log_key(channel))
+            .arg(mode)
+            .arg(after)
+            .arg(META_TTL_SECONDS)
+            .arg(new_epoch())
+            .arg(limit)
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(broker_error)?;
+        let mut publications = Vec::with_capacity(entries.len());
+        for (id, fields) in entries {
+            let offset = entry_offset(&id);
+            let body = fields.get(1).map(Vec::as_slice);
+            let payload = body
+                .and_then(split_channel)
+                .and_then(|(_, payload)| decode_payload(payload));
+            match (offset, payload) {
+                (Some(offset), Some(payload)) => publications.push(Stored { offset, payload }),
+                _ => return Err(BrokerError(format!("unreadable history entry {id}"))),
+            }
+        }
+        if matches!(range, HistoryRange::Last(_)) {
+            publications.reverse();
+        }
+        Ok(BrokerHistory {
+            top,
+            epoch: epoch.into(),
+            oldest: entry_offset(&oldest),
+            publications,
+        })
     }
 }
 

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha384};
 use crate::store::StoreError;
 
 /// The migrations, in order: version, description, SQL.
-const MIGRATIONS: [(i64, &str, &str); 3] = [
+const MIGRATIONS: [(i64, &str, &str); 4] = [
     (
         1,
         "records",
@@ -26,6 +26,11 @@ const MIGRATIONS: [(i64, &str, &str); 3] = [
         3,
         "webhooks",
         include_str!("../../../migrations/sqlite/0003_webhooks.sql"),
+    ),
+    (
+        4,
+        "channel history",
+        include_str!("../../../migrations/sqlite/0004_channel_history.sql"),
     ),
 ];
 
@@ -108,7 +113,7 @@ mod tests {
                 row.get(0)
             })
             .expect("count");
-        assert_eq!(applied, 3);
+        assert_eq!(applied, 4);
         connection
             .execute("INSERT INTO records (collection, id, version, created_us, updated_us, doc) VALUES ('c', 'a', 1, 0, 0, '{}')", [])
             .expect("the records table is there");

@@ -15,6 +15,7 @@
 //! writes, not per write).
 
 mod checkpoint;
+mod history;
 mod hot;
 mod migrate;
 mod outbox;
@@ -30,6 +31,7 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OpenFlags, OptionalExtension as _, Row};
 
 use super::backend::{Admit, Backend, Committed, Current, Decide, Inserted, Listed, NewRow};
+use super::history::Logged;
 use super::{CollectionSummary, ListQuery, Record, StoreError};
 use checkpoint::Checkpointer;
 use hot::HotRecords;
@@ -241,6 +243,7 @@ fn list_rows(
 #[async_trait]
 impl Backend for SqliteBackend {
     async fn insert(&self, row: NewRow, committed: Committed) -> Result<Inserted, StoreError> {
+        let Committed { log, tell } = committed;
         self.writer
             .write(
                 move |connection| {
@@ -256,20 +259,18 @@ impl Backend for SqliteBackend {
                         row.at_us,
                         document,
                     ))?;
-                    if inserted > 0
-                        && let Some(outboxed) = &row.outbox
-                    {
+                    if inserted == 0 {
+                        return Ok((Inserted::Taken, None));
+                    }
+                    if let Some(outboxed) = &row.outbox {
                         outbox::append_one(connection, outboxed)?;
                     }
-                    Ok(if inserted == 0 {
-                        (Inserted::Taken, None)
-                    } else {
-                        (Inserted::Yes, Some(row.record))
-                    })
+                    let logged = history::log_event(connection, log.as_ref(), &row.record)?;
+                    Ok((Inserted::Yes, Some((row.record, logged))))
                 },
-                move |(_, record): &(Inserted, Option<Record>)| {
-                    if let Some(record) = record {
-                        committed(record);
+                move |(_, written): &(Inserted, Option<(Record, Option<Logged>)>)| {
+                    if let Some((record, logged)) = written {
+                        tell(record, logged.clone());
                     }
                 },
             )
@@ -303,6 +304,7 @@ impl Backend for SqliteBackend {
     ) -> Result<Record, StoreError> {
         let (collection, id) = (collection.to_owned(), id.to_owned());
         let (hot, written) = (self.hot.clone(), collection.clone());
+        let Committed { log, tell } = committed;
         self.writer
             .write(
                 move |connection| {
@@ -338,14 +340,16 @@ impl Backend for SqliteBackend {
                     if let Some(outboxed) = &next.outbox {
                         outbox::append_one(connection, outboxed)?;
                     }
-                    Ok(next.record)
+                    let logged = history::log_event(connection, log.as_ref(), &next.record)?;
+                    Ok((next.record, logged))
                 },
-                move |record: &Record| {
+                move |(record, logged): &(Record, Option<Logged>)| {
                     hot.written(&written, record);
-                    committed(record);
+                    tell(record, logged.clone());
                 },
             )
             .await
+            .map(|(record, _)| record)
     }
 
     async fn delete(
@@ -357,6 +361,7 @@ impl Backend for SqliteBackend {
     ) -> Result<Record, StoreError> {
         let (collection, id) = (collection.to_owned(), id.to_owned());
         let (hot, deleted) = (self.hot.clone(), collection.clone());
+        let Committed { log, tell } = committed;
         self.writer
             .write(
                 move |connection| {
@@ -371,14 +376,16 @@ impl Backend for SqliteBackend {
                     if let Some(outboxed) = &outboxed {
                         outbox::append_one(connection, outboxed)?;
                     }
-                    Ok(record)
+                    let logged = history::log_event(connection, log.as_ref(), &record)?;
+                    Ok((record, logged))
                 },
-                move |record: &Record| {
+                move |(record, logged): &(Record, Option<Logged>)| {
                     hot.deleted(&deleted, &record.id);
-                    committed(record);
+                    tell(record, logged.clone());
                 },
             )
             .await
+            .map(|(record, _)| record)
     }
 
     async fn list(

@@ -1,0 +1,115 @@
+//! Channel history kept in the store, for the namespaces with `history_storage = "store"` on a
+//! node without a broker: a channel's epoch, its last offset and its recent publications live
+//! in the database, so after a restart the channel goes on from its last offset in the same
+//! epoch and clients recover across the restart.
+//!
+//! The store is the channel's [`ChannelLog`](crate::broker::ChannelLog), as a broker is with
+//! one: a publication gets its offset inside the transaction that appends it (group commit on
+//! SQLite), and once that transaction committed it is handed, in commit order, to the hub as a
+//! [`Delivery`]; the publisher is answered after the hub fanned it out. A publication whose
+//! transaction did not commit was never given an offset anyone saw, and one that committed is
+//! in history even if the process dies before fanning it out.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::model::Payload;
+
+/// A committed publication on its way to the hub.
+pub struct Delivery {
+    /// Its channel.
+    pub channel: Arc<str>,
+    /// Its offset.
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: Arc<str>,
+    /// What it carries.
+    pub payload: Arc<Payload>,
+    /// Called with its offset before it is fanned out, in commit order.
+    pub told: Option<crate::broker::Told>,
+    /// Told once the hub fanned it out.
+    pub delivered: oneshot::Sender<()>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("channel", &self.channel)
+            .field("offset", &self.offset)
+            .field("epoch", &self.epoch)
+            .field("told", &self.told.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Committed publications in commit order. Unbounded, yet never longer than the publications
+/// in flight: each publisher waits for its own delivery before it is answered.
+pub type Deliveries = mpsc::UnboundedReceiver<Delivery>;
+
+/// Where committed publications go.
+pub(crate) type DeliverySender = mpsc::UnboundedSender<Delivery>;
+
+/// A store that keeps channel history.
+#[async_trait::async_trait]
+pub(crate) trait HistoryStore: crate::broker::ChannelLog {
+    /// Deletes up to `limit` entries past their expiry; returns how many it deleted.
+    async fn expire(&self, limit: usize) -> Result<usize, super::StoreError>;
+}
+
+/// The channel history of an opened store, and what it committed, to hand to the hub.
+#[derive(Debug)]
+pub(crate) struct OpenedHistory {
+    /// The history.
+    pub store: Arc<dyn HistoryStore>,
+    /// Its committed publications, in commit order.
+    pub deliveries: Deliveries,
+}
+
+/// Where a record write appends its event, in its own transaction.
+#[derive(Debug, Clone)]
+pub(crate) struct LogTo {
+    /// `records:{collection}`.
+    pub(crate) channel: String,
+    /// The channel's bounds.
+    pub(crate) retention: crate::broker::Retention,
+    /// What the write does.
+    pub(crate) op: super::RecordOp,
+}
+
+/// A record event appended with its write: its offset, the channel's epoch, what it carries.
+pub(crate) type Logged = (u64, Arc<str>, Arc<Payload>);
+
+/// The publication of a record event: `{"op": "created" | "updated" | "deleted", "record": …}`.
+pub(crate) fn record_event(
+    op: super::RecordOp,
+    document: &[u8],
+) -> Result<Payload, super::StoreError> {
+    let corrupt = |e: String| super::StoreError::Corrupt(e);
+    let document = std::str::from_utf8(document).map_err(|e| corrupt(e.to_string()))?;
+    let mut data = String::with_capacity(document.len() + 32);
+    data.push_str("{\"op\":\"");
+    data.push_str(op.as_str());
+    data.push_str("\",\"record\":");
+    data.push_str(document);
+    data.push('}');
+    let data =
+        serde_json::value::RawValue::from_string(data).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Payload::Json(data))
+}
+
+/// Which collections' record events go into the store's channel history, and within what
+/// bounds (from the `records` namespaces), with where committed events go.
+#[derive(Clone)]
+pub(crate) struct RecordHistory {
+    /// The bounds of `records:{collection}` when its history is in the store.
+    pub(crate) retention: super::HistoryBounds,
+    /// Where committed events go, in commit order.
+    pub(crate) deliveries: DeliverySender,
+}
+
+impl std::fmt::Debug for RecordHistory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordHistory").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,373 @@
+//! Channel history kept in the store survives a restart of the server process, whether it
+//! stopped on SIGTERM or died of `kill -9`: a client that reconnects with `since` from before
+//! the restart gets exactly what it missed, `recovered: true`, in the same epoch. Namespaces
+//! that keep history in memory start a new epoch, as before.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use duplex_testkit::WsClient;
+use serde_json::{Value, json};
+use tokio::process::Child;
+
+const CONFIG: &str = r#"
+[namespaces.chat]
+history_size = 1000
+
+[namespaces.small]
+publish = "anyone"
+history_storage = "store"
+history_size = 10
+
+[namespaces.room]
+publish = "anyone"
+history_storage = "memory"
+history_size = 1000
+"#;
+
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Term,
+    Kill,
+}
+
+async fn start(data: &Path) -> (Child, String) {
+    let config = data.join("duplex.toml");
+    if !config.exists() {
+        std::fs::write(&config, CONFIG).expect("config");
+    }
+    let config = config.to_str().expect("UTF-8 path").to_owned();
+    common::spawn_serve(data, &["--config", &config]).await
+}
+
+async fn stop(mut child: Child, how: Stop) {
+    match how {
+        Stop::Kill => child.kill().await.expect("SIGKILL"),
+        Stop::Term => {
+            let pid = child.id().expect("running");
+            let status = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success());
+            let exit = tokio::time::timeout(Duration::from_secs(15), child.wait())
+                .await
+                .expect("the server exits after SIGTERM")
+                .expect("wait");
+            assert!(exit.success(), "exit status {exit:?}");
+        }
+    }
+}
+
+/// Publishes `data` on `channel` over HTTP; returns the offset and epoch it got.
+async fn publish(http: &reqwest::Client, url: &str, channel: &str, data: Value) -> (u64, String) {
+    let response = http
+        .post(format!("{url}/api/channels/{channel}/publish"))
+        .json(&data)
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let published: Value = response.json().await.expect("json");
+    (
+        published["offset"].as_u64().expect("offset"),
+        published["epoch"].as_str().expect("epoch").to_owned(),
+    )
+}
+
+fn ws_url(url: &str) -> String {
+    format!("{}/ws", url.replacen("http://", "ws://", 1))
+}
+
+/// Reads publications until `last`, returning their offsets and `i` values.
+async fn read_until(client: &mut WsClient, last: u64) -> Vec<(u64, u64)> {
+    let mut seen = Vec::new();
+    while seen.last().is_none_or(|(offset, _)| *offset < last) {
+        let message = client.next_json().await;
+        if message["type"] != "message" {
+            continue;
+        }
+        seen.push((
+            message["offset"].as_u64().expect("offset"),
+            message["data"]["i"].as_u64().expect("i"),
+        ));
+    }
+    seen
+}
+
+async fn recovers_across_a_restart(how: Stop) {
+    let data = tempfile::tempdir().expect("tempdir");
+    let http = reqwest::Client::new();
+    let (child, url) = start(data.path()).await;
+
+    let mut subscriber = WsClient::connect(&ws_url(&url)).await;
+    let reply = subscriber.subscribe("chat:x", 1).await;
+    let epoch = reply["result"]["epoch"].as_str().expect("epoch").to_owned();
+    for i in 1..=500 {
+        let (offset, published_in) = publish(&http, &url, "chat:x", json!({ "i": i })).await;
+        assert_eq!((offset, published_in.as_str()), (i, epoch.as_str()));
+    }
+    // The subscriber has seen 300 when its connection goes.
+    let seen = read_until(&mut subscriber, 300).await;
+    assert_eq!(seen, (1..=300).map(|i| (i, i)).collect::<Vec<_>>());
+    drop(subscriber);
+    // A memory channel beside it, to see that it does not survive.
+    let (_, room_epoch) = publish(&http, &url, "room:x", json!({ "i": 1 })).await;
+
+    stop(child, how).await;
+    let (child, url) = start(data.path()).await;
+
+    for i in 501..=600 {
+        let (offset, published_in) = publish(&http, &url, "chat:x", json!({ "i": i })).await;
+        assert_eq!(
+            (offset, published_in.as_str()),
+            (i, epoch.as_str()),
+            "the channel goes on from its last offset in the same epoch"
+        );
+    }
+    let mut subscriber = WsClient::connect(&ws_url(&url)).await;
+    let reply = subscriber
+        .request(
+            json!({"type": "subscribe", "channel": "chat:x", "since": {"offset": 300, "epoch": epoch}}),
+            1,
+        )
+        .await;
+    assert_eq!(reply["result"]["recovered"], true, "{reply}");
+    assert_eq!(reply["result"]["missed"], 300, "{reply}");
+    assert_eq!(reply["result"]["epoch"], epoch.as_str());
+    let recovered = read_until(&mut subscriber, 600).await;
+    assert_eq!(
+        recovered,
+        (301..=600).map(|i| (i, i)).collect::<Vec<_>>(),
+        "exactly what it missed, once each, in order"
+    );
+    // Live publications follow, without a gap.
+    publish(&http, &url, "chat:x", json!({ "i": 601 })).await;
+    assert_eq!(read_until(&mut subscriber, 601).await, vec![(601, 601)]);
+
+    // History in memory started again.
+    let reply = subscriber
+        .request(
+            json!({"type": "subscribe", "channel": "room:x", "since": {"offset": 1, "epoch": room_epoch}}),
+            2,
+        )
+        .await;
+    assert_eq!(reply["result"]["recovered"], false, "{reply}");
+    assert_eq!(reply["result"]["reason"], "epoch_changed", "{reply}");
+    stop(child, Stop::Kill).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_recovers_across_sigterm() {
+    recovers_across_a_restart(Stop::Term).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_recovers_across_kill_9() {
+    recovers_across_a_restart(Stop::Kill).await;
+}
+
+/// Size bounds hold across a restart: only the last ten are kept, and a client that missed
+/// more is told so.
+#[tokio::test]
+async fn retention_holds_after_a_restart() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let http = reqwest::Client::new();
+    let (child, url) = start(data.path()).await;
+    let mut epoch = String::new();
+    for i in 1..=30 {
+        epoch = publish(&http, &url, "small:x", json!({ "i": i })).await.1;
+    }
+    stop(child, Stop::Kill).await;
+    let (child, url) = start(data.path()).await;
+    let history: Value = http
+        .get(format!("{url}/api/channels/small:x/history?limit=100"))
+        .send()
+        .await
+        .expect("history")
+        .json()
+        .await
+        .expect("json");
+    let offsets: Vec<u64> = history["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|p| p["offset"].as_u64().expect("offset"))
+        .collect();
+    assert_eq!(offsets, (21..=30).collect::<Vec<_>>(), "{history}");
+    assert_eq!(history["offset"], 30);
+    assert_eq!(history["epoch"], epoch.as_str());
+
+    let mut client = WsClient::connect(&ws_url(&url)).await;
+    let trimmed = client
+        .request(
+            json!({"type": "subscribe", "channel": "small:x", "since": {"offset": 5, "epoch": epoch}}),
+            1,
+        )
+        .await;
+    assert_eq!(trimmed["result"]["recovered"], false, "{trimmed}");
+    assert_eq!(trimmed["result"]["reason"], "history_trimmed", "{trimmed}");
+    let mut client = WsClient::connect(&ws_url(&url)).await;
+    let kept = client
+        .request(
+            json!({"type": "subscribe", "channel": "small:x", "since": {"offset": 20, "epoch": epoch}}),
+            1,
+        )
+        .await;
+    assert_eq!(kept["result"]["recovered"], true, "{kept}");
+    assert_eq!(
+        read_until(&mut client, 30).await,
+        (21..=30).map(|i| (i, i)).collect::<Vec<_>>()
+    );
+    stop(child, Stop::Kill).await;
+}
+
+/// Record events are appended to `records:{collection}` in the write's own transaction: after
+/// `kill -9` in the middle of concurrent writes, every record has its `created` event in
+/// history and every event its record, every acknowledged write among them, in one epoch that
+/// goes on; a subscriber that saw some recovers the rest after the restart.
+#[tokio::test]
+async fn record_events_and_their_records_survive_kill_9_together() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let http = reqwest::Client::new();
+    let (child, url) = start(data.path()).await;
+    let mut subscriber = WsClient::connect(&ws_url(&url)).await;
+    let reply = subscriber.subscribe("records:journal", 1).await;
+    let epoch = reply["result"]["epoch"].as_str().expect("epoch").to_owned();
+
+    // Four writers create records until the server dies under them.
+    let mut writers = Vec::new();
+    for writer in 0..4 {
+        let (http, url) = (http.clone(), url.clone());
+        writers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0.. {
+                let Ok(response) = http
+                    .post(format!("{url}/api/collections/journal/records"))
+                    .json(&json!({"writer": writer, "i": i}))
+                    .send()
+                    .await
+                else {
+                    break;
+                };
+                let Ok(record) = response.json::<Value>().await else {
+                    break;
+                };
+                ids.push(record["id"].as_str().expect("id").to_owned());
+            }
+            ids
+        }));
+    }
+    // The subscriber has seen the first 40 events; the server dies while writes go on.
+    let mut seen = 0;
+    while seen < 40 {
+        let message = subscriber.next_json().await;
+        if message["type"] == "message" {
+            seen += 1;
+            assert_eq!(message["offset"], seen);
+            assert_eq!(message["data"]["op"], "created");
+        }
+    }
+    drop(subscriber);
+    stop(child, Stop::Kill).await;
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.extend(writer.await.expect("writer"));
+    }
+    assert!(
+        acknowledged.len() >= 40,
+        "{} acknowledged",
+        acknowledged.len()
+    );
+
+    let (child, url) = start(data.path()).await;
+    let mut stored: Vec<String> = Vec::new();
+    let mut next = format!("{url}/api/collections/journal/records?limit=100");
+    loop {
+        let page: Value = http
+            .get(&next)
+            .send()
+            .await
+            .expect("list")
+            .json()
+            .await
+            .expect("json");
+        for item in page["items"].as_array().expect("items") {
+            stored.push(item["id"].as_str().expect("id").to_owned());
+        }
+        match page["next"].as_str() {
+            Some(cursor) => {
+                next = format!("{url}/api/collections/journal/records?limit=100&cursor={cursor}");
+            }
+            None => break,
+        }
+    }
+    for id in &acknowledged {
+        assert!(stored.contains(id), "acknowledged record {id} lost");
+    }
+    let created: Value = http
+        .post(format!("{url}/api/collections/journal/records"))
+        .json(&json!({"after": true}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    stored.push(created["id"].as_str().expect("id").to_owned());
+
+    let mut subscriber = WsClient::connect(&ws_url(&url)).await;
+    let reply = subscriber
+        .request(
+            json!({"type": "subscribe", "channel": "records:journal", "since": {"offset": 40, "epoch": epoch}}),
+            1,
+        )
+        .await;
+    assert_eq!(reply["result"]["recovered"], true, "{reply}");
+    assert_eq!(reply["result"]["epoch"], epoch.as_str());
+    assert_eq!(
+        reply["result"]["offset"],
+        stored.len(),
+        "one event per record: {reply}"
+    );
+    let mut logged = Vec::new();
+    while logged.len() < stored.len() - 40 {
+        let message = subscriber.next_json().await;
+        if message["type"] == "message" {
+            assert_eq!(message["offset"], 41 + logged.len() as u64, "{message}");
+            logged.push(
+                message["data"]["record"]["id"]
+                    .as_str()
+                    .expect("id")
+                    .to_owned(),
+            );
+        }
+    }
+    assert_eq!(
+        logged.last(),
+        created["id"].as_str().map(str::to_owned).as_ref()
+    );
+    // Every record has its event, every event its record.
+    let history: Value = http
+        .get(format!(
+            "{url}/api/channels/records:journal/history?limit=1000"
+        ))
+        .send()
+        .await
+        .expect("history")
+        .json()
+        .await
+        .expect("json");
+    let mut logged: Vec<String> = history["publications"]
+        .as_array()
+        .expect("publications")
+        .iter()
+        .map(|p| p["data"]["record"]["id"].as_str().expect("id").to_owned())
+        .collect();
+    logged.sort();
+    stored.sort();
+    assert_eq!(logged, stored);
+    stop(child, Stop::Kill).await;
+}
