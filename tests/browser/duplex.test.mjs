@@ -8,11 +8,14 @@
 import { check, checkNoProblems, done, harness as ask, launch, waitFor, watch } from "./harness.mjs";
 
 const PAGE = process.env.DUPLEX_URL;
-const DIRECT = process.env.DUPLEX_DIRECT;
+let DIRECT = process.env.DUPLEX_DIRECT;
 
-/** DOWN: cut every proxied connection and refuse new ones; UP: accept again. */
+/**
+ * DOWN: cut every proxied connection and refuse new ones; UP: accept again; RESTART: stop the
+ * server, start it again on its data folder (a new port the proxy then forwards to).
+ */
 async function harness(command) {
-  await ask(command.toLowerCase());
+  return ask(command.toLowerCase());
 }
 
 async function backend(path, body) {
@@ -129,6 +132,38 @@ try {
   const again = await backend(`/api/connections/${after.id}/request?timeout=5s`, { ping: 8 });
   check(again.pong === 8, "request after reconnect");
   console.error("ok: reconnect and recover");
+
+  // A server restart is just a reconnect for a channel whose history is in the store (chat):
+  // what was published before, while and after it was down arrives once, in the same epoch.
+  await page.evaluate(async () => {
+    window.chat = [];
+    window.chatGaps = [];
+    window.chatRecovered = [];
+    await duplex.subscribe("chat:restart", {
+      onMessage: (m) => chat.push([m.offset, m.epoch, m.data.i]),
+      onGap: (gap) => chatGaps.push(gap),
+      onRecover: (r) => chatRecovered.push(r.missed),
+    });
+    await duplex.publish("chat:restart", { i: 1 });
+  });
+  await waitFor(page, () => chat.length === 1, null, "a chat message");
+  const dropsBefore = await page.evaluate(() => statuses.filter((s) => s === "reconnecting").length);
+  await harness("DOWN");
+  await waitFor(page, (n) => statuses.filter((s) => s === "reconnecting").length > n, dropsBefore, "the page to notice");
+  await backend("/api/channels/chat:restart/publish", { i: 2 });
+  DIRECT = (await harness("RESTART")).direct;
+  await backend("/api/channels/chat:restart/publish", { i: 3 });
+  await harness("UP");
+  await waitFor(page, () => chat.length >= 3, null, "the messages from around the restart");
+  const restart = await page.evaluate(() => ({ chat, chatGaps, chatRecovered }));
+  const epochs = new Set(restart.chat.map(([, epoch]) => epoch));
+  check(
+    JSON.stringify(restart.chat.map(([offset, , i]) => [offset, i])) === "[[1,1],[2,2],[3,3]]",
+    `gapless across the restart: ${JSON.stringify(restart)}`,
+  );
+  check(epochs.size === 1 && restart.chatGaps.length === 0, `one epoch, no gap: ${JSON.stringify(restart)}`);
+  check(JSON.stringify(restart.chatRecovered) === "[2]", `recovered the two missed: ${JSON.stringify(restart)}`);
+  console.error("ok: a server restart is a reconnect");
 
   // A refresh whose token no longer allows a subscription ends it with onEnd, for good.
   const narrowed = await page.evaluate(

@@ -252,6 +252,71 @@ async fn lost_history_is_an_explicit_gap_not_a_silent_one() {
     assert!(matches!(next_non_presence(&mut cam).await, Event::Message(m) if m.offset == 4));
 }
 
+/// A restart of the server is, for a subscription on a channel whose history is kept in the
+/// store (`chat`), just a reconnect: the same epoch, what was published while the server was
+/// away and after it came back, nothing twice, no gap.
+#[tokio::test]
+async fn a_server_restart_is_just_a_reconnect_for_store_history() {
+    let server = TestServer::start().await;
+    let proxy = TcpProxy::start(server.http_addr).await;
+    let subscriber = Connection::connect(
+        ConnectOptions::new(&format!("ws://{}/ws", proxy.addr))
+            .backoff(Duration::from_millis(10), Duration::from_millis(50)),
+    )
+    .await
+    .expect("connect");
+    let mut room = subscriber
+        .subscribe("chat:restart")
+        .await
+        .expect("subscribe");
+    let epoch = room.subscribed().epoch.clone();
+    let client = Client::new(&server.url("")).expect("client");
+    for i in 1..=3 {
+        client
+            .publish("chat:restart", &json!(i))
+            .await
+            .expect("publish");
+    }
+    for i in 1..=3u64 {
+        match next_non_presence(&mut room).await {
+            Event::Message(m) => assert_eq!((m.offset, m.data), (i, Payload::Json(json!(i)))),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    // Down, published to while the client cannot reach it, restarted on a new port.
+    proxy.set_down(true);
+    proxy.cut();
+    client
+        .publish("chat:restart", &json!(4))
+        .await
+        .expect("publish");
+    let server = server.restart().await;
+    proxy.retarget(server.http_addr);
+    let client = Client::new(&server.url("")).expect("client");
+    client
+        .publish("chat:restart", &json!(5))
+        .await
+        .expect("publish");
+    proxy.set_down(false);
+
+    for i in 4..=6u64 {
+        if i == 6 {
+            client
+                .publish("chat:restart", &json!(6))
+                .await
+                .expect("publish");
+        }
+        match next_non_presence(&mut room).await {
+            Event::Message(m) => {
+                assert_eq!((m.offset, m.data), (i, Payload::Json(json!(i))));
+                assert_eq!(m.epoch, epoch, "the same epoch");
+            }
+            other => panic!("expected message {i}, got {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_server_asks_and_the_handler_answers() {
     let server = TestServer::start().await;

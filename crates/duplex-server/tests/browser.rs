@@ -18,7 +18,7 @@ async fn the_browser_client_works_in_chromium() {
     }
     let secret = "a-secret-for-the-browser-test";
     let server = TestServer::start_with(|c| c.jwt_secret = Some(secret.into())).await;
-    let proxy = TcpProxy::start(server.http_addr).await;
+    let proxy = std::sync::Arc::new(TcpProxy::start(server.http_addr).await);
     let exp = jsonwebtoken::get_current_timestamp() + 3600;
     let token = |channels: &[&str]| {
         duplex_testkit::hs256_token(
@@ -35,6 +35,7 @@ async fn the_browser_client_works_in_chromium() {
         ),
         ("DUPLEX_TOKEN_NARROW", token(&["private:kept"])),
     ];
+    let server = std::sync::Arc::new(tokio::sync::Mutex::new(Some(server)));
     web::run_script(
         "duplex.test.mjs",
         &env,
@@ -46,6 +47,17 @@ async fn the_browser_client_works_in_chromium() {
                     proxy.cut();
                 }
                 "up" => proxy.set_down(false),
+                "restart" => {
+                    let (server, proxy) = (server.clone(), proxy.clone());
+                    return Box::pin(async move {
+                        let mut held = server.lock().await;
+                        let restarted = held.take().expect("the server runs").restart().await;
+                        proxy.retarget(restarted.http_addr);
+                        let direct = restarted.url("");
+                        *held = Some(restarted);
+                        json!({ "direct": direct })
+                    });
+                }
                 other => panic!("unknown command {other}"),
             }
             Box::pin(async { json!({}) })

@@ -31,6 +31,8 @@ pub struct TestServer {
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), ServerError>>>,
     data: TempDir,
+    /// What it was started with, to start it again.
+    config: Config,
 }
 
 /// `[namespaces.X]` tables every test server has: `news` and `feed` take anonymous
@@ -117,7 +119,13 @@ impl TestServer {
             ..Config::default()
         };
         configure(&mut config);
-        let server = Server::bind(config).await.expect("the test server binds");
+        Self::run_in(data, config).await
+    }
+
+    async fn run_in(data: TempDir, config: Config) -> TestServer {
+        let server = Server::bind(config.clone())
+            .await
+            .expect("the test server binds");
         let http_addr = server.http_addr();
         let tcp_addr = server.tcp_addr();
         let shutdown = CancellationToken::new();
@@ -128,7 +136,24 @@ impl TestServer {
             shutdown,
             task: Some(task),
             data,
+            config,
         }
+    }
+
+    /// Stops the server gracefully and starts it again on the same data folder and
+    /// configuration (on new ports, as after a restart behind a load balancer: put a
+    /// [`TcpProxy`] in front and [`TcpProxy::retarget`] it).
+    pub async fn restart(mut self) -> TestServer {
+        self.shutdown.cancel();
+        let task = self.task.take().expect("the server runs");
+        task.await
+            .expect("the server task does not panic")
+            .expect("the server stops cleanly");
+        let data = std::mem::replace(
+            &mut self.data,
+            tempfile::tempdir().expect("a temporary folder"),
+        );
+        Self::run_in(data, self.config.clone()).await
     }
 
     /// `http://127.0.0.1:PORT{path}`.

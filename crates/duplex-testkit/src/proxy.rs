@@ -18,6 +18,7 @@ pub struct TcpProxy {
     generation: watch::Sender<u64>,
     down: Arc<AtomicBool>,
     accepted: Arc<AtomicU64>,
+    target: Arc<std::sync::Mutex<SocketAddr>>,
     task: JoinHandle<()>,
 }
 
@@ -31,9 +32,10 @@ impl TcpProxy {
         let (generation, _) = watch::channel(0u64);
         let down = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));
+        let target = Arc::new(std::sync::Mutex::new(target));
         let task = tokio::spawn(accept(
             listener,
-            target,
+            target.clone(),
             generation.clone(),
             down.clone(),
             accepted.clone(),
@@ -43,6 +45,7 @@ impl TcpProxy {
             generation,
             down,
             accepted,
+            target,
             task,
         }
     }
@@ -55,6 +58,14 @@ impl TcpProxy {
     /// While down, new connections are closed as soon as they are accepted.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Forwards new connections to `target` from now on (a server restarted on a new port).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self
+            .target
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = target;
     }
 
     /// How many connections were forwarded so far.
@@ -72,7 +83,7 @@ impl Drop for TcpProxy {
 
 async fn accept(
     listener: TcpListener,
-    target: SocketAddr,
+    target: Arc<std::sync::Mutex<SocketAddr>>,
     generation: watch::Sender<u64>,
     down: Arc<AtomicBool>,
     accepted: Arc<AtomicU64>,
@@ -85,6 +96,9 @@ async fn accept(
         let mut cut = generation.subscribe();
         cut.borrow_and_update();
         accepted.fetch_add(1, Ordering::SeqCst);
+        let target = *target
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         tokio::spawn(async move {
             let Ok(mut server) = TcpStream::connect(target).await else {
                 return;
