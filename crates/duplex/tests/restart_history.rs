@@ -21,6 +21,11 @@ publish = "anyone"
 history_storage = "store"
 history_size = 10
 
+[namespaces.brief]
+publish = "anyone"
+history_storage = "store"
+history_ttl = "1s"
+
 [namespaces.room]
 publish = "anyone"
 history_storage = "memory"
@@ -221,6 +226,51 @@ async fn retention_holds_after_a_restart() {
         read_until(&mut client, 30).await,
         (21..=30).map(|i| (i, i)).collect::<Vec<_>>()
     );
+    stop(child, Stop::Kill).await;
+}
+
+/// Time bounds hold across a restart too: once a publication's TTL passed, it is gone from
+/// history, and a client that missed it is told so; the channel's offset and epoch stay.
+#[tokio::test]
+async fn expiry_holds_after_a_restart() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let http = reqwest::Client::new();
+    let (child, url) = start(data.path()).await;
+    let mut epoch = String::new();
+    for i in 1..=3 {
+        epoch = publish(&http, &url, "brief:x", json!({ "i": i })).await.1;
+    }
+    stop(child, Stop::Kill).await;
+    let (child, url) = start(data.path()).await;
+    let history_url = format!("{url}/api/channels/brief:x/history");
+    let history: Value = duplex_testkit::wait_for("the history to expire", || async {
+        let history: Value = http
+            .get(&history_url)
+            .send()
+            .await
+            .expect("history")
+            .json()
+            .await
+            .expect("json");
+        history["publications"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+            .then_some(history)
+    })
+    .await;
+    assert_eq!(history["offset"], 3, "{history}");
+    assert_eq!(history["epoch"], epoch.as_str(), "{history}");
+    let mut client = WsClient::connect(&ws_url(&url)).await;
+    let expired = client
+        .request(
+            json!({"type": "subscribe", "channel": "brief:x", "since": {"offset": 1, "epoch": epoch}}),
+            1,
+        )
+        .await;
+    assert_eq!(expired["result"]["recovered"], false, "{expired}");
+    assert_eq!(expired["result"]["reason"], "history_trimmed", "{expired}");
+    let (offset, same) = publish(&http, &url, "brief:x", json!({ "i": 4 })).await;
+    assert_eq!((offset, same), (4, epoch));
     stop(child, Stop::Kill).await;
 }
 

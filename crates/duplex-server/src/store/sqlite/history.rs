@@ -342,3 +342,212 @@ impl ChannelLog for SqliteHistory {
             .ok_or_else(|| unavailable("the channel's row vanished"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::backend::Backend as _;
+    use crate::store::sqlite::open_blocking;
+
+    fn retention(size: usize, bytes: usize) -> Retention {
+        Retention {
+            size,
+            ttl: Duration::from_secs(3600),
+            bytes,
+        }
+    }
+
+    fn json(text: &str) -> Payload {
+        Payload::Json(RawValue::from_string(text.to_owned()).expect("json"))
+    }
+
+    async fn history() -> (
+        tempfile::TempDir,
+        SqliteBackend,
+        SqliteHistory,
+        crate::store::Deliveries,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = open_blocking(dir.path().join("data.db")).expect("open");
+        let (deliver, deliveries) = tokio::sync::mpsc::unbounded_channel();
+        let history = backend.history(deliver);
+        (dir, backend, history, deliveries)
+    }
+
+    /// Appends straight through the writer, at `now_us`.
+    async fn append_at(
+        backend: &SqliteBackend,
+        channel: &str,
+        payload: Payload,
+        retention: Retention,
+        now_us: i64,
+    ) -> u64 {
+        let channel = channel.to_owned();
+        backend
+            .writer
+            .write(
+                move |connection| Ok(append(connection, &channel, &payload, retention, now_us)?),
+                |_: &(u64, Arc<str>)| {},
+            )
+            .await
+            .expect("appended")
+            .0
+    }
+
+    /// The offsets kept and the `bytes` the channel's row says, against the entries' sizes.
+    fn kept(backend: &SqliteBackend, channel: &str) -> (Vec<u64>, u64, u64) {
+        backend
+            .readers
+            .read(|connection| {
+                let offsets = connection
+                    .prepare("SELECT seq FROM channel_log_entries WHERE channel = ?1 ORDER BY seq")?
+                    .query_map([channel], |row| row.get::<_, i64>(0))?
+                    .map(|seq| seq.map(|seq| seq as u64))
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                let summed: i64 = connection.query_row(
+                    "SELECT COALESCE(SUM(length(payload)), 0) FROM channel_log_entries \
+                     WHERE channel = ?1",
+                    [channel],
+                    |row| row.get(0),
+                )?;
+                let counted: i64 = connection.query_row(
+                    "SELECT bytes FROM channel_logs WHERE channel = ?1",
+                    [channel],
+                    |row| row.get(0),
+                )?;
+                Ok((offsets, summed as u64, counted as u64))
+            })
+            .expect("read")
+    }
+
+    #[tokio::test]
+    async fn appends_keep_the_size_and_byte_bounds_and_always_the_newest() {
+        let (_dir, backend, _history, _deliveries) = history().await;
+        let now = now_micros();
+        for i in 1..=5 {
+            append_at(
+                &backend,
+                "a:size",
+                json(&format!("{i}")),
+                retention(3, 1000),
+                now,
+            )
+            .await;
+        }
+        let (offsets, summed, counted) = kept(&backend, "a:size");
+        assert_eq!(offsets, vec![3, 4, 5]);
+        assert_eq!(counted, summed);
+
+        // Ten bytes each, 25 bytes kept: the last two.
+        let ten = json("\"12345678\"");
+        for _ in 0..4 {
+            append_at(&backend, "a:bytes", ten.clone(), retention(100, 25), now).await;
+        }
+        let (offsets, summed, counted) = kept(&backend, "a:bytes");
+        assert_eq!(offsets, vec![3, 4]);
+        assert_eq!((summed, counted), (20, 20));
+        // One over the bound alone stays: the newest always does.
+        let big = json(&format!("\"{}\"", "x".repeat(98)));
+        let offset = append_at(&backend, "a:bytes", big, retention(100, 25), now).await;
+        let (offsets, summed, counted) = kept(&backend, "a:bytes");
+        assert_eq!(offsets, vec![offset]);
+        assert_eq!((summed, counted), (100, 100));
+        backend.close().await;
+    }
+
+    #[tokio::test]
+    async fn expired_entries_are_never_read_and_deleted_a_batch_at_a_time() {
+        let (_dir, backend, history, _deliveries) = history().await;
+        let hour_ago = now_micros() - 3_600_000_000;
+        let short = Retention {
+            ttl: Duration::from_secs(60),
+            ..retention(100, 1 << 20)
+        };
+        for i in 1..=5 {
+            append_at(&backend, "a:ttl", json(&format!("{i}")), short, hour_ago).await;
+        }
+        append_at(&backend, "a:ttl", json("6"), short, now_micros()).await;
+        let read = history
+            .history("a:ttl", HistoryRange::Last(100), short)
+            .await
+            .expect("history");
+        assert_eq!(read.top, 6);
+        assert_eq!(read.oldest, Some(6), "the expired are not read");
+        assert_eq!(
+            read.publications
+                .iter()
+                .map(|p| p.offset)
+                .collect::<Vec<_>>(),
+            vec![6]
+        );
+        assert_eq!(history.expire(2).await.expect("expire"), 2);
+        assert_eq!(history.expire(10).await.expect("expire"), 3);
+        assert_eq!(history.expire(10).await.expect("expire"), 0);
+        let (offsets, summed, counted) = kept(&backend, "a:ttl");
+        assert_eq!(offsets, vec![6]);
+        assert_eq!((summed, counted), (1, 1));
+        backend.close().await;
+    }
+
+    /// Concurrent publishers on two channels: each gets the next offset, the deliveries come
+    /// in offset order per channel (commit order), each publisher is answered after its own
+    /// delivery, and a fresh channel's epoch read before its first publication is kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publications_are_delivered_in_commit_order_and_answered_after() {
+        let (_dir, backend, history, mut deliveries) = history().await;
+        let history = Arc::new(history);
+        let before = history
+            .history("a:one", HistoryRange::None, retention(100, 1 << 20))
+            .await
+            .expect("position");
+        assert_eq!(before.top, 0);
+        let delivered = tokio::spawn(async move {
+            let mut seen: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
+            while let Some(delivery) = deliveries.recv().await {
+                seen.entry(delivery.channel.clone())
+                    .or_default()
+                    .push(delivery.offset);
+                let _ = delivery.delivered.send(());
+                if seen.values().map(Vec::len).sum::<usize>() == 40 {
+                    break;
+                }
+            }
+            seen
+        });
+        let mut publishers = Vec::new();
+        for i in 0..40 {
+            let history = history.clone();
+            publishers.push(tokio::spawn(async move {
+                let channel = if i % 2 == 0 { "a:one" } else { "a:two" };
+                let (offset, epoch) = history
+                    .publish(
+                        channel,
+                        &json(&format!("{i}")),
+                        retention(100, 1 << 20),
+                        None,
+                    )
+                    .await
+                    .expect("published");
+                (channel, offset, epoch)
+            }));
+        }
+        let mut answered: HashMap<&str, Vec<u64>> = HashMap::new();
+        for publisher in publishers {
+            let (channel, offset, epoch) = publisher.await.expect("publisher");
+            if channel == "a:one" {
+                assert_eq!(epoch, before.epoch, "the epoch read first is kept");
+            }
+            answered.entry(channel).or_default().push(offset);
+        }
+        let seen = delivered.await.expect("deliveries");
+        for channel in ["a:one", "a:two"] {
+            assert_eq!(seen[channel], (1..=20).collect::<Vec<_>>(), "{channel}");
+            let mut offsets = answered[channel].clone();
+            offsets.sort_unstable();
+            assert_eq!(offsets, (1..=20).collect::<Vec<_>>(), "{channel}");
+        }
+        backend.close().await;
+    }
+}
