@@ -25,5 +25,5 @@ pub use records::{
     HalfRate, HttpOptions, HttpPhase, HttpReport, bench_record, record_size, run_http,
 };
 pub use roundtrip::{RoundtripReport, run_recovery, run_requests};
-pub use server::{ServerProcess, ServerUsage};
+pub use server::{ServerProcess, ServerUsage, bench_config};
 pub use transports::{Method, MethodReport, TransportsOptions, TransportsReport, run_transports};

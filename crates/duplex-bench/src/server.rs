@@ -32,6 +32,12 @@ pub struct ServerUsage {
 /// `[namespaces.bench]` table (or its publisher needs a token).
 pub(crate) const BENCH_CONFIG: &str = "publish_rate = 100000000\npublish_burst = 100000000\n\n[namespaces.bench]\npublish = \"anyone\"\n";
 
+/// [`BENCH_CONFIG`] with the `bench` namespace's history kept in `history_storage` (`memory`,
+/// the default, or `store`).
+pub fn bench_config(history_storage: &str) -> String {
+    format!("{BENCH_CONFIG}history_storage = \"{history_storage}\"\n")
+}
+
 impl ServerProcess {
     /// Starts `exe serve` and waits for the line with its addresses.
     pub async fn start(exe: &Path) -> anyhow::Result<ServerProcess> {

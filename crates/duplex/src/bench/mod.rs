@@ -54,6 +54,10 @@ pub(super) struct Target {
     /// Process id of that server, for its CPU and memory.
     #[arg(long)]
     pid: Option<u32>,
+    /// Where the server the bench starts keeps the `bench` namespace's history: `memory`, or
+    /// `store` (appended to the SQLite file before each publication is acknowledged).
+    #[arg(long, default_value = "memory", value_parser = ["memory", "store"])]
+    history_storage: String,
 }
 
 /// Runs `work` under a progress bar that fills over `expected` (a spinner when unknown),
@@ -129,7 +133,8 @@ pub(super) async fn server_for(
         }
         None => {
             let exe = std::env::current_exe().context("cannot find the duplex executable")?;
-            let server = ServerProcess::start(&exe).await?;
+            let config = duplex_bench::bench_config(&target.history_storage);
+            let server = ServerProcess::start_with_config(&exe, &config).await?;
             let (http, tcp, pid) = (
                 server.http_addr.clone(),
                 server.tcp_addr.clone(),

@@ -4,6 +4,10 @@
 //!
 //! Offsets are allocated inside the appending transaction from the channel's row in
 //! `channel_logs`, so they follow commit order and a transaction that fails leaves no hole.
+//! Every channel of one file has the same epoch, made once with the file: what the file keeps
+//! is never lost while the file lives (trimming is told apart as `history_trimmed`), so an
+//! epoch only needs to change with the file; a channel never published has no row, so
+//! subscribing to a channel writes nothing.
 //! Each append trims its own channel to its size and byte bounds (a few rows at most); entries
 //! past their `expires_us` are never read, and [`SqliteHistory::expire`] deletes them a bounded
 //! batch at a time.
@@ -52,6 +56,8 @@ const LESS_BYTES: &str = "UPDATE channel_logs SET bytes = max(bytes - ?2, 0) WHE
 /// The channel history of one SQLite file.
 #[derive(Debug)]
 pub(crate) struct SqliteHistory {
+    /// The epoch of every channel of the file.
+    epoch: Arc<str>,
     readers: Arc<Readers>,
     writer: Arc<Writer>,
     deliveries: DeliverySender,
@@ -61,6 +67,7 @@ impl SqliteBackend {
     /// Its channel history, handing committed publications to `deliveries`.
     pub(crate) fn history(&self, deliveries: DeliverySender) -> SqliteHistory {
         SqliteHistory {
+            epoch: self.history_epoch.clone(),
             readers: self.readers.clone(),
             writer: self.writer.clone(),
             deliveries,
@@ -88,15 +95,35 @@ fn position(connection: &Connection, channel: &str) -> rusqlite::Result<Option<P
         .optional()
 }
 
-/// The channel's row, made (with a fresh epoch) if it has none.
-fn position_or_new(connection: &Connection, channel: &str) -> rusqlite::Result<Position> {
+/// The channel's row, made (at offset 0 in the file's epoch) if it has none.
+fn position_or_new(
+    connection: &Connection,
+    channel: &str,
+    epoch: &str,
+) -> rusqlite::Result<Position> {
     if let Some(position) = position(connection, channel)? {
         return Ok(position);
     }
     connection
         .prepare_cached(NEW_LOG)?
-        .execute((channel, new_epoch()))?;
+        .execute((channel, epoch))?;
     position(connection, channel)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
+}
+
+/// The epoch of the file's channels: made the first time, then kept (with the secrets).
+pub(super) fn store_epoch(connection: &Connection) -> Result<Arc<str>, StoreError> {
+    connection.execute(
+        "INSERT OR IGNORE INTO secrets (name, value) VALUES ('channel-epoch', ?1)",
+        [new_epoch().into_bytes()],
+    )?;
+    let kept: Vec<u8> = connection.query_row(
+        "SELECT value FROM secrets WHERE name = 'channel-epoch'",
+        [],
+        |row| row.get(0),
+    )?;
+    String::from_utf8(kept)
+        .map(Arc::from)
+        .map_err(|_| StoreError::Corrupt("the channel epoch is not text".into()))
 }
 
 /// Appends a publication inside the writer's transaction and trims the channel to its
@@ -107,12 +134,13 @@ fn append(
     payload: &Payload,
     retention: Retention,
     now_us: i64,
+    epoch: &str,
 ) -> rusqlite::Result<(u64, Arc<str>)> {
     let Position {
         epoch,
         top,
         mut bytes,
-    } = position_or_new(connection, channel)?;
+    } = position_or_new(connection, channel, epoch)?;
     let offset = top + 1;
     let expires_us = now_us.saturating_add(retention.ttl.as_micros() as i64);
     let (binary, body): (bool, &[u8]) = match payload {
@@ -162,6 +190,7 @@ pub(super) fn log_event(
     connection: &Connection,
     log: Option<&LogTo>,
     record: &Record,
+    epoch: &str,
 ) -> Result<Option<Logged>, StoreError> {
     let Some(log) = log else {
         return Ok(None);
@@ -173,6 +202,7 @@ pub(super) fn log_event(
         &payload,
         log.retention,
         now_micros(),
+        epoch,
     )?;
     Ok(Some((offset, epoch, payload)))
 }
@@ -282,6 +312,7 @@ impl ChannelLog for SqliteHistory {
         let now_us = now_micros();
         let written = {
             let (appended, appended_payload) = (channel.clone(), payload.clone());
+            let epoch = self.epoch.clone();
             self.writer.write(
                 move |connection| {
                     Ok(append(
@@ -290,6 +321,7 @@ impl ChannelLog for SqliteHistory {
                         &appended_payload,
                         retention,
                         now_us,
+                        &epoch,
                     )?)
                 },
                 move |(offset, epoch): &(u64, Arc<str>)| {
@@ -319,27 +351,18 @@ impl ChannelLog for SqliteHistory {
         _retention: Retention,
     ) -> Result<BrokerHistory, BrokerError> {
         let now_us = now_micros();
-        if let Some(history) = self
+        let read = self
             .readers
             .read(|connection| read(connection, channel, range, now_us))
-            .map_err(unavailable)?
-        {
-            return Ok(history);
-        }
-        // A channel never published: its epoch is made now and kept, so that whoever reads
-        // it now and publishes later agree.
-        let owned = channel.to_owned();
-        self.writer
-            .write(
-                move |connection| Ok(position_or_new(connection, &owned).map(|_| ())?),
-                |_: &()| {},
-            )
-            .await
             .map_err(unavailable)?;
-        self.readers
-            .read(|connection| read(connection, channel, range, now_us))
-            .map_err(unavailable)?
-            .ok_or_else(|| unavailable("the channel's row vanished"))
+        // A channel never published: at offset 0 in the file's epoch, which its first
+        // publication will keep.
+        Ok(read.unwrap_or_else(|| BrokerHistory {
+            top: 0,
+            epoch: self.epoch.clone(),
+            oldest: None,
+            publications: Vec::new(),
+        }))
     }
 }
 
@@ -388,7 +411,11 @@ mod tests {
         backend
             .writer
             .write(
-                move |connection| Ok(append(connection, &channel, &payload, retention, now_us)?),
+                move |connection| {
+                    Ok(append(
+                        connection, &channel, &payload, retention, now_us, "e",
+                    )?)
+                },
                 |_: &(u64, Arc<str>)| {},
             )
             .await
@@ -493,7 +520,8 @@ mod tests {
 
     /// Concurrent publishers on two channels: each gets the next offset, the deliveries come
     /// in offset order per channel (commit order), each publisher is answered after its own
-    /// delivery, and a fresh channel's epoch read before its first publication is kept.
+    /// delivery, and a fresh channel's epoch (the file's) read before its first publication is
+    /// kept.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn publications_are_delivered_in_commit_order_and_answered_after() {
         let (_dir, backend, history, mut deliveries) = history().await;
@@ -503,6 +531,11 @@ mod tests {
             .await
             .expect("position");
         assert_eq!(before.top, 0);
+        let rows: i64 = backend
+            .readers
+            .read(|c| c.query_row("SELECT COUNT(*) FROM channel_logs", [], |row| row.get(0)))
+            .expect("count");
+        assert_eq!(rows, 0, "reading a channel never published writes nothing");
         let delivered = tokio::spawn(async move {
             let mut seen: HashMap<Arc<str>, Vec<u64>> = HashMap::new();
             while let Some(delivery) = deliveries.recv().await {

@@ -54,6 +54,8 @@ const GET: &str = "SELECT id, version, doc FROM records WHERE collection = ?1 AN
 /// Records in a SQLite file.
 #[derive(Debug)]
 pub(crate) struct SqliteBackend {
+    /// The epoch of every channel whose history this file keeps (see `history.rs`).
+    history_epoch: Arc<str>,
     readers: Arc<Readers>,
     writer: Arc<Writer>,
     checkpointer: Checkpointer,
@@ -157,6 +159,7 @@ fn open_blocking(path: PathBuf) -> Result<SqliteBackend, StoreError> {
     // Checkpoints run on their own thread (`checkpoint.rs`), not inside a commit.
     connection.pragma_update(None, "wal_autocheckpoint", 0)?;
     migrate::run(&mut connection)?;
+    let history_epoch = history::store_epoch(&connection)?;
     let writer = Writer::start(connection)
         .map_err(|e| StoreError::Unavailable(format!("cannot start the writer thread: {e}")))?;
     let checkpointer = Checkpointer::start(
@@ -167,6 +170,7 @@ fn open_blocking(path: PathBuf) -> Result<SqliteBackend, StoreError> {
         checkpoint::WRAP_FRAMES,
     )?;
     Ok(SqliteBackend {
+        history_epoch,
         checkpointer,
         hot: Arc::new(HotRecords::new(HOT_BYTES)),
         readers: Arc::new(Readers {
@@ -244,6 +248,7 @@ fn list_rows(
 impl Backend for SqliteBackend {
     async fn insert(&self, row: NewRow, committed: Committed) -> Result<Inserted, StoreError> {
         let Committed { log, tell } = committed;
+        let epoch = self.history_epoch.clone();
         self.writer
             .write(
                 move |connection| {
@@ -265,7 +270,7 @@ impl Backend for SqliteBackend {
                     if let Some(outboxed) = &row.outbox {
                         outbox::append_one(connection, outboxed)?;
                     }
-                    let logged = history::log_event(connection, log.as_ref(), &row.record)?;
+                    let logged = history::log_event(connection, log.as_ref(), &row.record, &epoch)?;
                     Ok((Inserted::Yes, Some((row.record, logged))))
                 },
                 move |(_, written): &(Inserted, Option<(Record, Option<Logged>)>)| {
@@ -305,6 +310,7 @@ impl Backend for SqliteBackend {
         let (collection, id) = (collection.to_owned(), id.to_owned());
         let (hot, written) = (self.hot.clone(), collection.clone());
         let Committed { log, tell } = committed;
+        let epoch = self.history_epoch.clone();
         self.writer
             .write(
                 move |connection| {
@@ -340,7 +346,8 @@ impl Backend for SqliteBackend {
                     if let Some(outboxed) = &next.outbox {
                         outbox::append_one(connection, outboxed)?;
                     }
-                    let logged = history::log_event(connection, log.as_ref(), &next.record)?;
+                    let logged =
+                        history::log_event(connection, log.as_ref(), &next.record, &epoch)?;
                     Ok((next.record, logged))
                 },
                 move |(record, logged): &(Record, Option<Logged>)| {
@@ -362,6 +369,7 @@ impl Backend for SqliteBackend {
         let (collection, id) = (collection.to_owned(), id.to_owned());
         let (hot, deleted) = (self.hot.clone(), collection.clone());
         let Committed { log, tell } = committed;
+        let epoch = self.history_epoch.clone();
         self.writer
             .write(
                 move |connection| {
@@ -376,7 +384,7 @@ impl Backend for SqliteBackend {
                     if let Some(outboxed) = &outboxed {
                         outbox::append_one(connection, outboxed)?;
                     }
-                    let logged = history::log_event(connection, log.as_ref(), &record)?;
+                    let logged = history::log_event(connection, log.as_ref(), &record, &epoch)?;
                     Ok((record, logged))
                 },
                 move |(record, logged): &(Record, Option<Logged>)| {
