@@ -169,8 +169,8 @@ impl Hub {
         }
     }
 
-    /// Fans out what the store's channel history committed, in commit order, telling each
-    /// publisher once its publication is out; ends when the store stops handing any.
+    /// Fans out what the store's channel history committed, in commit order, telling whoever
+    /// waits (a record write) once it is out; ends when the store stops handing any.
     pub async fn deliver_stored(self: Arc<Self>, mut deliveries: crate::store::Deliveries) {
         while let Some(delivery) = deliveries.recv().await {
             if let Some(told) = delivery.told {
@@ -182,7 +182,9 @@ impl Hub {
                 &delivery.epoch,
                 &delivery.payload,
             );
-            let _ = delivery.delivered.send(());
+            if let Some(delivered) = delivery.delivered {
+                let _ = delivered.send(());
+            }
         }
     }
 

@@ -6,7 +6,10 @@
 //! The store is the channel's [`ChannelLog`](crate::broker::ChannelLog), as a broker is with
 //! one: a publication gets its offset inside the transaction that appends it (group commit on
 //! SQLite), and once that transaction committed it is handed, in commit order, to the hub as a
-//! [`Delivery`]; the publisher is answered after the hub fanned it out. A publication whose
+//! [`Delivery`]. A publisher is answered once its publication committed, as a broker answers
+//! once it has a publication (history reads go to the store, so whoever is answered finds it
+//! there; a subscriber that reads it from history is not sent it again live); a record write
+//! is answered after its event was fanned out, as without store history. A publication whose
 //! transaction did not commit was never given an offset anyone saw, and one that committed is
 //! in history even if the process dies before fanning it out.
 
@@ -28,8 +31,8 @@ pub struct Delivery {
     pub payload: Arc<Payload>,
     /// Called with its offset before it is fanned out, in commit order.
     pub told: Option<crate::broker::Told>,
-    /// Told once the hub fanned it out.
-    pub delivered: oneshot::Sender<()>,
+    /// Told once the hub fanned it out (a record write answers after that).
+    pub delivered: Option<oneshot::Sender<()>>,
 }
 
 impl std::fmt::Debug for Delivery {

@@ -129,7 +129,7 @@ impl<B: Backend> RecordStore<B> {
                         epoch,
                         payload,
                         told: None,
-                        delivered: announced,
+                        delivered: Some(announced),
                     });
                 }
                 _ => {

@@ -19,7 +19,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension as _};
 use serde_json::value::RawValue;
-use tokio::sync::oneshot;
 
 use super::{Readers, SqliteBackend, Writer};
 use crate::broker::{
@@ -307,7 +306,6 @@ impl ChannelLog for SqliteHistory {
     ) -> Result<(u64, Arc<str>), BrokerError> {
         let channel: Arc<str> = channel.into();
         let payload = Arc::new(payload.clone());
-        let (delivered, fanned_out) = oneshot::channel();
         let deliveries = self.deliveries.clone();
         let now_us = now_micros();
         let written = {
@@ -332,16 +330,14 @@ impl ChannelLog for SqliteHistory {
                         epoch: epoch.clone(),
                         payload,
                         told,
-                        delivered,
+                        delivered: None,
                     });
                 },
             )
         };
-        let (offset, epoch) = written.await.map_err(unavailable)?;
-        // Committed: the answer waits for the fan-out, so that whoever is answered finds the
-        // publication delivered here. If the hub is gone, the server is stopping.
-        let _ = fanned_out.await;
-        Ok((offset, epoch))
+        // Answered once committed: the fan-out follows in commit order, off the publisher's
+        // path, so a connection's next publication commits while this one fans out.
+        written.await.map_err(unavailable)
     }
 
     async fn history(
@@ -519,8 +515,7 @@ mod tests {
     }
 
     /// Concurrent publishers on two channels: each gets the next offset, the deliveries come
-    /// in offset order per channel (commit order), each publisher is answered after its own
-    /// delivery, and a fresh channel's epoch (the file's) read before its first publication is
+    /// in offset order per channel (commit order), and a fresh channel's epoch (the file's) read before its first publication is
     /// kept.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn publications_are_delivered_in_commit_order_and_answered_after() {
@@ -542,7 +537,6 @@ mod tests {
                 seen.entry(delivery.channel.clone())
                     .or_default()
                     .push(delivery.offset);
-                let _ = delivery.delivered.send(());
                 if seen.values().map(Vec::len).sum::<usize>() == 40 {
                     break;
                 }
