@@ -326,11 +326,9 @@ async fn record_events_and_their_records_survive_kill_9_together() {
     for writer in writers {
         acknowledged.extend(writer.await.expect("writer"));
     }
-    assert!(
-        acknowledged.len() >= 40,
-        "{} acknowledged",
-        acknowledged.len()
-    );
+    // Some writes were answered before the kill (a write is answered after its event went
+    // out, so the subscriber may have seen a few more than their writers heard of).
+    assert!(!acknowledged.is_empty());
 
     let (child, url) = start(data.path()).await;
     let mut stored: Vec<String> = Vec::new();
@@ -367,6 +365,7 @@ async fn record_events_and_their_records_survive_kill_9_together() {
         .await
         .expect("json");
     stored.push(created["id"].as_str().expect("id").to_owned());
+    assert!(stored.len() > 40, "the 40 events seen have their records");
 
     let mut subscriber = WsClient::connect(&ws_url(&url)).await;
     let reply = subscriber

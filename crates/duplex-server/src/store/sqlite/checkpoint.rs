@@ -55,6 +55,7 @@ impl Checkpointer {
         commits: Arc<AtomicU64>,
         restart: Arc<std::sync::atomic::AtomicBool>,
         wrap_frames: i64,
+        release_readers: Box<dyn Fn() + Send>,
     ) -> Result<Checkpointer, StoreError> {
         let connection = Connection::open(path)?;
         connection.busy_timeout(busy_timeout)?;
@@ -62,7 +63,14 @@ impl Checkpointer {
         let thread = std::thread::Builder::new()
             .name("duplex-sqlite-checkpoint".into())
             .spawn(move || {
-                checkpoint_until_stopped(&connection, &stopped, &commits, &restart, wrap_frames);
+                checkpoint_until_stopped(
+                    &connection,
+                    &stopped,
+                    &commits,
+                    &restart,
+                    wrap_frames,
+                    &*release_readers,
+                );
             })
             .map_err(|e| StoreError::Unavailable(format!("cannot start the checkpointer: {e}")))?;
         Ok(Checkpointer {
@@ -87,6 +95,7 @@ fn checkpoint_until_stopped(
     commits: &AtomicU64,
     restart: &std::sync::atomic::AtomicBool,
     wrap_frames: i64,
+    release_readers: &dyn Fn(),
 ) {
     let mut checkpointed = commits.load(Ordering::Relaxed);
     while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(INTERVAL) {
@@ -95,6 +104,8 @@ fn checkpoint_until_stopped(
             continue;
         }
         checkpointed = now;
+        // Idle read snapshots would keep this pass from the end of the log.
+        release_readers();
         let started = std::time::Instant::now();
         match checkpoint(connection, "PASSIVE") {
             Ok((log, done)) if log > RESTART_FRAMES && done < log => {
@@ -165,6 +176,7 @@ mod tests {
             writer.commit_count(),
             writer.restart_flag(),
             super::WRAP_FRAMES,
+            Box::new(|| {}),
         )
         .expect("checkpointer");
         let size = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -215,6 +227,7 @@ mod tests {
             writer.commit_count(),
             writer.restart_flag(),
             64,
+            Box::new(|| {}),
         )
         .expect("checkpointer");
         // Sixteen writers, each always waiting on its next write, for 1.5 s: the writer is

@@ -206,16 +206,17 @@ pub(super) fn log_event(
     Ok(Some((offset, epoch, payload)))
 }
 
-/// Reads a channel's position and the part of its history asked for, in one snapshot; `None`
-/// when the channel has no row yet.
+/// Reads a channel's position and the part of its history asked for (in the read pool's
+/// snapshot: one for all); `None` when the channel has no row yet.
 fn read(
     connection: &Connection,
     channel: &str,
     range: HistoryRange,
     now_us: i64,
 ) -> rusqlite::Result<Option<BrokerHistory>> {
-    let snapshot = connection.unchecked_transaction()?;
-    let Some(Position { epoch, top, .. }) = position(&snapshot, channel)? else {
+    // The read pool runs every read in one snapshot.
+    let snapshot = connection;
+    let Some(Position { epoch, top, .. }) = position(snapshot, channel)? else {
         return Ok(None);
     };
     let oldest: Option<i64> = snapshot
@@ -253,7 +254,6 @@ fn read(
             last
         }
     };
-    snapshot.finish()?;
     Ok(Some(BrokerHistory {
         top,
         epoch,
