@@ -244,7 +244,7 @@ impl Server {
             _ => (None, None),
         };
         if let Some(history) = &history {
-            hub = hub.with_stored_history(history.clone());
+            hub = hub.with_stored_history(history.clone(), history.keeps_record_events());
         }
         let hub = Arc::new(hub);
         let deliverer =

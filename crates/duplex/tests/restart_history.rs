@@ -39,12 +39,21 @@ enum Stop {
 }
 
 async fn start(data: &Path) -> (Child, String) {
+    start_on(data, None).await
+}
+
+/// Starts the server on `data`, with `store` (a PostgreSQL URL) when given.
+async fn start_on(data: &Path, store: Option<&str>) -> (Child, String) {
     let config = data.join("duplex.toml");
     if !config.exists() {
         std::fs::write(&config, CONFIG).expect("config");
     }
     let config = config.to_str().expect("UTF-8 path").to_owned();
-    common::spawn_serve(data, &["--config", &config]).await
+    let mut args = vec!["--config", &config];
+    if let Some(store) = store {
+        args.extend(["--store", store]);
+    }
+    common::spawn_serve(data, &args).await
 }
 
 async fn stop(mut child: Child, how: Stop) {
@@ -418,5 +427,82 @@ async fn record_events_and_their_records_survive_kill_9_together() {
     logged.sort();
     stored.sort();
     assert_eq!(logged, stored);
+    stop(child, Stop::Kill).await;
+}
+
+/// On PostgreSQL (one node, no broker) chat history survives `kill -9` the same way; record
+/// events, which PostgreSQL cannot append in their write's transaction, keep their history in
+/// memory, and say so after a restart (`epoch_changed`) rather than risk a silent gap.
+#[tokio::test]
+async fn on_postgres_chat_recovers_across_kill_9_and_record_events_say_they_restarted() {
+    let Ok(base) = std::env::var("DUPLEX_TEST_POSTGRES") else {
+        eprintln!("skipped: set DUPLEX_TEST_POSTGRES (postgres://…) to run");
+        return;
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let store = format!(
+        "{base}{separator}options[search_path]=restart_{}_{nanos}",
+        std::process::id()
+    );
+    let data = tempfile::tempdir().expect("tempdir");
+    let http = reqwest::Client::new();
+    let (child, url) = start_on(data.path(), Some(&store)).await;
+
+    let mut subscriber = WsClient::connect(&ws_url(&url)).await;
+    let reply = subscriber.subscribe("chat:pg", 1).await;
+    let epoch = reply["result"]["epoch"].as_str().expect("epoch").to_owned();
+    let records = subscriber.subscribe("records:pgnotes", 2).await;
+    let records_epoch = records["result"]["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    for i in 1..=50 {
+        let (offset, published_in) = publish(&http, &url, "chat:pg", json!({ "i": i })).await;
+        assert_eq!((offset, published_in.as_str()), (i, epoch.as_str()));
+    }
+    assert_eq!(
+        read_until(&mut subscriber, 30).await,
+        (1..=30).map(|i| (i, i)).collect::<Vec<_>>()
+    );
+    let created = http
+        .post(format!("{url}/api/collections/pgnotes/records"))
+        .json(&json!({"title": "before"}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status(), reqwest::StatusCode::CREATED);
+    drop(subscriber);
+    stop(child, Stop::Kill).await;
+
+    let (child, url) = start_on(data.path(), Some(&store)).await;
+    for i in 51..=60 {
+        let (offset, published_in) = publish(&http, &url, "chat:pg", json!({ "i": i })).await;
+        assert_eq!((offset, published_in.as_str()), (i, epoch.as_str()));
+    }
+    let mut subscriber = WsClient::connect(&ws_url(&url)).await;
+    let reply = subscriber
+        .request(
+            json!({"type": "subscribe", "channel": "chat:pg", "since": {"offset": 30, "epoch": epoch}}),
+            1,
+        )
+        .await;
+    assert_eq!(reply["result"]["recovered"], true, "{reply}");
+    assert_eq!(reply["result"]["missed"], 30, "{reply}");
+    assert_eq!(
+        read_until(&mut subscriber, 60).await,
+        (31..=60).map(|i| (i, i)).collect::<Vec<_>>()
+    );
+    let records = subscriber
+        .request(
+            json!({"type": "subscribe", "channel": "records:pgnotes", "since": {"offset": 1, "epoch": records_epoch}}),
+            2,
+        )
+        .await;
+    assert_eq!(records["result"]["recovered"], false, "{records}");
+    assert_eq!(records["result"]["reason"], "epoch_changed", "{records}");
     stop(child, Stop::Kill).await;
 }

@@ -13,7 +13,7 @@ CREATE TABLE channel_log_entries (
     channel     TEXT NOT NULL,
     seq         INTEGER NOT NULL,
     expires_us  INTEGER NOT NULL,
-    binary      INTEGER NOT NULL,
+    is_binary   INTEGER NOT NULL,
     payload     BLOB NOT NULL
 );
 CREATE UNIQUE INDEX channel_log_entries_seq ON channel_log_entries (channel, seq);

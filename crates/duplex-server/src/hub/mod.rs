@@ -155,6 +155,9 @@ pub struct Hub {
     /// Without a broker: the store, the log of the channels whose namespace keeps history
     /// there (`history_storage = "store"`).
     stored: Option<Arc<dyn ChannelLog>>,
+    /// Whether `records:` channels keep theirs there too (the store appends record events in
+    /// their write's transaction).
+    stored_records: bool,
     /// This node, as `GET /api/nodes` and the registry describe it.
     node: NodeInfo,
     limits: HubLimits,
@@ -215,6 +218,7 @@ impl Hub {
             metrics,
             broker_log: broker.clone().map(|broker| broker as Arc<dyn ChannelLog>),
             stored: None,
+            stored_records: false,
             broker,
             node,
             limits,
@@ -227,9 +231,11 @@ impl Hub {
     /// Keeps the history of the namespaces with `history_storage = "store"` in `log` (the
     /// store), when there is no broker; the log hands what it committed to
     /// [`Hub::deliver_stored`].
-    pub fn with_stored_history(mut self, log: Arc<dyn ChannelLog>) -> Self {
+    /// `records` says whether `records:` channels keep theirs there too.
+    pub fn with_stored_history(mut self, log: Arc<dyn ChannelLog>, records: bool) -> Self {
         if self.broker.is_none() {
             self.stored = Some(log);
+            self.stored_records = records;
         }
         self
     }
@@ -241,7 +247,8 @@ impl Hub {
         if let Some(log) = &self.broker_log {
             return Some(log);
         }
-        if namespace.keeps_history_in_store() {
+        let records = namespace.name == "records";
+        if namespace.keeps_history_in_store() && (self.stored_records || !records) {
             self.stored.as_ref()
         } else {
             None

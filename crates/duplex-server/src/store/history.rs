@@ -58,6 +58,11 @@ pub(crate) type DeliverySender = mpsc::UnboundedSender<Delivery>;
 pub(crate) trait HistoryStore: crate::broker::ChannelLog {
     /// Deletes up to `limit` entries past their expiry; returns how many it deleted.
     async fn expire(&self, limit: usize) -> Result<usize, super::StoreError>;
+
+    /// Whether record events go into the history with their write, in its transaction; when
+    /// not, `records:` channels keep their history in memory (an event appended after its
+    /// write could be lost to a crash between the two, a gap nobody would be told of).
+    fn keeps_record_events(&self) -> bool;
 }
 
 /// The channel history of an opened store, and what it committed, to hand to the hub.

@@ -17,6 +17,7 @@ mod cursor;
 pub(crate) mod history;
 mod numbers;
 pub mod outbox;
+mod pg_history;
 mod postgres;
 mod records;
 mod sqlite;
@@ -415,10 +416,23 @@ pub(crate) async fn open(
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let backend = postgres::open(url).await?;
         let outbox = std::sync::Arc::new(backend.outbox());
+        let epoch = backend::Backend::keep_secret(
+            &backend,
+            "channel-epoch",
+            crate::broker::bus::new_epoch().into_bytes(),
+        )
+        .await?;
+        let epoch = String::from_utf8(epoch)
+            .map_err(|_| StoreError::Corrupt("the channel epoch is not text".into()))?;
+        let history = std::sync::Arc::new(pg_history::PgHistory::start(
+            backend.pool(),
+            epoch.into(),
+            deliver,
+        ));
         (
             std::sync::Arc::new(RecordStore::new(backend, events, webhooks, None)),
             outbox,
-            None,
+            Some(history),
         )
     } else {
         return Err(StoreError::UnsupportedUrl(url.to_owned()));

@@ -79,6 +79,13 @@ fn search_path(url: &str) -> Option<String> {
     })
 }
 
+impl PgBackend {
+    /// Its connections.
+    pub(crate) fn pool(&self) -> PgPool {
+        self.pool.clone()
+    }
+}
+
 /// Connects to the database at `url` and migrates it.
 pub(crate) async fn open(url: &str) -> Result<PgBackend, StoreError> {
     let options = PgConnectOptions::from_str(url)?.log_statements(tracing::log::LevelFilter::Trace);

@@ -34,7 +34,7 @@ const POSITION: &str = "SELECT epoch, top, bytes FROM channel_logs WHERE channel
 const NEW_LOG: &str = "INSERT INTO channel_logs (channel, epoch, top, bytes) VALUES (?1, ?2, 0, 0) \
                        ON CONFLICT (channel) DO NOTHING";
 const SET_POSITION: &str = "UPDATE channel_logs SET top = ?2, bytes = ?3 WHERE channel = ?1";
-const APPEND: &str = "INSERT INTO channel_log_entries (channel, seq, expires_us, binary, payload) \
+const APPEND: &str = "INSERT INTO channel_log_entries (channel, seq, expires_us, is_binary, payload) \
                       VALUES (?1, ?2, ?3, ?4, ?5)";
 const TRIM_TO: &str =
     "DELETE FROM channel_log_entries WHERE channel = ?1 AND seq <= ?2 RETURNING length(payload)";
@@ -43,9 +43,9 @@ const OLDEST: &str = "SELECT seq, length(payload) FROM channel_log_entries WHERE
 const DELETE_ONE: &str = "DELETE FROM channel_log_entries WHERE channel = ?1 AND seq = ?2";
 const OLDEST_LIVE: &str = "SELECT seq FROM channel_log_entries WHERE channel = ?1 \
                            AND expires_us > ?2 ORDER BY seq LIMIT 1";
-const AFTER: &str = "SELECT seq, binary, payload FROM channel_log_entries WHERE channel = ?1 \
+const AFTER: &str = "SELECT seq, is_binary, payload FROM channel_log_entries WHERE channel = ?1 \
                      AND seq > ?2 AND expires_us > ?3 ORDER BY seq LIMIT ?4";
-const LAST: &str = "SELECT seq, binary, payload FROM channel_log_entries WHERE channel = ?1 \
+const LAST: &str = "SELECT seq, is_binary, payload FROM channel_log_entries WHERE channel = ?1 \
                     AND expires_us > ?2 ORDER BY seq DESC LIMIT ?3";
 const EXPIRE: &str = "DELETE FROM channel_log_entries WHERE id IN (SELECT id FROM \
                       channel_log_entries WHERE expires_us <= ?1 ORDER BY expires_us LIMIT ?2) \
@@ -268,6 +268,10 @@ fn unavailable(error: impl std::fmt::Display) -> BrokerError {
 
 #[async_trait]
 impl HistoryStore for SqliteHistory {
+    fn keeps_record_events(&self) -> bool {
+        true
+    }
+
     async fn expire(&self, limit: usize) -> Result<usize, StoreError> {
         let now_us = now_micros();
         self.writer

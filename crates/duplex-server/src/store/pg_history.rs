@@ -1,0 +1,372 @@
+//! Channel history in PostgreSQL ([`crate::store::history`]), for one node without a broker on
+//! a PostgreSQL store: the same tables and rules as the SQLite file's (`sqlite/history.rs`).
+//!
+//! One task appends: it takes the publications waiting (up to [`MAX_BATCH`]) into one
+//! transaction, so a busy channel costs few commits, and after `COMMIT` hands them to the hub in
+//! commit order, then answers each publisher. Offsets come from the channel's row, locked for
+//! the transaction, so they follow commit order. Record events are not appended here: a record
+//! write on PostgreSQL commits on a pooled connection of its own, so its event could not join
+//! its transaction; `records:` channels keep their history in memory on PostgreSQL.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use sqlx::postgres::PgPool;
+use sqlx::{Postgres, Row as _, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+use super::StoreError;
+use super::history::{Delivery, DeliverySender, HistoryStore};
+use super::now_micros;
+use crate::broker::{
+    BrokerError, BrokerHistory, ChannelLog, HistoryRange, Retention, Stored, Told,
+};
+use crate::model::Payload;
+
+/// The most publications one transaction gathers.
+const MAX_BATCH: usize = 256;
+
+/// Publications waiting for the appending task.
+const QUEUE: usize = 4096;
+
+/// A publication waiting to be appended.
+struct Append {
+    channel: Arc<str>,
+    payload: Arc<Payload>,
+    retention: Retention,
+    told: Option<Told>,
+    reply: oneshot::Sender<Result<(u64, Arc<str>), String>>,
+}
+
+/// The channel history of a PostgreSQL store.
+#[derive(Debug)]
+pub(crate) struct PgHistory {
+    pool: PgPool,
+    epoch: Arc<str>,
+    appends: mpsc::Sender<Append>,
+}
+
+impl PgHistory {
+    /// Starts the appending task; committed publications go to `deliveries`. `epoch` is the
+    /// store's channel epoch (kept with its secrets).
+    pub(crate) fn start(pool: PgPool, epoch: Arc<str>, deliveries: DeliverySender) -> PgHistory {
+        let (appends, queue) = mpsc::channel(QUEUE);
+        tokio::spawn(append_until_closed(
+            pool.clone(),
+            epoch.clone(),
+            queue,
+            deliveries,
+        ));
+        PgHistory {
+            pool,
+            epoch,
+            appends,
+        }
+    }
+}
+
+async fn append_until_closed(
+    pool: PgPool,
+    epoch: Arc<str>,
+    mut queue: mpsc::Receiver<Append>,
+    deliveries: DeliverySender,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = queue.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(append) => batch.push(append),
+                Err(_) => break,
+            }
+        }
+        let parts: Vec<Part> = batch
+            .iter()
+            .map(|a| (a.channel.clone(), a.payload.clone(), a.retention))
+            .collect();
+        match append_all(&pool, &epoch, &parts).await {
+            Ok(positions) => {
+                for (append, (offset, epoch)) in batch.drain(..).zip(positions) {
+                    let _ = deliveries.send(Delivery {
+                        channel: append.channel,
+                        offset,
+                        epoch: epoch.clone(),
+                        payload: append.payload,
+                        told: append.told,
+                        delivered: None,
+                    });
+                    let _ = append.reply.send(Ok((offset, epoch)));
+                }
+            }
+            Err(error) => {
+                let why = error.to_string();
+                tracing::error!(%why, publications = batch.len(), "cannot append channel history");
+                for append in batch.drain(..) {
+                    let _ = append.reply.send(Err(why.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// What a publication appends: its channel, payload and bounds.
+type Part = (Arc<str>, Arc<Payload>, Retention);
+
+/// Appends the batch in one transaction; the offset and epoch of each, in order.
+async fn append_all(
+    pool: &PgPool,
+    epoch: &str,
+    batch: &[Part],
+) -> Result<Vec<(u64, Arc<str>)>, sqlx::Error> {
+    let now_us = now_micros();
+    let mut tx = pool.begin().await?;
+    let mut positions = Vec::with_capacity(batch.len());
+    for append in batch {
+        positions.push(append_one(&mut tx, epoch, append, now_us).await?);
+    }
+    tx.commit().await?;
+    Ok(positions)
+}
+
+async fn append_one(
+    tx: &mut Transaction<'_, Postgres>,
+    epoch: &str,
+    (channel, payload, retention): &Part,
+    now_us: i64,
+) -> Result<(u64, Arc<str>), sqlx::Error> {
+    let channel = &**channel;
+    sqlx::query(
+        "INSERT INTO channel_logs (channel, epoch, top, bytes) VALUES ($1, $2, 0, 0) \
+         ON CONFLICT (channel) DO NOTHING",
+    )
+    .bind(channel)
+    .bind(epoch)
+    .execute(&mut **tx)
+    .await?;
+    let row =
+        sqlx::query("SELECT epoch, top, bytes FROM channel_logs WHERE channel = $1 FOR UPDATE")
+            .bind(channel)
+            .fetch_one(&mut **tx)
+            .await?;
+    let epoch: String = row.try_get(0)?;
+    let top: i64 = row.try_get(1)?;
+    let mut bytes: i64 = row.try_get(2)?;
+    let offset = top + 1;
+    let (binary, body): (bool, &[u8]) = match &**payload {
+        Payload::Json(raw) => (false, raw.get().as_bytes()),
+        Payload::Binary(data) => (true, data),
+    };
+    let expires_us = now_us.saturating_add(retention.ttl.as_micros() as i64);
+    sqlx::query(
+        "INSERT INTO channel_log_entries (channel, seq, expires_us, is_binary, payload) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(channel)
+    .bind(offset)
+    .bind(expires_us)
+    .bind(binary)
+    .bind(body)
+    .execute(&mut **tx)
+    .await?;
+    bytes += body.len() as i64;
+    let size = retention.size.max(1) as i64;
+    if offset > size {
+        let freed: Vec<i32> = sqlx::query_scalar(
+            "DELETE FROM channel_log_entries WHERE channel = $1 AND seq <= $2 \
+             RETURNING octet_length(payload)",
+        )
+        .bind(channel)
+        .bind(offset - size)
+        .fetch_all(&mut **tx)
+        .await?;
+        bytes -= freed.iter().map(|&n| i64::from(n)).sum::<i64>();
+    }
+    while bytes > retention.bytes as i64 {
+        let oldest: Option<(i64, i32)> = sqlx::query_as(
+            "SELECT seq, octet_length(payload) FROM channel_log_entries WHERE channel = $1 \
+             ORDER BY seq LIMIT 1",
+        )
+        .bind(channel)
+        .fetch_optional(&mut **tx)
+        .await?;
+        let Some((seq, size)) = oldest else { break };
+        if seq >= offset {
+            // The newest always stays.
+            break;
+        }
+        sqlx::query("DELETE FROM channel_log_entries WHERE channel = $1 AND seq = $2")
+            .bind(channel)
+            .bind(seq)
+            .execute(&mut **tx)
+            .await?;
+        bytes -= i64::from(size);
+    }
+    sqlx::query("UPDATE channel_logs SET top = $2, bytes = $3 WHERE channel = $1")
+        .bind(channel)
+        .bind(offset)
+        .bind(bytes.max(0))
+        .execute(&mut **tx)
+        .await?;
+    Ok((offset as u64, epoch.into()))
+}
+
+fn unavailable(error: impl std::fmt::Display) -> BrokerError {
+    BrokerError(format!("the store's channel history: {error}"))
+}
+
+fn stored(seq: i64, binary: bool, body: Vec<u8>) -> Result<Stored, BrokerError> {
+    let payload = if binary {
+        Payload::Binary(Bytes::from(body))
+    } else {
+        let text = String::from_utf8(body).map_err(unavailable)?;
+        Payload::Json(RawValue::from_string(text).map_err(unavailable)?)
+    };
+    Ok(Stored {
+        offset: seq as u64,
+        payload,
+    })
+}
+
+#[async_trait]
+impl ChannelLog for PgHistory {
+    async fn publish(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+        told: Option<Told>,
+    ) -> Result<(u64, Arc<str>), BrokerError> {
+        let (reply, answer) = oneshot::channel();
+        self.appends
+            .send(Append {
+                channel: channel.into(),
+                payload: Arc::new(payload.clone()),
+                retention,
+                told,
+                reply,
+            })
+            .await
+            .map_err(|_| unavailable("the appending task stopped"))?;
+        answer
+            .await
+            .map_err(|_| unavailable("the appending task stopped"))?
+            .map_err(unavailable)
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        range: HistoryRange,
+        _retention: Retention,
+    ) -> Result<BrokerHistory, BrokerError> {
+        let now_us = now_micros();
+        // One snapshot for the position and the entries.
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let position: Option<(String, i64)> =
+            sqlx::query_as("SELECT epoch, top FROM channel_logs WHERE channel = $1")
+                .bind(channel)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        let Some((epoch, top)) = position else {
+            tx.commit().await.map_err(unavailable)?;
+            // Never published: offset 0 in the store's epoch, which the first publication keeps.
+            return Ok(BrokerHistory {
+                top: 0,
+                epoch: self.epoch.clone(),
+                oldest: None,
+                publications: Vec::new(),
+            });
+        };
+        let oldest: Option<i64> = sqlx::query_scalar(
+            "SELECT seq FROM channel_log_entries WHERE channel = $1 AND expires_us > $2 \
+             ORDER BY seq LIMIT 1",
+        )
+        .bind(channel)
+        .bind(now_us)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let rows: Vec<(i64, bool, Vec<u8>)> = match range {
+            HistoryRange::None => Vec::new(),
+            HistoryRange::After { offset, limit } => sqlx::query_as(
+                "SELECT seq, is_binary, payload FROM channel_log_entries WHERE channel = $1 \
+                 AND seq > $2 AND expires_us > $3 ORDER BY seq LIMIT $4",
+            )
+            .bind(channel)
+            .bind(offset as i64)
+            .bind(now_us)
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(unavailable)?,
+            HistoryRange::Last(limit) => {
+                let mut last: Vec<(i64, bool, Vec<u8>)> = sqlx::query_as(
+                    "SELECT seq, is_binary, payload FROM channel_log_entries WHERE channel = $1 \
+                     AND expires_us > $2 ORDER BY seq DESC LIMIT $3",
+                )
+                .bind(channel)
+                .bind(now_us)
+                .bind(limit as i64)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+                last.reverse();
+                last
+            }
+        };
+        tx.commit().await.map_err(unavailable)?;
+        let publications = rows
+            .into_iter()
+            .map(|(seq, binary, body)| stored(seq, binary, body))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(BrokerHistory {
+            top: top as u64,
+            epoch: epoch.into(),
+            oldest: oldest.map(|seq| seq as u64),
+            publications,
+        })
+    }
+}
+
+#[async_trait]
+impl HistoryStore for PgHistory {
+    fn keeps_record_events(&self) -> bool {
+        false
+    }
+
+    async fn expire(&self, limit: usize) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let gone: Vec<(String, i32)> = sqlx::query_as(
+            "DELETE FROM channel_log_entries WHERE id IN (SELECT id FROM channel_log_entries \
+             WHERE expires_us <= $1 ORDER BY expires_us LIMIT $2) \
+             RETURNING channel, octet_length(payload)",
+        )
+        .bind(now_micros())
+        .bind(limit as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut freed: HashMap<&str, i64> = HashMap::new();
+        for (channel, size) in &gone {
+            *freed.entry(channel).or_default() += i64::from(*size);
+        }
+        for (channel, bytes) in freed {
+            sqlx::query(
+                "UPDATE channel_logs SET bytes = GREATEST(bytes - $2, 0) WHERE channel = $1",
+            )
+            .bind(channel)
+            .bind(bytes)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(gone.len())
+    }
+}
