@@ -16,9 +16,10 @@ use super::{Channel, ChannelState, Hub, HubError, PublishOutcome, check_access, 
 use crate::broker::Told;
 
 impl Hub {
-    /// Publishes on a channel. In memory, and with history in the store, the publication is
-    /// fanned out before this returns (in the store, once committed); with a broker, once the
-    /// broker has it (every node, this one included, fans out what the broker sends).
+    /// Publishes on a channel. In memory the publication is fanned out before this returns;
+    /// with history in the store, once it committed (the fan-out follows in commit order);
+    /// with a broker, once the broker has it (every node, this one included, fans out what the
+    /// broker sends).
     pub async fn publish(
         &self,
         channel_name: &str,
@@ -188,8 +189,8 @@ impl Hub {
         }
     }
 
-    /// With a broker (or history in the store): a publication the log sent, in offset order. Channels
-    /// nobody here follows are skipped. A gap in offsets or a new epoch means this node missed
+    /// With a broker (or history in the store): a publication the log sent, in offset order.
+    /// Channels nobody here follows are skipped. A gap in offsets or a new epoch means this node missed
     /// publications; its subscribers are disconnected with `insufficient_state` so that they
     /// resubscribe `since` their last offset and recover from the broker's history.
     pub fn deliver(&self, channel_name: &str, offset: u64, epoch: &str, payload: &Payload) {
