@@ -3,10 +3,8 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use tokio::process::Child;
-use tokio::time::timeout;
 
 async fn spawn_server(data: &Path) -> (Child, String) {
     common::spawn_serve(data, &[]).await
@@ -104,17 +102,7 @@ async fn sigterm_shuts_down_cleanly() {
         .await
         .expect("health");
     assert!(health.status().is_success());
-    let pid = child.id().expect("running");
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let exit = timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("the server exits after SIGTERM")
-        .expect("wait");
-    assert!(exit.success(), "exit status {exit:?}");
+    common::terminate(&mut child).await;
 }
 
 #[test]

@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use duplex_testkit::WsClient;
 use serde_json::{Value, json};
@@ -59,19 +58,7 @@ async fn start_on(data: &Path, store: Option<&str>) -> (Child, String) {
 async fn stop(mut child: Child, how: Stop) {
     match how {
         Stop::Kill => child.kill().await.expect("SIGKILL"),
-        Stop::Term => {
-            let pid = child.id().expect("running");
-            let status = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status()
-                .expect("kill");
-            assert!(status.success());
-            let exit = tokio::time::timeout(Duration::from_secs(15), child.wait())
-                .await
-                .expect("the server exits after SIGTERM")
-                .expect("wait");
-            assert!(exit.success(), "exit status {exit:?}");
-        }
+        Stop::Term => common::terminate(&mut child).await,
     }
 }
 
@@ -89,6 +76,33 @@ async fn publish(http: &reqwest::Client, url: &str, channel: &str, data: Value) 
         published["offset"].as_u64().expect("offset"),
         published["epoch"].as_str().expect("epoch").to_owned(),
     )
+}
+
+/// Subscribes `since` a position, as a client that reconnects does; returns the reply.
+async fn resubscribe(
+    client: &mut WsClient,
+    channel: &str,
+    offset: u64,
+    epoch: &str,
+    id: u64,
+) -> Value {
+    client
+        .request(
+            json!({"type": "subscribe", "channel": channel, "since": {"offset": offset, "epoch": epoch}}),
+            id,
+        )
+        .await
+}
+
+/// GETs `url` and reads its JSON.
+async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+    http.get(url)
+        .send()
+        .await
+        .expect("GET")
+        .json()
+        .await
+        .expect("json")
 }
 
 fn ws_url(url: &str) -> String {
@@ -142,12 +156,7 @@ async fn recovers_across_a_restart(how: Stop) {
         );
     }
     let mut subscriber = WsClient::connect(&ws_url(&url)).await;
-    let reply = subscriber
-        .request(
-            json!({"type": "subscribe", "channel": "chat:x", "since": {"offset": 300, "epoch": epoch}}),
-            1,
-        )
-        .await;
+    let reply = resubscribe(&mut subscriber, "chat:x", 300, &epoch, 1).await;
     assert_eq!(reply["result"]["recovered"], true, "{reply}");
     assert_eq!(reply["result"]["missed"], 300, "{reply}");
     assert_eq!(reply["result"]["epoch"], epoch.as_str());
@@ -162,12 +171,7 @@ async fn recovers_across_a_restart(how: Stop) {
     assert_eq!(read_until(&mut subscriber, 601).await, vec![(601, 601)]);
 
     // History in memory started again.
-    let reply = subscriber
-        .request(
-            json!({"type": "subscribe", "channel": "room:x", "since": {"offset": 1, "epoch": room_epoch}}),
-            2,
-        )
-        .await;
+    let reply = resubscribe(&mut subscriber, "room:x", 1, &room_epoch, 2).await;
     assert_eq!(reply["result"]["recovered"], false, "{reply}");
     assert_eq!(reply["result"]["reason"], "epoch_changed", "{reply}");
     stop(child, Stop::Kill).await;
@@ -196,14 +200,11 @@ async fn retention_holds_after_a_restart() {
     }
     stop(child, Stop::Kill).await;
     let (child, url) = start(data.path()).await;
-    let history: Value = http
-        .get(format!("{url}/api/channels/small:x/history?limit=100"))
-        .send()
-        .await
-        .expect("history")
-        .json()
-        .await
-        .expect("json");
+    let history: Value = get_json(
+        &http,
+        &format!("{url}/api/channels/small:x/history?limit=100"),
+    )
+    .await;
     let offsets: Vec<u64> = history["publications"]
         .as_array()
         .expect("publications")
@@ -215,21 +216,11 @@ async fn retention_holds_after_a_restart() {
     assert_eq!(history["epoch"], epoch.as_str());
 
     let mut client = WsClient::connect(&ws_url(&url)).await;
-    let trimmed = client
-        .request(
-            json!({"type": "subscribe", "channel": "small:x", "since": {"offset": 5, "epoch": epoch}}),
-            1,
-        )
-        .await;
+    let trimmed = resubscribe(&mut client, "small:x", 5, &epoch, 1).await;
     assert_eq!(trimmed["result"]["recovered"], false, "{trimmed}");
     assert_eq!(trimmed["result"]["reason"], "history_trimmed", "{trimmed}");
     let mut client = WsClient::connect(&ws_url(&url)).await;
-    let kept = client
-        .request(
-            json!({"type": "subscribe", "channel": "small:x", "since": {"offset": 20, "epoch": epoch}}),
-            1,
-        )
-        .await;
+    let kept = resubscribe(&mut client, "small:x", 20, &epoch, 1).await;
     assert_eq!(kept["result"]["recovered"], true, "{kept}");
     assert_eq!(
         read_until(&mut client, 30).await,
@@ -253,14 +244,7 @@ async fn expiry_holds_after_a_restart() {
     let (child, url) = start(data.path()).await;
     let history_url = format!("{url}/api/channels/brief:x/history");
     let history: Value = duplex_testkit::wait_for("the history to expire", || async {
-        let history: Value = http
-            .get(&history_url)
-            .send()
-            .await
-            .expect("history")
-            .json()
-            .await
-            .expect("json");
+        let history: Value = get_json(&http, &history_url).await;
         history["publications"]
             .as_array()
             .is_some_and(Vec::is_empty)
@@ -270,12 +254,7 @@ async fn expiry_holds_after_a_restart() {
     assert_eq!(history["offset"], 3, "{history}");
     assert_eq!(history["epoch"], epoch.as_str(), "{history}");
     let mut client = WsClient::connect(&ws_url(&url)).await;
-    let expired = client
-        .request(
-            json!({"type": "subscribe", "channel": "brief:x", "since": {"offset": 1, "epoch": epoch}}),
-            1,
-        )
-        .await;
+    let expired = resubscribe(&mut client, "brief:x", 1, &epoch, 1).await;
     assert_eq!(expired["result"]["recovered"], false, "{expired}");
     assert_eq!(expired["result"]["reason"], "history_trimmed", "{expired}");
     let (offset, same) = publish(&http, &url, "brief:x", json!({ "i": 4 })).await;
@@ -343,14 +322,7 @@ async fn record_events_and_their_records_survive_kill_9_together() {
     let mut stored: Vec<String> = Vec::new();
     let mut next = format!("{url}/api/collections/journal/records?limit=100");
     loop {
-        let page: Value = http
-            .get(&next)
-            .send()
-            .await
-            .expect("list")
-            .json()
-            .await
-            .expect("json");
+        let page: Value = get_json(&http, &next).await;
         for item in page["items"].as_array().expect("items") {
             stored.push(item["id"].as_str().expect("id").to_owned());
         }
@@ -377,12 +349,7 @@ async fn record_events_and_their_records_survive_kill_9_together() {
     assert!(stored.len() > 40, "the 40 events seen have their records");
 
     let mut subscriber = WsClient::connect(&ws_url(&url)).await;
-    let reply = subscriber
-        .request(
-            json!({"type": "subscribe", "channel": "records:journal", "since": {"offset": 40, "epoch": epoch}}),
-            1,
-        )
-        .await;
+    let reply = resubscribe(&mut subscriber, "records:journal", 40, &epoch, 1).await;
     assert_eq!(reply["result"]["recovered"], true, "{reply}");
     assert_eq!(reply["result"]["epoch"], epoch.as_str());
     assert_eq!(
@@ -408,16 +375,11 @@ async fn record_events_and_their_records_survive_kill_9_together() {
         created["id"].as_str().map(str::to_owned).as_ref()
     );
     // Every record has its event, every event its record.
-    let history: Value = http
-        .get(format!(
-            "{url}/api/channels/records:journal/history?limit=1000"
-        ))
-        .send()
-        .await
-        .expect("history")
-        .json()
-        .await
-        .expect("json");
+    let history: Value = get_json(
+        &http,
+        &format!("{url}/api/channels/records:journal/history?limit=1000"),
+    )
+    .await;
     let mut logged: Vec<String> = history["publications"]
         .as_array()
         .expect("publications")
@@ -484,24 +446,14 @@ async fn on_postgres_chat_recovers_across_kill_9_and_record_events_say_they_rest
         assert_eq!((offset, published_in.as_str()), (i, epoch.as_str()));
     }
     let mut subscriber = WsClient::connect(&ws_url(&url)).await;
-    let reply = subscriber
-        .request(
-            json!({"type": "subscribe", "channel": "chat:pg", "since": {"offset": 30, "epoch": epoch}}),
-            1,
-        )
-        .await;
+    let reply = resubscribe(&mut subscriber, "chat:pg", 30, &epoch, 1).await;
     assert_eq!(reply["result"]["recovered"], true, "{reply}");
     assert_eq!(reply["result"]["missed"], 30, "{reply}");
     assert_eq!(
         read_until(&mut subscriber, 60).await,
         (31..=60).map(|i| (i, i)).collect::<Vec<_>>()
     );
-    let records = subscriber
-        .request(
-            json!({"type": "subscribe", "channel": "records:pgnotes", "since": {"offset": 1, "epoch": records_epoch}}),
-            2,
-        )
-        .await;
+    let records = resubscribe(&mut subscriber, "records:pgnotes", 1, &records_epoch, 2).await;
     assert_eq!(records["result"]["recovered"], false, "{records}");
     assert_eq!(records["result"]["reason"], "epoch_changed", "{records}");
     stop(child, Stop::Kill).await;

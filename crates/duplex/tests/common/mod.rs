@@ -34,3 +34,23 @@ pub(crate) async fn spawn_serve(data: &std::path::Path, args: &[&str]) -> (Child
         .to_owned();
     (child, url)
 }
+
+/// Sends SIGTERM to a server started by [`spawn_serve`] and waits (15 s at most) for it to
+/// exit successfully.
+#[allow(
+    dead_code,
+    reason = "not every test file that shares this module stops a server this way"
+)]
+pub(crate) async fn terminate(child: &mut Child) {
+    let pid = child.id().expect("running");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the server exits after SIGTERM")
+        .expect("wait");
+    assert!(exit.success(), "exit status {exit:?}");
+}
