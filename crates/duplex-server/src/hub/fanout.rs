@@ -183,6 +183,8 @@ impl Hub {
                 &delivery.epoch,
                 &delivery.payload,
             );
+            // Out: its place frees for the next publisher waiting.
+            drop(delivery.place);
             if let Some(delivered) = delivery.delivered {
                 let _ = delivered.send(());
             }

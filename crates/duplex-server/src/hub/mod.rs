@@ -150,8 +150,6 @@ pub struct Hub {
     metrics: Arc<Metrics>,
     /// The broker between nodes; `None` is the in-process (`memory`) broker.
     broker: Option<Arc<dyn Broker>>,
-    /// The broker as the log of every channel, when there is one.
-    broker_log: Option<Arc<dyn ChannelLog>>,
     /// Without a broker: the store, the log of the channels whose namespace keeps history
     /// there (`history_storage = "store"`).
     stored: Option<Arc<dyn ChannelLog>>,
@@ -216,7 +214,6 @@ impl Hub {
             connections: DashMap::new(),
             namespaces,
             metrics,
-            broker_log: broker.clone().map(|broker| broker as Arc<dyn ChannelLog>),
             stored: None,
             stored_records: false,
             broker,
@@ -243,13 +240,13 @@ impl Hub {
     /// Where a namespace's channels keep offsets and history when not in this process: the
     /// broker for all, or without one the store for those whose namespace says so; `None` is
     /// this process's memory.
-    fn log_for(&self, namespace: &Namespace) -> Option<&Arc<dyn ChannelLog>> {
-        if let Some(log) = &self.broker_log {
-            return Some(log);
+    fn log_for(&self, namespace: &Namespace) -> Option<&dyn ChannelLog> {
+        if let Some(broker) = &self.broker {
+            return Some(&**broker);
         }
         let records = namespace.name == "records";
         if namespace.keeps_history_in_store() && (self.stored_records || !records) {
-            self.stored.as_ref()
+            self.stored.as_deref()
         } else {
             None
         }

@@ -463,6 +463,47 @@ mod tests {
         assert_eq!(other.history_ttl, Duration::from_secs(300));
     }
 
+    /// Where history lives: `chat` and `records` in the store, the moment's namespaces in
+    /// memory, any namespace either way by configuration; another value is a clear error.
+    #[test]
+    fn history_storage_defaults_and_configuration() {
+        let namespaces = Namespaces::default();
+        for (channel, storage) in [
+            ("chat:lobby", HistoryStorage::Store),
+            ("records:posts", HistoryStorage::Store),
+            ("stream:cam", HistoryStorage::Memory),
+            ("game:arena", HistoryStorage::Memory),
+            ("news:today", HistoryStorage::Memory),
+        ] {
+            assert_eq!(
+                namespaces.for_channel(channel).history_storage,
+                storage,
+                "{channel}"
+            );
+        }
+        // Without history there is nothing to keep, wherever.
+        assert!(
+            !namespaces
+                .for_channel("stream:cam")
+                .keeps_history_in_store()
+        );
+        let configured: HashMap<String, NamespaceConfig> = toml::from_str(
+            "[chat]\nhistory_storage = \"memory\"\n[alerts]\nhistory_storage = \"store\"",
+        )
+        .expect("toml");
+        let namespaces = Namespaces::new(&configured).expect("valid");
+        assert!(!namespaces.for_channel("chat:x").keeps_history_in_store());
+        assert!(namespaces.for_channel("alerts:x").keeps_history_in_store());
+        let error = toml::from_str::<HashMap<String, NamespaceConfig>>(
+            "[chat]\nhistory_storage = \"disk\"",
+        )
+        .expect_err("not a storage");
+        assert!(
+            error.to_string().contains("unknown variant `disk`"),
+            "{error}"
+        );
+    }
+
     #[test]
     fn configured_tables_override_field_by_field() {
         let configured: HashMap<String, NamespaceConfig> = toml::from_str(

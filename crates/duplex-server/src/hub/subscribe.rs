@@ -104,7 +104,7 @@ impl Hub {
     /// publications and then the buffered ones after them are queued together.
     async fn subscribe_through(
         &self,
-        log: &Arc<dyn ChannelLog>,
+        log: &dyn ChannelLog,
         channel_name: &str,
         connection: &Arc<ConnectionHandle>,
         reply_id: u64,

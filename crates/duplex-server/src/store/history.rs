@@ -33,6 +33,9 @@ pub struct Delivery {
     pub told: Option<crate::broker::Told>,
     /// Told once the hub fanned it out (a record write answers after that).
     pub delivered: Option<oneshot::Sender<()>>,
+    /// A publication's place among those committed and not yet fanned out (see
+    /// [`Undelivered`]); freed when the delivery is dropped, after its fan-out.
+    pub(crate) place: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -46,9 +49,33 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
-/// Committed publications in commit order. Unbounded, yet never longer than the publications
-/// in flight: each publisher waits for its own delivery before it is answered.
+/// Committed publications in commit order. Unbounded, yet bounded by what sends into it: a
+/// record write waits for its own delivery before it is answered, and a publisher (answered at
+/// commit) first takes a place among at most [`UNDELIVERED`] publications not yet fanned out.
 pub type Deliveries = mpsc::UnboundedReceiver<Delivery>;
+
+/// Publications committed and not yet fanned out, at most: past this, publishers wait for the
+/// fan-out to catch up instead of the queue growing.
+pub(crate) const UNDELIVERED: usize = 4096;
+
+/// The places of publications committed and not yet fanned out.
+#[derive(Debug, Clone)]
+pub(crate) struct Undelivered(Arc<tokio::sync::Semaphore>);
+
+impl Undelivered {
+    pub(crate) fn new(places: usize) -> Undelivered {
+        Undelivered(Arc::new(tokio::sync::Semaphore::new(places)))
+    }
+
+    /// Waits for a place; it travels with the publication's [`Delivery`].
+    pub(crate) async fn place(&self) -> tokio::sync::OwnedSemaphorePermit {
+        self.0
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+}
 
 /// Where committed publications go.
 pub(crate) type DeliverySender = mpsc::UnboundedSender<Delivery>;

@@ -19,7 +19,7 @@ use sqlx::{Postgres, Row as _, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
-use super::history::{Delivery, DeliverySender, HistoryStore};
+use super::history::{Delivery, DeliverySender, HistoryStore, UNDELIVERED, Undelivered};
 use super::now_micros;
 use crate::broker::{
     BrokerError, BrokerHistory, ChannelLog, HistoryRange, Retention, Stored, Told,
@@ -38,6 +38,7 @@ struct Append {
     payload: Arc<Payload>,
     retention: Retention,
     told: Option<Told>,
+    place: tokio::sync::OwnedSemaphorePermit,
     reply: oneshot::Sender<Result<(u64, Arc<str>), String>>,
 }
 
@@ -47,6 +48,7 @@ pub(crate) struct PgHistory {
     pool: PgPool,
     epoch: Arc<str>,
     appends: mpsc::Sender<Append>,
+    undelivered: Undelivered,
 }
 
 impl PgHistory {
@@ -64,6 +66,7 @@ impl PgHistory {
             pool,
             epoch,
             appends,
+            undelivered: Undelivered::new(UNDELIVERED),
         }
     }
 }
@@ -97,6 +100,7 @@ async fn append_until_closed(
                         payload: append.payload,
                         told: append.told,
                         delivered: None,
+                        place: Some(append.place),
                     });
                     let _ = append.reply.send(Ok((offset, epoch)));
                 }
@@ -239,6 +243,7 @@ impl ChannelLog for PgHistory {
         retention: Retention,
         told: Option<Told>,
     ) -> Result<(u64, Arc<str>), BrokerError> {
+        let place = self.undelivered.place().await;
         let (reply, answer) = oneshot::channel();
         self.appends
             .send(Append {
@@ -246,6 +251,7 @@ impl ChannelLog for PgHistory {
                 payload: Arc::new(payload.clone()),
                 retention,
                 told,
+                place,
                 reply,
             })
             .await

@@ -130,6 +130,7 @@ impl<B: Backend> RecordStore<B> {
                         payload,
                         told: None,
                         delivered: Some(announced),
+                        place: None,
                     });
                 }
                 _ => {

@@ -27,7 +27,9 @@ use crate::broker::{
 use crate::model::Payload;
 use crate::store::Record;
 use crate::store::StoreError;
-use crate::store::history::{Delivery, DeliverySender, HistoryStore, LogTo, Logged, record_event};
+use crate::store::history::{
+    Delivery, DeliverySender, HistoryStore, LogTo, Logged, UNDELIVERED, Undelivered, record_event,
+};
 use crate::store::now_micros;
 
 const POSITION: &str = "SELECT epoch, top, bytes FROM channel_logs WHERE channel = ?1";
@@ -60,6 +62,7 @@ pub(crate) struct SqliteHistory {
     readers: Arc<Readers>,
     writer: Arc<Writer>,
     deliveries: DeliverySender,
+    undelivered: Undelivered,
 }
 
 impl SqliteBackend {
@@ -70,6 +73,7 @@ impl SqliteBackend {
             readers: self.readers.clone(),
             writer: self.writer.clone(),
             deliveries,
+            undelivered: Undelivered::new(UNDELIVERED),
         }
     }
 }
@@ -309,6 +313,7 @@ impl ChannelLog for SqliteHistory {
         told: Option<Told>,
     ) -> Result<(u64, Arc<str>), BrokerError> {
         let channel: Arc<str> = channel.into();
+        let place = self.undelivered.place().await;
         let payload = Arc::new(payload.clone());
         let deliveries = self.deliveries.clone();
         let now_us = now_micros();
@@ -335,6 +340,7 @@ impl ChannelLog for SqliteHistory {
                         payload,
                         told,
                         delivered: None,
+                        place: Some(place),
                     });
                 },
             )
@@ -522,7 +528,7 @@ mod tests {
     /// in offset order per channel (commit order), and a fresh channel's epoch (the file's) read before its first publication is
     /// kept.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn publications_are_delivered_in_commit_order_and_answered_after() {
+    async fn publications_are_delivered_in_commit_order() {
         let (_dir, backend, history, mut deliveries) = history().await;
         let history = Arc::new(history);
         let before = history
@@ -579,6 +585,49 @@ mod tests {
             offsets.sort_unstable();
             assert_eq!(offsets, (1..=20).collect::<Vec<_>>(), "{channel}");
         }
+        backend.close().await;
+    }
+
+    /// Publishers answered at commit cannot run ahead of the fan-out without bound: past the
+    /// places for undelivered publications, the next publisher waits until one is fanned out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn publishers_wait_when_the_fan_out_is_behind() {
+        let (_dir, backend, mut history, mut deliveries) = history().await;
+        history.undelivered = Undelivered::new(2);
+        let history = Arc::new(history);
+        let bounds = retention(100, 1 << 20);
+        for i in 1..=2 {
+            let (offset, _) = history
+                .publish("a:slow", &json(&format!("{i}")), bounds, None)
+                .await
+                .expect("published");
+            assert_eq!(offset, i);
+        }
+        let third = tokio::spawn({
+            let history = history.clone();
+            async move {
+                history
+                    .publish("a:slow", &json("3"), bounds, None)
+                    .await
+                    .expect("published")
+            }
+        });
+        let held = tokio::time::timeout(Duration::from_millis(200), async {
+            while !third.is_finished() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(held.is_err(), "the third publisher waits for a place");
+        // One fanned out (its delivery dropped): the third goes through.
+        let first = deliveries.recv().await.expect("a delivery");
+        assert_eq!(first.offset, 1);
+        drop(first);
+        let (offset, _) = tokio::time::timeout(Duration::from_secs(10), third)
+            .await
+            .expect("the third publisher goes on")
+            .expect("task");
+        assert_eq!(offset, 3);
         backend.close().await;
     }
 }
