@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -16,12 +16,61 @@ use prometheus_client::registry::Registry;
 /// Labels of an HTTP request metric.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct HttpLabels {
-    /// The request method.
-    pub method: String,
+    /// The request method (`OTHER` for a method HTTP does not define).
+    pub method: &'static str,
     /// The route template (`/api/collections/{collection}/records`), or `unmatched`.
-    pub route: String,
+    pub route: RouteLabel,
     /// The response status code.
     pub status: u16,
+}
+
+/// The route a request matched, as the router shares it (no copy of the text per request).
+#[derive(Debug, Clone)]
+pub struct RouteLabel(pub Option<axum::extract::MatchedPath>);
+
+impl RouteLabel {
+    /// The template, or `unmatched`.
+    pub fn as_str(&self) -> &str {
+        self.0.as_ref().map_or("unmatched", |path| path.as_str())
+    }
+}
+
+impl PartialEq for RouteLabel {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for RouteLabel {}
+
+impl std::hash::Hash for RouteLabel {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl EncodeLabelValue for RouteLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&self.as_str(), encoder)
+    }
+}
+
+/// A method's label: its name for the methods HTTP defines, `OTHER` for any other (so a client
+/// cannot add label values at will).
+pub fn method_label(method: &http::Method) -> &'static str {
+    use http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
 }
 
 /// Labels of a connection metric.

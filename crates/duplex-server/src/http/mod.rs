@@ -32,7 +32,7 @@ pub use records::{DEFAULT_LIMIT, MAX_FILTERS, MAX_LIMIT};
 use crate::api_keys::{ApiKeys, KeyCheck, Scope};
 use crate::hub::Hub;
 use crate::hub::namespace::ClientAuth;
-use crate::metrics::{HttpLabels, Metrics};
+use crate::metrics::{HttpLabels, Metrics, RouteLabel, method_label};
 use crate::socket::SocketContext;
 use crate::store::Store;
 
@@ -323,17 +323,22 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/ws", axum::routing::get(websocket::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(state.max_body))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            read_body_in_time,
-        ))
-        .with_state(state)
-        // Without allowed origins, every browser request is same-origin: no CORS work at all.
-        .layer(tower::util::option_layer(
-            (!origins.is_empty()).then(|| cors(&origins)),
-        ))
-        .layer(middleware::from_fn_with_state(metrics, track_request));
+        // One layer for all four: each `Router::layer` wraps every route once more, and each
+        // wrapping costs a boxed clone of the route's service per request.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(middleware::from_fn_with_state(metrics, track_request))
+                // Without allowed origins, every browser request is same-origin: no CORS work.
+                .layer(tower::util::option_layer(
+                    (!origins.is_empty()).then(|| cors(&origins)),
+                ))
+                .layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    read_body_in_time,
+                ))
+                .layer(DefaultBodyLimit::max(state.max_body)),
+        )
+        .with_state(state);
     if traced() {
         router.layer(TraceLayer::new_for_http().on_failure(()))
     } else {
@@ -412,12 +417,8 @@ async fn track_request(
     next: Next,
 ) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", MatchedPath::as_str)
-        .to_owned();
+    let method = method_label(request.method());
+    let route = RouteLabel(request.extensions().get::<MatchedPath>().cloned());
     metrics.http_in_flight.inc();
     let response = next.run(request).await;
     metrics.http_in_flight.dec();

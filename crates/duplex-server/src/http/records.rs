@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::{AppState, HttpCaller};
+use crate::hub::namespace::Access;
 use crate::store::{
     Change, CollectionSummary, CursorKey, FieldFilter, ListQuery, Precondition, Record, SortOrder,
     is_valid_collection, is_valid_field, is_valid_id,
@@ -111,7 +112,12 @@ fn authorize(
         Op::Read => (rule.read, "read"),
         Op::Write => (rule.write, "write"),
     };
-    if access.allows(caller.as_caller(), &format!("records:{collection}")) {
+    // Only a token's channel list needs the channel's name spelled out.
+    let channel = match access {
+        Access::TokenChannels => format!("records:{collection}"),
+        _ => String::new(),
+    };
+    if access.allows(caller.as_caller(), &channel) {
         Ok(())
     } else {
         Err(ApiError::Forbidden(format!(
