@@ -7,6 +7,7 @@
 mod attack;
 mod baseline;
 mod connections;
+mod counted;
 mod fanout;
 mod lean_http;
 mod lean_ws;

@@ -190,18 +190,19 @@ pub fn latency_svg(report: &TransportsReport) -> String {
 
 fn table(methods: &[MethodReport]) -> String {
     let mut html = String::from(
-        "<table><tr><th>transport</th><th>deliveries/s</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>max ms</th><th>server CPU s / 1,000 deliveries</th><th>bytes / delivery</th><th>HTTP requests / delivery</th><th>missed</th><th>duplicated</th></tr>",
+        "<table><tr><th>transport</th><th>deliveries/s</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>max ms</th><th>drain ms</th><th>server CPU s / 1,000 deliveries</th><th>bytes / delivery</th><th>HTTP requests / delivery</th><th>missed</th><th>duplicated</th></tr>",
     );
     for m in methods {
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{:.0}</td><td>{:.3}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.1}</td><td>{}</td><td>{:.0}</td><td>{:.3}</td><td>{}</td><td>{}</td></tr>",
             m.method.name(),
             m.deliveries_per_second,
             m.latency_ms.p50,
             m.latency_ms.p90,
             m.latency_ms.p99,
             m.latency_ms.max,
+            m.drain_ms,
             m.server_cpu_per_1000_deliveries
                 .map_or("–".to_owned(), |c| format!("{c:.4}")),
             m.bytes_per_delivery,
@@ -236,6 +237,23 @@ pub fn html(report: &TransportsReport) -> String {
             (m.method.name(), points)
         })
         .collect();
+    // A server whose pid was not given has no CPU figures: no chart rather than bars at 0.
+    let cpu: Option<Vec<f64>> = report
+        .methods
+        .iter()
+        .map(|m| m.server_cpu_per_1000_deliveries)
+        .collect();
+    let cpu_chart = cpu.map_or_else(
+        || "<p>Server CPU was not measured (no server process id).</p>".to_owned(),
+        |cpu| {
+            bar_chart(
+                "Server CPU per 1,000 deliveries",
+                "CPU seconds",
+                &names,
+                &[("cpu", cpu)],
+            )
+        },
+    );
     let charts = [
         latency_svg(report),
         line_chart(
@@ -252,19 +270,7 @@ pub fn html(report: &TransportsReport) -> String {
             &throughput,
             false,
         ),
-        bar_chart(
-            "Server CPU per 1,000 deliveries",
-            "CPU seconds",
-            &names,
-            &[(
-                "cpu",
-                report
-                    .methods
-                    .iter()
-                    .map(|m| m.server_cpu_per_1000_deliveries.unwrap_or(0.0))
-                    .collect(),
-            )],
-        ),
+        cpu_chart,
         bar_chart(
             "Bytes received per delivery",
             "bytes",
@@ -293,7 +299,7 @@ pub fn html(report: &TransportsReport) -> String {
         ),
     ];
     format!(
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>duplex: HTTP against sockets</title><style>body{{font-family:sans-serif;max-width:800px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child{{text-align:left}}svg{{display:block;margin:1.5em 0}}</style></head><body><h1>The same updates by five transports</h1><p>{clients} clients per transport follow one channel while a publisher sends {} updates a second of {} bytes for {:.0} s; short polling asks every {:.1} s. Latency is from each update's due time to its receipt.</p>{}{}</body></html>"#,
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>duplex: HTTP against sockets</title><style>body{{font-family:sans-serif;max-width:800px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child{{text-align:left}}svg{{display:block;margin:1.5em 0}}</style></head><body><h1>The same updates by five transports</h1><p>{clients} clients per transport follow one channel while a publisher sends {} updates a second of {} bytes for {:.0} s; short polling asks every {:.1} s. Latency is from each update's due time to its receipt; deliveries/s counts the updates received in order over the time from the first due time to the last delivery; bytes are every byte the clients read from their sockets, connection setup included; server CPU runs from the first update to the end of the drain.</p>{}{}</body></html>"#,
         report.rate,
         report.size,
         report.duration_seconds,

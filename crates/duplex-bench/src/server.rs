@@ -137,11 +137,19 @@ pub(crate) fn usage_of(pid: u32) -> anyhow::Result<ServerUsage> {
         .trim_end_matches("kB")
         .trim()
         .parse()?;
-    // Linux reports CPU time in clock ticks of 1/100 s on every platform we run on.
     Ok(ServerUsage {
-        cpu_seconds: ticks / 100.0,
+        cpu_seconds: ticks / clock_ticks_per_second(),
         rss_bytes: rss_kib * 1024,
     })
+}
+
+/// The unit of `/proc/PID/stat`'s CPU times: `sysconf(_SC_CLK_TCK)` (100 on common Linux
+/// builds, but the kernel's `USER_HZ` is what counts).
+fn clock_ticks_per_second() -> f64 {
+    match rustix::param::clock_ticks_per_second() {
+        0 => 100.0,
+        ticks => ticks as f64,
+    }
 }
 
 /// The first line `child` prints, and the `http://` address in it.

@@ -17,10 +17,11 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::counted::{self, HttpConnection};
 use crate::fanout::Percentiles;
+use crate::fanout::subscribers::DueTimes;
 use crate::server::ServerUsage;
 
 /// One way of following a channel.
@@ -95,17 +96,23 @@ pub struct MethodReport {
     pub publications: u64,
     /// Updates received by all clients.
     pub deliveries: u64,
-    /// Deliveries per second over the publishing time.
+    /// Updates received in order over the time from the first update's due time to the last
+    /// delivery, so a server that falls behind shows less than it was offered.
     pub deliveries_per_second: f64,
+    /// From the last update's due time to the last delivery, in milliseconds.
+    pub drain_ms: f64,
     /// Publish-to-receipt latency.
     pub latency_ms: Percentiles,
     /// The latency distribution: (percentile, milliseconds) pairs for charts.
     pub latency_distribution: Vec<(f64, f64)>,
-    /// Server CPU seconds per 1,000 deliveries (when the server's pid is known).
+    /// Server CPU seconds per 1,000 deliveries, from the first update to the end of the drain
+    /// (when the server's pid is known).
     pub server_cpu_per_1000_deliveries: Option<f64>,
-    /// Bytes received by clients per delivery (headers included for HTTP).
+    /// Bytes the clients read from their sockets per delivery: everything from connecting on
+    /// (HTTP heads, chunk sizes, WebSocket frame headers, pings, the subscription's reply).
     pub bytes_per_delivery: f64,
-    /// HTTP requests per delivery (0 for sockets, one per stream for SSE).
+    /// HTTP requests per delivery, the first poll and the event stream's request included (0
+    /// for sockets).
     pub requests_per_delivery: f64,
     /// Updates a client never received.
     pub missed: u64,
@@ -140,27 +147,36 @@ fn now_micros() -> u64 {
 /// Shared counters of one method's run.
 #[derive(Debug)]
 struct Tally {
-    started: Instant,
-    bytes: AtomicU64,
+    /// Bytes the clients read from their sockets, connection setup included.
+    bytes: Arc<AtomicU64>,
+    /// HTTP requests the clients made, the first poll and the event stream's included.
     requests: AtomicU64,
+    /// When the first and last updates are due, once publishing started.
+    due: DueTimes,
     per_second: Vec<AtomicU64>,
 }
 
 impl Tally {
     fn new(seconds: usize) -> Self {
         Tally {
-            started: Instant::now(),
-            bytes: AtomicU64::new(0),
+            bytes: Arc::new(AtomicU64::new(0)),
             requests: AtomicU64::new(0),
+            due: DueTimes::default(),
             per_second: (0..seconds).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
-    fn delivered(&self) {
-        let second = self.started.elapsed().as_secs() as usize;
+    /// Counts a delivery in the second (from the first due time) it arrived in.
+    fn delivered(&self, at_micros: u64) {
+        let first = self.due.first();
+        let second = (at_micros.saturating_sub(first) / 1_000_000) as usize;
         if let Some(slot) = self.per_second.get(second) {
             slot.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    fn requested(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -168,9 +184,13 @@ impl Tally {
 #[derive(Debug)]
 struct Follower {
     last: u64,
+    /// Updates received in order, each once.
     received: u64,
     missed: u64,
+    /// Updates received again, or after a later one.
     duplicated: u64,
+    /// When the latest of `received` arrived (wall-clock microseconds).
+    last_at_micros: u64,
     latency_us: Histogram<u64>,
 }
 
@@ -181,21 +201,24 @@ impl Follower {
             received: 0,
             missed: 0,
             duplicated: 0,
+            last_at_micros: 0,
             latency_us: Histogram::new_with_bounds(1, 600_000_000, 2)?,
         })
     }
 
     fn record(&mut self, offset: u64, sent_micros: u64, tally: &Tally) {
-        self.received += 1;
         if offset <= self.last {
             self.duplicated += 1;
             return;
         }
+        self.received += 1;
         self.missed += offset - self.last - 1;
         self.last = offset;
-        let latency = now_micros().saturating_sub(sent_micros).max(1);
+        let now = now_micros();
+        self.last_at_micros = now;
+        let latency = now.saturating_sub(sent_micros).max(1);
         let _ = self.latency_us.record(latency.min(600_000_000));
-        tally.delivered();
+        tally.delivered(now);
     }
 
     /// Records a `message` frame (JSON text).
@@ -207,16 +230,6 @@ impl Follower {
     }
 }
 
-fn response_bytes(response: &reqwest::Response) -> u64 {
-    let headers: usize = response
-        .headers()
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    // Status line and the blank line after the headers.
-    (headers + 17 + 2) as u64
-}
-
 struct Run {
     channel: String,
     last: u64,
@@ -225,8 +238,7 @@ struct Run {
 }
 
 async fn follow_by_polling(
-    http: reqwest::Client,
-    base: String,
+    addr: String,
     run: Run,
     wait: Option<Duration>,
     interval: Duration,
@@ -239,15 +251,11 @@ async fn follow_by_polling(
         tally,
     } = run;
     let mut follower = Follower::new()?;
-    let url = format!("{base}/api/channels/{channel}/poll");
+    let mut connection = HttpConnection::open(&addr, tally.bytes.clone()).await?;
+    let path = format!("/api/channels/{channel}/poll");
     // First request: where the channel stands.
-    let response = http.get(&url).send().await?;
-    tally.requests.fetch_add(1, Ordering::Relaxed);
-    tally
-        .bytes
-        .fetch_add(response_bytes(&response), Ordering::Relaxed);
-    let body = response.bytes().await?;
-    tally.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+    let body = connection.get_body(&path).await?;
+    tally.requested();
     let position: Value = serde_json::from_slice(&body)?;
     let mut epoch = position["epoch"].as_str().unwrap_or_default().to_owned();
     let mut next = position["next"].as_u64().unwrap_or(0);
@@ -266,16 +274,12 @@ async fn follow_by_polling(
                 format!("?since={next}&epoch={epoch}")
             }
         };
-        let response = tokio::select! {
-            response = http.get(format!("{url}{query}")).send() => response?,
+        let url = format!("{path}{query}");
+        let body = tokio::select! {
+            body = connection.get_body(&url) => body?,
             _ = stop.changed() => break,
         };
-        tally.requests.fetch_add(1, Ordering::Relaxed);
-        tally
-            .bytes
-            .fetch_add(response_bytes(&response), Ordering::Relaxed);
-        let body = response.bytes().await?;
-        tally.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+        tally.requested();
         let page: Value = serde_json::from_slice(&body)?;
         if page["recovered"] == false {
             bail!("a poll was not recovered: {page}");
@@ -294,11 +298,11 @@ async fn follow_by_polling(
 }
 
 async fn follow_by_sse(
-    http: reqwest::Client,
-    base: String,
+    addr: String,
     run: Run,
     ready: tokio::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<Follower> {
+    use http_body_util::BodyExt as _;
     let Run {
         channel,
         last,
@@ -306,29 +310,29 @@ async fn follow_by_sse(
         tally,
     } = run;
     let mut follower = Follower::new()?;
-    let response = http
-        .get(format!("{base}/api/channels/{channel}/events"))
-        .send()
+    let mut connection = HttpConnection::open(&addr, tally.bytes.clone()).await?;
+    let response = connection
+        .get(&format!("/api/channels/{channel}/events"))
         .await?;
-    tally.requests.fetch_add(1, Ordering::Relaxed);
-    tally
-        .bytes
-        .fetch_add(response_bytes(&response), Ordering::Relaxed);
-    let mut stream = response.bytes_stream();
-    let mut buffer = String::new();
+    tally.requested();
+    let mut body = response.into_body();
+    let mut buffer: Vec<u8> = Vec::new();
     let mut ready = Some(ready);
     while follower.last < last {
-        let chunk = tokio::select! {
-            chunk = stream.next() => match chunk {
-                Some(chunk) => chunk?,
+        let frame = tokio::select! {
+            frame = body.frame() => match frame {
+                Some(frame) => frame?,
                 None => break,
             },
             _ = stop.changed() => break,
         };
-        tally.bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        buffer.push_str(std::str::from_utf8(&chunk)?);
-        while let Some(end) = buffer.find("\n\n") {
-            let block: String = buffer.drain(..end + 2).collect();
+        let Ok(chunk) = frame.into_data() else {
+            continue;
+        };
+        buffer.extend_from_slice(&chunk);
+        while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = buffer.drain(..end + 2).collect();
+            let block = std::str::from_utf8(&block)?;
             if block.starts_with("event: subscribed") {
                 if let Some(ready) = ready.take() {
                     ready.send(()).await.ok();
@@ -349,7 +353,7 @@ async fn follow_by_sse(
 }
 
 async fn follow_by_websocket(
-    base: String,
+    addr: String,
     run: Run,
     ready: tokio::sync::mpsc::Sender<()>,
 ) -> anyhow::Result<Follower> {
@@ -360,8 +364,9 @@ async fn follow_by_websocket(
         tally,
     } = run;
     let mut follower = Follower::new()?;
-    let url = format!("{}/ws", base.replacen("http://", "ws://", 1));
-    let (mut socket, _) = tokio_tungstenite::connect_async(&url).await?;
+    let stream = counted::connect(&addr, tally.bytes.clone()).await?;
+    let (mut socket, _) =
+        tokio_tungstenite::client_async(format!("ws://{addr}/ws"), stream).await?;
     let subscribe = json!({"type": "subscribe", "id": 1, "channel": channel});
     socket.send(Message::text(subscribe.to_string())).await?;
     let mut ready = Some(ready);
@@ -374,10 +379,6 @@ async fn follow_by_websocket(
             _ = stop.changed() => break,
         };
         if let Message::Text(text) = message {
-            // Two bytes of frame header for these sizes.
-            tally
-                .bytes
-                .fetch_add(text.len() as u64 + 2, Ordering::Relaxed);
             let frame: Value = serde_json::from_str(&text)?;
             match frame["type"].as_str() {
                 Some("message") => follower.record_frame(&frame, &tally),
@@ -406,9 +407,8 @@ async fn follow_by_tcp(
         tally,
     } = run;
     let mut follower = Follower::new()?;
-    let stream = TcpStream::connect(&addr).await?;
-    stream.set_nodelay(true)?;
-    let (read, mut write) = stream.into_split();
+    let stream = counted::connect(&addr, tally.bytes.clone()).await?;
+    let (read, mut write) = tokio::io::split(stream);
     let mut lines = BufReader::new(read);
     let subscribe = format!("{{\"type\":\"subscribe\",\"id\":1,\"channel\":\"{channel}\"}}\n");
     write.write_all(subscribe.as_bytes()).await?;
@@ -423,7 +423,6 @@ async fn follow_by_tcp(
         if read == 0 {
             break;
         }
-        tally.bytes.fetch_add(read as u64, Ordering::Relaxed);
         let frame: Value = serde_json::from_str(&line)?;
         match frame["type"].as_str() {
             Some("message") => follower.record_frame(&frame, &tally),
@@ -462,7 +461,6 @@ async fn run_method(
     method: Method,
     progress: &(dyn Fn(Method, u64, u64) + Sync),
 ) -> anyhow::Result<MethodReport> {
-    let base = format!("http://{}", options.http_addr);
     let channel = format!("bench:transports-{}-{}", method.name(), now_micros());
     let publications = (u128::from(options.rate) * options.duration.as_millis() / 1000) as u64;
     if publications == 0 {
@@ -471,12 +469,10 @@ async fn run_method(
     let drain = options.poll_interval * 2 + Duration::from_secs(2);
     let seconds = (options.duration + drain).as_secs() as usize + 2;
     let tally = Arc::new(Tally::new(seconds));
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(options.clients.max(1))
-        .build()?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(options.clients.max(1));
     let mut followers = Vec::with_capacity(options.clients);
+    let http = options.http_addr.clone();
     for _ in 0..options.clients {
         let run = Run {
             channel: channel.clone(),
@@ -488,7 +484,6 @@ async fn run_method(
         followers.push(match method {
             Method::ShortPoll => tokio::spawn(follow_by_polling(
                 http.clone(),
-                base.clone(),
                 run,
                 None,
                 options.poll_interval,
@@ -496,14 +491,13 @@ async fn run_method(
             )),
             Method::LongPoll => tokio::spawn(follow_by_polling(
                 http.clone(),
-                base.clone(),
                 run,
                 Some(Duration::from_secs(30)),
                 options.poll_interval,
                 ready,
             )),
-            Method::Sse => tokio::spawn(follow_by_sse(http.clone(), base.clone(), run, ready)),
-            Method::Websocket => tokio::spawn(follow_by_websocket(base.clone(), run, ready)),
+            Method::Sse => tokio::spawn(follow_by_sse(http.clone(), run, ready)),
+            Method::Websocket => tokio::spawn(follow_by_websocket(http.clone(), run, ready)),
             Method::Tcp => tokio::spawn(follow_by_tcp(options.tcp_addr.clone(), run, ready)),
         });
     }
@@ -512,49 +506,56 @@ async fn run_method(
     crate::runs::wait_ready(&mut ready_rx, options.clients, &what).await?;
 
     let before = options.server_pid.map(ServerUsage::of).transpose()?;
-    let requests_before = tally.requests.load(Ordering::Relaxed);
-    let bytes_before = tally.bytes.load(Ordering::Relaxed);
-    let publish_url = format!("{base}/api/channels/{channel}/publish");
-    let padding = "x".repeat(options.size.saturating_sub(24));
-    let interval = Duration::from_secs(1) / options.rate.max(1);
-    let start = Instant::now();
-    let start_micros = now_micros();
+    // Open-loop, as the fan-out publisher: each update leaves at its due time over a socket of
+    // its own, whether or not the server answered the one before.
+    let (rate, size) = (options.rate, options.size);
+    let publish_channel = channel.clone();
+    let publish_tally = tally.clone();
+    let mut publisher = tokio::task::spawn_blocking(move || {
+        crate::fanout::publish(
+            &http,
+            &publish_channel,
+            publications,
+            rate,
+            size,
+            &publish_tally.due,
+        )
+    });
     let total_seconds = options.duration.as_secs().max(1);
-    for i in 0..publications {
-        let offset = interval * u32::try_from(i).unwrap_or(u32::MAX);
-        tokio::time::sleep_until((start + offset).into()).await;
-        let due = start_micros + offset.as_micros() as u64;
-        http.post(&publish_url)
-            .json(&json!({"t": due, "p": padding}))
-            .send()
-            .await?
-            .error_for_status()?;
-        progress(
-            method,
-            start.elapsed().as_secs().min(total_seconds),
-            total_seconds,
-        );
-    }
-    let publishing = start.elapsed();
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let published = loop {
+        tokio::select! {
+            published = &mut publisher => break published??,
+            _ = ticker.tick() => progress(
+                method,
+                started.elapsed().as_secs().min(total_seconds),
+                total_seconds,
+            ),
+        }
+    };
+    progress(method, total_seconds, total_seconds);
+    let window = published.window;
 
     let all = crate::runs::collect_within(followers, drain, || {
         stop_tx.send(true).ok();
     })
-    .await?;
+    .await;
     let after = options.server_pid.map(ServerUsage::of).transpose()?;
+    tokio::task::spawn_blocking(move || published.close()).await??;
+    let all = all?;
 
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2)?;
-    let (mut deliveries, mut missed, mut duplicated) = (0, 0, 0);
+    let (mut deliveries, mut missed, mut duplicated, mut last_at_micros) = (0, 0, 0, 0);
     for follower in &all {
         histogram.add(&follower.latency_us)?;
-        deliveries += follower.received - follower.duplicated;
+        deliveries += follower.received;
         missed += follower.missed;
         duplicated += follower.duplicated;
+        last_at_micros = last_at_micros.max(follower.last_at_micros);
     }
     let ms = |micros: u64| micros as f64 / 1000.0;
     let per_delivery = |total: u64| total as f64 / deliveries.max(1) as f64;
-    let requests = tally.requests.load(Ordering::Relaxed) - requests_before;
-    let bytes = tally.bytes.load(Ordering::Relaxed) - bytes_before;
     let mut distribution = BTreeMap::new();
     for percentile in [0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.9, 100.0] {
         distribution.insert(
@@ -562,12 +563,14 @@ async fn run_method(
             (percentile, ms(histogram.value_at_percentile(percentile))),
         );
     }
+    let span = window.span_to(last_at_micros);
     Ok(MethodReport {
         method,
         clients: options.clients,
         publications,
         deliveries,
-        deliveries_per_second: deliveries as f64 / publishing.as_secs_f64().max(1e-9),
+        deliveries_per_second: deliveries as f64 / span.as_secs_f64(),
+        drain_ms: ms(last_at_micros.saturating_sub(window.last_due_micros)),
         latency_ms: Percentiles::of_micros(&histogram),
         latency_distribution: distribution.into_values().collect(),
         server_cpu_per_1000_deliveries: match (before, after) {
@@ -576,8 +579,8 @@ async fn run_method(
             }
             _ => None,
         },
-        bytes_per_delivery: per_delivery(bytes),
-        requests_per_delivery: per_delivery(requests),
+        bytes_per_delivery: per_delivery(tally.bytes.load(Ordering::Relaxed)),
+        requests_per_delivery: per_delivery(tally.requests.load(Ordering::Relaxed)),
         missed,
         duplicated,
         deliveries_per_second_series: tally

@@ -23,6 +23,8 @@ async fn fanout_reports_every_delivery_on_both_transports_and_the_floor() {
             transport,
             client_threads: 2,
             publish_addr: None,
+            // The server runs in this process (with the load client, so this is an upper bound).
+            server_pid: (transport != Transport::Floor).then(std::process::id),
         })
         .await
         .expect("a short run completes");
@@ -31,12 +33,29 @@ async fn fanout_reports_every_delivery_on_both_transports_and_the_floor() {
         assert_eq!((report.missed, report.duplicated), (0, 0));
         assert!(report.latency_ms.p50 <= report.latency_ms.p99);
         assert!(report.latency_ms.p99 <= report.latency_ms.max);
-        let json = serde_json::to_value(&report).expect("serialises");
-        for key in ["deliveries_per_second", "latency_ms", "missed", "transport"] {
-            assert!(
-                json.get(key).is_some(),
-                "{key} missing from the JSON report"
-            );
+        // 200/s to 20 subscribers offers 4,000 deliveries/s for half a second: counted from the
+        // first due time to the last delivery (or the window's end), the figure can only be at
+        // or under that, and a light load like this one is kept up with.
+        let offered = 200.0 * 20.0;
+        assert!(
+            (0.5 * offered..=1.001 * offered).contains(&report.deliveries_per_second),
+            "{transport:?}: {} deliveries/s counted for {offered} offered",
+            report.deliveries_per_second
+        );
+        assert!(
+            report.drain_ms < 1000.0,
+            "{transport:?}: {} ms",
+            report.drain_ms
+        );
+        assert!(report.after_publishing <= report.deliveries);
+        match (transport, report.server_cpu_seconds) {
+            (Transport::Floor, cpu) => assert_eq!(cpu, None),
+            // Half a second of publishing and at most 5 s of tail, on at most a few cores.
+            (_, Some(cpu)) => assert!(
+                cpu > 0.0 && cpu < 4.0 * 5.5,
+                "{transport:?}: {cpu} CPU seconds in a half-second run"
+            ),
+            (_, None) => panic!("{transport:?}: no CPU measured though a pid was given"),
         }
     }
 }
@@ -76,7 +95,11 @@ async fn roundtrips_report_requests_and_recoveries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transports_report_every_method_with_nothing_lost() {
-    let server = TestServer::start().await;
+    // The publisher publishes over a socket, as `duplex bench` does to its own server.
+    let server = TestServer::start_with(|c| {
+        c.namespaces = duplex_testkit::namespaces("[bench]\npublish = \"anyone\"\n");
+    })
+    .await;
     let report = duplex_bench::run_transports(
         &duplex_bench::TransportsOptions {
             http_addr: server.http_addr.to_string(),
@@ -103,20 +126,61 @@ async fn transports_report_every_method_with_nothing_lost() {
             "{:?}",
             method.method
         );
-        assert!(method.bytes_per_delivery > 0.0);
-        assert!(method.server_cpu_per_1000_deliveries.is_some());
+        // 20 updates/s to 10 clients for a second: 200/s offered. Counted from the first due
+        // time to the last delivery (a short poll's comes up to an interval late), never more.
+        assert!(
+            (100.0..=200.5).contains(&method.deliveries_per_second),
+            "{:?}: {} deliveries/s for 200 offered",
+            method.method,
+            method.deliveries_per_second
+        );
+        // Every byte read: at least the 64-byte payload, and not kilobytes of it.
+        assert!(
+            (64.0..2000.0).contains(&method.bytes_per_delivery),
+            "{:?}: {} bytes per delivery",
+            method.method,
+            method.bytes_per_delivery
+        );
+        let cpu = method
+            .server_cpu_per_1000_deliveries
+            .expect("a pid was given");
+        assert!(cpu > 0.0, "{:?}: {cpu}", method.method);
     }
-    let polls = &report.methods[0];
+    let by = |wanted: duplex_bench::Method| {
+        report
+            .methods
+            .iter()
+            .find(|m| m.method == wanted)
+            .expect("every method ran")
+    };
+    use duplex_bench::Method;
+    // Short polls: the first poll and one every 200 ms for a second and the tail, per client
+    // of 20 deliveries each.
+    let short = by(Method::ShortPoll).requests_per_delivery;
+    assert!((0.1..1.0).contains(&short), "short polling: {short}");
+    // Long polls: the first one, then at most one per delivery.
+    let long = by(Method::LongPoll).requests_per_delivery;
+    assert!(long > 0.0 && long <= 21.0 / 20.0, "long polling: {long}");
+    // One stream request per client, counted.
+    assert_eq!(by(Method::Sse).requests_per_delivery, 10.0 / 200.0);
+    assert_eq!(by(Method::Websocket).requests_per_delivery, 0.0);
+    assert_eq!(by(Method::Tcp).requests_per_delivery, 0.0);
+    // A long poll's answer carries an HTTP head; a WebSocket frame a few bytes of header.
     assert!(
-        polls.requests_per_delivery > 0.0,
-        "short polling costs requests"
+        by(Method::LongPoll).bytes_per_delivery > by(Method::Websocket).bytes_per_delivery + 50.0
     );
-    let websocket = &report.methods[3];
-    assert_eq!(websocket.requests_per_delivery, 0.0);
     let html = duplex_bench::report::html(&report);
     assert!(html.starts_with("<!doctype html>"));
     assert_eq!(html.matches("<svg").count(), 6, "six charts");
     assert!(duplex_bench::report::latency_svg(&report).starts_with("<svg"));
+    // Without the server's pid there is no CPU chart, rather than bars at 0.
+    let mut unmeasured = report.clone();
+    for method in &mut unmeasured.methods {
+        method.server_cpu_per_1000_deliveries = None;
+    }
+    let html = duplex_bench::report::html(&unmeasured);
+    assert_eq!(html.matches("<svg").count(), 5);
+    assert!(html.contains("Server CPU was not measured"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,9 +259,35 @@ async fn fanout_across_two_nodes_counts_every_delivery() {
         transport: Transport::Websocket,
         client_threads: 2,
         publish_addr: Some(publisher.http_addr.to_string()),
+        server_pid: None,
     })
     .await
     .expect("a short run completes");
     assert_eq!(report.deliveries, 100 * 20);
     assert_eq!((report.missed, report.duplicated), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_publications_the_server_refuses_fails_rather_than_reports() {
+    // No `[bench]` table: anonymous clients may not publish there.
+    let server = TestServer::start().await;
+    let error = run_fanout(&FanoutOptions {
+        http_addr: server.http_addr.to_string(),
+        tcp_addr: server.tcp_addr.to_string(),
+        subscribers: 2,
+        rate: 50,
+        size: 64,
+        duration: Duration::from_millis(100),
+        transport: Transport::Websocket,
+        client_threads: 1,
+        publish_addr: None,
+        server_pid: None,
+    })
+    .await
+    .expect_err("every publication is refused");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("refused 5 publications") && message.contains("\"type\":\"error\""),
+        "{message}"
+    );
 }

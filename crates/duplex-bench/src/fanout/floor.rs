@@ -6,9 +6,10 @@ use std::time::Duration;
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
-use super::subscribers::read_lines;
+use super::subscribers::{DueTimes, read_lines};
 use super::{
-    Driven, FanoutOptions, FanoutReport, Timing, publications_of, report_of, subscribers_runtime,
+    Driven, FanoutOptions, FanoutReport, Timing, Window, publications_of, report_of,
+    subscribers_runtime,
 };
 
 /// The floor under every fan-out figure on this machine: no server at all. Plain threads (one
@@ -24,6 +25,7 @@ pub(super) async fn run_floor(options: &FanoutOptions) -> anyhow::Result<FanoutR
     let addr = listener.local_addr()?;
     let mut sockets = Vec::with_capacity(options.subscribers);
     let mut subscribers = Vec::with_capacity(options.subscribers);
+    let due = DueTimes::default();
     for _ in 0..options.subscribers {
         let client = std::net::TcpStream::connect(addr)?;
         client.set_nodelay(true)?;
@@ -32,12 +34,14 @@ pub(super) async fn run_floor(options: &FanoutOptions) -> anyhow::Result<FanoutR
         server.set_nodelay(true)?;
         sockets.push(server);
         let stop = stop_rx.clone();
+        let due = due.clone();
         subscribers.push(runtime.spawn(async move {
             let stream = TcpStream::from_std(client)?;
             read_lines(
                 BufReader::with_capacity(16 * 1024, stream),
                 publications,
                 stop,
+                due,
             )
             .await
         }));
@@ -45,19 +49,20 @@ pub(super) async fn run_floor(options: &FanoutOptions) -> anyhow::Result<FanoutR
     let driven = Driven::start(runtime)?;
     let (rate, size) = (options.rate, options.size);
     let measured = async {
-        let publishing =
-            tokio::task::spawn_blocking(move || write_floor(sockets, publications, rate, size))
-                .await??;
+        let window = tokio::task::spawn_blocking(move || {
+            write_floor(sockets, publications, rate, size, &due)
+        })
+        .await??;
         let all = crate::runs::collect_within(subscribers, Duration::from_secs(5), || {
             stop_tx.send(1).ok();
         })
         .await?;
-        anyhow::Ok((all, publishing))
+        anyhow::Ok((all, window))
     }
     .await;
     driven.finish();
-    let (all, publishing) = measured?;
-    report_of(options, publications, publishing, &all)
+    let (all, window) = measured?;
+    report_of(options, publications, window, &all)
 }
 
 /// The floor's writers: one thread per core, each with its share of the sockets.
@@ -66,10 +71,13 @@ pub(super) fn write_floor(
     publications: u64,
     rate: u32,
     size: usize,
-) -> anyhow::Result<Duration> {
+    due: &DueTimes,
+) -> anyhow::Result<Window> {
     let writers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let share = sockets.len().div_ceil(writers).max(1);
     let timing = Timing::new(rate);
+    let window = timing.window(publications);
+    due.set(window.first_due_micros, window.last_due_micros);
     let padding = "x".repeat(size.saturating_sub(24));
     std::thread::scope(|scope| {
         let writers: Vec<_> = sockets
@@ -83,7 +91,7 @@ pub(super) fn write_floor(
         }
         anyhow::Ok(())
     })?;
-    Ok(timing.start.elapsed())
+    Ok(window)
 }
 
 /// One floor writer: sleeps to the next due time, then writes everything due by then to each

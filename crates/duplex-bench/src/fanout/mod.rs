@@ -16,7 +16,7 @@
 //! share of every figure.
 
 mod floor;
-mod subscribers;
+pub(crate) mod subscribers;
 
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ use serde::Serialize;
 
 use crate::lean_ws;
 use floor::run_floor;
-use subscribers::{SubscriberStats, now_micros, tcp_subscriber, ws_subscriber};
+use subscribers::{DueTimes, SubscriberStats, now_micros, tcp_subscriber, ws_subscriber};
 
 /// How subscribers connect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -63,6 +63,9 @@ pub struct FanoutOptions {
     /// `127.0.0.1:PORT` of the HTTP port the publisher uses, when it is another node of the
     /// same cluster (cross-node delivery); `None`: the subscribers' server.
     pub publish_addr: Option<String>,
+    /// The server's process id, to measure its CPU from the first publication to the last
+    /// delivery (connecting the subscribers left out); `None`: not measured.
+    pub server_pid: Option<u32>,
 }
 
 /// What a run measured.
@@ -78,10 +81,18 @@ pub struct FanoutReport {
     pub size: usize,
     /// Publications sent.
     pub publications: u64,
-    /// Messages received by all subscribers.
+    /// Publications received by all subscribers, each counted once and only in order.
     pub deliveries: u64,
-    /// Deliveries per second over the publishing time.
+    /// `deliveries` over the time from the first publication's due time to the last delivery,
+    /// so a server that falls behind shows a lower figure than the rate offered.
     pub deliveries_per_second: f64,
+    /// Of `deliveries`, those that arrived after the last publication was due: a server that
+    /// keeps up has only the last few here.
+    pub after_publishing: u64,
+    /// From the last publication's due time to the last delivery, in milliseconds.
+    pub drain_ms: f64,
+    /// Server CPU seconds from the first publication to the end of the run (`None`: no pid).
+    pub server_cpu_seconds: Option<f64>,
     /// Latency percentiles in milliseconds.
     pub latency_ms: Percentiles,
     /// Publications a subscriber never received (gaps and a missing tail).
@@ -119,12 +130,13 @@ impl Percentiles {
 /// The publisher, on a thread of its own with a blocking socket: it sleeps to each due time with
 /// the operating system's timer (tokio's has a 1 ms grain, which would add up to a millisecond
 /// to every latency) and writes the frame. A second thread reads and drops the replies.
-fn publish(
+pub(crate) fn publish(
     addr: &str,
     channel: &str,
     publications: u64,
     rate: u32,
     size: usize,
+    due: &DueTimes,
 ) -> anyhow::Result<Published> {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(addr)?;
@@ -139,14 +151,15 @@ fn publish(
         }
         head.extend_from_slice(&chunk[..n]);
     }
-    let mut replies = stream.try_clone()?;
-    let drain =
-        std::thread::spawn(move || while matches!(replies.read(&mut chunk), Ok(n) if n > 0) {});
+    let replies = stream.try_clone()?;
+    let drain = std::thread::spawn(move || refusals(replies));
 
     let padding = "x".repeat(size.saturating_sub(24));
     let mut text = String::with_capacity(size + 128);
     let mut frame = Vec::with_capacity(size + 256);
     let timing = Timing::new(rate);
+    let window = timing.window(publications);
+    due.set(window.first_due_micros, window.last_due_micros);
     for i in 0..publications {
         timing.sleep_until_due(i);
         let due_micros = timing.start_micros + timing.due(i).as_micros() as u64;
@@ -162,7 +175,7 @@ fn publish(
         stream.write_all(&frame)?;
     }
     Ok(Published {
-        publishing: timing.start.elapsed(),
+        window,
         stream,
         drain,
     })
@@ -170,18 +183,62 @@ fn publish(
 
 /// A publisher done publishing; its connection stays open until [`Published::close`] so that
 /// the server does not count a closing publisher against the tail of the run.
-struct Published {
-    /// From the first due time to the last write.
-    publishing: Duration,
+pub(crate) struct Published {
+    pub(crate) window: Window,
     stream: std::net::TcpStream,
-    drain: std::thread::JoinHandle<()>,
+    drain: std::thread::JoinHandle<Refusals>,
 }
 
 impl Published {
-    fn close(self) {
+    /// Closes the publisher's connection; an error if the server refused any publication.
+    pub(crate) fn close(self) -> anyhow::Result<()> {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        let _ = self.drain.join();
+        let refusals = self
+            .drain
+            .join()
+            .map_err(|_| anyhow::anyhow!("the publisher's reader panicked"))?;
+        match refusals.first {
+            Some(first) => bail!(
+                "the server refused {} publications, the first with {first}",
+                refusals.count
+            ),
+            None => Ok(()),
+        }
     }
+}
+
+/// The error replies to a publisher.
+#[derive(Debug, Default)]
+struct Refusals {
+    count: u64,
+    first: Option<String>,
+}
+
+/// Reads the publisher's replies until its connection ends, keeping the errors among them.
+fn refusals(mut replies: std::net::TcpStream) -> Refusals {
+    use std::io::Read as _;
+    let mut refusals = Refusals::default();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut chunk = [0u8; 16 * 1024];
+    while let Ok(n) = replies.read(&mut chunk) {
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        while let Ok(Some(frame)) = lean_ws::server_frame(&buf[at..]) {
+            let payload = &buf[at + frame.payload.start..at + frame.payload.end];
+            if frame.opcode == lean_ws::OP_TEXT && payload.starts_with(br#"{"type":"error""#) {
+                refusals.count += 1;
+                if refusals.first.is_none() {
+                    refusals.first = Some(String::from_utf8_lossy(payload).into_owned());
+                }
+            }
+            at += frame.payload.end;
+        }
+        buf.drain(..at);
+    }
+    refusals
 }
 
 /// Runs one fan-out measurement.
@@ -198,11 +255,13 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
     let runtime = subscribers_runtime(options.client_threads)?;
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(options.subscribers.max(1));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(0u64);
+    let due = DueTimes::default();
     let mut subscribers = Vec::with_capacity(options.subscribers);
     for _ in 0..options.subscribers {
         let ready = ready_tx.clone();
         let stop = stop_rx.clone();
         let channel = channel.clone();
+        let due = due.clone();
         subscribers.push(match options.transport {
             Transport::Websocket => runtime.spawn(ws_subscriber(
                 options.http_addr.clone(),
@@ -210,6 +269,7 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
                 ready,
                 publications,
                 stop,
+                due,
             )),
             // (The floor returned above; it reads as raw TCP does.)
             Transport::Tcp | Transport::Floor => runtime.spawn(tcp_subscriber(
@@ -218,6 +278,7 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
                 ready,
                 publications,
                 stop,
+                due,
             )),
         });
     }
@@ -232,8 +293,9 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
             .unwrap_or_else(|| options.http_addr.clone());
         let (rate, size) = (options.rate, options.size);
         let channel = channel.clone();
+        let cpu_before = cpu_seconds(options.server_pid)?;
         let published = tokio::task::spawn_blocking(move || {
-            publish(&publish_addr, &channel, publications, rate, size)
+            publish(&publish_addr, &channel, publications, rate, size, &due)
         })
         .await??;
         // Let the tail arrive, but not forever.
@@ -241,14 +303,25 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
             stop_tx.send(1).ok();
         })
         .await;
-        let publishing = published.publishing;
-        tokio::task::spawn_blocking(move || published.close()).await?;
-        anyhow::Ok((all?, publishing))
+        let cpu = cpu_seconds(options.server_pid)?
+            .zip(cpu_before)
+            .map(|(a, b)| a - b);
+        let window = published.window;
+        tokio::task::spawn_blocking(move || published.close()).await??;
+        anyhow::Ok((all?, window, cpu))
     }
     .await;
     driven.finish();
-    let (all, publishing) = measured?;
-    report_of(options, publications, publishing, &all)
+    let (all, window, cpu) = measured?;
+    let mut report = report_of(options, publications, window, &all)?;
+    report.server_cpu_seconds = cpu;
+    Ok(report)
+}
+
+/// The CPU seconds process `pid` used so far.
+fn cpu_seconds(pid: Option<u32>) -> anyhow::Result<Option<f64>> {
+    pid.map(|pid| crate::ServerUsage::of(pid).map(|usage| usage.cpu_seconds))
+        .transpose()
 }
 
 /// How many publications a run sends.
@@ -298,17 +371,21 @@ impl Driven {
 fn report_of(
     options: &FanoutOptions,
     publications: u64,
-    publishing: Duration,
+    window: Window,
     all: &[SubscriberStats],
 ) -> anyhow::Result<FanoutReport> {
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 600_000_000, 2)?;
-    let (mut deliveries, mut missed, mut duplicated) = (0, 0, 0);
+    let (mut deliveries, mut missed, mut duplicated, mut after_publishing) = (0, 0, 0, 0);
+    let mut last_at_micros = 0;
     for stats in all {
         histogram.add(&stats.latency_us)?;
         deliveries += stats.received;
         missed += stats.missed;
         duplicated += stats.duplicated;
+        after_publishing += stats.after_publishing;
+        last_at_micros = last_at_micros.max(stats.last_at_micros);
     }
+    let span = window.span_to(last_at_micros);
     Ok(FanoutReport {
         transport: options.transport,
         subscribers: options.subscribers,
@@ -316,11 +393,36 @@ fn report_of(
         size: options.size,
         publications,
         deliveries,
-        deliveries_per_second: deliveries as f64 / publishing.as_secs_f64().max(1e-9),
+        deliveries_per_second: deliveries as f64 / span.as_secs_f64(),
+        after_publishing,
+        drain_ms: last_at_micros.saturating_sub(window.last_due_micros) as f64 / 1000.0,
+        server_cpu_seconds: None,
         latency_ms: Percentiles::of_micros(&histogram),
         missed,
         duplicated,
     })
+}
+
+/// When a run's first and last publications were due (wall-clock microseconds).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Window {
+    pub(crate) first_due_micros: u64,
+    pub(crate) last_due_micros: u64,
+    /// One interval after the last due time: `publications` at `rate` take this long.
+    pub(crate) end_micros: u64,
+}
+
+impl Window {
+    /// From the first due time to the last delivery, never shorter than the publishing window
+    /// itself (so a server that keeps up shows the rate offered, one that falls behind less).
+    pub(crate) fn span_to(&self, last_delivery_micros: u64) -> Duration {
+        Duration::from_micros(
+            last_delivery_micros
+                .max(self.end_micros)
+                .saturating_sub(self.first_due_micros)
+                .max(1),
+        )
+    }
 }
 
 /// When publication `i` is due: `start + i × interval`.
@@ -340,6 +442,16 @@ impl Timing {
         }
     }
 
+    /// When the first and the last of `publications` are due.
+    fn window(&self, publications: u64) -> Window {
+        Window {
+            first_due_micros: self.start_micros,
+            last_due_micros: self.start_micros
+                + self.due(publications.saturating_sub(1)).as_micros() as u64,
+            end_micros: self.start_micros + self.due(publications).as_micros() as u64,
+        }
+    }
+
     /// How long after the start publication `i` is due.
     fn due(&self, i: u64) -> Duration {
         self.interval * u32::try_from(i).unwrap_or(u32::MAX)
@@ -351,5 +463,63 @@ impl Timing {
         if !wait.is_zero() {
             std::thread::sleep(wait);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options() -> FanoutOptions {
+        FanoutOptions {
+            http_addr: String::new(),
+            tcp_addr: String::new(),
+            subscribers: 2,
+            rate: 1000,
+            size: 100,
+            duration: Duration::from_secs(1),
+            transport: Transport::Websocket,
+            client_threads: 1,
+            publish_addr: None,
+            server_pid: None,
+        }
+    }
+
+    /// A subscriber that received publications 1..=n, the last at `last_at` (microseconds).
+    fn received(n: u64, last_at: u64, after_publishing: u64) -> SubscriberStats {
+        let mut stats = SubscriberStats::new(DueTimes::default()).expect("histogram");
+        stats.received = n;
+        stats.last_offset = n;
+        stats.last_at_micros = last_at;
+        stats.after_publishing = after_publishing;
+        stats
+    }
+
+    #[test]
+    fn a_server_that_falls_behind_shows_a_lower_rate_than_offered() {
+        // 1,000 publications due over one second, to two subscribers.
+        let window = Window {
+            first_due_micros: 10_000_000,
+            last_due_micros: 10_999_000,
+            end_micros: 11_000_000,
+        };
+        // Kept up: the last delivery 1 ms after the last due time (the end of the window).
+        let kept_up = [received(1000, 11_000_000, 2), received(1000, 10_999_500, 1)];
+        let report = report_of(&options(), 1000, window, &kept_up).expect("report");
+        assert_eq!(report.deliveries, 2000);
+        assert!((report.deliveries_per_second - 2000.0).abs() < 1.0);
+        assert_eq!(report.after_publishing, 3);
+        assert!((report.drain_ms - 1.0).abs() < 1e-9);
+        // Fell behind: everything arrived, but over three seconds, not one. The publishing
+        // time alone (one second) would have said 2,000/s.
+        let behind = [
+            received(1000, 13_000_000, 700),
+            received(1000, 12_000_000, 500),
+        ];
+        let report = report_of(&options(), 1000, window, &behind).expect("report");
+        assert!((report.deliveries_per_second - 666.67).abs() < 0.1);
+        assert_eq!(report.after_publishing, 1200);
+        assert!((report.drain_ms - 2001.0).abs() < 1e-9);
+        assert_eq!(report.missed, 0);
     }
 }

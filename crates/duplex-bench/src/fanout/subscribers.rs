@@ -1,6 +1,8 @@
 //! The subscribers of a fan-out run: lean WebSocket and raw TCP readers that look at each frame
 //! in place for its offset and due time.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
@@ -10,13 +12,40 @@ use tokio::net::TcpStream;
 
 use crate::lean_ws;
 
+/// When the run's first and last publications are due (wall-clock microseconds), set by the
+/// publisher as it starts: 0 until then.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DueTimes(Arc<(AtomicU64, AtomicU64)>);
+
+impl DueTimes {
+    pub(crate) fn set(&self, first_micros: u64, last_micros: u64) {
+        self.0.0.store(first_micros, Ordering::Release);
+        self.0.1.store(last_micros, Ordering::Release);
+    }
+
+    pub(crate) fn first(&self) -> u64 {
+        self.0.0.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn last(&self) -> u64 {
+        self.0.1.load(Ordering::Acquire)
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct SubscriberStats {
+    /// Publications received in order, each once (duplicates and late repeats not counted).
     pub(super) received: u64,
     pub(super) missed: u64,
+    /// Publications received again, or after a later one.
     pub(super) duplicated: u64,
+    /// Of `received`, those that arrived after the last publication was due.
+    pub(super) after_publishing: u64,
+    /// When the latest of `received` arrived (wall-clock microseconds; 0: none).
+    pub(super) last_at_micros: u64,
     pub(super) last_offset: u64,
     pub(super) latency_us: Histogram<u64>,
+    due: DueTimes,
 }
 
 pub(super) fn now_micros() -> u64 {
@@ -42,13 +71,16 @@ pub(super) fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
 }
 
 impl SubscriberStats {
-    pub(super) fn new() -> anyhow::Result<Self> {
+    pub(super) fn new(due: DueTimes) -> anyhow::Result<Self> {
         Ok(SubscriberStats {
             received: 0,
             missed: 0,
             duplicated: 0,
+            after_publishing: 0,
+            last_at_micros: 0,
             last_offset: 0,
             latency_us: Histogram::new_with_bounds(1, 600_000_000, 2)?,
+            due,
         })
     }
 
@@ -67,14 +99,20 @@ impl SubscriberStats {
         ) else {
             return;
         };
-        self.received += 1;
         if offset <= self.last_offset {
             self.duplicated += 1;
             return;
         }
+        self.received += 1;
         self.missed += offset - self.last_offset - 1;
         self.last_offset = offset;
-        let latency = now_micros().saturating_sub(sent).max(1);
+        let now = now_micros();
+        self.last_at_micros = now;
+        let last_due = self.due.last();
+        if last_due != 0 && now > last_due {
+            self.after_publishing += 1;
+        }
+        let latency = now.saturating_sub(sent).max(1);
         let _ = self.latency_us.record(latency.min(600_000_000));
     }
 }
@@ -87,6 +125,7 @@ pub(super) async fn ws_subscriber(
     ready: tokio::sync::mpsc::Sender<()>,
     last: u64,
     stop: tokio::sync::watch::Receiver<u64>,
+    due: DueTimes,
 ) -> anyhow::Result<SubscriberStats> {
     let mut socket = LeanSocket::connect(&addr).await?;
     let subscribe = format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#);
@@ -106,7 +145,7 @@ pub(super) async fn ws_subscriber(
     }
     ready.send(()).await.ok();
     drop(ready);
-    let mut stats = SubscriberStats::new()?;
+    let mut stats = SubscriberStats::new(due)?;
     let mut stop = stop;
     'read: while stats.last_offset < last {
         // Every whole frame already read, then one more read.
@@ -224,6 +263,7 @@ pub(super) async fn tcp_subscriber(
     ready: tokio::sync::mpsc::Sender<()>,
     last: u64,
     stop: tokio::sync::watch::Receiver<u64>,
+    due: DueTimes,
 ) -> anyhow::Result<SubscriberStats> {
     let stream = TcpStream::connect(&addr).await?;
     stream.set_nodelay(true)?;
@@ -243,7 +283,7 @@ pub(super) async fn tcp_subscriber(
     }
     ready.send(()).await.ok();
     drop(ready);
-    let stats = read_lines(lines, last, stop).await;
+    let stats = read_lines(lines, last, stop, due).await;
     drop(write);
     stats
 }
@@ -253,8 +293,9 @@ pub(super) async fn read_lines<R: tokio::io::AsyncRead + Unpin>(
     mut lines: BufReader<R>,
     last: u64,
     mut stop: tokio::sync::watch::Receiver<u64>,
+    due: DueTimes,
 ) -> anyhow::Result<SubscriberStats> {
-    let mut stats = SubscriberStats::new()?;
+    let mut stats = SubscriberStats::new(due)?;
     let mut line = Vec::new();
     while stats.last_offset < last {
         line.clear();
@@ -287,15 +328,30 @@ mod tests {
     }
 
     #[test]
-    pub(super) fn gaps_and_repeats_are_counted() {
-        let mut stats = SubscriberStats::new().expect("histogram");
+    pub(super) fn gaps_and_repeats_are_counted_apart_from_deliveries() {
+        let mut stats = SubscriberStats::new(DueTimes::default()).expect("histogram");
         for offset in [1, 2, 4, 4, 3, 5] {
             let frame = format!(r#"{{"offset":{offset},"data":{{"t":1}}}}"#);
             stats.record(frame.as_bytes());
         }
-        assert_eq!(stats.received, 6);
+        // 4 again and 3 after 4 are not deliveries: four publications arrived in order.
+        assert_eq!(stats.received, 4);
         assert_eq!(stats.missed, 1);
         assert_eq!(stats.duplicated, 2);
         assert_eq!(stats.last_offset, 5);
+        assert_eq!(stats.after_publishing, 0, "no publisher said when it ends");
+        assert!(stats.last_at_micros > 0);
+    }
+
+    #[test]
+    pub(super) fn deliveries_after_the_last_due_time_are_counted_as_such() {
+        let due = DueTimes::default();
+        let mut stats = SubscriberStats::new(due.clone()).expect("histogram");
+        due.set(1, now_micros() + 60_000_000);
+        stats.record(br#"{"offset":1,"data":{"t":1}}"#);
+        due.set(1, now_micros().saturating_sub(1));
+        stats.record(br#"{"offset":2,"data":{"t":1}}"#);
+        stats.record(br#"{"offset":3,"data":{"t":1}}"#);
+        assert_eq!((stats.received, stats.after_publishing), (3, 2));
     }
 }
