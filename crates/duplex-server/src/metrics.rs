@@ -433,3 +433,23 @@ impl Metrics {
         text
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_outside_http_share_one_label() {
+        assert_eq!(method_label(&http::Method::GET), "GET");
+        assert_eq!(method_label(&http::Method::PATCH), "PATCH");
+        let invented = http::Method::from_bytes(b"FETCHALL").expect("a token");
+        assert_eq!(method_label(&invented), "OTHER");
+    }
+
+    #[test]
+    fn an_unmatched_route_is_labelled_so() {
+        let unmatched = RouteLabel(None);
+        assert_eq!(unmatched.as_str(), "unmatched");
+        assert_eq!(unmatched, RouteLabel(None));
+    }
+}

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 /// met on it on every listing (a `futex` in `malloc` and `realloc`, seen with `perf`). jemalloc
 /// gave records 10–35% more requests per second at the same idle memory per connection;
 /// mimalloc gave the same speed but 0.4 KiB more per idle connection and 10 MiB more at start
-/// (docs/benchmarks.md, "Allocator").
+/// (docs/benchmarks.md, "The allocator; one layer for the middleware").
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -1,6 +1,6 @@
-//! `duplex bench fanout` and `duplex bench connections` as processes, each against the server it
-//! starts as a child (a real process of its own, so its CPU and memory are the server's alone):
-//! the figures they print are checked against the load they were given.
+//! `duplex bench` as a process (fan-out, idle connections, attacks), each run against the server
+//! it starts as a child (a real process of its own, so its CPU and memory are the server's
+//! alone): the figures it prints are checked against the load it was given.
 
 use std::process::Command;
 
@@ -87,4 +87,35 @@ async fn idle_connections_cost_the_child_server_kilobytes_each() {
         "{each} bytes per connection"
     );
     assert!(report["connect_rate"].as_f64().expect("rate") > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attack_bench_runs_every_scenario_against_a_default_server() {
+    // Each attack against its own default server, bounded, with the server's memory and a
+    // healthy client measured throughout.
+    let reports = bench_json(&["attack", "--scale", "0.01", "--hold", "300ms"]).await;
+    let reports = reports.as_array().expect("one report per attack");
+    let scenarios: Vec<&str> = reports
+        .iter()
+        .map(|r| r["scenario"].as_str().expect("scenario"))
+        .collect();
+    assert_eq!(scenarios, ["slow-readers", "history", "channels"]);
+    // scale 0.01: √0.01 of each count (3 × 110, 1 × 200, 1 × 200).
+    let sent: Vec<u64> = reports
+        .iter()
+        .map(|r| r["sent"].as_u64().expect("sent"))
+        .collect();
+    assert_eq!(sent, [330, 200, 200]);
+    for report in reports {
+        let before = report["rss_before"].as_u64().expect("rss_before");
+        let max = report["rss_max"].as_u64().expect("rss_max");
+        // A real process's memory: megabytes, and the most is at least the first.
+        assert!(before > 1_000_000 && max >= before, "{report}");
+        assert!(report["pings"].as_u64().expect("pings") >= 1, "{report}");
+        assert_eq!(report["unanswered"], 0, "{report}");
+        assert!(
+            report["refused"].as_array().is_some_and(Vec::is_empty),
+            "{report}"
+        );
+    }
 }
