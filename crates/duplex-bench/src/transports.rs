@@ -1,10 +1,12 @@
 //! The transport comparison: the same update stream delivered to N clients by short polling,
 //! long polling, Server-Sent Events, WebSocket and raw TCP, with what each costs.
 //!
-//! For each transport a fresh channel is followed by every client; a publisher (the server API)
-//! sends R updates a second, each stamped with its due time. Clients record publish-to-receipt
-//! latency, count the bytes they receive and the HTTP requests they make, and track offsets to
-//! find any update missed or seen twice. Server CPU comes from `/proc` of the server process.
+//! For each transport a fresh channel is followed by every client; the fan-out's open-loop
+//! publisher (a WebSocket client in the `bench` namespace) sends R updates a second, each
+//! stamped with its due time. Clients record publish-to-receipt latency, count every byte they
+//! read from their sockets ([`crate::counted`]) and the HTTP requests they make, and track
+//! offsets to find any update missed or seen twice. Server CPU comes from `/proc` of the server
+//! process.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

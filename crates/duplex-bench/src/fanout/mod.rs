@@ -129,7 +129,8 @@ impl Percentiles {
 
 /// The publisher, on a thread of its own with a blocking socket: it sleeps to each due time with
 /// the operating system's timer (tokio's has a 1 ms grain, which would add up to a millisecond
-/// to every latency) and writes the frame. A second thread reads and drops the replies.
+/// to every latency) and writes the frame. A second thread reads the replies and keeps the
+/// errors among them, so that a run the server refused fails at [`Published::close`].
 pub(crate) fn publish(
     addr: &str,
     channel: &str,
