@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use serde::Serialize;
 
+use crate::peers::Protocol;
 use crate::server::usage_of;
 
 /// What to run.
@@ -14,6 +15,8 @@ use crate::server::usage_of;
 pub struct ConnectionsOptions {
     /// `127.0.0.1:PORT` of the server's HTTP port.
     pub http_addr: String,
+    /// The server: duplex, or a peer ([`Protocol`]).
+    pub protocol: Protocol,
     /// The server's process id, for its memory.
     pub server_pid: u32,
     /// How many connections.
@@ -27,6 +30,8 @@ pub struct ConnectionsOptions {
 /// What a run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectionsReport {
+    /// The server measured.
+    pub protocol: Protocol,
     /// Connections held open.
     pub connections: usize,
     /// Connections per second while connecting.
@@ -41,7 +46,8 @@ pub struct ConnectionsReport {
 
 /// Opens the connections, measures, and closes them.
 pub async fn run_connections(options: &ConnectionsOptions) -> anyhow::Result<ConnectionsReport> {
-    let url = format!("ws://{}/ws", options.http_addr);
+    let url = format!("ws://{}{}", options.http_addr, options.protocol.path());
+    let protocol = options.protocol;
     let before = usage_of(options.server_pid)?.rss_bytes;
     let started = Instant::now();
     let mut open = Vec::with_capacity(options.connections);
@@ -58,8 +64,7 @@ pub async fn run_connections(options: &ConnectionsOptions) -> anyhow::Result<Con
             }
             let stream = socket.connect(server).await?;
             let (mut socket, _) = tokio_tungstenite::client_async(url.as_str(), stream).await?;
-            // Wait for `connected`, so the server has fully set the connection up.
-            socket.next().await.context("closed early")??;
+            set_up(&mut socket, protocol).await?;
             anyhow::Ok(socket)
         }
     }))
@@ -72,6 +77,7 @@ pub async fn run_connections(options: &ConnectionsOptions) -> anyhow::Result<Con
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after = usage_of(options.server_pid)?.rss_bytes;
     let report = ConnectionsReport {
+        protocol: options.protocol,
         connections: open.len(),
         connect_rate: open.len() as f64 / connecting.as_secs_f64().max(1e-9),
         rss_before: before,
@@ -80,4 +86,46 @@ pub async fn run_connections(options: &ConnectionsOptions) -> anyhow::Result<Con
     };
     drop(open);
     Ok(report)
+}
+
+/// Waits until the server has fully set the connection up: duplex's `connected`; Socket.IO's
+/// open packet, then the main namespace joined (`40` both ways); `ws` has nothing past the
+/// upgrade.
+async fn set_up<S>(
+    socket: &mut tokio_tungstenite::WebSocketStream<S>,
+    protocol: Protocol,
+) -> anyhow::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::SinkExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    async fn next_text<S>(
+        socket: &mut tokio_tungstenite::WebSocketStream<S>,
+    ) -> anyhow::Result<String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        loop {
+            match socket.next().await.context("closed early")?? {
+                Message::Text(text) => return Ok(text.as_str().to_owned()),
+                Message::Close(_) => anyhow::bail!("closed early"),
+                _ => {}
+            }
+        }
+    }
+    match protocol {
+        Protocol::Duplex => {
+            next_text(socket).await?;
+        }
+        Protocol::Ws => {}
+        Protocol::SocketIo => {
+            let open = next_text(socket).await?;
+            anyhow::ensure!(open.starts_with('0'), "no Engine.IO open packet: {open}");
+            socket.send(Message::text("40")).await?;
+            let connect = next_text(socket).await?;
+            anyhow::ensure!(connect.starts_with("40"), "Socket.IO refused: {connect}");
+        }
+    }
+    Ok(())
 }

@@ -6,11 +6,13 @@
 
 mod attack;
 mod baseline;
+mod compare;
 mod connections;
 mod counted;
 mod fanout;
 mod lean_http;
 mod lean_ws;
+mod peers;
 mod records;
 pub mod report;
 mod roundtrip;
@@ -20,8 +22,12 @@ mod transports;
 
 pub use attack::{AttackOptions, AttackReport, Scenario, run_attack};
 pub use baseline::{serve_baseline, serve_baseline_on};
+pub use compare::{
+    CompareOptions, CompareReport, Contender, ContenderReport, Sustained, run_compare,
+};
 pub use connections::{ConnectionsOptions, ConnectionsReport, run_connections};
 pub use fanout::{FanoutOptions, FanoutReport, Percentiles, Transport, run_fanout};
+pub use peers::{Protocol, peers_dir};
 pub use records::{
     HalfRate, HttpOptions, HttpPhase, HttpReport, bench_record, record_size, run_http,
 };

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use crate::compare::CompareReport;
 use crate::fanout::FanoutReport;
 use crate::transports::{MethodReport, TransportsReport};
 
@@ -350,5 +351,169 @@ pub fn fanout_html(runs: &[FanoutReport]) -> String {
     }
     format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>duplex: fan-out</title><style>body{{font-family:sans-serif;max-width:800px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child{{text-align:left}}svg{{display:block;margin:1.5em 0}}</style></head><body><h1>Fan-out</h1><table><tr><th>subscribers × rate × size</th><th>deliveries/s</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>max ms</th><th>missed</th></tr>{rows}</table>{latency}{throughput}</body></html>"#
+    )
+}
+
+/// `duplex bench compare` as one HTML page: the sustained rates, latency against the rate
+/// offered, what a delivery cost in CPU and memory, and idle memory per connection.
+pub fn compare_html(report: &CompareReport) -> String {
+    let names: Vec<&str> = report.contenders.iter().map(|c| c.name).collect();
+    let sustained = |f: &dyn Fn(&crate::Sustained) -> f64| -> Vec<f64> {
+        report
+            .contenders
+            .iter()
+            .map(|c| c.sustained.as_ref().map_or(0.0, f))
+            .collect()
+    };
+    let mut charts = vec![bar_chart(
+        &format!(
+            "Deliveries per second sustained (p99 ≤ {:.0} ms, nothing missed)",
+            report.p99_bound_ms
+        ),
+        "deliveries/s",
+        &names,
+        &[("deliveries/s", sustained(&|s| s.deliveries_per_second))],
+    )];
+    let p99: Vec<(&str, Vec<(f64, f64)>)> = report
+        .contenders
+        .iter()
+        .map(|c| {
+            let points = c
+                .runs
+                .iter()
+                .map(|r| (f64::from(r.rate) * r.subscribers as f64, r.latency_ms.p99))
+                .collect();
+            (c.name, points)
+        })
+        .collect();
+    charts.push(line_chart(
+        "p99 latency against deliveries/s offered",
+        "deliveries/s offered",
+        "p99 ms (log)",
+        &p99,
+        true,
+    ));
+    let p50: Vec<(&str, Vec<(f64, f64)>)> = report
+        .contenders
+        .iter()
+        .map(|c| {
+            let points = c
+                .runs
+                .iter()
+                .map(|r| (f64::from(r.rate) * r.subscribers as f64, r.latency_ms.p50))
+                .collect();
+            (c.name, points)
+        })
+        .collect();
+    charts.push(line_chart(
+        "p50 latency against deliveries/s offered",
+        "deliveries/s offered",
+        "p50 ms (log)",
+        &p50,
+        true,
+    ));
+    if report.contenders.iter().any(|c| {
+        c.sustained
+            .as_ref()
+            .is_some_and(|s| s.server_cpu_per_1000.is_some())
+    }) {
+        charts.push(bar_chart(
+            "Server CPU per 1,000 deliveries at the sustained rate",
+            "CPU ms",
+            &names,
+            &[(
+                "CPU ms",
+                sustained(&|s| s.server_cpu_per_1000.unwrap_or(0.0) * 1000.0),
+            )],
+        ));
+    }
+    charts.push(bar_chart(
+        "Server memory at the sustained rate",
+        "MiB",
+        &names,
+        &[(
+            "RSS MiB",
+            sustained(&|s| s.server_rss_bytes.unwrap_or(0) as f64 / 1048576.0),
+        )],
+    ));
+    let idle: Vec<(&str, f64)> = report
+        .contenders
+        .iter()
+        .filter_map(|c| c.idle.as_ref().map(|i| (c.name, i.rss_per_connection)))
+        .collect();
+    if !idle.is_empty() {
+        let idle_names: Vec<&str> = idle.iter().map(|(name, _)| *name).collect();
+        charts.push(bar_chart(
+            "Server memory per idle WebSocket connection",
+            "bytes",
+            &idle_names,
+            &[("bytes", idle.iter().map(|(_, bytes)| *bytes).collect())],
+        ));
+    }
+    let mut rows = String::new();
+    for c in &report.contenders {
+        let s = c.sustained.as_ref();
+        let _ = write!(
+            rows,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td style=\"text-align:left\">{}</td></tr>",
+            escape(c.name),
+            s.map_or("—".to_owned(), |s| format!(
+                "{:.0}",
+                s.deliveries_per_second
+            )),
+            s.map_or("—".to_owned(), |s| s.rate.to_string()),
+            s.map_or("—".to_owned(), |s| format!("{:.2}", s.p50_ms)),
+            s.map_or("—".to_owned(), |s| format!("{:.2}", s.p99_ms)),
+            s.and_then(|s| s.server_cpu_per_1000)
+                .map_or("—".to_owned(), |cpu| format!("{:.1}", cpu * 1000.0)),
+            s.and_then(|s| s.server_rss_bytes)
+                .map_or("—".to_owned(), |rss| format!(
+                    "{:.0}",
+                    rss as f64 / 1048576.0
+                )),
+            s.map_or("—".to_owned(), |s| format!("{:.2}", s.client_cores)),
+            c.idle
+                .as_ref()
+                .map_or("—".to_owned(), |i| format!("{:.0}", i.rss_per_connection)),
+            c.idle
+                .as_ref()
+                .map_or("—".to_owned(), |i| format!("{:.0}", i.connect_rate)),
+            escape(&c.stopped),
+        );
+    }
+    let mut runs = String::new();
+    for c in &report.contenders {
+        for r in &c.runs {
+            let _ = write!(
+                runs,
+                "<tr><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{:.2}</td></tr>",
+                escape(c.name),
+                r.rate,
+                r.deliveries_per_second,
+                r.latency_ms.p50,
+                r.latency_ms.p99,
+                r.latency_ms.max,
+                r.missed + r.duplicated,
+                r.server_cpu_seconds
+                    .map_or("—".to_owned(), |cpu| format!("{cpu:.2}")),
+                r.client_cpu_seconds,
+            );
+        }
+    }
+    let idle_count = report
+        .contenders
+        .iter()
+        .find_map(|c| c.idle.as_ref().map(|i| i.connections))
+        .unwrap_or(0);
+    format!(
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>duplex beside Node ws and Socket.IO</title><style>body{{font-family:sans-serif;max-width:860px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child{{text-align:left}}svg{{display:block;margin:1.5em 0}}</style></head><body><h1>duplex beside Node ws and Socket.IO</h1><p>{} subscribers follow one channel (a room for Socket.IO; every client for ws) while one publisher sends messages of {} bytes at rising rates, {:.0} s per rate, each server until its p99 passes {:.0} ms or a delivery is missed. Latency runs from each message's due time to its receipt, so a server that falls behind shows it; deliveries/s counts the messages received in order over the time from the first due time to the last delivery. The same load client ({} subscriber threads, one publisher thread) measures every server; servers and client share this machine's {} cores, and the client's own CPU is in the table (in cores). Idle memory: the server's resident memory gained per connection with {} idle WebSocket connections open.</p><table><tr><th>server</th><th>deliveries/s sustained</th><th>at rate/s</th><th>p50 ms</th><th>p99 ms</th><th>server CPU ms / 1,000 deliveries</th><th>server RSS MiB</th><th>client cores</th><th>bytes / idle connection</th><th>connects/s</th><th>stopped rising</th></tr>{rows}</table>{}<h2>Every run</h2><table><tr><th>server</th><th>rate/s</th><th>deliveries/s</th><th>p50 ms</th><th>p99 ms</th><th>max ms</th><th>missed</th><th>server CPU s</th><th>client CPU s</th></tr>{runs}</table></body></html>"#,
+        report.subscribers,
+        report.size,
+        report.duration_seconds,
+        report.p99_bound_ms,
+        report.client_threads,
+        report.cores,
+        idle_count,
+        charts.join(""),
     )
 }

@@ -8,7 +8,9 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
-/// A `duplex serve` child process on loopback ports.
+use crate::peers::{Protocol, peer_command};
+
+/// A `duplex serve` child process on loopback ports (or a peer server: [`ServerProcess::start_peer`]).
 #[derive(Debug)]
 pub struct ServerProcess {
     child: Child,
@@ -94,6 +96,31 @@ impl ServerProcess {
             http_addr,
             tcp_addr: String::new(),
             _data: data,
+        })
+    }
+
+    /// Starts the peer server of `protocol` (Node `ws` or Socket.IO) from `dir`
+    /// ([`crate::peers_dir`]), on a free loopback port, with `args` after its own (Socket.IO
+    /// takes `--ping-ms N`: its ping interval and timeout, 25 s and 20 s by default).
+    pub async fn start_peer(
+        protocol: Protocol,
+        dir: &Path,
+        args: &[&str],
+    ) -> anyhow::Result<ServerProcess> {
+        let mut command = Command::from(peer_command(protocol, dir)?);
+        let mut child = command
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start node (scripts/install-peers.sh installs it)")?;
+        let (_, http_addr) = first_line_address(&mut child, protocol.name()).await?;
+        Ok(ServerProcess {
+            child,
+            http_addr,
+            tcp_addr: String::new(),
+            _data: tempfile::tempdir()?,
         })
     }
 

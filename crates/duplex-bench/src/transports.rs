@@ -516,6 +516,7 @@ async fn run_method(
     let mut publisher = tokio::task::spawn_blocking(move || {
         crate::fanout::publish(
             &http,
+            crate::Protocol::Duplex,
             &publish_channel,
             publications,
             rate,

@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use duplex_bench::{ConnectionsOptions, FanoutOptions, Transport, run_connections, run_fanout};
+use duplex_bench::{
+    ConnectionsOptions, FanoutOptions, Protocol, ServerProcess, Transport, run_connections,
+    run_fanout,
+};
 use duplex_testkit::TestServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,6 +24,7 @@ async fn fanout_reports_every_delivery_on_both_transports_and_the_floor() {
             size: 64,
             duration: Duration::from_millis(500),
             transport,
+            protocol: Protocol::Duplex,
             client_threads: 2,
             publish_addr: None,
             // The server runs in this process (with the load client, so this is an upper bound).
@@ -65,6 +69,7 @@ async fn connections_reports_memory_per_connection() {
     let server = TestServer::start().await;
     let report = run_connections(&ConnectionsOptions {
         http_addr: server.http_addr.to_string(),
+        protocol: Protocol::Duplex,
         server_pid: std::process::id(),
         connections: 50,
         concurrency: 10,
@@ -257,6 +262,7 @@ async fn fanout_across_two_nodes_counts_every_delivery() {
         size: 64,
         duration: Duration::from_millis(500),
         transport: Transport::Websocket,
+        protocol: Protocol::Duplex,
         client_threads: 2,
         publish_addr: Some(publisher.http_addr.to_string()),
         server_pid: None,
@@ -279,6 +285,7 @@ async fn a_run_whose_publications_the_server_refuses_fails_rather_than_reports()
         size: 64,
         duration: Duration::from_millis(100),
         transport: Transport::Websocket,
+        protocol: Protocol::Duplex,
         client_threads: 1,
         publish_addr: None,
         server_pid: None,
@@ -290,4 +297,72 @@ async fn a_run_whose_publications_the_server_refuses_fails_rather_than_reports()
         message.contains("refused 5 publications") && message.contains("\"type\":\"error\""),
         "{message}"
     );
+}
+
+/// Where the installed peer servers are; `None` (the test skips) when they are not installed,
+/// unless `DUPLEX_TEST_PEERS` is set (as CI sets it), when a missing install fails the test.
+fn installed_peers() -> Option<std::path::PathBuf> {
+    let dir = duplex_bench::peers_dir();
+    if dir.join("node_modules/ws").is_dir() && dir.join("node_modules/socket.io").is_dir() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var_os("DUPLEX_TEST_PEERS").is_none(),
+        "DUPLEX_TEST_PEERS is set but the peers are not installed in {}: run scripts/install-peers.sh",
+        dir.display()
+    );
+    eprintln!("skipped: run scripts/install-peers.sh (and set DUPLEX_TEST_PEERS) to run");
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peers_fan_out_to_every_subscriber_and_hold_idle_connections() {
+    let Some(dir) = installed_peers() else {
+        return;
+    };
+    for protocol in [Protocol::Ws, Protocol::SocketIo] {
+        // Socket.IO pings every 100 ms here (25 s by default), so a client that did not answer
+        // would be cut off within the run.
+        let server = ServerProcess::start_peer(protocol, &dir, &["--ping-ms", "100"])
+            .await
+            .expect("the peer starts");
+        let report = run_fanout(&FanoutOptions {
+            http_addr: server.http_addr.clone(),
+            tcp_addr: String::new(),
+            subscribers: 20,
+            rate: 200,
+            size: 64,
+            duration: Duration::from_millis(1000),
+            transport: Transport::Websocket,
+            protocol,
+            client_threads: 2,
+            publish_addr: None,
+            server_pid: server.pid(),
+        })
+        .await
+        .expect("a short run completes");
+        assert_eq!(report.protocol, protocol);
+        assert_eq!(report.publications, 200);
+        assert_eq!(report.deliveries, 200 * 20, "{protocol:?}");
+        assert_eq!((report.missed, report.duplicated), (0, 0), "{protocol:?}");
+        let cpu = report.server_cpu_seconds.expect("the peer's CPU");
+        assert!(
+            cpu > 0.0 && cpu < 2.0 * 6.0,
+            "{protocol:?}: {cpu} CPU seconds"
+        );
+        assert!(report.server_rss_bytes.expect("the peer's memory") > 1 << 20);
+        assert!(report.client_cpu_seconds > 0.0);
+        let idle = run_connections(&ConnectionsOptions {
+            http_addr: server.http_addr.clone(),
+            protocol,
+            server_pid: server.pid().expect("running"),
+            connections: 50,
+            concurrency: 10,
+            sources: 2,
+        })
+        .await
+        .expect("idle connections");
+        assert_eq!(idle.connections, 50, "{protocol:?}");
+        server.stop().await.expect("stopped");
+    }
 }

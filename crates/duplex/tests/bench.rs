@@ -1,4 +1,5 @@
-//! `duplex bench` as a process (fan-out, idle connections, attacks), each run against the server
+//! `duplex bench` as a process (fan-out, idle connections, attacks, the comparison with its
+//! peers), each run against the server
 //! it starts as a child (a real process of its own, so its CPU and memory are the server's
 //! alone): the figures it prints are checked against the load it was given.
 
@@ -7,7 +8,8 @@ use std::process::Command;
 use serde_json::Value;
 
 /// Runs `duplex bench ARGS --json` and returns what it printed.
-async fn bench_json(args: &'static [&'static str]) -> Value {
+async fn bench_json(args: &[&str]) -> Value {
+    let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
     let output = tokio::task::spawn_blocking(move || {
         Command::new(env!("CARGO_BIN_EXE_duplex"))
             .arg("bench")
@@ -116,6 +118,89 @@ async fn the_attack_bench_runs_every_scenario_against_a_default_server() {
         assert!(
             report["refused"].as_array().is_some_and(Vec::is_empty),
             "{report}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_measures_duplex_and_its_peers_with_the_same_client() {
+    // The short version of `duplex bench compare`, as CI runs it, so that the peer servers and
+    // their protocol adapters keep working.
+    let peers = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/peers");
+    if !peers.join("node_modules/socket.io").is_dir() {
+        assert!(
+            std::env::var_os("DUPLEX_TEST_PEERS").is_none(),
+            "DUPLEX_TEST_PEERS is set but the peers are not installed: run scripts/install-peers.sh"
+        );
+        eprintln!("skipped: run scripts/install-peers.sh (and set DUPLEX_TEST_PEERS) to run");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let html = dir.path().join("compare.html");
+    let report = bench_json(&[
+        "compare",
+        "--subscribers",
+        "40",
+        "--rates",
+        "50,100",
+        "--size",
+        "64",
+        "--duration",
+        "1s",
+        "--warmup",
+        "300ms",
+        "--p99-under",
+        "2s",
+        "--connections",
+        "100",
+        "--report",
+        html.to_str().expect("a UTF-8 path"),
+    ])
+    .await;
+    let contenders = report["contenders"].as_array().expect("contenders");
+    let names: Vec<&str> = contenders
+        .iter()
+        .map(|c| c["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        names,
+        ["duplex WebSocket", "duplex raw TCP", "Node ws", "Socket.IO"]
+    );
+    for contender in contenders {
+        // Both rates are light: each server keeps up with both, and every delivery counts.
+        let runs = contender["runs"].as_array().expect("runs");
+        assert_eq!(runs.len(), 2, "{contender}");
+        for run in runs {
+            let publications = run["publications"].as_u64().expect("publications");
+            assert_eq!(run["deliveries"], publications * 40, "{run}");
+            assert_eq!((&run["missed"], &run["duplicated"]), (&0.into(), &0.into()));
+            assert!(run["server_cpu_seconds"].as_f64().expect("server CPU") > 0.0);
+        }
+        let sustained = &contender["sustained"];
+        assert_eq!(sustained["rate"], 100, "{contender}");
+        let counted = sustained["deliveries_per_second"].as_f64().expect("rate");
+        assert!((2_000.0..=4_005.0).contains(&counted), "{contender}");
+        assert_eq!(contender["stopped"], "the highest rate asked for");
+        // Idle memory over WebSocket for every server (raw TCP has no WebSocket to hold).
+        let idle = &contender["idle"];
+        if contender["contender"] == "duplex_tcp" {
+            assert!(idle.is_null(), "{contender}");
+        } else {
+            assert_eq!(idle["connections"], 100, "{contender}");
+            assert!(idle["rss_after"].as_u64().expect("rss") > 1_000_000);
+        }
+    }
+    let html = std::fs::read_to_string(&html).expect("the HTML report");
+    for expected in [
+        "Node ws",
+        "Socket.IO",
+        "duplex raw TCP",
+        "<svg",
+        "Every run",
+    ] {
+        assert!(
+            html.contains(expected),
+            "{expected} missing from the report"
         );
     }
 }

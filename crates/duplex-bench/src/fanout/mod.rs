@@ -25,6 +25,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::lean_ws;
+use crate::peers::Protocol;
 use floor::run_floor;
 use subscribers::{DueTimes, SubscriberStats, now_micros, tcp_subscriber, ws_subscriber};
 
@@ -58,6 +59,9 @@ pub struct FanoutOptions {
     pub duration: Duration,
     /// Subscriber transport.
     pub transport: Transport,
+    /// The server measured: duplex, or a peer server speaking its own protocol over
+    /// WebSocket (with [`Transport::Websocket`] only).
+    pub protocol: Protocol,
     /// Threads the subscribers run on.
     pub client_threads: usize,
     /// `127.0.0.1:PORT` of the HTTP port the publisher uses, when it is another node of the
@@ -73,6 +77,8 @@ pub struct FanoutOptions {
 pub struct FanoutReport {
     /// Subscriber transport.
     pub transport: Transport,
+    /// The server measured.
+    pub protocol: Protocol,
     /// Subscribers.
     pub subscribers: usize,
     /// Publications per second asked for.
@@ -93,6 +99,11 @@ pub struct FanoutReport {
     pub drain_ms: f64,
     /// Server CPU seconds from the first publication to the end of the run (`None`: no pid).
     pub server_cpu_seconds: Option<f64>,
+    /// Server resident memory at the end of the run, in bytes (`None`: no pid).
+    pub server_rss_bytes: Option<u64>,
+    /// The load client's own CPU seconds (subscribers and publisher) over the same time: a
+    /// client near its threads' worth of cores would be measuring itself.
+    pub client_cpu_seconds: f64,
     /// Latency percentiles in milliseconds.
     pub latency_ms: Percentiles,
     /// Publications a subscriber never received (gaps and a missing tail).
@@ -129,31 +140,54 @@ impl Percentiles {
 
 /// The publisher, on a thread of its own with a blocking socket: it sleeps to each due time with
 /// the operating system's timer (tokio's has a 1 ms grain, which would add up to a millisecond
-/// to every latency) and writes the frame. A second thread reads the replies and keeps the
-/// errors among them, so that a run the server refused fails at [`Published::close`].
+/// to every latency) and writes the frame. A second thread reads the replies, answers a peer's
+/// pings and keeps the errors among the replies, so that a run the server refused fails at
+/// [`Published::close`].
 pub(crate) fn publish(
     addr: &str,
+    protocol: Protocol,
     channel: &str,
     publications: u64,
     rate: u32,
     size: usize,
     due: &DueTimes,
 ) -> anyhow::Result<Published> {
-    use std::io::{Read as _, Write as _};
+    use std::io::Write as _;
     let mut stream = std::net::TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
-    stream.write_all(lean_ws::upgrade_request(addr, "/ws").as_bytes())?;
-    let mut head = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while lean_ws::upgrade_response(&head)?.is_none() {
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
+    stream.write_all(lean_ws::upgrade_request(addr, protocol.path()).as_bytes())?;
+    let mut unread = Vec::new();
+    let head = loop {
+        if let Some(head) = lean_ws::upgrade_response(&unread)? {
+            break head;
+        }
+        if !read_more(&mut stream, &mut unread)? {
             bail!("the publisher's connection closed during the upgrade");
         }
-        head.extend_from_slice(&chunk[..n]);
+    };
+    unread.drain(..head);
+    if protocol == Protocol::SocketIo {
+        // The Engine.IO open packet, then the main namespace.
+        text_where(&mut stream, &mut unread, |text| text.starts_with(b"0"))?;
+        let mut frame = Vec::new();
+        lean_ws::client_frame(&mut frame, lean_ws::OP_TEXT, b"40");
+        stream.write_all(&frame)?;
+        let connect = text_where(&mut stream, &mut unread, |text| text.starts_with(b"4"))?;
+        if !connect.starts_with(b"40") {
+            bail!(
+                "Socket.IO refused the publisher: {}",
+                String::from_utf8_lossy(&connect)
+            );
+        }
     }
-    let replies = stream.try_clone()?;
-    let drain = std::thread::spawn(move || refusals(replies));
+    let writer = std::sync::Arc::new(std::sync::Mutex::new(stream.try_clone()?));
+    let replies = Replies {
+        stream: stream.try_clone()?,
+        unread,
+        writer: writer.clone(),
+        protocol,
+    };
+    let drain = std::thread::spawn(move || replies.read());
 
     let padding = "x".repeat(size.saturating_sub(24));
     let mut text = String::with_capacity(size + 128);
@@ -165,21 +199,49 @@ pub(crate) fn publish(
         timing.sleep_until_due(i);
         let due_micros = timing.start_micros + timing.due(i).as_micros() as u64;
         text.clear();
-        use std::fmt::Write as _;
-        let _ = write!(
-            text,
-            r#"{{"type":"publish","id":{i},"channel":"{channel}","data":{{"t":{due_micros},"p":"{padding}"}}}}"#
-        );
+        protocol.publication(&mut text, channel, i + 1, due_micros, &padding);
         frame.clear();
         lean_ws::client_frame(&mut frame, lean_ws::OP_TEXT, text.as_bytes());
         // Sent at once: each publication leaves at its due time.
-        stream.write_all(&frame)?;
+        writer
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the publisher's reader panicked"))?
+            .write_all(&frame)?;
     }
     Ok(Published {
         window,
         stream,
         drain,
     })
+}
+
+/// Reads once more from `stream` onto `unread`; false at end of stream.
+fn read_more(stream: &mut std::net::TcpStream, unread: &mut Vec<u8>) -> anyhow::Result<bool> {
+    use std::io::Read as _;
+    let mut chunk = [0u8; 16 * 1024];
+    let n = stream.read(&mut chunk)?;
+    unread.extend_from_slice(&chunk[..n]);
+    Ok(n > 0)
+}
+
+/// Reads frames (blocking) until a text frame that `wanted` accepts, which it returns.
+fn text_where(
+    stream: &mut std::net::TcpStream,
+    unread: &mut Vec<u8>,
+    wanted: impl Fn(&[u8]) -> bool,
+) -> anyhow::Result<Vec<u8>> {
+    loop {
+        while let Some(frame) = lean_ws::server_frame(unread)? {
+            let text = unread[frame.payload.clone()].to_vec();
+            unread.drain(..frame.payload.end);
+            if frame.opcode == lean_ws::OP_TEXT && wanted(&text) {
+                return Ok(text);
+            }
+        }
+        if !read_more(stream, unread)? {
+            bail!("the publisher's connection closed during the handshake");
+        }
+    }
 }
 
 /// A publisher done publishing; its connection stays open until [`Published::close`] so that
@@ -215,31 +277,46 @@ struct Refusals {
     first: Option<String>,
 }
 
-/// Reads the publisher's replies until its connection ends, keeping the errors among them.
-fn refusals(mut replies: std::net::TcpStream) -> Refusals {
-    use std::io::Read as _;
-    let mut refusals = Refusals::default();
-    let mut buf = Vec::with_capacity(64 * 1024);
-    let mut chunk = [0u8; 16 * 1024];
-    while let Ok(n) = replies.read(&mut chunk) {
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let mut at = 0;
-        while let Ok(Some(frame)) = lean_ws::server_frame(&buf[at..]) {
-            let payload = &buf[at + frame.payload.start..at + frame.payload.end];
-            if frame.opcode == lean_ws::OP_TEXT && payload.starts_with(br#"{"type":"error""#) {
-                refusals.count += 1;
-                if refusals.first.is_none() {
-                    refusals.first = Some(String::from_utf8_lossy(payload).into_owned());
+/// The publisher's incoming side: what the upgrade left unread, and the writer to answer a
+/// Socket.IO ping with.
+struct Replies {
+    stream: std::net::TcpStream,
+    unread: Vec<u8>,
+    writer: std::sync::Arc<std::sync::Mutex<std::net::TcpStream>>,
+    protocol: Protocol,
+}
+
+impl Replies {
+    /// Reads until the connection ends, keeping the errors among the replies.
+    fn read(mut self) -> Refusals {
+        use std::io::Write as _;
+        let mut refusals = Refusals::default();
+        let mut pong = Vec::new();
+        lean_ws::client_frame(&mut pong, lean_ws::OP_TEXT, b"3");
+        loop {
+            let mut at = 0;
+            while let Ok(Some(frame)) = lean_ws::server_frame(&self.unread[at..]) {
+                let payload = &self.unread[at + frame.payload.start..at + frame.payload.end];
+                if frame.opcode == lean_ws::OP_TEXT && self.protocol.is_ping(payload) {
+                    if let Ok(mut writer) = self.writer.lock() {
+                        let _ = writer.write_all(&pong);
+                    }
+                } else if frame.opcode == lean_ws::OP_TEXT
+                    && payload.starts_with(br#"{"type":"error""#)
+                {
+                    refusals.count += 1;
+                    if refusals.first.is_none() {
+                        refusals.first = Some(String::from_utf8_lossy(payload).into_owned());
+                    }
                 }
+                at += frame.payload.end;
             }
-            at += frame.payload.end;
+            self.unread.drain(..at);
+            if !matches!(read_more(&mut self.stream, &mut self.unread), Ok(true)) {
+                return refusals;
+            }
         }
-        buf.drain(..at);
     }
-    refusals
 }
 
 /// Runs one fan-out measurement.
@@ -250,6 +327,12 @@ fn refusals(mut replies: std::net::TcpStream) -> Refusals {
 pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport> {
     if options.transport == Transport::Floor {
         return run_floor(options).await;
+    }
+    if options.protocol != Protocol::Duplex && options.transport != Transport::Websocket {
+        bail!(
+            "{} is measured over WebSocket only",
+            options.protocol.name()
+        );
     }
     let channel = format!("bench:fanout-{}", now_micros());
     let publications = publications_of(options)?;
@@ -266,6 +349,7 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
         subscribers.push(match options.transport {
             Transport::Websocket => runtime.spawn(ws_subscriber(
                 options.http_addr.clone(),
+                options.protocol,
                 channel,
                 ready,
                 publications,
@@ -292,11 +376,20 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
             .publish_addr
             .clone()
             .unwrap_or_else(|| options.http_addr.clone());
-        let (rate, size) = (options.rate, options.size);
+        let (rate, size, protocol) = (options.rate, options.size, options.protocol);
         let channel = channel.clone();
         let cpu_before = cpu_seconds(options.server_pid)?;
+        let client_cpu_before = crate::ServerUsage::of(std::process::id())?.cpu_seconds;
         let published = tokio::task::spawn_blocking(move || {
-            publish(&publish_addr, &channel, publications, rate, size, &due)
+            publish(
+                &publish_addr,
+                protocol,
+                &channel,
+                publications,
+                rate,
+                size,
+                &due,
+            )
         })
         .await??;
         // Let the tail arrive, but not forever.
@@ -307,15 +400,23 @@ pub async fn run_fanout(options: &FanoutOptions) -> anyhow::Result<FanoutReport>
         let cpu = cpu_seconds(options.server_pid)?
             .zip(cpu_before)
             .map(|(a, b)| a - b);
+        let client_cpu =
+            crate::ServerUsage::of(std::process::id())?.cpu_seconds - client_cpu_before;
+        let rss = options
+            .server_pid
+            .map(|pid| crate::ServerUsage::of(pid).map(|usage| usage.rss_bytes))
+            .transpose()?;
         let window = published.window;
         tokio::task::spawn_blocking(move || published.close()).await??;
-        anyhow::Ok((all?, window, cpu))
+        anyhow::Ok((all?, window, cpu, client_cpu, rss))
     }
     .await;
     driven.finish();
-    let (all, window, cpu) = measured?;
+    let (all, window, cpu, client_cpu, rss) = measured?;
     let mut report = report_of(options, publications, window, &all)?;
     report.server_cpu_seconds = cpu;
+    report.client_cpu_seconds = client_cpu;
+    report.server_rss_bytes = rss;
     Ok(report)
 }
 
@@ -389,6 +490,7 @@ fn report_of(
     let span = window.span_to(last_at_micros);
     Ok(FanoutReport {
         transport: options.transport,
+        protocol: options.protocol,
         subscribers: options.subscribers,
         rate: options.rate,
         size: options.size,
@@ -398,6 +500,8 @@ fn report_of(
         after_publishing,
         drain_ms: last_at_micros.saturating_sub(window.last_due_micros) as f64 / 1000.0,
         server_cpu_seconds: None,
+        server_rss_bytes: None,
+        client_cpu_seconds: 0.0,
         latency_ms: Percentiles::of_micros(&histogram),
         missed,
         duplicated,
@@ -480,6 +584,7 @@ mod tests {
             size: 100,
             duration: Duration::from_secs(1),
             transport: Transport::Websocket,
+            protocol: Protocol::Duplex,
             client_threads: 1,
             publish_addr: None,
             server_pid: None,

@@ -11,6 +11,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 
 use crate::lean_ws;
+use crate::peers::Protocol;
 
 /// When the run's first and last publications are due (wall-clock microseconds), set by the
 /// publisher as it starts: 0 until then.
@@ -118,31 +119,19 @@ impl SubscriberStats {
 }
 
 /// A WebSocket subscriber on the lean client ([`crate::lean_ws`]): one read takes whatever
-/// the socket holds, and every frame in it is looked at in place.
+/// the socket holds, and every frame in it is looked at in place. It speaks `protocol`'s
+/// handshake (duplex, or a peer's: [`Protocol`]).
 pub(super) async fn ws_subscriber(
     addr: String,
+    protocol: Protocol,
     channel: String,
     ready: tokio::sync::mpsc::Sender<()>,
     last: u64,
     stop: tokio::sync::watch::Receiver<u64>,
     due: DueTimes,
 ) -> anyhow::Result<SubscriberStats> {
-    let mut socket = LeanSocket::connect(&addr).await?;
-    let subscribe = format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#);
-    socket.send(lean_ws::OP_TEXT, subscribe.as_bytes()).await?;
-    loop {
-        let (opcode, payload) = socket
-            .next_frame()
-            .await?
-            .context("closed before the reply")?;
-        let payload = &socket.buf[payload];
-        if opcode == lean_ws::OP_TEXT && contains(payload, b"\"reply\"") {
-            break;
-        }
-        if opcode == lean_ws::OP_TEXT && contains(payload, b"\"error\"") {
-            bail!("subscribe failed: {}", String::from_utf8_lossy(payload));
-        }
-    }
+    let mut socket = LeanSocket::connect(&addr, protocol.path()).await?;
+    join(&mut socket, protocol, &channel).await?;
     ready.send(()).await.ok();
     drop(ready);
     let mut stats = SubscriberStats::new(due)?;
@@ -151,6 +140,9 @@ pub(super) async fn ws_subscriber(
         // Every whole frame already read, then one more read.
         while let Some((opcode, payload)) = socket.buffered_frame()? {
             match opcode {
+                lean_ws::OP_TEXT if protocol.is_ping(&socket.buf[payload.clone()]) => {
+                    socket.send(lean_ws::OP_TEXT, b"3").await?;
+                }
                 lean_ws::OP_TEXT => stats.record(&socket.buf[payload]),
                 lean_ws::OP_PING => {
                     let data = socket.buf[payload].to_vec();
@@ -172,6 +164,48 @@ pub(super) async fn ws_subscriber(
     Ok(stats)
 }
 
+/// Subscribes to `channel` the way `protocol` does, returning once the server confirmed it
+/// (`ws` has no subscription: every open client receives).
+async fn join(socket: &mut LeanSocket, protocol: Protocol, channel: &str) -> anyhow::Result<()> {
+    match protocol {
+        Protocol::Duplex => {
+            let subscribe = format!(r#"{{"type":"subscribe","id":1,"channel":"{channel}"}}"#);
+            socket.send(lean_ws::OP_TEXT, subscribe.as_bytes()).await?;
+            let reply = socket
+                .text_where(protocol, |text| {
+                    contains(text, b"\"reply\"") || contains(text, b"\"error\"")
+                })
+                .await?;
+            if contains(&reply, b"\"error\"") {
+                bail!("subscribe failed: {}", String::from_utf8_lossy(&reply));
+            }
+        }
+        Protocol::Ws => {}
+        Protocol::SocketIo => {
+            // The Engine.IO open packet, then the main namespace, then the room.
+            socket
+                .text_where(protocol, |text| text.starts_with(b"0"))
+                .await?;
+            socket.send(lean_ws::OP_TEXT, b"40").await?;
+            let connect = socket
+                .text_where(protocol, |text| text.starts_with(b"4"))
+                .await?;
+            if !connect.starts_with(b"40") {
+                bail!(
+                    "Socket.IO refused the namespace: {}",
+                    String::from_utf8_lossy(&connect)
+                );
+            }
+            let subscribe = format!(r#"421["subscribe","{channel}"]"#);
+            socket.send(lean_ws::OP_TEXT, subscribe.as_bytes()).await?;
+            socket
+                .text_where(protocol, |text| text.starts_with(b"431"))
+                .await?;
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -186,12 +220,12 @@ pub(super) struct LeanSocket {
 }
 
 impl LeanSocket {
-    /// Connects and upgrades `GET /ws` on `addr`.
-    pub(super) async fn connect(addr: &str) -> anyhow::Result<LeanSocket> {
+    /// Connects and upgrades `GET path` on `addr`.
+    pub(super) async fn connect(addr: &str, path: &str) -> anyhow::Result<LeanSocket> {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         stream
-            .write_all(lean_ws::upgrade_request(addr, "/ws").as_bytes())
+            .write_all(lean_ws::upgrade_request(addr, path).as_bytes())
             .await?;
         let mut socket = LeanSocket {
             stream,
@@ -205,6 +239,30 @@ impl LeanSocket {
             if let Some(head) = lean_ws::upgrade_response(&socket.buf)? {
                 socket.at = head;
                 return Ok(socket);
+            }
+        }
+    }
+
+    /// The next text frame that `wanted` accepts, answering pings on the way and skipping
+    /// other frames; an error if the server closes first.
+    async fn text_where(
+        &mut self,
+        protocol: Protocol,
+        wanted: impl Fn(&[u8]) -> bool,
+    ) -> anyhow::Result<Vec<u8>> {
+        loop {
+            let (opcode, payload) = self
+                .next_frame()
+                .await?
+                .context("closed during the handshake")?;
+            let text = &self.buf[payload];
+            match opcode {
+                lean_ws::OP_TEXT if wanted(text) => return Ok(text.to_vec()),
+                lean_ws::OP_TEXT if protocol.is_ping(text) => {
+                    self.send(lean_ws::OP_TEXT, b"3").await?;
+                }
+                lean_ws::OP_CLOSE => bail!("closed during the handshake"),
+                _ => {}
             }
         }
     }

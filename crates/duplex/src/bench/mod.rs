@@ -1,6 +1,7 @@
 //! `duplex bench`: runs the load generators of `duplex-bench` and prints their reports.
 
 mod attack;
+mod compare;
 mod http;
 mod sockets;
 
@@ -11,6 +12,7 @@ use clap::{Args, Subcommand};
 use duplex_bench::ServerProcess;
 
 use attack::{AttackArgs, attack};
+use compare::{CompareArgs, compare};
 use http::{BaselineArgs, HttpArgs, baseline_server, http};
 use sockets::{
     ConnectionsArgs, FanoutArgs, RoundtripArgs, TransportsArgs, connections, fanout, roundtrip,
@@ -24,6 +26,9 @@ pub(crate) enum BenchCommand {
     Fanout(FanoutArgs),
     /// Idle connections: server memory per connection and connect rate.
     Connections(ConnectionsArgs),
+    /// duplex beside Node `ws` and Socket.IO: fan-out at rising rates until p99 passes a
+    /// bound, and memory per idle connection (`scripts/install-peers.sh` installs the peers).
+    Compare(CompareArgs),
     /// Round trips: the server asking a client, and recovery after a reconnect.
     Roundtrip(RoundtripArgs),
     /// The same updates by short polling, long polling, SSE, WebSocket and raw TCP.
@@ -154,6 +159,7 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Fanout(args) => fanout(args).await,
         BenchCommand::Connections(args) => connections(args).await,
+        BenchCommand::Compare(args) => compare(args).await,
         BenchCommand::Roundtrip(args) => roundtrip(args).await,
         BenchCommand::Transports(args) => transports(args).await,
         BenchCommand::Http(args) => http(args).await,

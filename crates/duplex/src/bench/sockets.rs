@@ -4,9 +4,50 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, ValueEnum};
-use duplex_bench::{ConnectionsOptions, FanoutOptions, Transport, run_connections, run_fanout};
+use duplex_bench::{
+    ConnectionsOptions, FanoutOptions, Protocol, ServerProcess, Transport, run_connections,
+    run_fanout,
+};
 
 use super::{Target, parse_duration, server_for, with_progress};
+
+/// A peer server to measure instead of duplex.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(super) enum PeerArg {
+    /// Node `ws` (bench/peers/ws.mjs).
+    Ws,
+    /// Socket.IO (bench/peers/socketio.mjs).
+    Socketio,
+}
+
+impl PeerArg {
+    fn protocol(peer: Option<PeerArg>) -> Protocol {
+        match peer {
+            None => Protocol::Duplex,
+            Some(PeerArg::Ws) => Protocol::Ws,
+            Some(PeerArg::Socketio) => Protocol::SocketIo,
+        }
+    }
+}
+
+/// The server a run measures: duplex (see [`server_for`]), or a peer server started from
+/// `bench/peers` (`scripts/install-peers.sh`), or one running at `--server` already.
+async fn server_or_peer(
+    target: &Target,
+    protocol: Protocol,
+) -> anyhow::Result<(Option<ServerProcess>, String, String, Option<u32>)> {
+    if protocol == Protocol::Duplex {
+        return server_for(target).await;
+    }
+    if let Some(http) = &target.server {
+        // A peer has no /healthz: a server that is not there fails the first connection.
+        let addr = http.trim_start_matches("http://").trim_end_matches('/');
+        return Ok((None, addr.to_owned(), String::new(), target.pid));
+    }
+    let peer = ServerProcess::start_peer(protocol, &duplex_bench::peers_dir(), &[]).await?;
+    let (http, pid) = (peer.http_addr.clone(), peer.pid());
+    Ok((Some(peer), http, String::new(), pid))
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum MethodArg {
@@ -107,6 +148,10 @@ pub(crate) struct FanoutArgs {
     /// Threads the subscribers run on (the publisher has one more of its own).
     #[arg(long, default_value_t = 2)]
     client_threads: usize,
+    /// Measure a peer server instead of duplex, with the same client speaking its protocol
+    /// (WebSocket only; `scripts/install-peers.sh` installs them).
+    #[arg(long, value_enum)]
+    peer: Option<PeerArg>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -126,6 +171,9 @@ pub(crate) struct ConnectionsArgs {
     /// ephemeral ports.
     #[arg(long, default_value_t = 4)]
     sources: u8,
+    /// Measure a peer server instead of duplex (`scripts/install-peers.sh` installs them).
+    #[arg(long, value_enum)]
+    peer: Option<PeerArg>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -288,13 +336,21 @@ pub(super) async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         TransportArg::Tcp => Transport::Tcp,
         TransportArg::Floor => Transport::Floor,
     };
+    let protocol = PeerArg::protocol(args.peer);
+    if protocol != Protocol::Duplex && transport != Transport::Websocket {
+        anyhow::bail!("--peer is measured over WebSocket only");
+    }
     // The floor runs without a server.
     let (server, http_addr, tcp_addr, pid) = match transport {
         Transport::Floor => (None, String::new(), String::new(), None),
-        _ => server_for(&args.target).await?,
+        _ => server_or_peer(&args.target, protocol).await?,
     };
     if !args.json {
-        println!("fan-out over {transport:?}, {:?} per run", args.duration);
+        println!(
+            "fan-out from {} over {transport:?}, {:?} per run",
+            protocol.name(),
+            args.duration
+        );
         println!(
             "{:>6} {:>6} {:>8} {:>12} {:>14} {:>8} {:>8} {:>8} {:>8} {:>9} {:>7} {:>5} {:>8}",
             "subs",
@@ -331,6 +387,7 @@ pub(super) async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
                     size: *size,
                     duration: args.duration,
                     transport,
+                    protocol,
                     client_threads: args.client_threads,
                     publish_addr: args.publish_to.as_deref().map(|addr| {
                         addr.trim_start_matches("http://")
@@ -418,10 +475,12 @@ pub(super) async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
 }
 
 pub(super) async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
-    let (server, http_addr, _, pid) = server_for(&args.target).await?;
+    let protocol = PeerArg::protocol(args.peer);
+    let (server, http_addr, _, pid) = server_or_peer(&args.target, protocol).await?;
     let pid = pid.context("--pid is needed to read a running server's memory")?;
     let options = ConnectionsOptions {
         http_addr,
+        protocol,
         server_pid: pid,
         connections: args.connections,
         concurrency: args.concurrency,
@@ -438,7 +497,8 @@ pub(super) async fn connections(args: ConnectionsArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{} idle WebSocket connections: {:.0} connects/s; server RSS {:.1} MiB → {:.1} MiB, {:.2} KiB per connection",
+            "{}: {} idle WebSocket connections: {:.0} connects/s; server RSS {:.1} MiB → {:.1} MiB, {:.2} KiB per connection",
+            protocol.name(),
             report.connections,
             report.connect_rate,
             report.rss_before as f64 / 1048576.0,
