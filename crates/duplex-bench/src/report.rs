@@ -75,9 +75,9 @@ pub fn bar_chart(title: &str, unit: &str, methods: &[&str], series: &[(&str, Vec
         let _ = write!(
             svg,
             r#"<rect x="{:.1}" y="32" width="10" height="10" fill="{}"/><text x="{:.1}" y="41">{}</text>"#,
-            MARGIN + 110.0 * s as f64,
+            MARGIN + 150.0 * s as f64,
             COLOURS[s % COLOURS.len()],
-            MARGIN + 110.0 * s as f64 + 14.0,
+            MARGIN + 150.0 * s as f64 + 14.0,
             escape(name)
         );
     }
@@ -159,9 +159,9 @@ pub fn line_chart(
             r#"<polyline fill="none" stroke="{}" stroke-width="2" points="{}"/><rect x="{:.1}" y="32" width="10" height="10" fill="{}"/><text x="{:.1}" y="41">{}</text>"#,
             COLOURS[s % COLOURS.len()],
             path.join(" "),
-            MARGIN + 110.0 * s as f64,
+            MARGIN + 150.0 * s as f64,
             COLOURS[s % COLOURS.len()],
-            MARGIN + 110.0 * s as f64 + 14.0,
+            MARGIN + 150.0 * s as f64 + 14.0,
             escape(name)
         );
     }
@@ -506,7 +506,7 @@ pub fn compare_html(report: &CompareReport) -> String {
         .find_map(|c| c.idle.as_ref().map(|i| i.connections))
         .unwrap_or(0);
     format!(
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>duplex beside Node ws and Socket.IO</title><style>body{{font-family:sans-serif;max-width:860px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child{{text-align:left}}svg{{display:block;margin:1.5em 0}}</style></head><body><h1>duplex beside Node ws and Socket.IO</h1><p>{} subscribers follow one channel (a room for Socket.IO; every client for ws) while one publisher sends messages of {} bytes at rising rates, {:.0} s per rate, each server until its p99 passes {:.0} ms or a delivery is missed. Latency runs from each message's due time to its receipt, so a server that falls behind shows it; deliveries/s counts the messages received in order over the time from the first due time to the last delivery. The same load client ({} subscriber threads, one publisher thread) measures every server; servers and client share this machine's {} cores, and the client's own CPU is in the table (in cores). Idle memory: the server's resident memory gained per connection with {} idle WebSocket connections open.</p><table><tr><th>server</th><th>deliveries/s sustained</th><th>at rate/s</th><th>p50 ms</th><th>p99 ms</th><th>server CPU ms / 1,000 deliveries</th><th>server RSS MiB</th><th>client cores</th><th>bytes / idle connection</th><th>connects/s</th><th>stopped rising</th></tr>{rows}</table>{}<h2>Every run</h2><table><tr><th>server</th><th>rate/s</th><th>deliveries/s</th><th>p50 ms</th><th>p99 ms</th><th>max ms</th><th>missed</th><th>server CPU s</th><th>client CPU s</th></tr>{runs}</table></body></html>"#,
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>duplex beside Node ws and Socket.IO</title><style>body{{font-family:sans-serif;max-width:860px;margin:2em auto;color:#222}}table{{border-collapse:collapse;font-size:13px;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child{{text-align:left}}svg{{display:block;margin:1.5em 0}}</style></head><body><h1>duplex beside Node ws and Socket.IO</h1><p>{} subscribers follow one channel (a room for Socket.IO; every client for ws) while one publisher sends messages of {} bytes at rising rates, {:.0} s per rate, each server until its p99 passes {:.0} ms or a delivery is missed, twice in a row at the same rate. Latency runs from each message's due time to its receipt, so a server that falls behind shows it; deliveries/s counts the messages received in order over the time from the first due time to the last delivery. The same load client ({} subscriber threads, one publisher thread) measures every server; servers and client share this machine's {} cores, and the client's own CPU is in the table (in cores). Idle memory: the server's resident memory gained per connection with {} idle WebSocket connections open.</p><table><tr><th>server</th><th>deliveries/s sustained</th><th>at rate/s</th><th>p50 ms</th><th>p99 ms</th><th>server CPU ms / 1,000 deliveries</th><th>server RSS MiB</th><th>client cores</th><th>bytes / idle connection</th><th>connects/s</th><th>stopped rising</th></tr>{rows}</table>{}<h2>Every run</h2><table><tr><th>server</th><th>rate/s</th><th>deliveries/s</th><th>p50 ms</th><th>p99 ms</th><th>max ms</th><th>missed</th><th>server CPU s</th><th>client CPU s</th></tr>{runs}</table></body></html>"#,
         report.subscribers,
         report.size,
         report.duration_seconds,

@@ -29,7 +29,7 @@ pub(crate) struct CompareArgs {
     #[arg(long, default_value_t = 1000)]
     subscribers: usize,
     /// Publications per second, rising: each server runs them in turn until its p99 passes
-    /// --p99-under or it misses a delivery.
+    /// --p99-under or it misses a delivery (twice in a row at the same rate).
     #[arg(
         long,
         value_delimiter = ',',
@@ -99,7 +99,7 @@ pub(super) async fn compare(args: CompareArgs) -> anyhow::Result<()> {
     };
     if !args.json {
         println!(
-            "{} subscribers, {} B messages, {:?} per rate, until p99 > {:?} or a miss",
+            "{} subscribers, {} B messages, {:?} per rate, until p99 > {:?} or a miss, twice at one rate",
             args.subscribers, args.size, args.duration, args.p99_under
         );
         println!(
