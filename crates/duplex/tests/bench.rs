@@ -79,7 +79,7 @@ async fn idle_connections_cost_the_child_server_kilobytes_each() {
     let after = report["rss_after"].as_u64().expect("rss_after");
     // A real server process: megabytes before, more after 400 WebSocket connections.
     assert!(before > 1_000_000 && after > before, "{report}");
-    // An idle connection holds about 4 KiB here (docs/benchmarks.md): at least a few hundred
+    // An idle connection holds about 2 KiB here (docs/benchmarks.md): at least a few hundred
     // bytes, and far from the tens of kilobytes of buffers that would mean a regression.
     let each = report["rss_per_connection"]
         .as_f64()

@@ -1,23 +1,27 @@
 //! `GET /ws`: checks the origin and the token of a browser's or a client's request, takes a place
 //! under the connection limits, and upgrades it to a WebSocket that [`crate::socket`] serves.
+//!
+//! The handshake (RFC 6455 §4.2) is answered here rather than by axum's `WebSocketUpgrade`,
+//! whose socket is tungstenite's with its per-connection buffers: the upgraded stream goes to
+//! [`crate::socket::wire`], which holds none while a connection is idle.
 
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 
 use super::{ApiError, AppState};
-use crate::socket::ws::{MAX_WRITE_BUFFER, READ_BUFFER, WRITE_FLUSH_THRESHOLD, serve};
+use crate::socket::ws::serve;
+use crate::write_deadline::WriteDeadline;
 
 /// Upgrades `GET /ws` to a WebSocket connection.
 pub(crate) async fn upgrade(
     State(state): State<AppState>,
     ConnectInfo(remote): ConnectInfo<std::net::SocketAddr>,
-    headers: axum::http::HeaderMap,
-    axum::extract::RawQuery(query): axum::extract::RawQuery,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    RawQuery(query): RawQuery,
+    mut request: Request,
 ) -> Result<Response, ApiError> {
-    super::check_origin(&state, &headers)?;
+    let headers = request.headers();
+    super::check_origin(&state, headers)?;
     // Browsers cannot set headers on a WebSocket: a token may come as `?token=`.
     let token = form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
         .find(|(key, _)| key == "token")
@@ -26,7 +30,14 @@ pub(crate) async fn upgrade(
         Some(token) => Some(super::verify_token(&state, &token)?),
         None => None,
     };
-    let upgrade = upgrade.map_err(|rejection| ApiError::UpgradeRequired(rejection.body_text()))?;
+    let accept = accept_key(headers).map_err(|why| ApiError::UpgradeRequired(why.to_owned()))?;
+    let on_upgrade = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .ok_or_else(|| {
+            ApiError::UpgradeRequired("this connection cannot be upgraded".to_owned())
+        })?;
+    let headers = request.headers();
     let context = state.sockets.clone();
     let slot = context.slots.acquire(Some(remote.ip())).map_err(|limit| {
         context.metrics.connection_refusals.inc();
@@ -36,16 +47,94 @@ pub(crate) async fn upgrade(
         .hooks
         .as_ref()
         .filter(|hooks| hooks.on(crate::hooks::Hook::Connect))
-        .and_then(|hooks| crate::hooks::upgrade_context(hooks.settings(), &headers));
-    let max_frame = context.limits.max_frame;
-    Ok(upgrade
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_FLUSH_THRESHOLD)
-        .max_write_buffer_size(MAX_WRITE_BUFFER)
-        .max_message_size(max_frame)
-        .max_frame_size(max_frame)
-        .on_upgrade(move |socket| {
-            let tracker = context.tracker.clone();
-            tracker.track_future(serve(socket, remote, context, slot, auth, upgrade_context))
-        }))
+        .and_then(|hooks| crate::hooks::upgrade_context(hooks.settings(), headers));
+    let tracker = context.tracker.clone();
+    // One box for what the connection starts with, freed once it has started: the task's
+    // future keeps its captures for its whole life, so they are kept small.
+    let start = Box::new(Start {
+        remote,
+        context,
+        slot,
+        auth,
+        upgrade: upgrade_context,
+    });
+    tracker.spawn(async move {
+        // The client may not wait for the 101 before its first frame: whatever hyper read past
+        // the request comes with the upgraded stream.
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let Start {
+            remote,
+            context,
+            slot,
+            auth,
+            upgrade,
+        } = *start;
+        // A plain connection's socket is taken out of hyper's box (TLS keeps it: its stream
+        // type is hyper's to name).
+        type Plain = hyper_util::rt::TokioIo<WriteDeadline<tokio::net::TcpStream>>;
+        match upgraded.downcast::<Plain>() {
+            Ok(parts) => {
+                // hyper's read buffer (8 KiB) must not live as long as the connection: only
+                // what it held past the request is copied out, and it is dropped here.
+                let (io, unread) = {
+                    let read_buf = parts.read_buf;
+                    (parts.io.into_inner(), read_buf.to_vec())
+                };
+                serve(io, unread, remote, context, slot, auth, upgrade).await;
+            }
+            Err(upgraded) => {
+                let io = hyper_util::rt::TokioIo::new(upgraded);
+                serve(io, Vec::new(), remote, context, slot, auth, upgrade).await;
+            }
+        }
+    });
+    let mut response = Response::new(axum::body::Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let response_headers = response.headers_mut();
+    response_headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    response_headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    response_headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    Ok(response)
+}
+
+/// What a connection starts with, from its upgrade request.
+struct Start {
+    remote: std::net::SocketAddr,
+    context: std::sync::Arc<crate::socket::SocketContext>,
+    slot: crate::socket::slots::Slot,
+    auth: Option<crate::hub::namespace::ClientAuth>,
+    upgrade: Option<Box<crate::hooks::UpgradeContext>>,
+}
+
+/// The `Sec-WebSocket-Accept` value for a valid upgrade request, or what is wrong with it.
+fn accept_key(headers: &HeaderMap) -> Result<HeaderValue, &'static str> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value.to_str().is_ok_and(|value| {
+                value
+                    .split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
+        })
+    };
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Err("Connection header did not include 'upgrade'");
+    }
+    if !has_token(header::UPGRADE, "websocket") {
+        return Err("`Upgrade` header did not include 'websocket'");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err("`Sec-WebSocket-Version` header did not include '13'");
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or("`Sec-WebSocket-Key` header missing")?;
+    HeaderValue::from_str(&tungstenite::handshake::derive_accept_key(key.as_bytes()))
+        .map_err(|_| "`Sec-WebSocket-Key` header invalid")
 }

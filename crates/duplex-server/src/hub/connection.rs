@@ -5,7 +5,7 @@
 //! timeout, and the entry removed on every exit path (answer, timeout, the caller giving up,
 //! the connection closing).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,7 +48,9 @@ pub struct ConnectionHandle {
     /// answers); allocated only once there is one.
     channel_meta: Mutex<Option<Box<MetaByChannel>>>,
     subscriptions: Mutex<BTreeSet<String>>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<ClientAnswer>>>,
+    /// Server → client requests awaiting their answer (a `BTreeMap`: half a `HashMap`'s
+    /// size when empty, which it almost always is).
+    pending: Mutex<BTreeMap<u64, oneshot::Sender<ClientAnswer>>>,
     next_request: AtomicU64,
     /// What the keepalive sweeper reads, in milliseconds of [`clock_ms`].
     liveness: Liveness,
@@ -86,11 +88,11 @@ impl ConnectionHandle {
             remote,
             connected_at,
             queue,
-            auth: Mutex::new(Arc::new(ClientAuth::default())),
+            auth: Mutex::new(ClientAuth::anonymous()),
             meta: Mutex::new(None),
             channel_meta: Mutex::new(None),
             subscriptions: Mutex::new(BTreeSet::new()),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(BTreeMap::new()),
             next_request: AtomicU64::new(1),
             liveness: Liveness {
                 last_seen: AtomicU64::new(clock_ms()),

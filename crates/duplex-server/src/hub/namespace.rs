@@ -51,6 +51,14 @@ pub struct ClientAuth {
 }
 
 impl ClientAuth {
+    /// An anonymous client's, shared: a connection that has not connected holds this one rather
+    /// than an allocation of its own.
+    pub fn anonymous() -> Arc<ClientAuth> {
+        static ANONYMOUS: std::sync::LazyLock<Arc<ClientAuth>> =
+            std::sync::LazyLock::new(|| Arc::new(ClientAuth::default()));
+        ANONYMOUS.clone()
+    }
+
     /// Whether the token's `channels` claim covers `channel`.
     pub fn lists(&self, channel: &str) -> bool {
         self.channels

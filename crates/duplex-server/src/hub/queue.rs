@@ -72,6 +72,11 @@ impl LatestSlot {
         self.size.store(0, Ordering::Relaxed);
         taken
     }
+
+    /// The pending publication's size in bytes (0 when none), without the lock.
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Relaxed)
+    }
 }
 
 /// What pushing a publication did.
@@ -400,6 +405,7 @@ impl OutgoingQueue {
         }
         let mut taken = 0;
         let mut control_bytes = 0;
+        let mut publications = false;
         while taken < BATCH_BYTES {
             let Some(item) = state.items.pop_front() else {
                 break;
@@ -407,12 +413,14 @@ impl OutgoingQueue {
             let size = match &item {
                 Outgoing::Publication(publication) => {
                     state.publications -= 1;
+                    publications = true;
                     let size = publication.size();
                     state.publication_bytes = state.publication_bytes.saturating_sub(size);
                     size
                 }
                 Outgoing::Latest(slot) => {
                     state.publications -= 1;
+                    publications = true;
                     let size = slot.size.load(Ordering::Relaxed);
                     state.publication_bytes = state.publication_bytes.saturating_sub(size);
                     size
@@ -431,6 +439,11 @@ impl OutgoingQueue {
             // Conflation can leave a few bytes counted for a slot already taken.
             state.publication_bytes = 0;
             state.strict = false;
+            if !publications {
+                // Control frames only (`connected`, a reply, a ping): likely an idle
+                // connection, whose queue then holds no room. A busy one keeps it.
+                state.items = VecDeque::new();
+            }
         }
         let closing = state.closing.filter(|_| state.items.is_empty());
         drop(state);

@@ -14,6 +14,7 @@ mod requests;
 mod session;
 pub(crate) mod slots;
 pub(crate) mod tcp;
+pub(crate) mod wire;
 pub(crate) mod ws;
 
 pub(crate) use requests::{history_json, presence_json};

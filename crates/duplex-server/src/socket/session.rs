@@ -181,7 +181,7 @@ impl Session {
             publish_limiter,
             _slot: slot,
             token_deadline: None,
-            auth: Arc::default(),
+            auth: crate::hub::namespace::ClientAuth::anonymous(),
             connected: false,
             waiting: None,
             upgrade: None,

@@ -1,31 +1,25 @@
 //! A WebSocket connection (upgraded at `GET /ws` by [`crate::http`]): JSON text frames and
-//! binary frames, over axum's tungstenite.
+//! binary frames, framed by [`super::wire`].
 //!
-//! Buffers are sized deliberately (tungstenite would otherwise read into 128 KiB per
-//! connection); the keepalive sweeper ([`super::keepalive`]) pings, and anything the client
-//! sends resets the idle timeout.
+//! An idle connection holds its socket, its session and nothing else: no read or write buffer
+//! (the wire keeps one only while a frame is split across reads or a batch is being written),
+//! no batch (freed after a batch of control frames only, such as `connected` or a ping). The
+//! keepalive sweeper ([`super::keepalive`]) pings, and anything the client sends resets the
+//! idle timeout.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use bytes::Bytes;
 use duplex_proto::DisconnectCode;
 use duplex_proto::frames::{Disconnect, to_json};
-use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::wire::{Incoming, Wire, WireError};
 use super::{Session, SocketContext, Transport};
 use crate::hub::publication::Publication;
 use crate::hub::queue::{Outgoing, OutgoingQueue};
-
-/// tungstenite's read buffer (its default, 128 KiB, would be held by every idle connection).
-pub(crate) const READ_BUFFER: usize = 512;
-/// Queued frames are flushed once this much is buffered.
-pub(crate) const WRITE_FLUSH_THRESHOLD: usize = 16 * 1024;
-/// The most a connection's writes may buffer.
-pub(crate) const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
 
 /// One task per connection reads frames and writes queued ones (the sweeper's pings included)
 /// in batches on the one socket, which costs less memory than a reader and a writer task with a
@@ -35,14 +29,18 @@ pub(crate) const MAX_WRITE_BUFFER: usize = 4 * 1024 * 1024;
 /// holds the socket, the session and the batch, and nothing else (an `async fn` with a
 /// `select!` kept every branch's future and the write future side by side, 1.6 KiB per task
 /// measured). Only a connection that closes pays for its goodbye, boxed.
-pub(crate) fn serve(
-    socket: WebSocket,
+pub(crate) fn serve<S>(
+    io: S,
+    unread: Vec<u8>,
     remote: std::net::SocketAddr,
     context: Arc<SocketContext>,
     slot: super::slots::Slot,
     auth: Option<crate::hub::namespace::ClientAuth>,
     upgrade: Option<Box<crate::hooks::UpgradeContext>>,
-) -> impl Future<Output = ()> + Send {
+) -> impl Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut session = Session::start(context.clone(), Transport::WebSocket, Some(remote), slot);
     session.keep_upgrade(upgrade);
     if let Some(auth) = auth {
@@ -55,8 +53,9 @@ pub(crate) fn serve(
     if context.shutdown.is_cancelled() {
         queue.close(DisconnectCode::Shutdown);
     }
+    let max_message = context.limits.max_frame;
     let mut connection = Connection {
-        socket,
+        wire: Wire::new(io, unread, max_message),
         session,
         queue,
         context,
@@ -75,8 +74,8 @@ pub(crate) fn serve(
 /// A running WebSocket connection: polled, it reads frames into the session, moves queued
 /// frames to the socket and flushes, and completes when the connection must end — with the
 /// code to say goodbye with, or `None` when the peer is gone.
-struct Connection {
-    socket: WebSocket,
+struct Connection<S> {
+    wire: Wire<S>,
     session: Session,
     queue: Arc<OutgoingQueue>,
     context: Arc<SocketContext>,
@@ -88,7 +87,7 @@ struct Connection {
     closing: Option<DisconnectCode>,
 }
 
-impl Future for Connection {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Future for Connection<S> {
     type Output = Option<DisconnectCode>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -104,20 +103,27 @@ impl Future for Connection {
             if waiting {
                 return Poll::Pending;
             }
-            let incoming = match this.socket.poll_next_unpin(cx) {
+            let incoming = match this.wire.poll_next(cx) {
                 Poll::Ready(incoming) => incoming,
                 Poll::Pending => return Poll::Pending,
             };
             this.session.connection().touch();
             match incoming {
-                None | Some(Ok(Message::Close(_))) => return Poll::Ready(None),
-                Some(Ok(Message::Text(text))) => {
-                    this.session.on_text(text.as_str());
+                None => return Poll::Ready(None),
+                Some(Ok(Incoming::Close)) => {
+                    // The answer to the client's close goes if the socket takes it now.
+                    let _ = this.wire.poll_flush(cx);
+                    return Poll::Ready(None);
                 }
-                Some(Ok(Message::Binary(frame))) => this.session.on_binary(frame),
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Incoming::Text(text))) => {
+                    this.session.on_text(&text);
+                }
+                Some(Ok(Incoming::Binary(frame))) => this.session.on_binary(frame),
+                // A ping's pong is queued on the wire: written on the next turn.
+                Some(Ok(Incoming::Control)) => {}
                 Some(Err(error)) => {
-                    let code = disconnect_code_for(error);
+                    let code = disconnect_code_for(&error);
+                    tracing::debug!(%error, "WebSocket read ended");
                     if let Some(code) = code {
                         this.queue.close(code);
                     }
@@ -129,39 +135,41 @@ impl Future for Connection {
     }
 }
 
-impl Connection {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
     /// Moves queued frames to the socket and flushes them. Ready with the queue's closing code
     /// once everything queued before the close is flushed (or at once if the socket takes
     /// nothing more), or with a write error; pending while waiting for the queue or the socket.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<DisconnectCode, axum::Error>> {
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<DisconnectCode>> {
         loop {
-            if self.batch.is_empty() && self.unflushed.is_none() {
+            if self.batch.is_empty() && self.unflushed.is_none() && !self.wire.has_unwritten() {
                 if let Some(code) = self.closing {
                     return Poll::Ready(Ok(code));
                 }
                 self.closing = ready!(self.queue.poll_batch(cx, &mut self.batch));
                 continue;
             }
-            while !self.batch.is_empty() {
-                match self.socket.poll_ready_unpin(cx) {
-                    Poll::Ready(ready) => ready?,
-                    Poll::Pending => return self.poll_blocked(cx),
-                }
+            if !self.batch.is_empty() {
+                // The whole batch into one buffer, sized once, for one write.
                 let publications = self.unflushed.get_or_insert(0);
-                if let Some(message) = self
-                    .batch
-                    .pop_front()
-                    .and_then(|item| message_of(item, publications))
-                {
-                    self.socket.start_send_unpin(message)?;
+                let bytes = self.batch.iter().map(frame_len).sum();
+                self.wire.reserve(bytes);
+                for item in self.batch.drain(..) {
+                    queue_item(&mut self.wire, item, publications);
                 }
             }
-            match self.socket.poll_flush_unpin(cx) {
+            match self.wire.poll_flush(cx) {
                 Poll::Ready(flushed) => flushed?,
                 Poll::Pending => return self.poll_blocked(cx),
             }
-            if let Some(publications) = self.unflushed.take() {
-                self.context.metrics.deliveries_written.inc_by(publications);
+            match self.unflushed.take() {
+                Some(0) | None => {
+                    // Control frames only (`connected`, replies, pings): likely an idle
+                    // connection, which keeps no batch. A busy one keeps its batch's room.
+                    self.batch = VecDeque::new();
+                }
+                Some(publications) => {
+                    self.context.metrics.deliveries_written.inc_by(publications);
+                }
             }
         }
     }
@@ -169,7 +177,7 @@ impl Connection {
     /// The socket takes nothing more (the client stopped reading): the connection still ends
     /// when its queue closes (`slow_consumer`, `idle_timeout`, `shutdown`…), and the goodbye's
     /// deadline bounds how long the rest may wait.
-    fn poll_blocked(&mut self, cx: &mut Context<'_>) -> Poll<Result<DisconnectCode, axum::Error>> {
+    fn poll_blocked(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<DisconnectCode>> {
         self.queue.poll_closing(cx).map(Ok)
     }
 
@@ -178,7 +186,7 @@ impl Connection {
     /// first. Boxed: only a closing connection pays for it.
     fn goodbye(self, code: DisconnectCode) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let Connection {
-            mut socket,
+            mut wire,
             session,
             queue,
             context,
@@ -198,8 +206,8 @@ impl Connection {
                         break;
                     }
                 }
-                if write_batch(&mut socket, &mut batch, &context).await.is_ok() {
-                    say_goodbye(&mut socket, code, &context).await;
+                if write_batch(&mut wire, &mut batch, &context).await.is_ok() {
+                    say_goodbye(&mut wire, code, &context).await;
                 }
             };
             let _ = tokio::time::timeout(super::CLOSE_GRACE, goodbye).await;
@@ -207,77 +215,115 @@ impl Connection {
     }
 }
 
-/// The WebSocket message for a queued item, counting publications; `None` for what a
-/// WebSocket does not send.
-fn message_of(item: Outgoing, publications: &mut u64) -> Option<Message> {
-    Some(match item {
+/// The bytes a queued item takes as a frame (0 for what a WebSocket does not send).
+fn frame_len(item: &Outgoing) -> usize {
+    let payload = match item {
+        Outgoing::Publication(publication) => publication_len(publication),
+        Outgoing::Latest(slot) => slot.size(),
+        Outgoing::Control(frame) => frame.len(),
+        Outgoing::SwitchToLengthPrefixed => return 0,
+        Outgoing::Ping => 0,
+    };
+    Wire::<tokio::io::Empty>::frame_len(payload)
+}
+
+/// Queues the frame of a queued item on the wire, counting publications.
+fn queue_item<S: AsyncRead + AsyncWrite + Unpin>(
+    wire: &mut Wire<S>,
+    item: Outgoing,
+    publications: &mut u64,
+) {
+    match item {
         Outgoing::Publication(publication) => {
             *publications += 1;
-            publication_message(&publication)
+            queue_publication(wire, &publication);
         }
         Outgoing::Latest(slot) => {
-            let publication = slot.take()?;
-            *publications += 1;
-            publication_message(&publication)
+            if let Some(publication) = slot.take() {
+                *publications += 1;
+                queue_publication(wire, &publication);
+            }
         }
-        Outgoing::Control(frame) => {
-            Message::Text(Utf8Bytes::try_from(frame).expect("control frames are serde_json output"))
-        }
-        Outgoing::SwitchToLengthPrefixed => return None,
-        Outgoing::Ping => Message::Ping(Bytes::new()),
-    })
+        // Control frames are serde_json output: UTF-8.
+        Outgoing::Control(frame) => wire.queue_text(&frame),
+        Outgoing::SwitchToLengthPrefixed => {}
+        Outgoing::Ping => wire.queue_ping(),
+    }
 }
 
 /// Writes a batch of queued frames and flushes once.
-async fn write_batch(
-    socket: &mut WebSocket,
+async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
+    wire: &mut Wire<S>,
     batch: &mut VecDeque<Outgoing>,
     context: &SocketContext,
-) -> Result<(), axum::Error> {
+) -> std::io::Result<()> {
     let mut publications = 0;
     for item in batch.drain(..) {
-        if let Some(message) = message_of(item, &mut publications) {
-            socket.feed(message).await?;
-        }
+        queue_item(wire, item, &mut publications);
     }
-    socket.flush().await?;
+    wire.flush().await?;
     context.metrics.deliveries_written.inc_by(publications);
     Ok(())
 }
 
 /// The last frames of a connection the server closes: `disconnect`, then a close frame.
-async fn say_goodbye(socket: &mut WebSocket, code: DisconnectCode, context: &SocketContext) {
+async fn say_goodbye<S: AsyncRead + AsyncWrite + Unpin>(
+    wire: &mut Wire<S>,
+    code: DisconnectCode,
+    context: &SocketContext,
+) {
     super::count_disconnect(&context.metrics, code);
-    let disconnect = to_json(&Disconnect::from(code));
-    let disconnect = Utf8Bytes::try_from(disconnect).expect("control frames are serde_json output");
-    let _ = socket.send(Message::Text(disconnect)).await;
-    let _ = socket
-        .send(Message::Close(Some(CloseFrame {
-            code: code.websocket_close_code(),
-            reason: Utf8Bytes::from_static(code.as_str()),
-        })))
-        .await;
-}
-
-/// Which read errors get a `disconnect` (the rest mean the peer is gone).
-fn disconnect_code_for(error: axum::Error) -> Option<DisconnectCode> {
-    let inner = error.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>()? {
-        tungstenite::Error::Capacity(_) => Some(DisconnectCode::FrameTooLarge),
-        // The peer went away without a close frame: gone, not a protocol error.
-        tungstenite::Error::Protocol(
-            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
-        ) => None,
-        tungstenite::Error::Utf8(_) | tungstenite::Error::Protocol(_) => {
-            Some(DisconnectCode::ProtocolError)
-        }
-        _ => None,
+    wire.queue_text(&to_json(&Disconnect::from(code)));
+    wire.queue_close(code.websocket_close_code(), code.as_str());
+    if wire.flush().await.is_ok() {
+        let _ = wire.shutdown().await;
     }
 }
 
-fn publication_message(publication: &Publication) -> Message {
+/// Which read errors get a `disconnect` (the rest mean the peer is gone).
+fn disconnect_code_for(error: &WireError) -> Option<DisconnectCode> {
+    match error {
+        WireError::TooLarge => Some(DisconnectCode::FrameTooLarge),
+        WireError::Protocol(_) => Some(DisconnectCode::ProtocolError),
+        WireError::Io(_) => None,
+    }
+}
+
+fn publication_len(publication: &Publication) -> usize {
     match publication.ws_text() {
-        Some(text) => Message::Text(text.clone()),
-        None => Message::Binary(publication.binary_frame()),
+        Some(text) => text.len(),
+        None => publication.binary_frame().len(),
+    }
+}
+
+fn queue_publication<S: AsyncRead + AsyncWrite + Unpin>(
+    wire: &mut Wire<S>,
+    publication: &Publication,
+) {
+    match publication.ws_text() {
+        Some(text) => wire.queue_text(text.as_bytes()),
+        None => wire.queue_binary(&publication.binary_frame()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::size_of;
+
+    /// What every idle WebSocket connection holds, inline and in its allocations (with the
+    /// `Arc` counts, 16 bytes): kept within the allocator's size classes they fit today, so a
+    /// field added here is a decision (docs/benchmarks.md, "Idle connections").
+    #[test]
+    fn an_idle_connection_keeps_within_its_memory_budget() {
+        type Plain = crate::write_deadline::WriteDeadline<tokio::net::TcpStream>;
+        let connection = size_of::<super::Connection<Plain>>();
+        assert!(
+            connection <= 448,
+            "the connection future is {connection} bytes"
+        );
+        let handle = size_of::<crate::hub::connection::ConnectionHandle>() + 16;
+        assert!(handle <= 256, "the connection handle is {handle} bytes");
+        let queue = size_of::<crate::hub::queue::OutgoingQueue>() + 16;
+        assert!(queue <= 160, "the outgoing queue is {queue} bytes");
     }
 }
