@@ -817,6 +817,43 @@ async fn get_ws_without_an_upgrade_is_a_problem() {
 }
 
 #[tokio::test]
+async fn a_websocket_handshake_that_is_not_one_says_what_is_missing() {
+    let server = TestServer::start().await;
+    let client = reqwest::Client::new();
+    let handshake = |version: &'static str| {
+        client
+            .get(server.url("/ws"))
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", version)
+    };
+    let response = handshake("12")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), reqwest::StatusCode::UPGRADE_REQUIRED);
+    let body: Value = response.json().await.expect("problem json");
+    assert_eq!(body["code"], "upgrade_required");
+    assert!(body.to_string().contains("Sec-WebSocket-Version"), "{body}");
+    let response = handshake("13").send().await.expect("request");
+    assert_eq!(response.status(), reqwest::StatusCode::UPGRADE_REQUIRED);
+    let body: Value = response.json().await.expect("problem json");
+    assert!(body.to_string().contains("Sec-WebSocket-Key"), "{body}");
+    // The accept value of RFC 6455's own example, for a real handshake.
+    let response = handshake("13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), reqwest::StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(
+        response.headers()["sec-websocket-accept"],
+        "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+    );
+}
+
+#[tokio::test]
 async fn a_connection_publishing_past_its_rate_limit_is_refused_and_kept() {
     let server = TestServer::start_with(|c| {
         c.sockets.publish_rate = 1;

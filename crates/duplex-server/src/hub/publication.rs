@@ -8,7 +8,6 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 
 use super::budget::ByteBudget;
@@ -22,8 +21,6 @@ pub struct Publication {
     binary: bool,
     /// `length | kind | frame [| \n]`.
     encoded: Bytes,
-    /// The frame as WebSocket text, sharing `encoded` (JSON publications only).
-    ws_text: Option<Utf8Bytes>,
     payload_start: usize,
     /// A JSON line with the payload in base64, made on first use by a line-mode reader.
     binary_as_line: OnceLock<Bytes>,
@@ -55,16 +52,11 @@ impl Publication {
             buf.push(b'\n');
         }
         let encoded = Bytes::from(buf);
-        let ws_text = (!binary).then(|| {
-            Utf8Bytes::try_from(encoded.slice(5..encoded.len() - 1))
-                .expect("serde_json writes UTF-8")
-        });
         Publication {
             channel,
             offset,
             binary,
             encoded,
-            ws_text,
             payload_start,
             binary_as_line: OnceLock::new(),
             queued: AtomicU32::new(0),
@@ -105,14 +97,15 @@ impl Publication {
         self.binary
     }
 
-    /// The WebSocket text frame of a JSON publication.
-    pub fn ws_text(&self) -> Option<&Utf8Bytes> {
-        self.ws_text.as_ref()
+    /// The payload of a JSON publication's WebSocket text frame: its JSON, which serde_json
+    /// wrote as UTF-8 (within `encoded`: after the length and the kind, before the newline).
+    pub fn ws_text(&self) -> Option<&[u8]> {
+        (!self.binary).then(|| &self.encoded[5..self.encoded.len() - 1])
     }
 
     /// The binary frame (kind byte first) of a binary publication, for WebSocket.
-    pub fn binary_frame(&self) -> Bytes {
-        self.encoded.slice(4..)
+    pub fn binary_frame(&self) -> &[u8] {
+        &self.encoded[4..]
     }
 
     /// The whole length-prefixed frame, for raw TCP in length-prefixed mode.
@@ -201,7 +194,7 @@ mod tests {
         let data = RawValue::from_string(r#"{"text":"hi"}"#.into()).expect("json");
         let publication = Publication::new("chat:lobby".into(), 9, &Payload::Json(data));
         let frame = r#"{"type":"message","channel":"chat:lobby","offset":9,"data":{"text":"hi"}}"#;
-        assert_eq!(publication.ws_text().map(|t| t.as_str()), Some(frame));
+        assert_eq!(publication.ws_text(), Some(frame.as_bytes()));
         assert_eq!(publication.line(), format!("{frame}\n").as_bytes());
         let lp = publication.length_prefixed();
         assert_eq!(&lp[..4], &((frame.len() + 1) as u32).to_be_bytes());
@@ -214,11 +207,11 @@ mod tests {
         let payload = Bytes::from_static(&[0, 1, 2, 255]);
         let publication = Publication::new("stream:cam".into(), 3, &Payload::Binary(payload));
         let frame = publication.binary_frame();
-        let message = duplex_proto::binary::decode_message(&frame).expect("valid");
+        let message = duplex_proto::binary::decode_message(frame).expect("valid");
         assert_eq!(message.channel, "stream:cam");
         assert_eq!(message.offset, 3);
         assert_eq!(message.payload, &[0, 1, 2, 255]);
-        assert_eq!(&publication.length_prefixed()[4..], &frame[..]);
+        assert_eq!(&publication.length_prefixed()[4..], frame);
         assert_eq!(
             publication.line(),
             Bytes::from_static(

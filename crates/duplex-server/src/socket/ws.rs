@@ -301,8 +301,8 @@ fn queue_publication<S: AsyncRead + AsyncWrite + Unpin>(
     publication: &Publication,
 ) {
     match publication.ws_text() {
-        Some(text) => wire.queue_text(text.as_bytes()),
-        None => wire.queue_binary(&publication.binary_frame()),
+        Some(text) => wire.queue_text(text),
+        None => wire.queue_binary(publication.binary_frame()),
     }
 }
 
