@@ -354,6 +354,9 @@ pub fn fanout_html(runs: &[FanoutReport]) -> String {
     )
 }
 
+/// Which latency percentile a chart draws.
+type Percentile = fn(&crate::Percentiles) -> f64;
+
 /// `duplex bench compare` as one HTML page: the sustained rates, latency against the rate
 /// offered, what a delivery cost in CPU and memory, and idle memory per connection.
 pub fn compare_html(report: &CompareReport) -> String {
@@ -374,44 +377,36 @@ pub fn compare_html(report: &CompareReport) -> String {
         &names,
         &[("deliveries/s", sustained(&|s| s.deliveries_per_second))],
     )];
-    let p99: Vec<(&str, Vec<(f64, f64)>)> = report
-        .contenders
-        .iter()
-        .map(|c| {
-            let points = c
-                .runs
-                .iter()
-                .map(|r| (f64::from(r.rate) * r.subscribers as f64, r.latency_ms.p99))
-                .collect();
-            (c.name, points)
-        })
-        .collect();
-    charts.push(line_chart(
-        "p99 latency against deliveries/s offered",
-        "deliveries/s offered",
-        "p99 ms (log)",
-        &p99,
-        true,
-    ));
-    let p50: Vec<(&str, Vec<(f64, f64)>)> = report
-        .contenders
-        .iter()
-        .map(|c| {
-            let points = c
-                .runs
-                .iter()
-                .map(|r| (f64::from(r.rate) * r.subscribers as f64, r.latency_ms.p50))
-                .collect();
-            (c.name, points)
-        })
-        .collect();
-    charts.push(line_chart(
-        "p50 latency against deliveries/s offered",
-        "deliveries/s offered",
-        "p50 ms (log)",
-        &p50,
-        true,
-    ));
+    // One line per server: a latency percentile against the deliveries/s offered, per run.
+    let against_offered = |percentile: Percentile| {
+        report
+            .contenders
+            .iter()
+            .map(|c| {
+                let points = c
+                    .runs
+                    .iter()
+                    .map(|r| {
+                        (
+                            f64::from(r.rate) * r.subscribers as f64,
+                            percentile(&r.latency_ms),
+                        )
+                    })
+                    .collect();
+                (c.name, points)
+            })
+            .collect::<Vec<(&str, Vec<(f64, f64)>)>>()
+    };
+    let percentiles: [(&str, Percentile); 2] = [("p99", |p| p.p99), ("p50", |p| p.p50)];
+    for (name, percentile) in percentiles {
+        charts.push(line_chart(
+            &format!("{name} latency against deliveries/s offered"),
+            "deliveries/s offered",
+            &format!("{name} ms (log)"),
+            &against_offered(percentile),
+            true,
+        ));
+    }
     if report.contenders.iter().any(|c| {
         c.sustained
             .as_ref()

@@ -196,6 +196,8 @@ async fn compare_measures_duplex_and_its_peers_with_the_same_client() {
         "Socket.IO",
         "duplex raw TCP",
         "<svg",
+        "p99 latency against",
+        "p50 latency against",
         "Every run",
     ] {
         assert!(
