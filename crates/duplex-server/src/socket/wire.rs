@@ -140,8 +140,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
             };
             let end = header.start + header.len;
             if self.unread.len() < end {
-                // Room for the rest of the frame once, rather than growing read by read.
-                self.unread.reserve(end - self.unread.len());
+                // Not reserved from the header: a client that announces a large frame and
+                // sends it slowly holds only what it sent.
                 return Ok(None);
             }
             let mut payload = self.unread[header.start..end].to_vec();

@@ -166,6 +166,22 @@ async fn broken_framing_is_refused_with_what_broke() {
 }
 
 #[tokio::test]
+async fn a_large_frame_announced_holds_only_what_arrived() {
+    let (mut wire, mut client) = pair(1 << 20);
+    let frame = client_frame(0x82, &[7; 60_000]);
+    // The header and a few bytes: the buffer holds those, not the 60,000 announced.
+    client.write_all(&frame[..20]).await.expect("write");
+    let poll = std::future::poll_fn(|cx| Poll::Ready(wire.poll_next(cx))).await;
+    assert!(poll.is_pending());
+    assert!(wire.unread.capacity() < 4096, "{}", wire.unread.capacity());
+    client.write_all(&frame[20..]).await.expect("write");
+    match next(&mut wire).await.expect("the frame").expect("valid") {
+        Incoming::Binary(data) => assert_eq!(data.len(), 60_000),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
 async fn an_oversized_message_is_refused_before_its_payload_arrives() {
     let (mut wire, mut client) = pair(1024);
     // The header alone announces 2,048 bytes.
