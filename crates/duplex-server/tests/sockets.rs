@@ -854,6 +854,47 @@ async fn a_websocket_handshake_that_is_not_one_says_what_is_missing() {
 }
 
 #[tokio::test]
+async fn a_frame_sent_with_the_handshake_is_read_after_the_upgrade() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let server = TestServer::start().await;
+    let mut raw = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .expect("connect");
+    // The request and a masked `ping` frame in one write: hyper reads both, and the frame must
+    // reach the connection (it comes out of hyper's read buffer, not the socket).
+    let mut bytes = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        server.http_addr
+    )
+    .into_bytes();
+    let payload = br#"{"type":"ping","id":7}"#;
+    let mask = [9, 8, 7, 6];
+    bytes.extend([0x81, 0x80 | payload.len() as u8]);
+    bytes.extend(mask);
+    bytes.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    raw.write_all(&bytes).await.expect("write");
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let text = tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            let n = raw.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&chunk[..n]);
+            let text = String::from_utf8_lossy(&seen).into_owned();
+            if text.contains(r#""type":"pong""#) {
+                return text;
+            }
+        }
+    })
+    .await
+    .expect("a pong in time");
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.contains(r#""type":"connected""#), "{text}");
+    assert!(text.contains(r#""id":7"#), "{text}");
+}
+
+#[tokio::test]
 async fn a_connection_publishing_past_its_rate_limit_is_refused_and_kept() {
     let server = TestServer::start_with(|c| {
         c.sockets.publish_rate = 1;

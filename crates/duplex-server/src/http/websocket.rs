@@ -71,8 +71,8 @@ pub(crate) async fn upgrade(
             auth,
             upgrade,
         } = *start;
-        // A plain connection's socket is taken out of hyper's box (TLS keeps it: its stream
-        // type is hyper's to name).
+        // A plain connection's socket is taken out of hyper's box; a TLS one is read through
+        // it (hyper keeps what it read past the request for the first read).
         type Plain = hyper_util::rt::TokioIo<WriteDeadline<tokio::net::TcpStream>>;
         match upgraded.downcast::<Plain>() {
             Ok(parts) => {
