@@ -118,3 +118,35 @@ pub(crate) fn peer_command(
         .env("NODE_ENV", "production");
     Ok(command)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_that_is_not_installed_says_how_to_install_it() {
+        let empty = tempfile::tempdir().expect("tempdir");
+        let error = peer_command(Protocol::Ws, empty.path()).expect_err("not installed");
+        assert!(
+            error.to_string().contains("scripts/install-peers.sh"),
+            "{error}"
+        );
+        assert!(peer_command(Protocol::Duplex, empty.path()).is_err());
+    }
+
+    #[test]
+    fn each_protocol_numbers_its_publications_where_the_client_reads_them() {
+        for protocol in [Protocol::Duplex, Protocol::Ws, Protocol::SocketIo] {
+            let mut text = String::new();
+            protocol.publication(&mut text, "bench:x", 7, 1_700_000_000_000_001, "pp");
+            assert!(text.contains(r#""t":1700000000000001"#), "{text}");
+            // duplex assigns the offset itself; the peers carry the publisher's number.
+            assert_eq!(
+                text.contains(r#""offset":7"#),
+                protocol != Protocol::Duplex,
+                "{text}"
+            );
+        }
+        assert!(Protocol::SocketIo.is_ping(b"2") && !Protocol::Ws.is_ping(b"2"));
+    }
+}

@@ -366,3 +366,23 @@ async fn the_peers_fan_out_to_every_subscriber_and_hold_idle_connections() {
         server.stop().await.expect("stopped");
     }
 }
+
+#[tokio::test]
+async fn a_peer_is_measured_over_websocket_only() {
+    let error = run_fanout(&FanoutOptions {
+        http_addr: "127.0.0.1:9".into(),
+        tcp_addr: "127.0.0.1:9".into(),
+        subscribers: 1,
+        rate: 10,
+        size: 64,
+        duration: Duration::from_millis(100),
+        transport: Transport::Tcp,
+        protocol: Protocol::Ws,
+        client_threads: 1,
+        publish_addr: None,
+        server_pid: None,
+    })
+    .await
+    .expect_err("ws has no raw TCP");
+    assert!(error.to_string().contains("over WebSocket only"), "{error}");
+}

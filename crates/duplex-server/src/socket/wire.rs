@@ -6,7 +6,8 @@
 //! idle connections those buffers were a third of a connection's memory. Here a read goes into
 //! a buffer on the stack of the task reading it, and only the bytes of a frame that is not all
 //! there yet are kept, in a buffer freed once the frame is complete; frames to write are built
-//! into a buffer that is freed once it is written. An idle connection holds no buffer at all.
+//! into a buffer whose room (up to 4 KiB) a busy connection keeps and an idle one gives back.
+//! An idle connection holds no buffer at all.
 //!
 //! What the server accepts: masked frames (RFC 6455 §5.1), no extension bits, text, binary,
 //! continuation, close, ping and pong frames, control frames of at most 125 bytes and never
@@ -29,6 +30,11 @@ const OP_PONG: u8 = 0xA;
 
 /// What one read takes from the socket at most (on the stack of the reading task).
 const READ_CHUNK: usize = 4096;
+
+/// The write buffer's room a connection keeps between batches (fan-out batches are usually a
+/// few small frames: no allocation per batch); a larger buffer is freed once written, and
+/// [`Wire::release`] frees even this when the connection looks idle.
+const KEEP_OUT: usize = 4096;
 
 /// A message from the client.
 #[derive(Debug, PartialEq, Eq)]
@@ -85,7 +91,8 @@ pub(crate) struct Wire<S> {
     unread: Vec<u8>,
     /// A fragmented message in progress.
     fragments: Option<Box<Fragments>>,
-    /// Frames to write, and how much of them is written: empty (and unallocated) once written.
+    /// Frames to write, and how much of them is written: empty once written, unallocated once
+    /// released (or when a batch needed more than [`KEEP_OUT`]).
     out: Vec<u8>,
     written: usize,
     max_message: usize,
@@ -273,7 +280,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
         !self.out.is_empty()
     }
 
-    /// Writes what is queued and flushes the stream; the buffer is freed once written.
+    /// Writes what is queued and flushes the stream; past [`KEEP_OUT`] the buffer is freed once
+    /// written.
     pub(crate) fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.written < self.out.len() {
             let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]))?;
@@ -283,10 +291,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
             self.written += n;
         }
         if !self.out.is_empty() {
-            self.out = Vec::new();
             self.written = 0;
+            if self.out.capacity() > KEEP_OUT {
+                self.out = Vec::new();
+            } else {
+                self.out.clear();
+            }
         }
         Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Frees the write buffer's room once everything is written (an idle connection keeps
+    /// none).
+    pub(crate) fn release(&mut self) {
+        if self.out.is_empty() {
+            self.out = Vec::new();
+        }
     }
 
     /// Writes what is queued and flushes.

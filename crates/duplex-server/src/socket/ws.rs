@@ -1,9 +1,9 @@
 //! A WebSocket connection (upgraded at `GET /ws` by [`crate::http`]): JSON text frames and
 //! binary frames, framed by [`super::wire`].
 //!
-//! An idle connection holds its socket, its session and nothing else: no read or write buffer
-//! (the wire keeps one only while a frame is split across reads or a batch is being written),
-//! no batch (freed after a batch of control frames only, such as `connected` or a ping). The
+//! An idle connection holds its socket, its session and nothing else: no read buffer (the wire
+//! keeps one only while a frame is split across reads), no write room and no batch (both given
+//! back after a batch of control frames only, such as `connected` or a ping). The
 //! keepalive sweeper ([`super::keepalive`]) pings, and anything the client sends resets the
 //! idle timeout.
 
@@ -164,8 +164,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection<S> {
             match self.unflushed.take() {
                 Some(0) | None => {
                     // Control frames only (`connected`, replies, pings): likely an idle
-                    // connection, which keeps no batch. A busy one keeps its batch's room.
+                    // connection, which keeps no batch and no write room. A busy one keeps
+                    // both.
                     self.batch = VecDeque::new();
+                    self.wire.release();
                 }
                 Some(publications) => {
                     self.context.metrics.deliveries_written.inc_by(publications);

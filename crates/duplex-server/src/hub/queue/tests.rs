@@ -312,3 +312,19 @@ fn a_dropped_conflation_marker_frees_its_slot() {
         Pushed::Dropped(1)
     );
 }
+
+#[tokio::test]
+async fn an_idle_queue_gives_its_room_back_and_a_busy_one_keeps_it() {
+    let queue = OutgoingQueue::new(8);
+    let mut batch = VecDeque::new();
+    // Publications taken: the room stays for the next ones (no allocation per batch).
+    queue.push_publication(&publication(1), SlowConsumerPolicy::DropOldest, None);
+    queue.next_batch(&mut batch).await;
+    assert!(queue.state.lock().items.capacity() > 0);
+    // Control frames only (`connected`, a reply, a ping): likely idle, the room goes.
+    batch.clear();
+    queue.push_control(Bytes::from_static(b"{}"));
+    queue.next_batch(&mut batch).await;
+    assert_eq!(queue.state.lock().items.capacity(), 0);
+    assert_eq!(batch.len(), 1);
+}

@@ -105,11 +105,25 @@ async fn fragments_make_one_message_and_a_ping_between_them_is_answered() {
     );
     // The pong carries the ping's payload, unmasked.
     assert_eq!(written(&mut wire, &mut client).await, [0x8A, 1, b'p']);
-    assert_eq!(
-        wire.out.capacity(),
-        0,
-        "the write buffer is freed once written"
-    );
+}
+
+#[tokio::test]
+async fn written_room_is_kept_when_small_and_freed_when_large_or_released() {
+    let (mut wire, mut client) = pair(1 << 20);
+    wire.queue_text(b"a small batch");
+    written(&mut wire, &mut client).await;
+    assert!(!wire.has_unwritten());
+    assert!(wire.out.capacity() > 0, "a busy connection keeps its room");
+    wire.release();
+    assert_eq!(wire.out.capacity(), 0, "an idle one gives it back");
+    wire.queue_binary(&[1; 10_000]);
+    wire.flush().await.expect("flush");
+    let mut sink = vec![0; 1 << 16];
+    let mut read = 0;
+    while read < 10_004 {
+        read += client.read(&mut sink).await.expect("read");
+    }
+    assert_eq!(wire.out.capacity(), 0, "more than 4 KiB is not kept");
 }
 
 #[tokio::test]
