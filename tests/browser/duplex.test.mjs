@@ -145,16 +145,26 @@ try {
       onRecover: (r) => chatRecovered.push(r.missed),
     });
     await duplex.publish("chat:restart", { i: 1 });
+    // feed keeps history in memory: a restart loses it and starts a new epoch.
+    window.feed = [];
+    window.feedGaps = [];
+    await duplex.subscribe("feed:restart", {
+      onMessage: (m) => feed.push([m.offset, m.epoch, m.data.i]),
+      onGap: (gap) => feedGaps.push(gap),
+    });
+    await duplex.publish("feed:restart", { i: 1 });
   });
-  await waitFor(page, () => chat.length === 1, null, "a chat message");
+  await waitFor(page, () => chat.length === 1 && feed.length === 1, null, "a chat and a feed message");
   const dropsBefore = await page.evaluate(() => statuses.filter((s) => s === "reconnecting").length);
   await harness("DOWN");
   await waitFor(page, (n) => statuses.filter((s) => s === "reconnecting").length > n, dropsBefore, "the page to notice");
   await backend("/api/channels/chat:restart/publish", { i: 2 });
   DIRECT = (await harness("RESTART")).direct;
   await backend("/api/channels/chat:restart/publish", { i: 3 });
+  await backend("/api/channels/feed:restart/publish", { i: 3 });
   await harness("UP");
   await waitFor(page, () => chat.length >= 3, null, "the messages from around the restart");
+  await waitFor(page, () => feed.length >= 2, null, "the feed's new epoch");
   const restart = await page.evaluate(() => ({ chat, chatGaps, chatRecovered }));
   const epochs = new Set(restart.chat.map(([, epoch]) => epoch));
   check(
@@ -163,6 +173,19 @@ try {
   );
   check(epochs.size === 1 && restart.chatGaps.length === 0, `one epoch, no gap: ${JSON.stringify(restart)}`);
   check(JSON.stringify(restart.chatRecovered) === "[2]", `recovered the two missed: ${JSON.stringify(restart)}`);
+  // The feed's history was lost: the page is told so, then gets the new epoch from its start
+  // (what was published after the restart is not skipped).
+  const lost = await page.evaluate(() => ({ feed, feedGaps }));
+  check(
+    lost.feedGaps.length === 1 && lost.feedGaps[0].reason === "epoch_changed" && lost.feedGaps[0].lastSeen === 1 &&
+      lost.feedGaps[0].resumedAt === 0,
+    `one gap, the new epoch from its start: ${JSON.stringify(lost)}`,
+  );
+  check(
+    JSON.stringify(lost.feed.map(([offset, , i]) => [offset, i])) === "[[1,1],[1,3]]" &&
+      lost.feed[0][1] !== lost.feed[1][1] && lost.feed[1][1] === lost.feedGaps[0].epoch,
+    `the old epoch's message, then the new epoch's: ${JSON.stringify(lost)}`,
+  );
   console.error("ok: a server restart is a reconnect");
 
   // A refresh whose token no longer allows a subscription ends it with onEnd, for good.

@@ -209,15 +209,17 @@ pub enum Keepalive {
 pub struct Subscribed<'a> {
     /// The channel.
     pub channel: Cow<'a, str>,
-    /// The offset of the last publication (0 before the first). With `since`, the missed
-    /// publications up to this offset follow the reply when `recovered` is true.
+    /// The offset of the last publication (0 before the first). With `since`, the publications
+    /// `missed` counts, up to this offset, follow the reply.
     pub offset: u64,
     /// The channel's epoch; it changes when the channel's history is lost.
     pub epoch: Cow<'a, str>,
     /// With `since`: whether every publication after it follows the reply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovered: Option<bool>,
-    /// With `since`: how many publications follow the reply (recovered) or why not.
+    /// With `since`: how many publications follow the reply, before any live one: those after
+    /// `since` when recovered; with `recovered: false` and `epoch_changed`, the new epoch's
+    /// from its first offset when it keeps them all. Absent: none follow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missed: Option<u64>,
     /// Why recovery failed: `epoch_changed`, `epoch_required`, `offset_ahead`, `history_trimmed`.

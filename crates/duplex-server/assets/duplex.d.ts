@@ -65,7 +65,7 @@ export interface Gap {
   reason: string;
   /** The last offset delivered before. */
   lastSeen: number;
-  /** The offset the stream resumes after. */
+  /** The offset the stream resumes after, in `epoch`: 0 when a new epoch follows whole. */
   resumedAt: number;
   epoch: string;
 }

@@ -397,13 +397,16 @@ export class Duplex {
     const lastSeen = sub.offset;
     sub.subscribing = this.sendRequest(frame).then(
       (result) => {
+        // Not recovered: live after the channel's offset, less what follows the reply (a new
+        // epoch the server keeps whole is replayed from its first offset).
+        const resumedAt = result.offset - (result.missed ?? 0);
         if (hadPosition && result.recovered === false) {
-          sub.handlers.onGap?.({ reason: result.reason, lastSeen, resumedAt: result.offset, epoch: result.epoch });
+          sub.handlers.onGap?.({ reason: result.reason, lastSeen, resumedAt, epoch: result.epoch });
         }
         if (hadPosition && result.recovered === true) {
           sub.handlers.onRecover?.({ missed: result.missed, lastSeen, offset: result.offset, epoch: result.epoch });
         }
-        if (result.recovered !== true) sub.offset = result.offset;
+        if (result.recovered !== true) sub.offset = resumedAt;
         sub.epoch = result.epoch;
         sub.ready = true;
         return result;
@@ -462,7 +465,8 @@ export class Duplex {
       let subscribed = false;
       source.addEventListener("subscribed", (event) => {
         const result = JSON.parse(event.data);
-        if (sub.epoch === null || result.recovered === false) sub.offset = Math.max(sub.offset, result.offset);
+        if (result.recovered === false) sub.offset = result.offset - (result.missed ?? 0);
+        else if (sub.epoch === null) sub.offset = Math.max(sub.offset, result.offset);
         sub.epoch = result.epoch;
         sub.ready = true;
         if (!subscribed) {
@@ -472,8 +476,9 @@ export class Duplex {
       });
       source.addEventListener("not_recovered", (event) => {
         const info = JSON.parse(event.data);
-        sub.handlers.onGap?.({ reason: info.reason, lastSeen: sub.offset, resumedAt: info.offset, epoch: info.epoch });
-        sub.offset = info.offset;
+        const resumedAt = info.offset - (info.missed ?? 0);
+        sub.handlers.onGap?.({ reason: info.reason, lastSeen: sub.offset, resumedAt, epoch: info.epoch });
+        sub.offset = resumedAt;
       });
       source.addEventListener("message", (event) => {
         const frame = JSON.parse(event.data);

@@ -485,6 +485,83 @@ async fn redis_restarted_without_persistence_makes_subscribers_recover_with_reco
     connection.close().await;
 }
 
+/// Redis restarts empty while node A cannot reach it; node B publishes meanwhile, in the new
+/// epoch, and each publication is acknowledged. Once A's link is back, A's subscriber is told
+/// the old epoch's tail is gone (`epoch_changed`) and then gets every publication of the new
+/// epoch from its first offset: nothing acknowledged is lost to it (#22: these used to reach
+/// nobody on A).
+#[tokio::test]
+async fn after_a_redis_restart_a_node_that_relinks_late_replays_the_new_epoch_whole() {
+    let _ = redis_or_skip!();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut redis = start_redis(port).await;
+    let broker = format!("redis://127.0.0.1:{port}?prefix=late");
+    let (proxy, through_proxy) = behind_proxy(&broker).await;
+    let a = node(&through_proxy, "a").await;
+    let b = node(&broker, "b").await;
+    let connection = reconnecting_client(&a.ws_url()).await;
+    let mut subscription = connection.subscribe("news:late").await.expect("subscribe");
+    for i in 1..=2 {
+        publish_http(&b, "news:late", json!(i)).await;
+        expect_publication(&mut subscription, i).await;
+    }
+    proxy.set_down(true);
+    proxy.cut();
+    wait_ready(&a, 503).await;
+    redis.kill().await.expect("kill redis");
+    let _redis = start_redis(port).await;
+    // B's first command after the restart may find its old socket broken; then it publishes.
+    let http = reqwest::Client::new();
+    let url = b.url("/api/channels/news:late/publish");
+    let first: Value = wait_for("B publishing again", || async {
+        let response = http.post(&url).json(&json!(1)).send().await.ok()?;
+        if response.status() != 200 {
+            return None;
+        }
+        response.json().await.ok()
+    })
+    .await;
+    assert_eq!(first["offset"], 1, "a new epoch starts at 1");
+    let epoch = first["epoch"].as_str().expect("epoch").to_owned();
+    for i in 2..=3 {
+        let published = publish_http(&b, "news:late", json!(i)).await;
+        assert_eq!(
+            (published["offset"].as_u64(), &published["epoch"]),
+            (Some(i), &first["epoch"])
+        );
+    }
+    proxy.set_down(false);
+    match tokio::time::timeout(EVENT_TIMEOUT, subscription.next()).await {
+        Ok(Some(Event::Gap {
+            reason,
+            last_seen,
+            resumed_at,
+            epoch: gap_epoch,
+        })) => {
+            assert_eq!(reason, "epoch_changed");
+            assert_eq!((last_seen, resumed_at), (2, 0));
+            assert_eq!(gap_epoch, epoch);
+        }
+        other => panic!("expected a gap, got {other:?}"),
+    }
+    for i in 1..=3 {
+        match tokio::time::timeout(EVENT_TIMEOUT, subscription.next()).await {
+            Ok(Some(Event::Message(message))) => {
+                assert_eq!(message.offset, i);
+                assert_eq!(message.epoch, epoch);
+                assert_eq!(message.data, duplex_client::Payload::Json(json!(i)));
+            }
+            other => panic!("expected publication {i} of the new epoch, got {other:?}"),
+        }
+    }
+    publish_http(&b, "news:late", json!(4)).await;
+    expect_publication(&mut subscription, 4).await;
+    connection.close().await;
+}
+
 async fn records_written_on_one_node_are_read_on_another_and_pushed_on_a_third(broker: String) {
     let Some(store) = duplex_testkit::postgres_store() else {
         eprintln!("skipped: set DUPLEX_TEST_POSTGRES to run");

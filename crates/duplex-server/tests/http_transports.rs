@@ -78,11 +78,21 @@ async fn short_polls_page_through_a_channel_in_order_and_resume() {
     assert_eq!(offsets(&page), Vec::<u64>::new());
     assert_eq!(page["next"], 5);
 
-    // A poller from another epoch is told so, and where to start again.
+    // A poller from another epoch is told so, and gets this epoch from its first offset (it
+    // is still whole), so nothing published in it is skipped.
     let (_, page) = get_json(&server, "/api/channels/news:poll/poll?since=3&epoch=gone").await;
     assert_eq!(page["recovered"], false);
     assert_eq!(page["reason"], "epoch_changed");
+    assert_eq!(offsets(&page), vec![1, 2, 3, 4, 5]);
     assert_eq!(page["next"], 5);
+    let (_, page) = get_json(
+        &server,
+        "/api/channels/news:poll/poll?since=3&epoch=gone&limit=2",
+    )
+    .await;
+    assert_eq!(offsets(&page), vec![1, 2]);
+    assert_eq!(page["next"], 2);
+    assert_eq!(page["epoch"], epoch.as_str());
 }
 
 #[tokio::test]
@@ -342,6 +352,18 @@ async fn sse_streams_publications_and_resumes_from_last_event_id() {
     let refused: Value = serde_json::from_str(&refused.data).expect("json");
     assert_eq!(refused["reason"], "epoch_changed");
     assert_eq!(refused["offset"], 4);
+    // This epoch is whole: it follows from its first offset.
+    assert_eq!(refused["missed"], 4, "{refused}");
+    assert_eq!(
+        events.next().await.expect("subscribed").event.as_deref(),
+        Some("subscribed")
+    );
+    for i in 1..=4 {
+        let event = events.next().await.expect("message");
+        let message: Value = serde_json::from_str(&event.data).expect("json");
+        assert_eq!(message["offset"], i);
+        assert_eq!(event.id, Some(format!("{epoch}:{i}")));
+    }
 }
 
 #[tokio::test]

@@ -329,4 +329,85 @@ async fn a_server_restart_changes_the_epoch_so_clients_are_told_to_refetch() {
     assert_eq!(reply["result"]["recovered"], false);
     assert_eq!(reply["result"]["reason"], "epoch_changed");
     assert_ne!(reply["result"]["epoch"], epoch.as_str());
+    assert_eq!(
+        reply["result"]["missed"], 0,
+        "the new epoch is whole: {reply}"
+    );
+}
+
+/// A client that comes back from an epoch that is gone is told so (`recovered: false`), and
+/// the new epoch, when its history still starts at offset 1, follows the reply whole: what was
+/// published since the restart is not skipped. A new epoch that lost its start is not replayed.
+#[tokio::test]
+async fn a_new_epoch_kept_whole_is_replayed_from_its_first_offset() {
+    let server = TestServer::start_with(|c| c.namespaces = namespaces(5)).await;
+    let mut publisher = server.ws().await;
+    for i in 0..2 {
+        publisher
+            .request(
+                json!({"type": "publish", "channel": "feed:whole", "data": i}),
+                i,
+            )
+            .await;
+    }
+    for i in 0..8 {
+        publisher
+            .request(
+                json!({"type": "publish", "channel": "feed:trimmed", "data": i}),
+                10 + i,
+            )
+            .await;
+    }
+    let mut client = server.ws().await;
+    let reply = client
+        .request(
+            json!({"type": "subscribe", "channel": "feed:whole", "since": {"offset": 40, "epoch": "gone"}}),
+            1,
+        )
+        .await;
+    assert_eq!(reply["result"]["recovered"], false, "{reply}");
+    assert_eq!(reply["result"]["reason"], "epoch_changed");
+    assert_eq!(reply["result"]["offset"], 2);
+    assert_eq!(reply["result"]["missed"], 2, "{reply}");
+    for (offset, data) in [(1, 0), (2, 1)] {
+        let message = client.next_json().await;
+        assert_eq!(message["type"], "message", "{message}");
+        assert_eq!(
+            (message["offset"].as_u64(), &message["data"]),
+            (Some(offset), &json!(data))
+        );
+    }
+    publisher
+        .request(
+            json!({"type": "publish", "channel": "feed:whole", "data": "live"}),
+            20,
+        )
+        .await;
+    let live = client.next_json().await;
+    assert_eq!(
+        (live["offset"].as_u64(), &live["data"]),
+        (Some(3), &json!("live"))
+    );
+
+    // feed keeps 5: offsets 4 to 8 are left of 8, so this epoch cannot be given whole.
+    let reply = client
+        .request(
+            json!({"type": "subscribe", "channel": "feed:trimmed", "since": {"offset": 40, "epoch": "gone"}}),
+            2,
+        )
+        .await;
+    assert_eq!(reply["result"]["recovered"], false, "{reply}");
+    assert_eq!(reply["result"]["reason"], "epoch_changed");
+    assert!(reply["result"].get("missed").is_none(), "{reply}");
+    publisher
+        .request(
+            json!({"type": "publish", "channel": "feed:trimmed", "data": "live"}),
+            21,
+        )
+        .await;
+    let live = client.next_json().await;
+    assert_eq!(
+        (live["offset"].as_u64(), &live["data"]),
+        (Some(9), &json!("live"))
+    );
 }

@@ -217,18 +217,23 @@ impl Driver {
                         }
                     };
                 let sub = self.subs.get_mut(&channel)?;
+                // Where the stream goes on from: after `since` when recovered; otherwise the
+                // channel's offset, less what follows the reply (a new epoch the server still
+                // keeps whole is replayed from its first offset).
+                let resumed_at = subscribed
+                    .offset
+                    .saturating_sub(subscribed.missed.unwrap_or(0));
                 let gap = match (&since, subscribed.recovered) {
                     (Some((last_seen, _)), Some(false)) => Some(Event::Gap {
                         reason: subscribed.reason.clone().unwrap_or_default(),
                         last_seen: *last_seen,
-                        resumed_at: subscribed.offset,
+                        resumed_at,
                         epoch: subscribed.epoch.clone(),
                     }),
                     _ => None,
                 };
-                // Live from the channel's offset, unless the missed ones are being replayed.
                 if subscribed.recovered != Some(true) {
-                    sub.offset = subscribed.offset;
+                    sub.offset = resumed_at;
                 }
                 sub.epoch = Some(subscribed.epoch.clone());
                 sub.state = SubState::Live;

@@ -59,14 +59,16 @@ pub enum Event {
     /// Someone left (namespaces with presence).
     Leave(PresenceEntry),
     /// After a reconnect the server could not replay what was published meanwhile: the stream
-    /// goes on live from `resumed_at`, and publications after `last_seen` up to it are missing
-    /// (refetch them over HTTP if they matter).
+    /// goes on after `resumed_at`, and publications after `last_seen` up to it are missing
+    /// (refetch them over HTTP if they matter). With `epoch_changed`, what is missing is the old
+    /// epoch's tail; `resumed_at` 0 means the new epoch follows whole, from its first offset.
     Gap {
         /// The server's `reason`: `epoch_changed`, `history_trimmed`, `offset_ahead`, …
         reason: String,
         /// The last offset this subscription delivered before (in the old epoch).
         last_seen: u64,
-        /// The channel's offset the stream resumes after.
+        /// The offset the stream resumes after, in the new epoch: the channel's offset, or 0
+        /// when the new epoch is replayed from its first publication.
         resumed_at: u64,
         /// The channel's epoch from now on.
         epoch: String,
@@ -205,7 +207,9 @@ pub struct Subscribed {
     /// With `since`: whether everything after it follows.
     #[serde(default)]
     pub recovered: Option<bool>,
-    /// With `recovered: true`: how many publications are replayed.
+    /// How many publications follow the reply, replayed: those after `since` when recovered;
+    /// with `recovered: false` (`epoch_changed`), the new epoch's from its first offset when the
+    /// server keeps them all.
     #[serde(default)]
     pub missed: Option<u64>,
     /// With `recovered: false`: why not.

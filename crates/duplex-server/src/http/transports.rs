@@ -340,15 +340,19 @@ impl SseState {
                     let reason = result["reason"]
                         .as_str()
                         .unwrap_or(NotRecovered::HistoryTrimmed.as_str());
+                    let mut info = serde_json::json!({
+                        "reason": reason,
+                        "offset": result["offset"],
+                        "epoch": result["epoch"],
+                    });
+                    if let Some(missed) = result.get("missed") {
+                        // A new epoch kept whole: its publications follow from its first offset.
+                        info["missed"] = missed.clone();
+                    }
                     events.push(
-                        Event::default().event("not_recovered").data(
-                            serde_json::json!({
-                                "reason": reason,
-                                "offset": result["offset"],
-                                "epoch": result["epoch"],
-                            })
-                            .to_string(),
-                        ),
+                        Event::default()
+                            .event("not_recovered")
+                            .data(info.to_string()),
                     );
                 }
                 events.push(

@@ -220,10 +220,10 @@ pub(super) fn recoverable(
     // Offset 0 means "from the beginning": nothing was ever received, so any epoch will do,
     // as long as the channel still has its first publication (or none yet).
     if since.offset() == 0 {
-        return match oldest {
-            Some(first) if first > 1 => Err(NotRecovered::HistoryTrimmed),
-            None if top > 0 => Err(NotRecovered::HistoryTrimmed),
-            _ => Ok(()),
+        return if whole(top, oldest) {
+            Ok(())
+        } else {
+            Err(NotRecovered::HistoryTrimmed)
         };
     }
     let Some(known) = since.epoch() else {
@@ -242,6 +242,35 @@ pub(super) fn recoverable(
     match oldest {
         Some(first) if first <= offset + 1 => Ok(()),
         _ => Err(NotRecovered::HistoryTrimmed),
+    }
+}
+
+/// Whether a channel at `top` whose oldest kept publication is `oldest` still keeps every
+/// publication of its epoch, from offset 1.
+fn whole(top: u64, oldest: Option<u64>) -> bool {
+    match oldest {
+        Some(first) => first <= 1,
+        None => top == 0,
+    }
+}
+
+/// Where the publications sent after a subscription's reply (or in a poll's page) start, once
+/// `since` was checked (`recovery`): right after `since` when everything after it is kept; from
+/// the first offset when the channel started a new epoch (its history was lost: a broker that
+/// restarted empty, a channel dropped while unused) and still keeps every publication of that
+/// epoch. What is lost then is only the old epoch's tail, which `recovered: false` says; the new
+/// epoch's publications, acknowledged to their publishers, are not skipped. `None`: nothing is
+/// replayed, the subscription is live from `top`.
+pub(super) fn replay_after(
+    since: &Since,
+    recovery: Result<(), NotRecovered>,
+    top: u64,
+    oldest: Option<u64>,
+) -> Option<u64> {
+    match recovery {
+        Ok(()) => Some(since.offset()),
+        Err(NotRecovered::EpochChanged) if whole(top, oldest) => Some(0),
+        Err(_) => None,
     }
 }
 

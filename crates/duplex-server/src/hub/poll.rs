@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use duplex_proto::frames::Since;
 
+use super::channel::{readable_since, replay_after};
 use super::history::page_of;
 use super::namespace::Caller;
 use super::publication::Publication;
@@ -51,15 +52,21 @@ impl Hub {
                     None => {
                         let state = channel.state.lock();
                         let recovered = since.map(|since| state.readable_since(since));
-                        let publications: Vec<Arc<Publication>> = match (since, recovered) {
-                            (Some(since), Some(Ok(()) | Err(NotRecovered::HistoryTrimmed))) => {
-                                state
-                                    .publications_after(since.offset())
-                                    .take(limit)
-                                    .cloned()
-                                    .collect()
-                            }
-                            _ => Vec::new(),
+                        let from = since.zip(recovered).and_then(|(since, recovered)| {
+                            poll_after(
+                                since,
+                                recovered,
+                                state.last_offset,
+                                state.oldest_available(),
+                            )
+                        });
+                        let publications: Vec<Arc<Publication>> = match from {
+                            Some(after) => state
+                                .publications_after(after)
+                                .take(limit)
+                                .cloned()
+                                .collect(),
+                            None => Vec::new(),
                         };
                         HistoryPage {
                             publications,
@@ -76,15 +83,36 @@ impl Hub {
                             },
                             None => HistoryRange::None,
                         };
-                        let history = log
-                            .history(channel_name, range, retention_of(&channel.namespace))
+                        let retention = retention_of(&channel.namespace);
+                        let unavailable =
+                            |e: crate::broker::BrokerError| HubError::Unavailable(e.to_string());
+                        let mut history = log
+                            .history(channel_name, range, retention)
                             .await
-                            .map_err(|e| HubError::Unavailable(e.to_string()))?;
-                        let mut page = page_of(&channel.name, history, since);
-                        if let Some(Err(reason)) = page.recovered
-                            && reason != NotRecovered::HistoryTrimmed
+                            .map_err(unavailable)?;
+                        if let Some(since) = since
+                            && since.offset() > 0
                         {
-                            page.publications.clear();
+                            let recovered =
+                                readable_since(since, history.top, &history.epoch, history.oldest);
+                            if poll_after(since, recovered, history.top, history.oldest) == Some(0)
+                            {
+                                // A new epoch, kept whole: read it from its first offset.
+                                let range = HistoryRange::After { offset: 0, limit };
+                                history = log
+                                    .history(channel_name, range, retention)
+                                    .await
+                                    .map_err(unavailable)?;
+                            }
+                        }
+                        let oldest = history.oldest;
+                        let mut page = page_of(&channel.name, history, since);
+                        let from = since.zip(page.recovered).and_then(|(since, recovered)| {
+                            poll_after(since, recovered, page.offset, oldest)
+                        });
+                        match from {
+                            Some(after) => page.publications.retain(|p| p.offset() > after),
+                            None => page.publications.clear(),
                         }
                         page
                     }
@@ -138,5 +166,21 @@ impl Drop for Watcher<'_> {
         if unused {
             self.hub.remove_if_unused(&self.channel.name);
         }
+    }
+}
+
+/// Where a poll's page starts, once `since` was checked: after `since` when nothing is missing
+/// or when history was trimmed (the reader gets what is left, told so); from the first offset
+/// of a new epoch kept whole (see [`replay_after`]); otherwise nothing (only where the channel
+/// stands).
+fn poll_after(
+    since: &Since,
+    recovered: Result<(), NotRecovered>,
+    top: u64,
+    oldest: Option<u64>,
+) -> Option<u64> {
+    match recovered {
+        Err(NotRecovered::HistoryTrimmed) => Some(since.offset()),
+        recovered => replay_after(since, recovered, top, oldest),
     }
 }

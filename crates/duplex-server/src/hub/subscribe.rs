@@ -9,7 +9,7 @@ use bytes::Bytes;
 use duplex_proto::frames::{Leave, Reply, Since, Subscribed, Unsubscribed, to_json};
 use duplex_proto::{DisconnectCode, ErrorCode};
 
-use super::channel::{Subscriber, recoverable};
+use super::channel::{Subscriber, recoverable, replay_after};
 use super::connection::ConnectionHandle;
 use super::namespace::{Caller, ClientAuth, SlowConsumerPolicy};
 use super::presence::{join_frame, present};
@@ -72,17 +72,20 @@ impl Hub {
                 return Err(HubError::AlreadySubscribed);
             }
             let recovery = since.map(|since| state.recoverable(since));
+            let replay = since.zip(recovery).and_then(|(since, recovery)| {
+                replay_after(since, recovery, state.last_offset, state.oldest_available())
+            });
             queue_reply(
                 connection,
                 reply_id,
                 channel_name,
                 state.last_offset,
                 &state.epoch,
-                since,
                 recovery,
+                replay,
             );
-            if let (Some(since), Some(Ok(()))) = (since, recovery) {
-                for publication in state.publications_after(since.offset()) {
+            if let Some(after) = replay {
+                for publication in state.publications_after(after) {
                     connection.queue.push_recovered(publication);
                 }
             }
@@ -134,9 +137,19 @@ impl Hub {
             },
             None => HistoryRange::None,
         };
-        let read = log
-            .history(channel_name, range, retention_of(&channel.namespace))
-            .await;
+        let retention = retention_of(&channel.namespace);
+        let mut read = log.history(channel_name, range, retention).await;
+        if let (Some(since), Ok(history)) = (since, &read)
+            && since.offset() > 0
+            && replay_from_start(since, history)
+        {
+            // A new epoch, kept whole: its publications are sent from its first offset.
+            let range = HistoryRange::After {
+                offset: 0,
+                limit: retention.size,
+            };
+            read = log.history(channel_name, range, retention).await;
+        }
         if !self.finish_subscription(&channel, connection, reply_id, since, read)? {
             return Ok(());
         }
@@ -210,17 +223,20 @@ impl Hub {
             publications,
         } = history;
         let recovery = since.map(|since| recoverable(since, top, &epoch, oldest));
+        let replay = since
+            .zip(recovery)
+            .and_then(|(since, recovery)| replay_after(since, recovery, top, oldest));
         queue_reply(
             connection,
             reply_id,
             &channel.name,
             top,
             &epoch,
-            since,
             recovery,
+            replay,
         );
-        if recovery == Some(Ok(())) {
-            for stored in &publications {
+        if let Some(after) = replay {
+            for stored in publications.iter().filter(|p| p.offset > after) {
                 let publication = Publication::counted(
                     channel.name.clone(),
                     stored.offset,
@@ -338,20 +354,23 @@ impl Hub {
     }
 }
 
-/// Queues a subscription's `reply`.
+/// Whether a history read for `since` found a new epoch whose publications are all kept, so
+/// that they are replayed from its first offset (see [`replay_after`]).
+fn replay_from_start(since: &Since, history: &BrokerHistory) -> bool {
+    let recovery = recoverable(since, history.top, &history.epoch, history.oldest);
+    replay_after(since, recovery, history.top, history.oldest) == Some(0)
+}
+
+/// Queues a subscription's `reply`; `replay` is where the publications that follow it start.
 fn queue_reply(
     connection: &ConnectionHandle,
     reply_id: u64,
     channel_name: &str,
     offset: u64,
     epoch: &str,
-    since: Option<&Since>,
     recovery: Option<Result<(), NotRecovered>>,
+    replay: Option<u64>,
 ) {
-    let missed = match (since, recovery) {
-        (Some(since), Some(Ok(()))) => offset - since.offset(),
-        _ => 0,
-    };
     let reply = to_json(&Reply {
         id: reply_id,
         result: Subscribed {
@@ -359,7 +378,7 @@ fn queue_reply(
             offset,
             epoch: epoch.into(),
             recovered: recovery.map(|r| r.is_ok()),
-            missed: recovery.and_then(|r| r.ok()).map(|()| missed),
+            missed: replay.map(|after| offset.saturating_sub(after)),
             reason: recovery.and_then(|r| r.err()).map(|e| e.as_str().into()),
         },
     });

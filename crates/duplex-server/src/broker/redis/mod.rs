@@ -45,9 +45,12 @@ mod scripts;
 
 /// How long a channel's epoch and last offset outlive its last publication.
 const META_TTL_SECONDS: u64 = 24 * 60 * 60;
-/// Backoff between attempts to re-establish the pub/sub link.
+/// Backoff between attempts to re-establish the pub/sub link. Short at its longest: while the
+/// link is down this node's subscribers miss what others publish (they recover once it is
+/// back), so it comes back within about a second of Redis answering again. An attempt is one
+/// connection and a `SUBSCRIBE`: a few a second cost a Redis nothing.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
 /// Channels, history, presence and requests between nodes through Redis.
 pub struct RedisBroker {
@@ -274,6 +277,11 @@ impl BusLink for RedisBroker {
     }
 }
 
+/// The wait after `delay` between two attempts to link.
+fn next_delay(delay: Duration) -> Duration {
+    (delay * 2).min(RECONNECT_MAX)
+}
+
 /// `{offset}:{epoch}:{body}` → offset, epoch, channel, payload.
 fn parse_publication(rest: &[u8]) -> Option<(u64, &str, &str, Payload)> {
     let colon = rest.iter().position(|&b| b == b':')?;
@@ -335,7 +343,7 @@ impl Broker for RedisBroker {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(delay + jitter) => {}
                 }
-                delay = (delay * 2).min(RECONNECT_MAX);
+                delay = next_delay(delay);
             }
         };
         tokio::join!(heartbeat, link);
@@ -550,6 +558,24 @@ impl ChannelLog for RedisBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_link_is_retried_at_least_every_second() {
+        let mut delay = RECONNECT_MIN;
+        let mut waited = Duration::ZERO;
+        for _ in 0..20 {
+            waited += delay + Duration::from_millis(jitter_ms(delay));
+            delay = next_delay(delay);
+            assert!(delay <= Duration::from_secs(1));
+        }
+        // Twenty attempts within about 20 s: a broker back after any outage is found within a
+        // second (plus jitter).
+        assert!(waited < Duration::from_secs(25), "{waited:?}");
+        assert_eq!(
+            next_delay(Duration::from_millis(100)),
+            Duration::from_millis(200)
+        );
+    }
 
     #[test]
     fn a_publication_message_reads_back() {

@@ -120,7 +120,11 @@ export default function render(main, [name], ctx) {
         presence.leave(who);
       },
       onGap(gap) {
-        system(`Missed publications could not be replayed (${gap.reason}); live again from offset ${gap.resumedAt}.`);
+        system(
+          gap.resumedAt === 0
+            ? `The channel's history was lost (${gap.reason}): what followed offset ${gap.lastSeen} before is gone; the new epoch follows from its start.`
+            : `Missed publications could not be replayed (${gap.reason}); live again from offset ${gap.resumedAt}.`,
+        );
       },
       onEnd(code) {
         ended = true;
