@@ -102,6 +102,19 @@ try {
   });
   check(bytes.offset === 1 && JSON.stringify(bytes.received) === "[[0,1,2,255]]", `binary: ${JSON.stringify(bytes)}`);
   check(bytes.refused === "binary_not_allowed", `binary refused: ${bytes.refused}`);
+  // A publish retried with its idempotency key is answered with the first one's position.
+  const once = await page.evaluate(async () => {
+    const key = crypto.randomUUID();
+    const first = await duplex.publish("chat:once", { n: 1 }, { idempotencyKey: key });
+    const retry = await duplex.publish("chat:once", { n: 1 }, { idempotencyKey: key });
+    const next = await duplex.publish("chat:once", { n: 2 });
+    return { first, retry, next };
+  });
+  check(
+    once.retry.offset === once.first.offset && once.retry.replayed === true && once.first.replayed === undefined &&
+      once.next.offset === once.first.offset + 1,
+    `publish once: ${JSON.stringify(once)}`,
+  );
   console.error("ok: subscribe and publish");
 
   // The server asks the page.

@@ -51,6 +51,13 @@ pub enum ErrorCode {
     /// The server's `connect` hook is on: a connection sends `connect` (and is allowed) before
     /// anything else.
     NotConnected,
+    /// An idempotency key is not 1 to 128 visible ASCII characters.
+    InvalidIdempotencyKey,
+    /// The idempotency key was used, within its window, for a different publication in this
+    /// channel; nothing was published.
+    IdempotencyKeyReused,
+    /// A publication with this idempotency key is still under way; retry when it answered.
+    IdempotencyKeyInUse,
 }
 
 impl ErrorCode {
@@ -78,6 +85,9 @@ impl ErrorCode {
             ErrorCode::AlreadyConnected => "already_connected",
             ErrorCode::TooManyChannels => "too_many_channels",
             ErrorCode::NotConnected => "not_connected",
+            ErrorCode::InvalidIdempotencyKey => "invalid_idempotency_key",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
+            ErrorCode::IdempotencyKeyInUse => "idempotency_key_in_use",
         }
     }
 }

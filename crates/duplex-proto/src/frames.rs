@@ -58,6 +58,10 @@ pub struct ClientFrame<'a> {
     /// The backend method an `rpc` calls.
     #[serde(default, borrow)]
     pub method: Option<Cow<'a, str>>,
+    /// A `publish`'s idempotency key: a retry with the same key in the same channel gets the
+    /// first publication's reply instead of publishing again.
+    #[serde(default, borrow)]
+    pub idempotency_key: Option<Cow<'a, str>>,
 }
 
 /// A position in a channel: an offset, with the epoch it belongs to when the client knows it.
@@ -295,6 +299,10 @@ pub struct Published<'a> {
     pub offset: u64,
     /// The channel's epoch.
     pub epoch: Cow<'a, str>,
+    /// True when this answers a retry: the idempotency key was used before in this channel,
+    /// and this is the first publication's offset and epoch (nothing was published again).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replayed: bool,
 }
 
 /// The result of `connect`.
@@ -413,7 +421,8 @@ mod tests {
                 id: 1,
                 result: Published {
                     offset: 2,
-                    epoch: "e".into()
+                    epoch: "e".into(),
+                    replayed: false,
                 }
             }),
             br#"{"type":"reply","id":1,"result":{"offset":2,"epoch":"e"}}"#.to_vec()

@@ -120,7 +120,13 @@ export declare class Duplex {
     handlers?: Handlers | ((message: Message) => void),
     options?: { since?: { offset: number; epoch: string } },
   ): Promise<Subscription>;
-  publish(channel: string, data: unknown): Promise<{ offset: number; epoch: string }>;
+  /** With `idempotencyKey`, a retry within 2 minutes answers the first publication's
+   * position (`replayed: true`) instead of publishing again. */
+  publish(
+    channel: string,
+    data: unknown,
+    options?: { idempotencyKey?: string },
+  ): Promise<{ offset: number; epoch: string; replayed?: boolean }>;
   /** Bytes, in a binary frame, to a namespace with `binary` on. */
   publishBytes(channel: string, bytes: Uint8Array | ArrayBuffer): Promise<{ offset: number; epoch: string }>;
   presence(channel: string): Promise<PresenceEntry[]>;

@@ -503,9 +503,15 @@ export class Duplex {
     });
   }
 
-  /** Publishes JSON on a channel; resolves with `{offset, epoch}`. */
-  publish(channel, data) {
-    return this.sendRequest({ type: "publish", channel, data });
+  /** Publishes JSON on a channel; resolves with `{offset, epoch}`. With
+   * `options.idempotencyKey` (1 to 128 visible ASCII characters, e.g. `crypto.randomUUID()`),
+   * a retry with the same key and data within 2 minutes resolves with the first publication's
+   * `{offset, epoch, replayed: true}` instead of publishing again: retry with it after a
+   * `connection_lost`, when the first attempt may or may not have run. */
+  publish(channel, data, options = {}) {
+    const frame = { type: "publish", channel, data };
+    if (options.idempotencyKey !== undefined) frame.idempotency_key = options.idempotencyKey;
+    return this.sendRequest(frame);
   }
 
   /** Publishes bytes (a Uint8Array or ArrayBuffer) on a channel of a namespace with `binary`

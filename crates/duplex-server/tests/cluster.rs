@@ -60,6 +60,7 @@ on_both_brokers!(
     a_broken_link_to_the_broker_loses_nothing,
     resubscribing_while_the_broker_is_away_keeps_trying,
     a_user_request_asks_the_users_connections_on_every_node,
+    a_publish_retried_with_its_key_on_another_node_is_published_once,
 );
 
 /// A proxy in front of the broker (to cut a node off it) and the broker URL through it.
@@ -559,6 +560,103 @@ async fn after_a_redis_restart_a_node_that_relinks_late_replays_the_new_epoch_wh
     }
     publish_http(&b, "news:late", json!(4)).await;
     expect_publication(&mut subscription, 4).await;
+    connection.close().await;
+}
+
+/// `POST` with an `Idempotency-Key`, a retry of it on another node.
+async fn publish_keyed(
+    server: &TestServer,
+    channel: &str,
+    key: &str,
+    data: Value,
+) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(server.url(&format!("/api/channels/{channel}/publish")))
+        .header("Idempotency-Key", key)
+        .json(&data)
+        .send()
+        .await
+        .expect("publish")
+}
+
+/// The broker keeps idempotency keys with the publications: a retry on another node gets the
+/// first answer and publishes nothing; the same key with other data is refused there too.
+async fn a_publish_retried_with_its_key_on_another_node_is_published_once(broker: String) {
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let channel = format!("news:once-{}", uuid::Uuid::new_v4().simple());
+    let connection = reconnecting_client(&a.ws_url()).await;
+    let mut subscription = connection.subscribe(&channel).await.expect("subscribe");
+    let key = uuid::Uuid::new_v4().to_string();
+    let first = publish_keyed(&a, &channel, &key, json!(1)).await;
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.expect("json");
+    assert_eq!(first["offset"], 1);
+    let retry = publish_keyed(&b, &channel, &key, json!(1)).await;
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let retry: Value = retry.json().await.expect("json");
+    assert_eq!(
+        (&retry["offset"], &retry["epoch"], &retry["replayed"]),
+        (&first["offset"], &first["epoch"], &json!(true))
+    );
+    let reused = publish_keyed(&b, &channel, &key, json!("other")).await;
+    assert_eq!(reused.status(), 422);
+    let problem: Value = reused.json().await.expect("problem");
+    assert_eq!(problem["code"], "idempotency_key_reused");
+    assert_eq!(publish_http(&b, &channel, json!(2)).await["offset"], 2);
+    expect_publication(&mut subscription, 1).await;
+    expect_publication(&mut subscription, 2).await;
+    connection.close().await;
+}
+
+/// #22: with Redis paused, a publish times out with 503 although Redis runs it once resumed.
+/// The publisher retries with the same key until it gets an answer: one publication, whichever
+/// of the two attempts Redis ran first.
+#[tokio::test]
+async fn a_timed_out_publish_retried_with_its_key_is_published_once() {
+    let _ = redis_or_skip!();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let redis = start_redis(port).await;
+    let pid = redis.id().expect("redis runs").to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {name}");
+    };
+    let broker = format!("redis://127.0.0.1:{port}?prefix=paused");
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let connection = reconnecting_client(&a.ws_url()).await;
+    let mut subscription = connection
+        .subscribe("news:paused")
+        .await
+        .expect("subscribe");
+    publish_http(&b, "news:paused", json!(1)).await;
+    expect_publication(&mut subscription, 1).await;
+    signal("-STOP");
+    let timed_out = publish_keyed(&b, "news:paused", "retry-me", json!(2)).await;
+    signal("-CONT");
+    assert_eq!(timed_out.status(), 503);
+    let answered: Value = wait_for("the retry to be answered", || async {
+        let response = publish_keyed(&b, "news:paused", "retry-me", json!(2)).await;
+        if response.status() != 200 {
+            return None;
+        }
+        response.json().await.ok()
+    })
+    .await;
+    assert_eq!(answered["offset"], 2, "{answered}");
+    publish_http(&b, "news:paused", json!(3)).await;
+    // Once: the publication after 2 is 3, not a second 2.
+    expect_publication(&mut subscription, 2).await;
+    expect_publication(&mut subscription, 3).await;
+    drop(redis);
     connection.close().await;
 }
 

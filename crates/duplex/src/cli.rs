@@ -283,18 +283,35 @@ pub(crate) async fn records(remote: &Remote, command: RecordsCommand) -> anyhow:
 
 /// Publishes JSON (or, if DATA is not JSON, the text as a JSON string): over the server API,
 /// or over a socket as the token's user when only a token is given.
-pub(crate) async fn publish(remote: &Remote, channel: &str, data: &str) -> anyhow::Result<()> {
+/// With a `key`, a retry within the key's window prints the first publication's position.
+pub(crate) async fn publish(
+    remote: &Remote,
+    channel: &str,
+    data: &str,
+    key: Option<&str>,
+) -> anyhow::Result<()> {
     let data: Value = serde_json::from_str(data).unwrap_or_else(|_| Value::String(data.into()));
     let published = if remote.token.is_some() && remote.api_key.is_none() {
         let connection = remote.connect(None).await?;
-        let published = connection.publish(channel, &data).await;
+        let published = match key {
+            Some(key) => connection.publish_once(channel, &data, key).await,
+            None => connection.publish(channel, &data).await,
+        };
         connection.close().await;
         published
     } else {
-        remote.client()?.publish(channel, &data).await
+        let client = remote.client()?;
+        match key {
+            Some(key) => client.publish_once(channel, &data, key).await,
+            None => client.publish(channel, &data).await,
+        }
     }
     .map_err(|e| remote.explain(e))?;
-    remote.print(&json!({"offset": published.offset, "epoch": published.epoch}));
+    let mut printed = json!({"offset": published.offset, "epoch": published.epoch});
+    if published.replayed {
+        printed["replayed"] = json!(true);
+    }
+    remote.print(&printed);
     Ok(())
 }
 

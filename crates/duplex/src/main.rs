@@ -52,6 +52,11 @@ enum Command {
         channel: String,
         /// The data.
         data: String,
+        /// Name the publication with this key (a UUID, say): running the same command again
+        /// within 2 minutes prints the first publication's position (`replayed`) instead of
+        /// publishing twice. For scripts that retry.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// Follow a channel: one JSON line per event; reconnects and resumes by itself.
     Sub {
@@ -290,7 +295,8 @@ async fn main() -> anyhow::Result<()> {
             remote,
             channel,
             data,
-        } => cli::publish(&remote, &channel, &data).await,
+            idempotency_key,
+        } => cli::publish(&remote, &channel, &data, idempotency_key.as_deref()).await,
         Command::Sub {
             remote,
             channel,

@@ -194,6 +194,36 @@ async fn pub_request_and_presence_talk_to_live_connections() {
         matches!(event, duplex_client::Event::Message(m) if m.data == duplex_client::Payload::Json(json!({"text": "hi"})))
     );
 
+    // The same command with an idempotency key, run twice: published once.
+    for replayed in [false, true] {
+        let mut once = duplex(&url);
+        once.args([
+            "pub",
+            "chat:lobby",
+            "again",
+            "--idempotency-key",
+            "cli-once",
+        ])
+        .env("DUPLEX_API_KEY", "the-admin-key-0123456789");
+        let (ok, out, err) = run(once, None).await;
+        assert!(ok, "{err}");
+        let printed = parse(&out);
+        assert_eq!(printed["offset"], 2, "{printed}");
+        assert_eq!(
+            printed.get("replayed") == Some(&json!(true)),
+            replayed,
+            "{printed}"
+        );
+    }
+    let event = tokio::time::timeout(WAIT, lobby.next())
+        .await
+        .expect("in time")
+        .expect("open");
+    assert!(
+        matches!(&event, duplex_client::Event::Message(m) if m.offset == 2),
+        "{event:?}"
+    );
+
     let mut refused = duplex(&url);
     refused.args(["pub", "chat:lobby", "hi"]);
     let (ok, _, err) = run(refused, None).await;

@@ -74,6 +74,10 @@ pub struct Published {
     pub offset: u64,
     /// The channel's epoch.
     pub epoch: String,
+    /// True when this answers a retry with an idempotency key: the first publication's
+    /// position; nothing was published again.
+    #[serde(default)]
+    pub replayed: bool,
 }
 
 /// A channel's recent publications.
@@ -255,6 +259,30 @@ impl Client {
                 &format!("api/channels/{channel}/publish"),
                 Auth::Key,
             )?
+            .json(data)?;
+        self.send_json(request).await
+    }
+
+    /// [`publish`](Self::publish) with an idempotency key (1 to 128 visible ASCII characters,
+    /// a UUID say): retrying with the same key and data within 2 minutes, on this node or
+    /// another, gets the first publication's answer (`replayed`) instead of publishing again.
+    /// Retry with it when a publish failed without a clear answer (a lost connection, a 503).
+    pub async fn publish_once(
+        &self,
+        channel: &str,
+        data: &impl Serialize,
+        key: &str,
+    ) -> Result<Published, Error> {
+        let request = self
+            .request(
+                Method::POST,
+                &format!("api/channels/{channel}/publish"),
+                Auth::Key,
+            )?
+            .header(
+                header::HeaderName::from_static("idempotency-key"),
+                key.to_owned(),
+            )
             .json(data)?;
         self.send_json(request).await
     }

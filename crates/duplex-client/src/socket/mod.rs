@@ -362,6 +362,24 @@ impl Connection {
         parse(result)
     }
 
+    /// [`publish`](Self::publish) with an idempotency key: a retry with the same key and data
+    /// within 2 minutes (after [`Error::ConnectionLost`], say, when the first attempt may or
+    /// may not have run) gets the first publication's answer (`replayed`) instead of
+    /// publishing again.
+    pub async fn publish_once(
+        &self,
+        channel: &str,
+        data: &impl Serialize,
+        key: &str,
+    ) -> Result<Published, Error> {
+        let data = serde_json::to_value(data)
+            .map_err(|e| Error::Protocol(format!("the data is not JSON: {e}")))?;
+        let result = self
+            .request(json!({"type": "publish", "channel": channel, "data": data, "idempotency_key": key}))
+            .await?;
+        parse(result)
+    }
+
     /// Publishes bytes on a channel of a namespace with `binary` on, in a binary frame.
     pub async fn publish_bytes(&self, channel: &str, payload: Bytes) -> Result<Published, Error> {
         let result = self

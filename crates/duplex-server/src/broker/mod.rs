@@ -92,6 +92,27 @@ pub enum HistoryRange {
 /// Called with a publication's offset as soon as it has one (see [`ChannelLog::publish`]).
 pub type Told = Box<dyn FnOnce(u64) + Send>;
 
+/// What a publish with an idempotency key did ([`Broker::publish_once`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Once {
+    /// It published.
+    Published {
+        /// The publication's offset.
+        offset: u64,
+        /// The channel's epoch.
+        epoch: Arc<str>,
+    },
+    /// The key named a publication in this channel within its window: nothing was published.
+    Earlier {
+        /// That publication's offset.
+        offset: u64,
+        /// Its epoch.
+        epoch: Arc<str>,
+        /// The digest of what it carried (to tell a retry from another publication).
+        digest: String,
+    },
+}
+
 /// What a broker tells the hub of its node.
 pub trait BrokerEvents: Send + Sync + 'static {
     /// A publication, in offset order per channel, from any node.
@@ -165,6 +186,23 @@ pub trait Broker: ChannelLog {
         events: Arc<dyn BrokerEvents>,
         shutdown: tokio_util::sync::CancellationToken,
     );
+
+    /// [`ChannelLog::publish`] unless `key` named a publication in `channel` within
+    /// [`crate::hub::idempotency::WINDOW`]: then that publication's position, and nothing is
+    /// published. The check and the publication are one step in the broker, so a retry that
+    /// reaches another node (or races the first attempt) is recognised. `digest` is the
+    /// payload's [`crate::hub::idempotency`] digest, kept with the key. `told` is called only
+    /// when it published.
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_once(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+        told: Option<Told>,
+        key: &str,
+        digest: &str,
+    ) -> Result<Once, BrokerError>;
 
     /// This node's id.
     fn node_id(&self) -> &str;

@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use super::{AppState, JSON};
+use crate::hub::idempotency::IdempotencyKey;
 use crate::hub::namespace::Caller;
 use crate::hub::publication::Payload;
 use crate::socket::{history_json, presence_json};
@@ -37,29 +38,49 @@ pub(crate) fn read_router() -> Router<AppState> {
 pub(crate) struct Published {
     offset: u64,
     epoch: String,
+    /// True when this answers a retry with the same `Idempotency-Key`: the first
+    /// publication's offset and epoch; nothing was published again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    replayed: bool,
 }
 
+/// The header that names a publication for retries.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
 /// Publishes on a channel: a JSON body as JSON data, an `application/octet-stream` body as
-/// bytes (namespaces with `binary` on).
+/// bytes (namespaces with `binary` on). With an `Idempotency-Key` header (1 to 128 visible
+/// ASCII characters, a UUID say), a retry with the same key in the same channel within 2
+/// minutes gets the first publication's answer (`replayed: true`, header
+/// `Idempotent-Replayed: true`) instead of publishing again.
 #[utoipa::path(post, path = "/api/channels/{channel}/publish", tag = "channels",
     params(("channel" = String, Path, description = "namespace:name")),
     request_body(content = Object, content_type = "application/json"),
     responses(
         (status = 200, description = "Published", body = Published),
         (status = 400, description = "Bad channel name or JSON", body = super::error::Problem),
+        (status = 409, description = "A publication with this Idempotency-Key is under way", body = super::error::Problem),
         (status = 413, description = "Over the namespace's or the body limit", body = super::error::Problem),
         (status = 415, description = "Neither JSON nor octet-stream", body = super::error::Problem),
-        (status = 422, description = "Binary where the namespace forbids it", body = super::error::Problem)))]
+        (status = 422, description = "Binary where the namespace forbids it, or an Idempotency-Key used for other data", body = super::error::Problem)))]
 pub(crate) async fn publish(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<axum::Json<Published>, ApiError> {
+) -> Result<Response, ApiError> {
     let Path(channel) = path?;
     if !duplex_proto::is_valid_channel(&channel) {
         return Err(ApiError::InvalidChannel);
     }
+    let key = match headers.get(IDEMPOTENCY_KEY) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| crate::hub::HubError::InvalidIdempotencyKey)
+                .and_then(IdempotencyKey::parse)?,
+        ),
+    };
     super::check_media_type(&headers, &[JSON, OCTET_STREAM])?;
     let binary = headers
         .get(header::CONTENT_TYPE)
@@ -79,7 +100,12 @@ pub(crate) async fn publish(
         .as_ref()
         .filter(|w| w.wants(crate::webhooks::EventKind::Published));
     let outcome = match webhooks {
-        None => state.hub.publish(&channel, payload, Caller::Server).await?,
+        None => {
+            state
+                .hub
+                .publish_told(&channel, payload, Caller::Server, None, key.as_ref())
+                .await?
+        }
         Some(webhooks) => {
             let (event, written) = tokio::sync::oneshot::channel();
             let told: crate::broker::Told = {
@@ -91,16 +117,28 @@ pub(crate) async fn publish(
             };
             let outcome = state
                 .hub
-                .publish_told(&channel, payload, Caller::Server, Some(told))
+                .publish_told(&channel, payload, Caller::Server, Some(told), key.as_ref())
                 .await?;
             crate::webhooks::Webhooks::written(written.await.ok().flatten()).await;
             outcome
         }
     };
-    Ok(axum::Json(Published {
+    let body = axum::Json(Published {
         offset: outcome.offset,
         epoch: outcome.epoch.to_string(),
-    }))
+        replayed: outcome.replayed,
+    });
+    if outcome.replayed {
+        return Ok((
+            [(
+                header::HeaderName::from_static("idempotent-replayed"),
+                header::HeaderValue::from_static("true"),
+            )],
+            body,
+        )
+            .into_response());
+    }
+    Ok(body.into_response())
 }
 
 /// A channel's recent publications: with `since`, the ones after that offset (and whether

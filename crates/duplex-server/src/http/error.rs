@@ -112,6 +112,9 @@ pub enum ApiError {
     /// The broker between nodes is not reachable right now.
     #[error("{0}")]
     BrokerUnavailable(String),
+    /// An idempotency key was refused (malformed, used for other data, or under way).
+    #[error("{0}")]
+    Idempotency(crate::hub::HubError),
     /// Something failed on the server; the detail is logged, not sent.
     #[error("internal error")]
     Internal(String),
@@ -158,6 +161,14 @@ impl ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "too_many_connections")
             }
             ApiError::TooManyChannels(_) => (StatusCode::SERVICE_UNAVAILABLE, "too_many_channels"),
+            ApiError::Idempotency(error) => {
+                let status = match error {
+                    crate::hub::HubError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+                    crate::hub::HubError::IdempotencyKeyInUse => StatusCode::CONFLICT,
+                    _ => StatusCode::BAD_REQUEST,
+                };
+                (status, error.code().as_str())
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -286,6 +297,9 @@ impl From<crate::hub::HubError> for ApiError {
             HubError::Unavailable(why) => ApiError::BrokerUnavailable(why),
             HubError::TooManyChannels { limit } => ApiError::TooManyChannels(limit),
             HubError::NullData => ApiError::Validation(error.to_string()),
+            HubError::InvalidIdempotencyKey
+            | HubError::IdempotencyKeyReused
+            | HubError::IdempotencyKeyInUse => ApiError::Idempotency(error),
             HubError::AlreadySubscribed | HubError::NotSubscribed => {
                 ApiError::Internal(error.to_string())
             }

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use duplex_proto::DisconnectCode;
 
 use super::channel::new_epoch;
+use super::idempotency::{self, Claim, ClaimGuard, IdempotencyKey};
 use super::namespace::{Caller, Namespace};
 use super::publication::{Payload, Publication};
 use super::queue::Pushed;
 use super::{Channel, ChannelState, Hub, HubError, PublishOutcome, check_access, retention_of};
-use crate::broker::Told;
+use crate::broker::{Once, Told};
 
 impl Hub {
     /// Publishes on a channel. In memory the publication is fanned out before this returns;
@@ -26,29 +27,105 @@ impl Hub {
         payload: Payload,
         caller: Caller<'_>,
     ) -> Result<PublishOutcome, HubError> {
-        self.publish_told(channel_name, payload, caller, None).await
+        self.publish_told(channel_name, payload, caller, None, None)
+            .await
     }
 
     /// [`publish`](Self::publish), calling `told` with the publication's offset as soon as it
     /// has one, in the channel's order: in memory under the channel's lock, in the store in
     /// commit order (so that what `told` records, the webhook's `published`, is in the
     /// channel's order); with a broker, once the broker answered.
+    ///
+    /// With an idempotency `key` (see [`super::idempotency`]): a retry within the key's window
+    /// gets the first publication's outcome (`replayed`), publishes nothing and is not `told`.
     pub(crate) async fn publish_told(
         &self,
         channel_name: &str,
         payload: Payload,
         caller: Caller<'_>,
         told: Option<Told>,
+        key: Option<&IdempotencyKey>,
     ) -> Result<PublishOutcome, HubError> {
         let namespace = self.check_publication(channel_name, &payload, caller)?;
+        let Some(key) = key else {
+            return self
+                .publish_checked(channel_name, namespace, &payload, told)
+                .await;
+        };
+        let digest = idempotency::digest(&payload);
+        if let Some(broker) = &self.broker {
+            let once = broker
+                .publish_once(
+                    channel_name,
+                    &payload,
+                    retention_of(namespace),
+                    told,
+                    key.as_str(),
+                    &digest,
+                )
+                .await
+                .map_err(|e| HubError::Unavailable(e.to_string()))?;
+            return match once {
+                Once::Published { offset, epoch } => Ok(PublishOutcome {
+                    offset,
+                    epoch,
+                    replayed: false,
+                }),
+                Once::Earlier {
+                    offset,
+                    epoch,
+                    digest: earlier,
+                } if earlier == digest => Ok(PublishOutcome {
+                    offset,
+                    epoch,
+                    replayed: true,
+                }),
+                Once::Earlier { .. } => Err(HubError::IdempotencyKeyReused),
+            };
+        }
+        let channel: Arc<str> = channel_name.into();
+        match self.keys.claim(&channel, key, &digest, Instant::now())? {
+            Claim::Earlier(earlier) => {
+                return Ok(PublishOutcome {
+                    replayed: true,
+                    ..earlier
+                });
+            }
+            Claim::New => {}
+        }
+        let claim = ClaimGuard {
+            keys: &self.keys,
+            channel,
+            key,
+            settled: false,
+        };
+        let published = self
+            .publish_checked(channel_name, namespace, &payload, told)
+            .await;
+        claim.settle(published.as_ref().ok());
+        published
+    }
+
+    /// Publishes what [`check_publication`](Self::check_publication) allowed.
+    async fn publish_checked(
+        &self,
+        channel_name: &str,
+        namespace: &Namespace,
+        payload: &Payload,
+        told: Option<Told>,
+    ) -> Result<PublishOutcome, HubError> {
         match self.log_for(namespace) {
-            None => self.publish_here(channel_name, &payload, told),
+            None => self.publish_here(channel_name, payload, told),
             Some(log) => {
                 let (offset, epoch) = log
-                    .publish(channel_name, &payload, retention_of(namespace), told)
+                    .publish(channel_name, payload, retention_of(namespace), told)
                     .await
                     .map_err(|e| HubError::Unavailable(e.to_string()))?;
-                Ok(PublishOutcome { offset, epoch })
+                Ok(PublishOutcome {
+                    offset,
+                    epoch,
+                    replayed: false,
+                })
             }
         }
     }
@@ -100,6 +177,7 @@ impl Hub {
             return Ok(PublishOutcome {
                 offset: 1,
                 epoch: new_epoch(),
+                replayed: false,
             });
         }
         loop {
@@ -137,6 +215,7 @@ impl Hub {
             let outcome = PublishOutcome {
                 offset,
                 epoch: state.epoch.clone(),
+                replayed: false,
             };
             let unused = state.unused();
             let watched = state.watchers > 0;

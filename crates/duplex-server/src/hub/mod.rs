@@ -15,6 +15,7 @@ pub mod connection;
 mod enforce;
 mod fanout;
 mod history;
+pub mod idempotency;
 pub mod namespace;
 mod poll;
 mod presence;
@@ -83,6 +84,17 @@ pub enum HubError {
         /// The limit.
         limit: usize,
     },
+    /// An idempotency key is not 1 to 128 visible ASCII characters.
+    #[error("an idempotency key is 1 to 128 visible ASCII characters (a UUID, say)")]
+    InvalidIdempotencyKey,
+    /// The key named a different publication in this channel, within its window.
+    #[error(
+        "this idempotency key was used for a different publication in this channel within the last 2 minutes; nothing was published"
+    )]
+    IdempotencyKeyReused,
+    /// The key's publication is under way.
+    #[error("a publication with this idempotency key is under way; retry when it has answered")]
+    IdempotencyKeyInUse,
 }
 
 impl HubError {
@@ -100,6 +112,9 @@ impl HubError {
             HubError::Unavailable(_) => ErrorCode::Unavailable,
             HubError::TooManyChannels { .. } => ErrorCode::TooManyChannels,
             HubError::NullData => ErrorCode::BadRequest,
+            HubError::InvalidIdempotencyKey => ErrorCode::InvalidIdempotencyKey,
+            HubError::IdempotencyKeyReused => ErrorCode::IdempotencyKeyReused,
+            HubError::IdempotencyKeyInUse => ErrorCode::IdempotencyKeyInUse,
         }
     }
 }
@@ -111,6 +126,9 @@ pub struct PublishOutcome {
     pub offset: u64,
     /// The channel's epoch.
     pub epoch: Arc<str>,
+    /// Whether this answers a retry with an idempotency key: the first publication's outcome,
+    /// nothing published again.
+    pub replayed: bool,
 }
 
 /// A page of a channel's history.
@@ -165,6 +183,8 @@ pub struct Hub {
     queue_budget: Arc<ByteBudget>,
     /// Bytes of channel history (and latest publications) kept on this node.
     history_budget: Arc<ByteBudget>,
+    /// Without a broker: the idempotency keys of recent publications.
+    keys: idempotency::Keys,
 }
 
 /// What the hub holds at most, in total, whatever clients do.
@@ -222,6 +242,7 @@ impl Hub {
             channel_count: AtomicUsize::new(0),
             queue_budget: ByteBudget::new(limits.max_queued_bytes),
             history_budget: ByteBudget::new(limits.max_history_bytes),
+            keys: idempotency::Keys::default(),
         }
     }
 

@@ -16,6 +16,7 @@ use crate::broker::Present;
 use crate::hooks::{Denial, Hook, HookRequest, Hooks, Verdict, boxed};
 use crate::hub::HubError;
 use crate::hub::connection::ClientAnswer;
+use crate::hub::idempotency::IdempotencyKey;
 use crate::hub::namespace::Caller;
 use crate::hub::namespace::ClientAuth;
 use crate::hub::publication::Payload;
@@ -550,7 +551,13 @@ impl Session {
         });
     }
 
-    pub(super) fn publish(&mut self, id: u64, channel: &str, payload: Payload) {
+    pub(super) fn publish(
+        &mut self,
+        id: u64,
+        channel: &str,
+        payload: Payload,
+        key: Option<IdempotencyKey>,
+    ) {
         if self.publish_limiter.check().is_err() {
             self.context.metrics.rate_limited.inc();
             let limits = &self.context.limits;
@@ -625,7 +632,7 @@ impl Session {
                 })
             });
             let published = hub
-                .publish_told(&channel, payload, Caller::Client(&auth), told)
+                .publish_told(&channel, payload, Caller::Client(&auth), told, key.as_ref())
                 .await;
             match published {
                 Ok(outcome) => {
@@ -637,6 +644,7 @@ impl Session {
                         Published {
                             offset: outcome.offset,
                             epoch: (*outcome.epoch).into(),
+                            replayed: outcome.replayed,
                         },
                     );
                 }

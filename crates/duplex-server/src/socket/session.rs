@@ -15,6 +15,7 @@ use super::{
     MAX_BAD_FRAMES_IN_A_ROW, SocketContext, Transport, clock_deadline, deadline_of, slots,
 };
 use crate::hub::connection::ConnectionHandle;
+use crate::hub::idempotency::IdempotencyKey;
 use crate::hub::publication::Payload;
 use crate::hub::queue::OutgoingQueue;
 use crate::hub::{ConnectionId, HubError};
@@ -434,7 +435,16 @@ impl Session {
                     "presence" => self.presence(id, channel),
                     _ => match frame.data {
                         Some(data) => {
-                            self.publish(id, channel, Payload::Json(data.to_owned()));
+                            let key =
+                                match frame.idempotency_key.as_deref().map(IdempotencyKey::parse) {
+                                    None => None,
+                                    Some(Ok(key)) => Some(key),
+                                    Some(Err(error)) => {
+                                        self.hub_error(id, &error);
+                                        return After::Continue;
+                                    }
+                                };
+                            self.publish(id, channel, Payload::Json(data.to_owned()), key);
                         }
                         None => self.bad_frame(
                             Some(id),
@@ -467,7 +477,7 @@ impl Session {
         if self.refused_before_connect(Some(id)) {
             return;
         }
-        self.publish(id, &channel, Payload::Binary(payload));
+        self.publish(id, &channel, Payload::Binary(payload), None);
     }
 }
 

@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::bus::{Bus, BusLink, new_epoch, now_ms, presence_messages, split_prefix};
 use super::{
-    Broker, BrokerError, BrokerEvents, BrokerHistory, ChannelLog, HistoryRange, NodeInfo, Present,
-    Retention, Stored, Told, UserAnswer, decode_payload, encode_payload,
+    Broker, BrokerError, BrokerEvents, BrokerHistory, ChannelLog, HistoryRange, NodeInfo, Once,
+    Present, Retention, Stored, Told, UserAnswer, decode_payload, encode_payload,
 };
 use crate::model::{ClientAnswer, ConnectionId, Payload, RequestError};
 use follow::keep_running;
@@ -43,6 +43,9 @@ mod follow;
 const OFFSET: &str = "Duplex-Offset";
 const EPOCH: &str = "Duplex-Epoch";
 const EXPECTED_LAST: &str = "Nats-Expected-Last-Subject-Sequence";
+/// JetStream's deduplication header: a message whose id the stream saw within its duplicate
+/// window is not stored again, and the ack names the first one.
+const MSG_ID: &str = "Nats-Msg-Id";
 /// How long the stream keeps publications and the epochs bucket an unused epoch.
 const KEEP: Duration = Duration::from_secs(24 * 60 * 60);
 /// Publishers racing on one channel retry at most this often.
@@ -175,6 +178,9 @@ impl NatsBroker {
                 max_age: KEEP,
                 storage: stream::StorageType::File,
                 allow_direct: true,
+                // How long a publication's idempotency key is remembered (JetStream's
+                // default, said here so that it stays the window duplex documents).
+                duplicate_window: crate::hub::idempotency::WINDOW,
                 ..Default::default()
             })
             .await
@@ -296,6 +302,75 @@ fn position(headers: &HeaderMap) -> Option<(u64, Arc<str>)> {
     Some((offset, epoch.into()))
 }
 
+impl NatsBroker {
+    /// Publishes with the next offset (racing publishers retry); with a message id `key`, a
+    /// publication the stream already holds under that id within its duplicate window is not
+    /// stored again, and its position and digest are read back.
+    async fn publish_with(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        told: Option<Told>,
+        key: Option<&str>,
+    ) -> Result<Once, BrokerError> {
+        let subject = self.subject(channel);
+        let body = Bytes::from(encode_payload(payload));
+        let msg_id = key.map(|key| format!("{}.{key}", hex(channel)));
+        for _ in 0..PUBLISH_ATTEMPTS {
+            let (sequence, offset, epoch) = match self.last(channel).await? {
+                Some(last) => last,
+                None => (0, 0, self.epoch_of(channel).await?),
+            };
+            let mut headers = HeaderMap::new();
+            headers.insert(EXPECTED_LAST, sequence.to_string().as_str());
+            headers.insert(OFFSET, (offset + 1).to_string().as_str());
+            headers.insert(EPOCH, &*epoch);
+            if let Some(msg_id) = &msg_id {
+                headers.insert(MSG_ID, msg_id.as_str());
+            }
+            let ack = self
+                .context
+                .publish_with_headers(subject.clone(), headers, body.clone())
+                .await
+                .map_err(nats_error)?;
+            match ack.await {
+                Ok(ack) if ack.duplicate => return self.earlier(ack.sequence).await,
+                Ok(_) => {
+                    if let Some(told) = told {
+                        told(offset + 1);
+                    }
+                    return Ok(Once::Published {
+                        offset: offset + 1,
+                        epoch,
+                    });
+                }
+                Err(error)
+                    if error.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {}
+                Err(error) => return Err(nats_error(error)),
+            }
+        }
+        Err(BrokerError(format!(
+            "{channel}: too many publishers raced for the next offset"
+        )))
+    }
+
+    /// The publication at stream `sequence`, as the earlier one of an idempotency key.
+    async fn earlier(&self, sequence: u64) -> Result<Once, BrokerError> {
+        let message = self.stream.direct_get(sequence).await.map_err(|e| {
+            BrokerError(format!(
+                "the publication this idempotency key names has left history: {e}"
+            ))
+        })?;
+        let (offset, epoch) = position(&message.headers)
+            .ok_or_else(|| BrokerError(format!("stream message {sequence} has no position")))?;
+        Ok(Once::Earlier {
+            offset,
+            epoch,
+            digest: crate::hub::idempotency::digest_of_body(&message.payload),
+        })
+    }
+}
+
 #[async_trait]
 impl BusLink for NatsBroker {
     async fn send(&self, message: Vec<u8>) -> Result<(), BrokerError> {
@@ -333,6 +408,18 @@ impl Broker for NatsBroker {
             self.follow_bus(&events, &shutdown)
         });
         tokio::join!(heartbeat, channels, bus);
+    }
+
+    async fn publish_once(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        _retention: Retention,
+        told: Option<Told>,
+        key: &str,
+        _digest: &str,
+    ) -> Result<Once, BrokerError> {
+        self.publish_with(channel, payload, told, Some(key)).await
     }
 
     fn node_id(&self) -> &str {
@@ -463,37 +550,12 @@ impl ChannelLog for NatsBroker {
         _retention: Retention,
         told: Option<Told>,
     ) -> Result<(u64, Arc<str>), BrokerError> {
-        let subject = self.subject(channel);
-        let body = Bytes::from(encode_payload(payload));
-        for _ in 0..PUBLISH_ATTEMPTS {
-            let (sequence, offset, epoch) = match self.last(channel).await? {
-                Some(last) => last,
-                None => (0, 0, self.epoch_of(channel).await?),
-            };
-            let mut headers = HeaderMap::new();
-            headers.insert(EXPECTED_LAST, sequence.to_string().as_str());
-            headers.insert(OFFSET, (offset + 1).to_string().as_str());
-            headers.insert(EPOCH, &*epoch);
-            let ack = self
-                .context
-                .publish_with_headers(subject.clone(), headers, body.clone())
-                .await
-                .map_err(nats_error)?;
-            match ack.await {
-                Ok(_) => {
-                    if let Some(told) = told {
-                        told(offset + 1);
-                    }
-                    return Ok((offset + 1, epoch));
-                }
-                Err(error)
-                    if error.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {}
-                Err(error) => return Err(nats_error(error)),
-            }
+        match self.publish_with(channel, payload, told, None).await? {
+            Once::Published { offset, epoch } => Ok((offset, epoch)),
+            Once::Earlier { .. } => Err(BrokerError(
+                "the stream took a publication without a message id as a duplicate".into(),
+            )),
         }
-        Err(BrokerError(format!(
-            "{channel}: too many publishers raced for the next offset"
-        )))
     }
 
     async fn history(

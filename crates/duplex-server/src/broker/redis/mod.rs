@@ -9,6 +9,7 @@
 //! | `{p}:p:{channel}` | hash client → JSON | presence |
 //! | `{p}:p:{channel}:exp` | sorted set client → expiry (ms) | presence expiry, refreshed by live nodes |
 //! | `{p}:p:{channel}:leave` | hash client → bus message | the `leave` to send when the entry goes |
+//! | `{p}:i:{channel}:{key}` | string `offset:epoch:digest`, expires | a publication's idempotency key |
 //! | `{p}:nodes` | sorted set node → last heartbeat (ms) | the node registry |
 //! | `{p}:node:{id}` | string, JSON, expires | a node's description |
 //!
@@ -35,8 +36,8 @@ use super::bus::{
     Bus, BusLink, jitter_ms, new_epoch, now_ms, presence_messages, split_channel, split_prefix,
 };
 use super::{
-    Broker, BrokerError, BrokerEvents, BrokerHistory, ChannelLog, HistoryRange, NodeInfo, Present,
-    Retention, Stored, Told, UserAnswer, decode_payload, encode_payload,
+    Broker, BrokerError, BrokerEvents, BrokerHistory, ChannelLog, HistoryRange, NodeInfo, Once,
+    Present, Retention, Stored, Told, UserAnswer, decode_payload, encode_payload,
 };
 use crate::model::{ClientAnswer, ConnectionId, Payload, RequestError};
 use scripts::Scripts;
@@ -119,6 +120,41 @@ impl RedisBroker {
             bus_state: Arc::new(Bus::new(node.clone())),
             linked: AtomicBool::new(false),
         })
+    }
+
+    fn idempotency_key(&self, channel: &str, key: &str) -> String {
+        format!("{}:i:{channel}:{key}", self.prefix)
+    }
+
+    /// Runs the publish script, with an idempotency key (and its digest) when given: the
+    /// script's answer, `(offset, epoch)` or `(0, "offset:epoch:digest")` of an earlier one.
+    async fn run_publish(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+        key: Option<(&str, &str)>,
+    ) -> Result<(u64, String), BrokerError> {
+        let mut invocation = self.scripts.publish.prepare_invoke();
+        invocation
+            .key(self.meta_key(channel))
+            .key(self.log_key(channel))
+            .arg(&self.bus)
+            .arg(publication_body(channel, payload))
+            .arg(retention.size)
+            .arg(retention.ttl.as_millis() as u64)
+            .arg(META_TTL_SECONDS)
+            .arg(new_epoch());
+        if let Some((key, digest)) = key {
+            invocation
+                .key(self.idempotency_key(channel, key))
+                .arg(digest)
+                .arg(crate::hub::idempotency::WINDOW.as_millis() as u64);
+        }
+        invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(broker_error)
     }
 
     fn meta_key(&self, channel: &str) -> String {
@@ -293,6 +329,19 @@ fn parse_publication(rest: &[u8]) -> Option<(u64, &str, &str, Payload)> {
     Some((offset, epoch, channel, decode_payload(payload)?))
 }
 
+/// An idempotency entry `offset:epoch:digest` → [`Once::Earlier`].
+fn parse_earlier(entry: &str) -> Option<Once> {
+    let mut parts = entry.splitn(3, ':');
+    let offset = parts.next()?.parse().ok()?;
+    let epoch = parts.next()?;
+    let digest = parts.next()?;
+    Some(Once::Earlier {
+        offset,
+        epoch: epoch.into(),
+        digest: digest.to_owned(),
+    })
+}
+
 /// A stream entry id `{offset}-0` → offset.
 fn entry_offset(id: &str) -> Option<u64> {
     id.split('-').next()?.parse().ok()
@@ -347,6 +396,31 @@ impl Broker for RedisBroker {
             }
         };
         tokio::join!(heartbeat, link);
+    }
+
+    async fn publish_once(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+        told: Option<Told>,
+        key: &str,
+        digest: &str,
+    ) -> Result<Once, BrokerError> {
+        let (offset, epoch) = self
+            .run_publish(channel, payload, retention, Some((key, digest)))
+            .await?;
+        if offset == 0 {
+            return parse_earlier(&epoch)
+                .ok_or_else(|| BrokerError(format!("unreadable idempotency entry {epoch:?}")));
+        }
+        if let Some(told) = told {
+            told(offset);
+        }
+        Ok(Once::Published {
+            offset,
+            epoch: epoch.into(),
+        })
     }
 
     fn node_id(&self) -> &str {
@@ -487,20 +561,7 @@ impl ChannelLog for RedisBroker {
         retention: Retention,
         told: Option<Told>,
     ) -> Result<(u64, Arc<str>), BrokerError> {
-        let (offset, epoch): (u64, String) = self
-            .scripts
-            .publish
-            .key(self.meta_key(channel))
-            .key(self.log_key(channel))
-            .arg(&self.bus)
-            .arg(publication_body(channel, payload))
-            .arg(retention.size)
-            .arg(retention.ttl.as_millis() as u64)
-            .arg(META_TTL_SECONDS)
-            .arg(new_epoch())
-            .invoke_async(&mut self.connection.clone())
-            .await
-            .map_err(broker_error)?;
+        let (offset, epoch) = self.run_publish(channel, payload, retention, None).await?;
         if let Some(told) = told {
             told(offset);
         }
@@ -575,6 +636,20 @@ mod tests {
             next_delay(Duration::from_millis(100)),
             Duration::from_millis(200)
         );
+    }
+
+    #[test]
+    fn an_idempotency_entry_reads_back() {
+        assert_eq!(
+            parse_earlier("12:0a1b2c3d:ff00"),
+            Some(Once::Earlier {
+                offset: 12,
+                epoch: "0a1b2c3d".into(),
+                digest: "ff00".into()
+            })
+        );
+        assert_eq!(parse_earlier("x:e:d"), None);
+        assert_eq!(parse_earlier("12:e"), None);
     }
 
     #[test]

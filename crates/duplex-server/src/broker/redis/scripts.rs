@@ -3,8 +3,15 @@
 
 use redis::Script;
 
-/// Allocates the next offset, appends to the history stream and broadcasts, atomically.
+/// Allocates the next offset, appends to the history stream and broadcasts, atomically. With
+/// an idempotency key (`KEYS[3]`, digest `ARGV[7]`, window `ARGV[8]` ms): when the key names an
+/// earlier publication, `{0, 'offset:epoch:digest'}` and nothing else; otherwise the key is set
+/// to name this one, in the same step.
 const PUBLISH: &str = r"
+if KEYS[3] then
+  local earlier = redis.call('GET', KEYS[3])
+  if earlier then return {0, earlier} end
+end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[6]
@@ -16,6 +23,9 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'd', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PUBLISH', ARGV[1], 'p' .. offset .. ':' .. epoch .. ':' .. ARGV[2])
+if KEYS[3] then
+  redis.call('SET', KEYS[3], offset .. ':' .. epoch .. ':' .. ARGV[7], 'PX', ARGV[8])
+end
 return {offset, epoch}
 ";
 
