@@ -19,6 +19,8 @@ pub mod api_keys;
 pub mod auth;
 pub mod broker;
 pub mod config;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod hooks;
 pub mod http;
 mod latency;

@@ -13,6 +13,16 @@ mod transports;
 mod web;
 mod websocket;
 
+/// [`records`]' query parser, for the fuzz targets.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn parse_list_query_for_fuzzing(
+    query: &str,
+    cursors: &crate::store::CursorKey,
+    collection: &str,
+) -> Result<crate::store::ListQuery, error::ApiError> {
+    records::parse_list_query(query, cursors, collection)
+}
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

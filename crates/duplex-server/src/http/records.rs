@@ -319,7 +319,7 @@ pub(crate) async fn list_records(
 
 /// Reads a listing's parameters; a cursor must be one this server sealed for this very
 /// listing (collection, sort and filters).
-fn parse_list_query(
+pub(super) fn parse_list_query(
     query: &str,
     cursors: &CursorKey,
     collection: &str,

@@ -114,6 +114,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
         }
     }
 
+    /// The stream, for the fuzz target to read what was written.
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn into_io(self) -> S {
+        self.io
+    }
+
     /// The next message; `None` at the end of the stream or after the client's close.
     pub(crate) fn poll_next(
         &mut self,
