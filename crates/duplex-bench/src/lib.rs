@@ -18,6 +18,7 @@ pub mod report;
 mod roundtrip;
 mod runs;
 mod server;
+mod soak;
 mod transports;
 
 pub use attack::{AttackOptions, AttackReport, Scenario, run_attack};
@@ -33,4 +34,5 @@ pub use records::{
 };
 pub use roundtrip::{RoundtripReport, run_recovery, run_requests};
 pub use server::{ServerProcess, ServerUsage, bench_config};
+pub use soak::{Sample, SoakOptions, SoakReport, run_soak};
 pub use transports::{Method, MethodReport, TransportsOptions, TransportsReport, run_transports};

@@ -206,3 +206,54 @@ async fn compare_measures_duplex_and_its_peers_with_the_same_client() {
         );
     }
 }
+
+/// A short soak: clients on every transport come and go (dropping without closing, resuming
+/// `since`), each checking every offset, and the server lets go of everything once they left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_soak_checks_every_transport_and_finds_nothing_left_behind() {
+    let report = bench_json(&[
+        "soak",
+        "--duration",
+        "8s",
+        "--clients",
+        "120",
+        "--channels",
+        "6",
+        "--rate",
+        "60",
+        "--sample-every",
+        "1s",
+        "--warmup",
+        "3s",
+        "--max-session",
+        "2s",
+    ])
+    .await;
+    assert_eq!(report["failures"], serde_json::json!([]), "{report}");
+    assert_eq!(report["violations"], 0, "{report}");
+    for (transport, sessions) in ["WebSocket", "raw TCP", "SSE", "long poll"]
+        .iter()
+        .zip(report["sessions"].as_array().expect("sessions"))
+    {
+        assert!(sessions.as_u64() > Some(20), "{transport}: {report}");
+    }
+    for counted in ["resumed", "recovered", "dropped"] {
+        assert!(report[counted].as_u64() > Some(20), "{counted}: {report}");
+    }
+    // 60 a second for 8 s, all acknowledged; each reaches the 20 clients of its channel that
+    // are connected at the time.
+    let published = report["published"].as_u64().expect("published");
+    assert!((400..=490).contains(&published), "{report}");
+    assert!(
+        report["delivered"].as_u64() > Some(published * 5),
+        "{report}"
+    );
+    let samples = report["samples"].as_array().expect("samples");
+    assert!(samples.len() >= 8, "{report}");
+    let last = samples.last().expect("a last sample");
+    assert_eq!(
+        (&last["connections"], &last["long_polls"]),
+        (&0.into(), &0.into()),
+        "{last}"
+    );
+}

@@ -3,6 +3,7 @@
 mod attack;
 mod compare;
 mod http;
+mod soak;
 mod sockets;
 
 use std::time::Duration;
@@ -14,6 +15,7 @@ use duplex_bench::ServerProcess;
 use attack::{AttackArgs, attack};
 use compare::{CompareArgs, compare};
 use http::{BaselineArgs, HttpArgs, baseline_server, http};
+use soak::{SoakArgs, soak};
 use sockets::{
     ConnectionsArgs, FanoutArgs, RoundtripArgs, TransportsArgs, connections, fanout, roundtrip,
     transports,
@@ -42,6 +44,10 @@ pub(crate) enum BenchCommand {
     /// Hostile clients against a server on its default configuration: server memory
     /// throughout, and how a healthy client is answered meanwhile.
     Attack(AttackArgs),
+    /// Thousands of clients on every transport that subscribe, drop without closing, resume
+    /// `since` and leave, for a long time, each checking every offset; the server's memory and
+    /// descriptors must not grow after the warm-up.
+    Soak(SoakArgs),
 }
 
 /// Where the server under test is.
@@ -165,5 +171,6 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Http(args) => http(args).await,
         BenchCommand::BaselineServer(args) => baseline_server(args).await,
         BenchCommand::Attack(args) => attack(args).await,
+        BenchCommand::Soak(args) => soak(args).await,
     }
 }
