@@ -6,6 +6,7 @@
 
 mod attack;
 mod baseline;
+mod chaos;
 mod compare;
 mod connections;
 mod counted;
@@ -23,6 +24,7 @@ mod transports;
 
 pub use attack::{AttackOptions, AttackReport, Scenario, run_attack};
 pub use baseline::{serve_baseline, serve_baseline_on};
+pub use chaos::{ChaosBroker, ChaosEvent, ChaosOptions, ChaosReport, run_chaos};
 pub use compare::{
     CompareOptions, CompareReport, Contender, ContenderReport, Sustained, run_compare,
 };
@@ -34,5 +36,5 @@ pub use records::{
 };
 pub use roundtrip::{RoundtripReport, run_recovery, run_requests};
 pub use server::{ServerProcess, ServerUsage, bench_config};
-pub use soak::{Sample, SoakOptions, SoakReport, run_soak};
+pub use soak::{LoadCounts, Node, Sample, SoakOptions, SoakReport, run_soak};
 pub use transports::{Method, MethodReport, TransportsOptions, TransportsReport, run_transports};

@@ -180,7 +180,7 @@ fn clock_ticks_per_second() -> f64 {
 }
 
 /// The first line `child` prints, and the `http://` address in it.
-async fn first_line_address(
+pub(crate) async fn first_line_address(
     child: &mut tokio::process::Child,
     what: &str,
 ) -> anyhow::Result<(String, String)> {

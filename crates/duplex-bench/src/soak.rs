@@ -31,14 +31,22 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::server::usage_of;
 
-/// What a soak does.
+/// One server the clients use.
 #[derive(Debug, Clone)]
-pub struct SoakOptions {
-    /// The server's HTTP address (`127.0.0.1:PORT`).
+pub struct Node {
+    /// Its HTTP address (`127.0.0.1:PORT`).
     pub http_addr: String,
     /// Its raw TCP address.
     pub tcp_addr: String,
-    /// Its process id, for RSS, descriptors and threads.
+}
+
+/// What a soak does.
+#[derive(Debug, Clone)]
+pub struct SoakOptions {
+    /// The servers: each session of a client goes to the next one (a soak has one; the chaos
+    /// run several nodes of one cluster).
+    pub nodes: Vec<Node>,
+    /// The (first) server's process id, for RSS, descriptors and threads.
     pub pid: u32,
     /// How long clients come and go.
     pub duration: Duration,
@@ -82,28 +90,8 @@ pub struct SoakReport {
     pub seconds: f64,
     /// Clients at once.
     pub clients: usize,
-    /// Sessions per transport: WebSocket, raw TCP, SSE, long polling.
-    pub sessions: [u64; 4],
-    /// Sessions that resumed `since` an earlier position.
-    pub resumed: u64,
-    /// Of those, the ones told `recovered: true`.
-    pub recovered: u64,
-    /// The ones told `recovered: false` (any reason).
-    pub not_recovered: u64,
-    /// Sessions that ended by dropping the connection without closing.
-    pub dropped: u64,
-    /// Publications acknowledged to the publishers.
-    pub published: u64,
-    /// Publishes refused or failed.
-    pub publish_errors: u64,
-    /// Publications delivered to clients and checked.
-    pub delivered: u64,
-    /// Sessions that could not start (connect or subscribe failed).
-    pub session_errors: u64,
-    /// Failed checks (a gap, a repeat, a dishonest `recovered`, a client behind at the end).
-    pub violations: u64,
-    /// The first failed checks and session errors, in words.
-    pub examples: Vec<String>,
+    /// What the clients and the publisher counted.
+    pub counts: LoadCounts,
     /// The server's readings.
     pub samples: Vec<Sample>,
     /// RSS growth over the judged part of the run, from the least-squares slope.
@@ -123,7 +111,7 @@ impl SoakReport {
 
 /// Counts shared by every client.
 #[derive(Default)]
-struct Stats {
+pub(crate) struct Stats {
     sessions: [AtomicU64; 4],
     resumed: AtomicU64,
     recovered: AtomicU64,
@@ -134,28 +122,76 @@ struct Stats {
     publish_errors: AtomicU64,
     session_errors: AtomicU64,
     violations: AtomicU64,
-    /// The first problems, in words.
+    /// The first failed checks, in words.
     examples: std::sync::Mutex<Vec<String>>,
+    /// The first errors (sessions that could not start, failed publishes), in words.
+    errors: std::sync::Mutex<Vec<String>>,
+}
+
+/// What the clients and the publisher counted.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadCounts {
+    /// Sessions per transport: WebSocket, raw TCP, SSE, long polling.
+    pub sessions: [u64; 4],
+    /// Sessions that resumed `since` an earlier position.
+    pub resumed: u64,
+    /// Resumptions told `recovered: true`.
+    pub recovered: u64,
+    /// Told `recovered: false` (any reason).
+    pub not_recovered: u64,
+    /// Sessions ended by dropping the connection without closing.
+    pub dropped: u64,
+    /// Publications acknowledged.
+    pub published: u64,
+    /// Publishes refused or failed.
+    pub publish_errors: u64,
+    /// Publications delivered and checked.
+    pub delivered: u64,
+    /// Sessions that could not start or were refused.
+    pub session_errors: u64,
+    /// Failed checks.
+    pub violations: u64,
+    /// The first failed checks, in words.
+    pub examples: Vec<String>,
+    /// The first sessions that could not start and publishes that failed, in words.
+    pub errors: Vec<String>,
 }
 
 impl Stats {
+    pub(crate) fn counts(&self) -> LoadCounts {
+        LoadCounts {
+            sessions: std::array::from_fn(|i| self.sessions[i].load(Ordering::Relaxed)),
+            resumed: self.resumed.load(Ordering::Relaxed),
+            recovered: self.recovered.load(Ordering::Relaxed),
+            not_recovered: self.not_recovered.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            published: self.published.load(Ordering::Relaxed),
+            publish_errors: self.publish_errors.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            session_errors: self.session_errors.load(Ordering::Relaxed),
+            violations: self.violations.load(Ordering::Relaxed),
+            examples: self.examples.lock().map(|e| e.clone()).unwrap_or_default(),
+            errors: self.errors.lock().map(|e| e.clone()).unwrap_or_default(),
+        }
+    }
+
     fn violation(&self, text: String) {
         self.violations.fetch_add(1, Ordering::Relaxed);
-        self.example(text);
+        keep(&self.examples, text, 20);
     }
 
     fn session_error(&self, text: String) {
         self.session_errors.fetch_add(1, Ordering::Relaxed);
-        self.example(text);
+        keep(&self.errors, text, 5);
     }
+}
 
-    /// Keeps the first twenty problems' words.
-    fn example(&self, text: String) {
-        if let Ok(mut examples) = self.examples.lock()
-            && examples.len() < 20
-        {
-            examples.push(text);
-        }
+/// Keeps the first `limit` of some problems' words.
+fn keep(list: &std::sync::Mutex<Vec<String>>, text: String, limit: usize) {
+    if let Ok(mut list) = list.lock()
+        && list.len() < limit
+    {
+        list.push(text);
     }
 }
 
@@ -265,50 +301,14 @@ pub async fn run_soak(
     if options.clients == 0 || options.channels == 0 {
         bail!("a soak needs clients and channels");
     }
-    let stats = Arc::new(Stats::default());
-    let acked: Acked = Arc::new(
-        (0..options.channels)
-            .map(|_| std::sync::Mutex::new(None))
-            .collect(),
-    );
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()?;
     // The readings go on connections of their own, not kept: the last one must see every
     // client connection gone.
     let probe = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()?;
-    // Phase 1 ends the publishing; phase 2 (a little later, once what was acknowledged had
-    // time to arrive) ends the clients, each checking it caught up.
-    let (stop_publishing, publishing) = watch::channel(false);
-    let (stop_clients, clients_stop) = watch::channel(false);
     let started = Instant::now();
     let before = read_sample(&probe, options, started).await?;
-
-    let publisher = tokio::spawn(publish(
-        http.clone(),
-        options.clone(),
-        acked.clone(),
-        stats.clone(),
-        publishing,
-    ));
-    let mut clients = Vec::with_capacity(options.clients);
-    for client in 0..options.clients {
-        let context = ClientContext {
-            http: http.clone(),
-            options: options.clone(),
-            stats: stats.clone(),
-            acked: acked.clone(),
-            stop: clients_stop.clone(),
-            client,
-        };
-        clients.push(tokio::spawn(run_client(context)));
-        // Spread the first connections over the first seconds.
-        if client % 100 == 99 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    let load = Load::start(options).await?;
 
     let mut samples = Vec::new();
     let mut ticker = tokio::time::interval(options.sample_every);
@@ -323,17 +323,10 @@ pub async fn run_soak(
         progress(&sample);
         samples.push(sample);
     }
-    stop_publishing.send_replace(true);
-    publisher.await.context("the publisher")?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop_clients.send_replace(true);
-    for client in clients {
-        client.await.context("a client")?;
-    }
     // Everyone left (the clients' kept-alive HTTP connections too): the server must let go of
     // every connection and descriptor it took for them (it may take it a moment to see the
     // last ones drop).
-    drop(http);
+    let stats = load.finish().await?;
     let left_at = Instant::now();
     let settled = |s: &Sample| s.connections + s.long_polls == 0 && s.fds <= before.fds + 16;
     let mut last = read_sample(&probe, options, started).await?;
@@ -385,34 +378,99 @@ pub async fn run_soak(
         ));
     }
     samples.push(last);
-    let published = stats.published.load(Ordering::Relaxed);
-    if published == 0 {
+    let counts = stats.counts();
+    if counts.published == 0 {
         failures.push("nothing was published".into());
     }
-    let session_errors = stats.session_errors.load(Ordering::Relaxed);
-    let sessions: [u64; 4] = std::array::from_fn(|i| stats.sessions[i].load(Ordering::Relaxed));
-    if session_errors * 100 > sessions.iter().sum::<u64>() {
-        failures.push(format!("{session_errors} sessions could not start"));
+    if counts.session_errors * 100 > counts.sessions.iter().sum::<u64>() {
+        failures.push(format!(
+            "{} sessions could not start",
+            counts.session_errors
+        ));
     }
     Ok(SoakReport {
         seconds: started.elapsed().as_secs_f64(),
         clients: options.clients,
-        sessions,
-        resumed: stats.resumed.load(Ordering::Relaxed),
-        recovered: stats.recovered.load(Ordering::Relaxed),
-        not_recovered: stats.not_recovered.load(Ordering::Relaxed),
-        dropped: stats.dropped.load(Ordering::Relaxed),
-        published,
-        publish_errors: stats.publish_errors.load(Ordering::Relaxed),
-        delivered: stats.delivered.load(Ordering::Relaxed),
-        session_errors,
-        violations,
-        examples: stats.examples.lock().map(|e| e.clone()).unwrap_or_default(),
+        counts,
         samples,
         rss_growth_bytes: rss_growth,
         fd_growth,
         failures,
     })
+}
+
+/// Publishers and clients at work over the nodes, until [`Load::finish`].
+pub(crate) struct Load {
+    stats: Arc<Stats>,
+    http: reqwest::Client,
+    stop_publishing: watch::Sender<bool>,
+    stop_clients: watch::Sender<bool>,
+    publisher: tokio::task::JoinHandle<()>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    /// Starts the publisher and the clients (their first connections spread over a moment).
+    pub(crate) async fn start(options: &SoakOptions) -> anyhow::Result<Load> {
+        let stats = Arc::new(Stats::default());
+        let acked: Acked = Arc::new(
+            (0..options.channels)
+                .map(|_| std::sync::Mutex::new(None))
+                .collect(),
+        );
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        // Phase 1 ends the publishing; phase 2 (a little later, once what was acknowledged had
+        // time to arrive) ends the clients, each checking it caught up.
+        let (stop_publishing, publishing) = watch::channel(false);
+        let (stop_clients, clients_stop) = watch::channel(false);
+        let publisher = tokio::spawn(publish(
+            http.clone(),
+            options.clone(),
+            acked.clone(),
+            stats.clone(),
+            publishing,
+        ));
+        let mut clients = Vec::with_capacity(options.clients);
+        for client in 0..options.clients {
+            let context = ClientContext {
+                http: http.clone(),
+                options: options.clone(),
+                stats: stats.clone(),
+                acked: acked.clone(),
+                stop: clients_stop.clone(),
+                client,
+            };
+            clients.push(tokio::spawn(run_client(context)));
+            if client % 100 == 99 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(Load {
+            stats,
+            http,
+            stop_publishing,
+            stop_clients,
+            publisher,
+            clients,
+        })
+    }
+
+    /// Stops publishing, gives what was acknowledged 2 s to arrive, then stops the clients
+    /// (each checking it caught up) and closes their connections.
+    pub(crate) async fn finish(self) -> anyhow::Result<Arc<Stats>> {
+        self.stop_publishing.send_replace(true);
+        self.publisher.await.context("the publisher")?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        self.stop_clients.send_replace(true);
+        for client in self.clients {
+            client.await.context("a client")?;
+        }
+        drop(self.http);
+        Ok(self.stats)
+    }
 }
 
 /// How much `value` grows over the span of `samples`: the least-squares slope times the span.
@@ -452,7 +510,7 @@ async fn read_sample(
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0);
     let metrics = http
-        .get(format!("http://{}/metrics", options.http_addr))
+        .get(format!("http://{}/metrics", options.nodes[0].http_addr))
         .send()
         .await?
         .text()
@@ -511,9 +569,10 @@ async fn publish(
             owed -= 1.0;
             let index = next % options.channels;
             next += 1;
+            let node = &options.nodes[next % options.nodes.len()];
             let url = format!(
                 "http://{}/api/channels/{}/publish",
-                options.http_addr,
+                node.http_addr,
                 channel_name(index)
             );
             let answer = async {
@@ -535,7 +594,7 @@ async fn publish(
                 }
                 Err(error) => {
                     stats.publish_errors.fetch_add(1, Ordering::Relaxed);
-                    stats.example(format!("publisher: {error:#}"));
+                    keep(&stats.errors, format!("publisher: {error:#}"), 5);
                 }
             }
         }
@@ -577,6 +636,7 @@ async fn run_client(context: ClientContext) {
     let who = format!("client {client} ({via:?}, {channel})");
     let mut position = Position::default();
     let mut rng = fastrand::Rng::with_seed(client as u64);
+    let mut sessions = 0usize;
     loop {
         if *stop.borrow() {
             return;
@@ -592,8 +652,10 @@ async fn run_client(context: ClientContext) {
         }
         stats.sessions[via.index()].fetch_add(1, Ordering::Relaxed);
         let abrupt = rng.bool();
+        let node = &options.nodes[(client + sessions) % options.nodes.len()];
+        sessions += 1;
         let session = Session {
-            options: &options,
+            node,
             stats: &stats,
             http: &http,
             channel: &channel,
@@ -633,8 +695,9 @@ async fn run_client(context: ClientContext) {
             }
             Ok(Ended::Closed) => {}
             Err(error) => {
+                // The position stays: nothing out of order was taken, and the next session
+                // resumes from it.
                 stats.session_error(format!("{who}: {error:#}"));
-                position = Position::default();
             }
         }
         let pause = Duration::from_millis(rng.u64(0..2000));
@@ -647,7 +710,7 @@ async fn run_client(context: ClientContext) {
 
 /// One session's settings.
 struct Session<'a> {
-    options: &'a SoakOptions,
+    node: &'a Node,
     stats: &'a Stats,
     http: &'a reqwest::Client,
     channel: &'a str,
@@ -692,9 +755,9 @@ impl Session<'_> {
         position: &mut Position,
         stop: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<Ended> {
-        let stream = TcpStream::connect(&self.options.http_addr).await?;
+        let stream = TcpStream::connect(&self.node.http_addr).await?;
         let (mut socket, _) =
-            tokio_tungstenite::client_async(format!("ws://{}/ws", self.options.http_addr), stream)
+            tokio_tungstenite::client_async(format!("ws://{}/ws", self.node.http_addr), stream)
                 .await?;
         socket
             .send(Message::text(self.subscribe_frame().to_string()))
@@ -728,7 +791,7 @@ impl Session<'_> {
         position: &mut Position,
         stop: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<Ended> {
-        let stream = TcpStream::connect(&self.options.tcp_addr).await?;
+        let stream = TcpStream::connect(&self.node.tcp_addr).await?;
         let (read, mut write) = stream.into_split();
         let mut lines = BufReader::new(read);
         let mut line = self.subscribe_frame().to_string();
@@ -771,7 +834,7 @@ impl Session<'_> {
     ) -> anyhow::Result<Ended> {
         let mut url = format!(
             "http://{}/api/channels/{}/events",
-            self.options.http_addr, self.channel
+            self.node.http_addr, self.channel
         );
         if let Some((offset, epoch)) = &self.asked {
             url.push_str(&format!("?since={offset}&epoch={epoch}"));
@@ -831,7 +894,7 @@ impl Session<'_> {
     ) -> anyhow::Result<Ended> {
         let base = format!(
             "http://{}/api/channels/{}/poll",
-            self.options.http_addr, self.channel
+            self.node.http_addr, self.channel
         );
         let deadline = Instant::now() + self.lifetime;
         let mut asked = self.asked.clone();

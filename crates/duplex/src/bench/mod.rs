@@ -1,6 +1,7 @@
 //! `duplex bench`: runs the load generators of `duplex-bench` and prints their reports.
 
 mod attack;
+mod chaos;
 mod compare;
 mod http;
 mod soak;
@@ -13,6 +14,7 @@ use clap::{Args, Subcommand};
 use duplex_bench::ServerProcess;
 
 use attack::{AttackArgs, attack};
+use chaos::{ChaosArgs, chaos};
 use compare::{CompareArgs, compare};
 use http::{BaselineArgs, HttpArgs, baseline_server, http};
 use soak::{SoakArgs, soak};
@@ -48,6 +50,10 @@ pub(crate) enum BenchCommand {
     /// `since` and leave, for a long time, each checking every offset; the server's memory and
     /// descriptors must not grow after the warm-up.
     Soak(SoakArgs),
+    /// Several nodes on a Redis or NATS of the run's own while nodes are killed and restarted,
+    /// cut off the broker, and the broker is killed, restarted and paused at random moments;
+    /// every client checks every offset.
+    Chaos(ChaosArgs),
 }
 
 /// Where the server under test is.
@@ -172,5 +178,6 @@ pub(crate) async fn run(command: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::BaselineServer(args) => baseline_server(args).await,
         BenchCommand::Attack(args) => attack(args).await,
         BenchCommand::Soak(args) => soak(args).await,
+        BenchCommand::Chaos(args) => chaos(args).await,
     }
 }

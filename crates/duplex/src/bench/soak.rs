@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use duplex_bench::{Sample, SoakOptions, SoakReport, run_soak};
+use duplex_bench::{Node, Sample, SoakOptions, SoakReport, run_soak};
 
 use super::{Target, parse_duration, server_for};
 
@@ -55,8 +55,10 @@ pub(super) async fn soak(args: SoakArgs) -> anyhow::Result<()> {
         }
     });
     let options = SoakOptions {
-        http_addr,
-        tcp_addr,
+        nodes: vec![Node {
+            http_addr,
+            tcp_addr,
+        }],
         pid,
         duration: args.duration,
         clients: args.clients,
@@ -110,30 +112,31 @@ fn print_sample(sample: &Sample) {
 }
 
 fn print_report(report: &SoakReport) {
-    let [ws, tcp, sse, poll] = report.sessions;
+    let counts = &report.counts;
+    let [ws, tcp, sse, poll] = counts.sessions;
     println!(
         "sessions: {} (WebSocket {ws}, raw TCP {tcp}, SSE {sse}, long poll {poll}); {} resumed: {} recovered, {} told not recovered; {} dropped without closing",
         ws + tcp + sse + poll,
-        report.resumed,
-        report.recovered,
-        report.not_recovered,
-        report.dropped
+        counts.resumed,
+        counts.recovered,
+        counts.not_recovered,
+        counts.dropped
     );
     println!(
         "published {} ({} failed), delivered and checked {}; {} failed checks, {} sessions that could not start",
-        report.published,
-        report.publish_errors,
-        report.delivered,
-        report.violations,
-        report.session_errors
+        counts.published,
+        counts.publish_errors,
+        counts.delivered,
+        counts.violations,
+        counts.session_errors
     );
     println!(
         "after the warm-up: memory {:+.1} MiB, descriptors {:+.0} (least-squares trend over the judged span)",
         report.rss_growth_bytes / 1048576.0,
         report.fd_growth
     );
-    for example in &report.examples {
-        println!("  {example}");
+    for line in counts.examples.iter().chain(&counts.errors) {
+        println!("  {line}");
     }
     if report.passed() {
         println!("passed");
