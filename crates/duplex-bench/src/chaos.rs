@@ -6,6 +6,12 @@
 //! subscribed or resumed, unless the server said `recovered: false`; never a silent gap, never
 //! a repeat; at the end (everything healed, publishers stopped) every connected client has
 //! what was acknowledged last in its channel.
+//!
+//! With a shared PostgreSQL store (`store`), writers also update a few records through random
+//! nodes with `If-Match`, and each record's history of versions is checked: no two writes
+//! succeeded from the same version (no lost update), each success moved the version by one,
+//! and the final version is what the successes (and the writes whose answer was lost to a
+//! fault) account for.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -55,6 +61,9 @@ pub struct ChaosOptions {
     pub max_calm: Duration,
     /// The random seed: the same seed, the same faults at the same moments.
     pub seed: u64,
+    /// A PostgreSQL URL the nodes share as their store, for the records check; `None`: each
+    /// node keeps its own SQLite file and records are not checked.
+    pub store: Option<String>,
 }
 
 /// One fault.
@@ -79,6 +88,8 @@ pub struct ChaosReport {
     pub events: Vec<ChaosEvent>,
     /// What the clients and publisher counted.
     pub counts: LoadCounts,
+    /// The records check, with a shared store.
+    pub records: Option<RecordsCheck>,
     /// Why the run failed; empty when it passed.
     pub failures: Vec<String>,
 }
@@ -254,11 +265,17 @@ struct NodeProcess {
     node: Node,
     data: tempfile::TempDir,
     broker_url: String,
+    store: Option<String>,
     child: Option<Child>,
 }
 
 impl NodeProcess {
-    async fn start(exe: &PathBuf, id: String, broker_url: String) -> anyhow::Result<NodeProcess> {
+    async fn start(
+        exe: &PathBuf,
+        id: String,
+        broker_url: String,
+        store: Option<String>,
+    ) -> anyhow::Result<NodeProcess> {
         let data = tempfile::tempdir()?;
         std::fs::write(data.path().join("duplex.toml"), BENCH_CONFIG)?;
         let mut node = NodeProcess {
@@ -269,6 +286,7 @@ impl NodeProcess {
             },
             data,
             broker_url,
+            store,
             child: None,
         };
         node.spawn(exe).await?;
@@ -276,14 +294,18 @@ impl NodeProcess {
     }
 
     async fn spawn(&mut self, exe: &PathBuf) -> anyhow::Result<()> {
-        let mut child = Command::new(exe)
-            .args([
-                "serve",
-                "--http",
-                &self.node.http_addr,
-                "--tcp",
-                &self.node.tcp_addr,
-            ])
+        let mut command = Command::new(exe);
+        command.args([
+            "serve",
+            "--http",
+            &self.node.http_addr,
+            "--tcp",
+            &self.node.tcp_addr,
+        ]);
+        if let Some(store) = &self.store {
+            command.args(["--store", store]);
+        }
+        let mut child = command
             .arg("--config")
             .arg(self.data.path().join("duplex.toml"))
             .arg("--data")
@@ -327,7 +349,8 @@ pub async fn run_chaos(
     for index in 0..options.nodes {
         let proxy = LinkProxy::start(broker.port).await?;
         let url = broker.url(proxy.port);
-        nodes.push(NodeProcess::start(&options.exe, format!("chaos-{index}"), url).await?);
+        let id = format!("chaos-{index}");
+        nodes.push(NodeProcess::start(&options.exe, id, url, options.store.clone()).await?);
         proxies.push(proxy);
     }
     let probe = reqwest::Client::builder()
@@ -345,6 +368,14 @@ pub async fn run_chaos(
         max_session: options.max_session,
     })
     .await?;
+    let (stop_writers, writers_stop) = watch::channel(false);
+    let writers = options.store.as_ref().map(|_| {
+        RecordWriters::start(
+            nodes.iter().map(|n| n.node.http_addr.clone()).collect(),
+            options.seed,
+            writers_stop,
+        )
+    });
 
     let mut rng = fastrand::Rng::with_seed(options.seed);
     let mut events = Vec::new();
@@ -410,6 +441,15 @@ pub async fn run_chaos(
         }
     }
     let counts = load.finish().await?.counts();
+    stop_writers.send_replace(true);
+    let records = match writers {
+        Some(writers) => {
+            let check = writers.finish(&nodes[0].node.http_addr).await?;
+            failures.extend(check.failures.iter().cloned());
+            Some(check)
+        }
+        None => None,
+    };
     for node in &mut nodes {
         node.kill().await;
     }
@@ -426,6 +466,299 @@ pub async fn run_chaos(
         seconds: started.elapsed().as_secs_f64(),
         events,
         counts,
+        records,
         failures,
     })
+}
+
+/// The records check's findings.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordsCheck {
+    /// The collection written.
+    pub collection: String,
+    /// Writes answered 200.
+    pub succeeded: u64,
+    /// Writes refused with 412 (another write came first).
+    pub refused: u64,
+    /// Writes whose outcome is unknown (a fault took the answer).
+    pub unknown: u64,
+    /// What did not hold.
+    pub failures: Vec<String>,
+}
+
+/// Records the writers share (few, so that their writes race).
+const RECORDS: usize = 4;
+
+/// One write's outcome.
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// 200: the record moved from version `from` to `to`, holding `mark`.
+    Succeeded { from: u64, to: u64, mark: u64 },
+    /// 412: another write came first.
+    Refused,
+    /// No answer, or a 5xx: it may or may not have been applied.
+    Unknown,
+}
+
+/// Writers updating a few records through random nodes with `If-Match`.
+struct RecordWriters {
+    collection: String,
+    ids: Vec<String>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<(usize, Outcome)>>>,
+    http: reqwest::Client,
+}
+
+impl RecordWriters {
+    fn start(nodes: Vec<String>, seed: u64, stop: watch::Receiver<bool>) -> RecordWriters {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        let collection = format!("chaos_{seed}_{}", fastrand::u32(..));
+        let ids: Vec<String> = (0..RECORDS).map(|i| format!("r{i}")).collect();
+        let nodes = Arc::new(nodes);
+        let tasks = (0..4u64)
+            .map(|writer| {
+                let (http, nodes, collection, ids, mut stop) = (
+                    http.clone(),
+                    nodes.clone(),
+                    collection.clone(),
+                    ids.clone(),
+                    stop.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut rng = fastrand::Rng::with_seed(seed ^ (writer << 32));
+                    let mut outcomes = Vec::new();
+                    // Marks are unique over all writers: the writer's number in the high bits.
+                    let mut mark = (writer + 1) << 40;
+                    while !*stop.borrow() {
+                        let record = rng.usize(..RECORDS);
+                        let node = &nodes[rng.usize(..nodes.len())];
+                        mark += 1;
+                        if let Some(outcome) =
+                            write_once(&http, node, &collection, &ids[record], mark).await
+                        {
+                            outcomes.push((record, outcome));
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(rng.u64(5..50))) => {}
+                            _ = stop.changed() => {}
+                        }
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        RecordWriters {
+            collection,
+            ids,
+            tasks,
+            http,
+        }
+    }
+
+    /// Collects every write and checks each record's history against its final state.
+    async fn finish(self, node: &str) -> anyhow::Result<RecordsCheck> {
+        let mut outcomes: Vec<Vec<Outcome>> = vec![Vec::new(); RECORDS];
+        for task in self.tasks {
+            for (record, outcome) in task.await.context("a writer")? {
+                outcomes[record].push(outcome);
+            }
+        }
+        let mut check = RecordsCheck {
+            collection: self.collection.clone(),
+            succeeded: 0,
+            refused: 0,
+            unknown: 0,
+            failures: Vec::new(),
+        };
+        for (record, outcomes) in outcomes.iter().enumerate() {
+            let id = &self.ids[record];
+            for outcome in outcomes {
+                match outcome {
+                    Outcome::Succeeded { .. } => check.succeeded += 1,
+                    Outcome::Refused => check.refused += 1,
+                    Outcome::Unknown => check.unknown += 1,
+                }
+            }
+            let url = format!(
+                "http://{node}/api/collections/{}/records/{id}",
+                self.collection
+            );
+            let response = self.http.get(&url).send().await?;
+            let last = if response.status() == reqwest::StatusCode::NOT_FOUND {
+                None
+            } else {
+                let last: serde_json::Value = response.error_for_status()?.json().await?;
+                Some((last["version"].as_u64().unwrap_or(0), last["mark"].as_u64()))
+            };
+            check.failures.extend(check_record(id, outcomes, last));
+        }
+        Ok(check)
+    }
+}
+
+/// Checks one record's writes against its final state (`version`, `mark`; `None` when it
+/// does not exist): each success moved the version by one, no two succeeded from the same
+/// version, the final version is what the successes and the unknown outcomes account for and
+/// no lower than any acknowledged, and it holds the mark of the write that made it when that
+/// write is known.
+fn check_record(id: &str, outcomes: &[Outcome], last: Option<(u64, Option<u64>)>) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut froms = std::collections::HashSet::new();
+    let (mut succeeded, mut unknown) = (0u64, 0u64);
+    let mut newest: Option<(u64, u64)> = None;
+    for outcome in outcomes {
+        match outcome {
+            Outcome::Succeeded { from, to, mark } => {
+                succeeded += 1;
+                if *to != from + 1 {
+                    failures.push(format!("{id}: a write from version {from} made {to}"));
+                }
+                if !froms.insert(*from) {
+                    failures.push(format!("{id}: two writes succeeded from version {from}"));
+                }
+                if newest.is_none_or(|(version, _)| *to > version) {
+                    newest = Some((*to, *mark));
+                }
+            }
+            Outcome::Refused => {}
+            Outcome::Unknown => unknown += 1,
+        }
+    }
+    let Some((version, mark)) = last else {
+        if succeeded > 0 {
+            failures.push(format!("{id}: gone after {succeeded} acknowledged writes"));
+        }
+        return failures;
+    };
+    // Created at version 1; each applied write adds one.
+    let applied = version.saturating_sub(1);
+    if applied < succeeded || applied > succeeded + unknown {
+        failures.push(format!(
+            "{id}: at version {version} after {succeeded} acknowledged writes and {unknown} unknown"
+        ));
+    }
+    if let Some((to, _)) = newest
+        && version < to
+    {
+        failures.push(format!(
+            "{id}: at version {version} after a write was acknowledged making {to}"
+        ));
+    }
+    if let Some((to, expected)) = newest
+        && to == version
+        && mark != Some(expected)
+    {
+        failures.push(format!(
+            "{id}: version {version} holds mark {mark:?} but the write that made it set {expected}"
+        ));
+    }
+    failures
+}
+
+/// Reads a record and writes it with `If-Match` its version; creates it (version 1) when it is
+/// missing. `None` when nothing was written (a failed read, or the create).
+async fn write_once(
+    http: &reqwest::Client,
+    node: &str,
+    collection: &str,
+    id: &str,
+    mark: u64,
+) -> Option<Outcome> {
+    let url = format!("http://{node}/api/collections/{collection}/records/{id}");
+    let read = http.get(&url).send().await.ok()?;
+    let from = match read.status().as_u16() {
+        200 => read.json::<serde_json::Value>().await.ok()?["version"].as_u64()?,
+        404 => {
+            // `If-None-Match: *`: of racing creates, one makes it and the others get 412.
+            let _ = http
+                .put(&url)
+                .header("If-None-Match", "*")
+                .json(&serde_json::json!({"mark": 0}))
+                .send()
+                .await;
+            return None;
+        }
+        _ => return None,
+    };
+    let written = http
+        .patch(&url)
+        .header("If-Match", format!("\"{from}\""))
+        .json(&serde_json::json!({"mark": mark}))
+        .send()
+        .await;
+    Some(match written {
+        Ok(response) if response.status().is_success() => {
+            match response.json::<serde_json::Value>().await {
+                Ok(record) => Outcome::Succeeded {
+                    from,
+                    to: record["version"].as_u64().unwrap_or(0),
+                    mark,
+                },
+                Err(_) => Outcome::Unknown,
+            }
+        }
+        Ok(response) if response.status() == reqwest::StatusCode::PRECONDITION_FAILED => {
+            Outcome::Refused
+        }
+        Ok(response) if response.status().is_client_error() => Outcome::Refused,
+        _ => Outcome::Unknown,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(from: u64, mark: u64) -> Outcome {
+        Outcome::Succeeded {
+            from,
+            to: from + 1,
+            mark,
+        }
+    }
+
+    #[test]
+    fn a_consistent_history_passes() {
+        let history = [
+            ok(1, 10),
+            Outcome::Refused,
+            ok(2, 11),
+            Outcome::Unknown,
+            ok(4, 12),
+        ];
+        // The unknown write was applied (version 3 → 4), then the last success made 5.
+        assert!(check_record("r", &history, Some((5, Some(12)))).is_empty());
+        // A final version below one a write was acknowledged making: that write was lost.
+        assert!(!check_record("r", &history, Some((4, Some(12)))).is_empty());
+    }
+
+    #[test]
+    fn lost_updates_and_wrong_states_are_found() {
+        // Two writes acknowledged from the same version: one was lost.
+        let lost = check_record("r", &[ok(1, 10), ok(1, 11)], Some((2, Some(11))));
+        assert!(lost.iter().any(|f| f.contains("two writes")), "{lost:?}");
+        // The final state says one write where two were acknowledged.
+        let short = check_record("r", &[ok(1, 10), ok(2, 11)], Some((2, Some(10))));
+        assert!(
+            short.iter().any(|f| f.contains("acknowledged")),
+            "{short:?}"
+        );
+        // The version the last write made holds someone else's data.
+        let wrong = check_record("r", &[ok(1, 10), ok(2, 11)], Some((3, Some(10))));
+        assert!(wrong.iter().any(|f| f.contains("holds mark")), "{wrong:?}");
+        // A jump of two versions in one write.
+        let jump = check_record(
+            "r",
+            &[Outcome::Succeeded {
+                from: 1,
+                to: 3,
+                mark: 1,
+            }],
+            Some((3, Some(1))),
+        );
+        assert!(jump.iter().any(|f| f.contains("made 3")), "{jump:?}");
+        assert!(!check_record("r", &[ok(1, 10)], None).is_empty());
+    }
 }

@@ -24,7 +24,7 @@ mod transports;
 
 pub use attack::{AttackOptions, AttackReport, Scenario, run_attack};
 pub use baseline::{serve_baseline, serve_baseline_on};
-pub use chaos::{ChaosBroker, ChaosEvent, ChaosOptions, ChaosReport, run_chaos};
+pub use chaos::{ChaosBroker, ChaosEvent, ChaosOptions, ChaosReport, RecordsCheck, run_chaos};
 pub use compare::{
     CompareOptions, CompareReport, Contender, ContenderReport, Sustained, run_compare,
 };

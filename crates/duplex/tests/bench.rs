@@ -260,8 +260,10 @@ async fn a_short_soak_checks_every_transport_and_finds_nothing_left_behind() {
 }
 
 /// Chaos across three nodes, briefly, on each broker: nodes killed and cut off, the broker
-/// killed and paused, and not one client sees a silent gap or a repeat. Needs `redis-server`
-/// and `nats-server` (where `DUPLEX_TEST_REDIS` / `DUPLEX_TEST_NATS` are set, they are).
+/// killed and paused, and not one client sees a silent gap or a repeat; with
+/// `DUPLEX_TEST_POSTGRES`, racing `If-Match` writes through every node keep each record's
+/// versions whole. Needs `redis-server` and `nats-server` (where `DUPLEX_TEST_REDIS` /
+/// `DUPLEX_TEST_NATS` are set, they are).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_chaos_run_on_each_broker_finds_no_gap_and_no_repeat() {
     for (broker, variable) in [("redis", "DUPLEX_TEST_REDIS"), ("nats", "DUPLEX_TEST_NATS")] {
@@ -269,7 +271,9 @@ async fn a_short_chaos_run_on_each_broker_finds_no_gap_and_no_repeat() {
             eprintln!("skipped chaos on {broker}: set {variable} to run");
             continue;
         }
-        let report = bench_json(&[
+        // With PostgreSQL, the nodes share it and record writes are checked too.
+        let store = std::env::var("DUPLEX_TEST_POSTGRES").ok();
+        let mut args = vec![
             "chaos",
             "--broker",
             broker,
@@ -287,13 +291,23 @@ async fn a_short_chaos_run_on_each_broker_finds_no_gap_and_no_repeat() {
             "2s",
             "--seed",
             "7",
-        ])
-        .await;
+        ];
+        if let Some(store) = &store {
+            args.extend(["--store", store.as_str()]);
+        }
+        let report = bench_json(&args).await;
         assert_eq!(
             report["failures"],
             serde_json::json!([]),
             "{broker}: {report}"
         );
+        if store.is_some() {
+            let records = &report["records"];
+            assert!(
+                records["succeeded"].as_u64() > Some(20),
+                "{broker}: {records}"
+            );
+        }
         let counts = &report["counts"];
         assert_eq!(counts["violations"], 0, "{broker}: {report}");
         let events = report["events"].as_array().expect("events");

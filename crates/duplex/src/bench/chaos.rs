@@ -46,6 +46,10 @@ pub(crate) struct ChaosArgs {
     /// The random seed (the same seed, the same faults at the same moments).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// A PostgreSQL URL for the nodes to share as their store: writers then race `If-Match`
+    /// updates of a few records through random nodes, and each record's versions are checked.
+    #[arg(long)]
+    store: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -66,6 +70,7 @@ pub(super) async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         max_session: args.max_session,
         max_calm: args.max_calm,
         seed: args.seed,
+        store: args.store,
     };
     let json = args.json;
     if !json {
@@ -114,6 +119,16 @@ fn print_report(report: &ChaosReport) {
         "published {} ({} refused or failed), delivered and checked {}; {} failed checks",
         counts.published, counts.publish_errors, counts.delivered, counts.violations
     );
+    if let Some(records) = &report.records {
+        println!(
+            "records ({}): {} writes acknowledged, {} refused with 412, {} unknown; {} failed checks",
+            records.collection,
+            records.succeeded,
+            records.refused,
+            records.unknown,
+            records.failures.len()
+        );
+    }
     for line in counts.examples.iter().chain(&counts.errors) {
         println!("  {line}");
     }
