@@ -414,6 +414,21 @@ async fn nodes_register_and_readiness_follows_the_broker(broker: String) {
     assert_eq!(nodes["items"].as_array().map(Vec::len), Some(1));
 }
 
+/// A Redis of the test's own on a free port (to kill, pause and restart), the port, and the
+/// broker URL with `prefix`.
+async fn private_redis(prefix: &str) -> (tokio::process::Child, u16, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let redis = start_redis(port).await;
+    (
+        redis,
+        port,
+        format!("redis://127.0.0.1:{port}?prefix={prefix}"),
+    )
+}
+
 /// A Redis of the test's own, on a port of its own, so that it can be killed and restarted.
 async fn start_redis(port: u16) -> tokio::process::Child {
     let child = tokio::process::Command::new("redis-server")
@@ -436,12 +451,7 @@ async fn start_redis(port: u16) -> tokio::process::Child {
 #[tokio::test]
 async fn redis_restarted_without_persistence_makes_subscribers_recover_with_recovered_false() {
     let _ = redis_or_skip!();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let mut redis = start_redis(port).await;
-    let broker = format!("redis://127.0.0.1:{port}?prefix=restart");
+    let (mut redis, port, broker) = private_redis("restart").await;
     let a = node(&broker, "a").await;
     let b = node(&broker, "b").await;
     let connection = reconnecting_client(&a.ws_url()).await;
@@ -494,12 +504,7 @@ async fn redis_restarted_without_persistence_makes_subscribers_recover_with_reco
 #[tokio::test]
 async fn after_a_redis_restart_a_node_that_relinks_late_replays_the_new_epoch_whole() {
     let _ = redis_or_skip!();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let mut redis = start_redis(port).await;
-    let broker = format!("redis://127.0.0.1:{port}?prefix=late");
+    let (mut redis, port, broker) = private_redis("late").await;
     let (proxy, through_proxy) = behind_proxy(&broker).await;
     let a = node(&through_proxy, "a").await;
     let b = node(&broker, "b").await;
@@ -616,11 +621,7 @@ async fn a_publish_retried_with_its_key_on_another_node_is_published_once(broker
 #[tokio::test]
 async fn a_timed_out_publish_retried_with_its_key_is_published_once() {
     let _ = redis_or_skip!();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let redis = start_redis(port).await;
+    let (redis, _, broker) = private_redis("paused").await;
     let pid = redis.id().expect("redis runs").to_string();
     let signal = |name: &str| {
         let status = std::process::Command::new("kill")
@@ -629,7 +630,6 @@ async fn a_timed_out_publish_retried_with_its_key_is_published_once() {
             .expect("kill");
         assert!(status.success(), "kill {name}");
     };
-    let broker = format!("redis://127.0.0.1:{port}?prefix=paused");
     let a = node(&broker, "a").await;
     let b = node(&broker, "b").await;
     let connection = reconnecting_client(&a.ws_url()).await;
