@@ -121,6 +121,8 @@ pub(crate) struct Stats {
     published: AtomicU64,
     publish_errors: AtomicU64,
     session_errors: AtomicU64,
+    closed: [AtomicU64; 4],
+    closes: std::sync::Mutex<Vec<String>>,
     violations: AtomicU64,
     /// The first failed checks, in words.
     examples: std::sync::Mutex<Vec<String>>,
@@ -149,6 +151,10 @@ pub struct LoadCounts {
     pub delivered: u64,
     /// Sessions that could not start or were refused.
     pub session_errors: u64,
+    /// Sessions the server ended (a disconnect, a closed stream), per transport.
+    pub closed: [u64; 4],
+    /// The first of those, in words.
+    pub closes: Vec<String>,
     /// Failed checks.
     pub violations: u64,
     /// The first failed checks, in words.
@@ -169,6 +175,8 @@ impl Stats {
             publish_errors: self.publish_errors.load(Ordering::Relaxed),
             delivered: self.delivered.load(Ordering::Relaxed),
             session_errors: self.session_errors.load(Ordering::Relaxed),
+            closed: std::array::from_fn(|i| self.closed[i].load(Ordering::Relaxed)),
+            closes: self.closes.lock().map(|e| e.clone()).unwrap_or_default(),
             violations: self.violations.load(Ordering::Relaxed),
             examples: self.examples.lock().map(|e| e.clone()).unwrap_or_default(),
             errors: self.errors.lock().map(|e| e.clone()).unwrap_or_default(),
@@ -418,9 +426,10 @@ impl Load {
                 .map(|_| std::sync::Mutex::new(None))
                 .collect(),
         );
+        // No timeout for the whole client: an event stream lasts as long as its session. Each
+        // publish and poll has its own.
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
-            .timeout(Duration::from_secs(10))
             .build()?;
         // Phase 1 ends the publishing; phase 2 (a little later, once what was acknowledged had
         // time to arrive) ends the clients, each checking it caught up.
@@ -540,6 +549,9 @@ async fn read_sample(
     })
 }
 
+/// The longest a publish or a poll (which waits 2 s at most) may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn channel_name(index: usize) -> String {
     format!("bench:soak-{index}")
 }
@@ -576,7 +588,12 @@ async fn publish(
                 channel_name(index)
             );
             let answer = async {
-                let response = http.post(&url).json(&json!({"n": next})).send().await?;
+                let response = http
+                    .post(&url)
+                    .timeout(REQUEST_TIMEOUT)
+                    .json(&json!({"n": next}))
+                    .send()
+                    .await?;
                 if !response.status().is_success() {
                     bail!("publish: {}", response.status());
                 }
@@ -616,8 +633,8 @@ enum Ended {
     Lifetime,
     /// The run is over; the client was in a live session at `position`.
     Stopped,
-    /// The server closed it (a disconnect, a reset): come back.
-    Closed,
+    /// The server closed it (a disconnect, a reset), as the words say: come back.
+    Closed(String),
 }
 
 /// One client: sessions until the run stops.
@@ -693,7 +710,10 @@ async fn run_client(context: ClientContext) {
                     stats.dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Ok(Ended::Closed) => {}
+            Ok(Ended::Closed(why)) => {
+                stats.closed[via.index()].fetch_add(1, Ordering::Relaxed);
+                keep(&stats.closes, format!("{who}: {why}"), 5);
+            }
             Err(error) => {
                 // The position stays: nothing out of order was taken, and the next session
                 // resumes from it.
@@ -744,7 +764,9 @@ impl Session<'_> {
                 position.on_message(offset, self.stats, self.who);
             }
             Some("error") => bail!("refused: {frame}"),
-            Some("disconnect") => return Ok(Some(Ended::Closed)),
+            Some("disconnect") => {
+                return Ok(Some(Ended::Closed(format!("disconnect {}", frame["code"]))));
+            }
             _ => {}
         }
         Ok(None)
@@ -777,7 +799,8 @@ impl Session<'_> {
                     }
                 }
                 Some(Ok(_)) => {}
-                Some(Err(_)) | None => return Ok(Ended::Closed),
+                Some(Err(error)) => return Ok(Ended::Closed(error.to_string())),
+                None => return Ok(Ended::Closed("the stream ended".into())),
             }
         }
         if !self.abrupt {
@@ -808,7 +831,8 @@ impl Session<'_> {
                 _ = stop.changed() => return Ok(Ended::Stopped),
             };
             match read {
-                Ok(0) | Err(_) => return Ok(Ended::Closed),
+                Ok(0) => return Ok(Ended::Closed("the stream ended".into())),
+                Err(error) => return Ok(Ended::Closed(error.to_string())),
                 Ok(_) => {
                     if let Some(ended) = self.on_frame(line.trim_end(), position)? {
                         return Ok(ended);
@@ -854,7 +878,7 @@ impl Session<'_> {
                 _ = stop.changed() => return Ok(Ended::Stopped),
             };
             let Some(Ok(chunk)) = chunk else {
-                return Ok(Ended::Closed);
+                return Ok(Ended::Closed("the event stream ended".into()));
             };
             buffer.extend_from_slice(&chunk);
             while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
@@ -880,7 +904,9 @@ impl Session<'_> {
                         let offset = frame["offset"].as_u64().context("no offset")?;
                         position.on_message(offset, self.stats, self.who);
                     }
-                    Some("disconnect") => return Ok(Ended::Closed),
+                    Some("disconnect") => {
+                        return Ok(Ended::Closed(format!("disconnect {data}")));
+                    }
                     Some(_) => {}
                 }
             }
@@ -905,7 +931,7 @@ impl Session<'_> {
                 None => base.clone(),
             };
             let response = tokio::select! {
-                response = self.http.get(&url).send() => response?,
+                response = self.http.get(&url).timeout(REQUEST_TIMEOUT).send() => response?,
                 _ = stop.changed() => return Ok(Ended::Stopped),
             };
             if !response.status().is_success() {

@@ -135,7 +135,16 @@ fn print_report(report: &SoakReport) {
         report.rss_growth_bytes / 1048576.0,
         report.fd_growth
     );
-    for line in counts.examples.iter().chain(&counts.errors) {
+    let [ws, tcp, sse, poll] = counts.closed;
+    println!(
+        "sessions the server ended: WebSocket {ws}, raw TCP {tcp}, SSE {sse}, long poll {poll}"
+    );
+    for line in counts
+        .examples
+        .iter()
+        .chain(&counts.errors)
+        .chain(&counts.closes)
+    {
         println!("  {line}");
     }
     if report.passed() {
