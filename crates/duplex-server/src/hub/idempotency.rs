@@ -120,7 +120,9 @@ impl Keys {
                 None => Err(HubError::IdempotencyKeyInUse),
             };
         }
-        while inner.slots.len() >= MAX_KEYS {
+        // Full (counting the claims of failed publications, whose slots went but whose place
+        // in the order stays until it expires): the oldest go first.
+        while inner.slots.len() >= MAX_KEYS || inner.order.len() >= 2 * MAX_KEYS {
             let Some((since, oldest)) = inner.order.pop_front() else {
                 break;
             };
@@ -165,6 +167,11 @@ impl Keys {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.inner.lock().slots.len()
+    }
+
+    #[cfg(test)]
+    fn order_len(&self) -> usize {
+        self.inner.lock().order.len()
     }
 }
 
@@ -324,6 +331,19 @@ mod tests {
             keys.claim(&channel, &key(&format!("k{}", MAX_KEYS + 9)), "d", later),
             Err(HubError::IdempotencyKeyInUse)
         );
+    }
+
+    #[test]
+    fn failed_publications_do_not_grow_the_table_past_its_bound() {
+        let keys = Keys::default();
+        let (channel, now) = (Arc::from("feed:a"), Instant::now());
+        for i in 0..2 * MAX_KEYS + 100 {
+            let k = key(&format!("k{i}"));
+            keys.claim(&channel, &k, "d", now).expect("claim");
+            keys.settle(&channel, &k, None);
+        }
+        assert_eq!(keys.len(), 0);
+        assert!(keys.order_len() <= 2 * MAX_KEYS, "{}", keys.order_len());
     }
 
     #[test]
