@@ -61,6 +61,9 @@ pub struct ChaosOptions {
     pub max_calm: Duration,
     /// The random seed: the same seed, the same faults at the same moments.
     pub seed: u64,
+    /// How long after the last fault healed and the publishers stopped every connected client
+    /// must have caught up.
+    pub settle: Duration,
     /// A PostgreSQL URL the nodes share as their store, for the records check; `None`: each
     /// node keeps its own SQLite file and records are not checked.
     pub store: Option<String>,
@@ -366,6 +369,7 @@ pub async fn run_chaos(
         sample_every: options.duration,
         warmup: Duration::ZERO,
         max_session: options.max_session,
+        settle: options.settle,
     })
     .await?;
     let (stop_writers, writers_stop) = watch::channel(false);

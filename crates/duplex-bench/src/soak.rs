@@ -62,6 +62,8 @@ pub struct SoakOptions {
     pub warmup: Duration,
     /// A session lasts a random time up to this.
     pub max_session: Duration,
+    /// How long after the publishers stop every connected client must have caught up.
+    pub settle: Duration,
 }
 
 /// One reading of the server.
@@ -409,6 +411,7 @@ pub async fn run_soak(
 
 /// Publishers and clients at work over the nodes, until [`Load::finish`].
 pub(crate) struct Load {
+    settle: Duration,
     stats: Arc<Stats>,
     http: reqwest::Client,
     stop_publishing: watch::Sender<bool>,
@@ -458,6 +461,7 @@ impl Load {
             }
         }
         Ok(Load {
+            settle: options.settle,
             stats,
             http,
             stop_publishing,
@@ -467,12 +471,12 @@ impl Load {
         })
     }
 
-    /// Stops publishing, gives what was acknowledged 2 s to arrive, then stops the clients
+    /// Stops publishing, gives what was acknowledged `settle` to arrive, then stops the clients
     /// (each checking it caught up) and closes their connections.
     pub(crate) async fn finish(self) -> anyhow::Result<Arc<Stats>> {
         self.stop_publishing.send_replace(true);
         self.publisher.await.context("the publisher")?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(self.settle).await;
         self.stop_clients.send_replace(true);
         for client in self.clients {
             client.await.context("a client")?;

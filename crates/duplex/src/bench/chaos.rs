@@ -46,6 +46,10 @@ pub(crate) struct ChaosArgs {
     /// The random seed (the same seed, the same faults at the same moments).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// How long after the publishers stop (everything healed) every connected client must
+    /// have caught up.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    settle: Duration,
     /// A PostgreSQL URL for the nodes to share as their store: writers then race `If-Match`
     /// updates of a few records through random nodes, and each record's versions are checked.
     #[arg(long)]
@@ -70,6 +74,7 @@ pub(super) async fn chaos(args: ChaosArgs) -> anyhow::Result<()> {
         max_session: args.max_session,
         max_calm: args.max_calm,
         seed: args.seed,
+        settle: args.settle,
         store: args.store,
     };
     let json = args.json;

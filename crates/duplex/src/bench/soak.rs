@@ -67,6 +67,7 @@ pub(super) async fn soak(args: SoakArgs) -> anyhow::Result<()> {
         sample_every: args.sample_every,
         warmup,
         max_session: args.max_session,
+        settle: Duration::from_secs(2),
     };
     let json = args.json;
     if !json {
