@@ -134,21 +134,5 @@ fn print_report(report: &ChaosReport) {
             records.failures.len()
         );
     }
-    let [ws, tcp, sse, poll] = counts.closed;
-    println!(
-        "sessions the server ended: WebSocket {ws}, raw TCP {tcp}, SSE {sse}, long poll {poll}"
-    );
-    for line in counts
-        .examples
-        .iter()
-        .chain(&counts.errors)
-        .chain(&counts.closes)
-    {
-        println!("  {line}");
-    }
-    if report.passed() {
-        println!("passed");
-    } else {
-        println!("FAILED: {}", report.failures.join("; "));
-    }
+    super::soak::print_ending(counts, &report.failures);
 }

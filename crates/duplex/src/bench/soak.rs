@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Args;
-use duplex_bench::{Node, Sample, SoakOptions, SoakReport, run_soak};
+use duplex_bench::{LoadCounts, Node, Sample, SoakOptions, SoakReport, run_soak};
 
 use super::{Target, parse_duration, server_for};
 
@@ -136,6 +136,12 @@ fn print_report(report: &SoakReport) {
         report.rss_growth_bytes / 1048576.0,
         report.fd_growth
     );
+    print_ending(counts, &report.failures);
+}
+
+/// The sessions the server ended, the first problems in words, and the verdict: how a soak's
+/// and a chaos run's report end.
+pub(super) fn print_ending(counts: &LoadCounts, failures: &[String]) {
     let [ws, tcp, sse, poll] = counts.closed;
     println!(
         "sessions the server ended: WebSocket {ws}, raw TCP {tcp}, SSE {sse}, long poll {poll}"
@@ -148,9 +154,9 @@ fn print_report(report: &SoakReport) {
     {
         println!("  {line}");
     }
-    if report.passed() {
+    if failures.is_empty() {
         println!("passed");
     } else {
-        println!("FAILED: {}", report.failures.join("; "));
+        println!("FAILED: {}", failures.join("; "));
     }
 }
