@@ -210,6 +210,9 @@ fn keep(list: &std::sync::Mutex<Vec<String>>, text: String, limit: usize) {
 struct Position {
     epoch: Option<String>,
     last: u64,
+    /// The current session was answered (its subscription is live): only then is the client
+    /// held to having caught up when the run ends.
+    live: bool,
 }
 
 impl Position {
@@ -252,6 +255,7 @@ impl Position {
             (None, _) => self.last = offset,
         }
         self.epoch = Some(epoch);
+        self.live = true;
     }
 
     /// A publication at `offset` of the current epoch.
@@ -635,7 +639,7 @@ struct ClientContext {
 enum Ended {
     /// Its time was up: leave (cleanly or not) and come back later.
     Lifetime,
-    /// The run is over; the client was in a live session at `position`.
+    /// The run is over (the client checks it caught up, if its session was live).
     Stopped,
     /// The server closed it (a disconnect, a reset), as the words say: come back.
     Closed(String),
@@ -667,6 +671,7 @@ async fn run_client(context: ClientContext) {
         if rng.u8(..10) == 0 {
             position = Position::default();
         }
+        position.live = false;
         let asked = position.since();
         if asked.is_some() {
             stats.resumed.fetch_add(1, Ordering::Relaxed);
@@ -699,6 +704,7 @@ async fn run_client(context: ClientContext) {
                     .ok()
                     .and_then(|slot| slot.clone());
                 if let (Some((epoch, offset)), Some(mine)) = (top, &position.epoch)
+                    && position.live
                     && *mine == epoch
                     && position.last < offset
                 {
@@ -981,6 +987,7 @@ impl Session<'_> {
             }
             asked = Some((position.last, epoch));
             first = false;
+            position.live = true;
         }
         Ok(Ended::Lifetime)
     }
