@@ -23,6 +23,13 @@ use super::queue::Shed;
 
 /// How long the enforcer waits before looking again at a budget it could not bring down.
 const RETRY: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// A queue holding less than this is never shed (nor less than a sixteenth of the budget):
+/// a connection that keeps up holds a batch or two, and halving it would cost its client
+/// publications without bringing the budget down. The bytes that keep the budget over are
+/// then the fullest queues' batches being written, which only their writes (or the write
+/// deadline) release.
+const SHED_FLOOR: usize = 64 * 1024;
 use super::{Channel, Hub};
 
 impl Hub {
@@ -51,6 +58,7 @@ impl Hub {
     /// Halves the fullest queues until the queue budget is low again.
     pub(crate) fn shed_queues(&self) {
         let budget = &self.queue_budget;
+        let floor = (budget.limit() / 16).min(SHED_FLOOR);
         let mut passes = 0;
         while !budget.is_low() && passes < 32 {
             passes += 1;
@@ -59,7 +67,7 @@ impl Hub {
                 .iter()
                 .filter_map(|c| {
                     let bytes = c.queue.queued_bytes();
-                    (bytes > 0).then(|| (bytes, c.value().clone()))
+                    (bytes >= floor.max(1)).then(|| (bytes, c.value().clone()))
                 })
                 .collect();
             if queues.is_empty() {
