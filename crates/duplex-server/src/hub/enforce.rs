@@ -5,7 +5,7 @@
 //! their queue holds and halves the fullest ones (their namespace's policy: the oldest
 //! publications are dropped, or a queue holding publications of a `disconnect` namespace is
 //! closed with `slow_consumer`) until the budget is back under three quarters of its limit; a
-//! connection that keeps up holds next to nothing and is reached last, if ever.
+//! connection that keeps up holds next to nothing and is never shed ([`SHED_FLOOR`]).
 //!
 //! History: the oldest publications across every channel go first, merged by the time they
 //! were published, so a quiet channel's recent history outlives a flood's old one. A channel
