@@ -424,6 +424,46 @@ async fn sse_streams_are_listed_as_connections_and_cleaned_up() {
     .await;
 }
 
+/// A long poll whose client goes away is no longer counted in flight, nor as a long poll.
+#[tokio::test]
+async fn a_long_poll_left_by_its_client_is_no_longer_counted() {
+    let server = TestServer::start().await;
+    let epoch = publish(&server, "news:gone", json!("first")).await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    let in_flight = "duplex_http_requests_in_flight";
+    use tokio::io::AsyncWriteExt as _;
+    let mut client = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .expect("connect");
+    client
+        .write_all(
+            format!(
+                "GET /api/channels/news:gone/poll?since=1&epoch={epoch}&wait=30s HTTP/1.1\r\n\
+                 Host: x\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("write");
+    wait_for("the long poll to wait", || async {
+        (server.metric("duplex_long_polls").await == 1.0).then_some(())
+    })
+    .await;
+    // The scrape is in flight itself while it is answered.
+    assert_eq!(server.metric(in_flight).await, 2.0);
+    drop(client);
+    wait_for("the long poll to end with its client", || async {
+        (server.metric("duplex_long_polls").await == 0.0).then_some(())
+    })
+    .await;
+    wait_for("the request to leave the in-flight count", || async {
+        (server.metric(in_flight).await == 1.0).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_event_stream_whose_client_stopped_reading_is_closed_after_the_write_timeout() {
     let server = TestServer::start_with(|c| {

@@ -1,8 +1,9 @@
 //! The HTTP side of the server: one axum router made of one module per resource.
 //!
-//! Every response passes through [`track_request`], which counts it and times it by route
-//! template; unknown paths and methods answer with problem+json like every other error.
+//! Every response passes through [`admit`], which counts it and times it by route template
+//! and reads its body in time; unknown paths and methods answer with problem+json like every other error.
 
+mod admit;
 mod channels;
 mod connections;
 mod error;
@@ -24,11 +25,11 @@ pub(crate) fn parse_list_query_for_fuzzing(
 }
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{self as http, HeaderMap, HeaderValue, header};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -42,7 +43,7 @@ pub use records::{DEFAULT_LIMIT, MAX_FILTERS, MAX_LIMIT};
 use crate::api_keys::{ApiKeys, KeyCheck, Scope};
 use crate::hub::Hub;
 use crate::hub::namespace::ClientAuth;
-use crate::metrics::{HttpLabels, Metrics, RouteLabel, method_label};
+use crate::metrics::Metrics;
 use crate::socket::SocketContext;
 use crate::store::Store;
 
@@ -311,7 +312,6 @@ fn traced() -> bool {
 
 /// The whole HTTP API.
 pub(crate) fn router(state: AppState) -> Router {
-    let metrics = state.metrics.clone();
     let origins = state.allowed_origins.clone();
     let scoped = |routes: Router<AppState>, scope: Scope| {
         routes.route_layer(middleware::from_fn_with_state(
@@ -333,18 +333,18 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/ws", axum::routing::get(websocket::upgrade))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // One layer for all four: each `Router::layer` wraps every route once more, and each
+        // One layer for all three: each `Router::layer` wraps every route once more, and each
         // wrapping costs a boxed clone of the route's service per request.
         .layer(
             tower::ServiceBuilder::new()
-                .layer(middleware::from_fn_with_state(metrics, track_request))
+                .layer(admit::AdmitLayer::new(
+                    state.metrics.clone(),
+                    state.max_body,
+                    state.body_read_timeout,
+                ))
                 // Without allowed origins, every browser request is same-origin: no CORS work.
                 .layer(tower::util::option_layer(
                     (!origins.is_empty()).then(|| cors(&origins)),
-                ))
-                .layer(middleware::from_fn_with_state(
-                    state.clone(),
-                    read_body_in_time,
                 ))
                 .layer(DefaultBodyLimit::max(state.max_body)),
         )
@@ -376,73 +376,10 @@ async fn require_scope(
     }
 }
 
-/// Reads a request's whole body within `body_read_timeout` (408 `request_timeout` after it), so
-/// a client that trickles a body cannot hold a request open. Bodies are bounded by `max_body`
-/// and every handler that takes one reads it whole anyway.
-async fn read_body_in_time(
-    State(state): State<AppState>,
-    request: Request,
-    next: Next,
-) -> Response {
-    use axum::body::HttpBody as _;
-    use axum::response::IntoResponse as _;
-    use http_body_util::BodyExt as _;
-    if request.body().is_end_stream() {
-        return next.run(request).await;
-    }
-    let (parts, body) = request.into_parts();
-    // One byte over the limit is enough to know the body is too large; the handler's own
-    // extractor then answers 413 with the limit.
-    let limited = http_body_util::Limited::new(body, state.max_body + 1);
-    match tokio::time::timeout(state.body_read_timeout, limited.collect()).await {
-        Ok(Ok(collected)) => {
-            let body = axum::body::Body::from(collected.to_bytes());
-            next.run(Request::from_parts(parts, body)).await
-        }
-        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-            ApiError::PayloadTooLarge {
-                limit: state.max_body,
-            }
-            .into_response()
-        }
-        Ok(Err(error)) => {
-            ApiError::BadBody(format!("the body could not be read: {error}")).into_response()
-        }
-        Err(_) => ApiError::RequestTimeout(state.body_read_timeout).into_response(),
-    }
-}
-
 async fn not_found() -> ApiError {
     ApiError::NotFound("nothing is served at this path".into())
 }
 
 async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
-}
-
-/// Counts and times every request by method, route template and status.
-async fn track_request(
-    State(metrics): State<Arc<Metrics>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let started = Instant::now();
-    let method = method_label(request.method());
-    let route = RouteLabel(request.extensions().get::<MatchedPath>().cloned());
-    metrics.http_in_flight.inc();
-    let response = next.run(request).await;
-    metrics.http_in_flight.dec();
-    let labels = HttpLabels {
-        method,
-        route,
-        status: response.status().as_u16(),
-    };
-    let elapsed = started.elapsed();
-    metrics.http_requests.get_or_create(&labels).inc();
-    metrics
-        .http_duration
-        .get_or_create(&labels)
-        .observe(elapsed.as_secs_f64());
-    metrics.recent_http.record(elapsed);
-    response
 }

@@ -3,7 +3,7 @@
 
 use axum::Router;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -160,18 +160,20 @@ pub(crate) async fn create_record(
 pub(crate) async fn get_record(
     State(state): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
-    headers: HeaderMap,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    // The request rather than a `HeaderMap`, which axum clones whole.
+    let headers = request.headers();
     let Path((collection, id)) = path?;
     check_collection(&collection)?;
-    authorize(&state, &headers, &collection, Op::Read)?;
+    authorize(&state, headers, &collection, Op::Read)?;
     check_id(&id)?;
     let record = state
         .store
         .get(&collection, &id)
         .await?
         .ok_or_else(ApiError::record_not_found)?;
-    if if_none_match_hits(&headers, record.version)? {
+    if if_none_match_hits(headers, record.version)? {
         return Ok((StatusCode::NOT_MODIFIED, etag_header(&record)).into_response());
     }
     Ok(record_response(StatusCode::OK, &record))
@@ -283,13 +285,14 @@ pub(crate) async fn delete_record(
 pub(crate) async fn list_records(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    let headers = request.headers();
+    let query = request.uri().query();
     let Path(collection) = path?;
     check_collection(&collection)?;
-    authorize(&state, &headers, &collection, Op::Read)?;
-    let query = parse_list_query(query.as_deref().unwrap_or(""), &state.cursors, &collection)?;
+    authorize(&state, headers, &collection, Op::Read)?;
+    let query = parse_list_query(query.unwrap_or(""), &state.cursors, &collection)?;
     let page = state.store.list(&collection, &query).await?;
 
     // The items are stored JSON documents: splice them in rather than decode and re-encode.
