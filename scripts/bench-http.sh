@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Measures the records API with wrk against a release build on loopback, beside a bare axum
 # route that answers a typed JSON body of the record's size (`duplex bench baseline-server`):
-# GET one record by id, a page of 20, POST a new record, PATCH one record (If-Match: *, so every
-# request takes the conditional write path without retries). Installs wrk (Debian) when missing.
+# GET one record by id, the first page of 20 and the second, POST a new record, PATCH one record
+# (If-Match: *, so every request takes the conditional write path without retries). Installs wrk
+# (Debian) when missing.
 #
 # Usage: scripts/bench-http.sh [DURATION_SECONDS] [CONNECTIONS] [DUPLEX_BINARY]
 # The binary defaults to this checkout's release build (built first); pass another one to
@@ -55,6 +56,9 @@ done
 created=$(curl -sf "$records" -H 'content-type: application/json' -d "$body")
 id=$(echo "$created" | sed 's/.*"id":"\([^"]*\)".*/\1/')
 size=$(curl -sf "$records/$id" | wc -c)
+# The second page of 20: read from SQLite every time (the first page is served from memory until
+# the collection is written).
+cursor=$(curl -sf "$records?limit=20" | sed 's/.*"next":"\([^"]*\)".*/\1/')
 
 baseline=""
 if "$duplex" bench baseline-server --help >/dev/null 2>&1; then
@@ -101,6 +105,7 @@ printf '%-10s %10s %9s %9s\n' what req/s p50 p99
 if [ -n "$baseline" ]; then run baseline "$baseline/record"; fi
 run get "$records/$id"
 run list "$records?limit=20"
+run list-next "$records?limit=20&cursor=$cursor"
 run post -s "$data/post.lua" "$records"
 run patch -s "$data/patch.lua" "$records/$id"
 echo "server RSS: $(awk '/VmRSS/ {print $2, $3}' "/proc/$server_pid/status")"

@@ -1,5 +1,6 @@
-//! Records over HTTP beside the HTTP stack itself: GET by id, a list of 20, POST and PATCH with
-//! `If-Match`, each first as fast as C keep-alive clients go, then open-loop at half that rate
+//! Records over HTTP beside the HTTP stack itself: GET by id, a list of 20 (the first page,
+//! which a SQLite server answers from memory until the collection is written, and the second,
+//! read from SQLite every time), POST and PATCH with `If-Match`, each first as fast as C keep-alive clients go, then open-loop at half that rate
 //! for its latency; and the same for a bare axum route serving a typed JSON body of the
 //! record's size ([`crate::baseline`]), so every operation reads as a ratio to the stack.
 //!
@@ -35,7 +36,7 @@ pub struct HttpOptions {
 /// One operation's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct HttpPhase {
-    /// `baseline`, `get`, `list`, `create` or `patch`.
+    /// `baseline`, `get`, `list`, `list-next`, `create` or `patch`.
     pub operation: &'static str,
     /// Requests answered with success at full speed.
     pub requests: u64,
@@ -98,6 +99,8 @@ enum Operation {
     Baseline,
     Get,
     List,
+    /// The page after the first: a cursor's page, never kept in memory.
+    ListNext,
     Create,
     Patch,
 }
@@ -108,6 +111,7 @@ impl Operation {
             Operation::Baseline => "baseline",
             Operation::Get => "get",
             Operation::List => "list",
+            Operation::ListNext => "list-next",
             Operation::Create => "create",
             Operation::Patch => "patch",
         }
@@ -147,6 +151,18 @@ pub async fn run_http(http_addr: &str, options: &HttpOptions) -> anyhow::Result<
         records.push(Mutex::new(create(&http, &base).await?));
     }
     let records = Arc::new(records);
+    let first_page: Value = http
+        .get(format!("{base}?limit=20"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    // base64url: nothing to escape in a query.
+    let cursor = first_page["next"]
+        .as_str()
+        .context("a page of 20 of the 40 records seeded has a next one")?
+        .to_owned();
 
     let baseline = match &options.baseline {
         Some((addr, pid)) => {
@@ -165,12 +181,14 @@ pub async fn run_http(http_addr: &str, options: &HttpOptions) -> anyhow::Result<
     for operation in [
         Operation::Get,
         Operation::List,
+        Operation::ListNext,
         Operation::Create,
         Operation::Patch,
     ] {
         let path: Arc<str> = match operation {
             Operation::Get => format!("{records_path}/{id}").into(),
             Operation::List => format!("{records_path}?limit=20").into(),
+            Operation::ListNext => format!("{records_path}?limit=20&cursor={cursor}").into(),
             _ => records_path.into(),
         };
         let pass = Pass {
@@ -344,7 +362,9 @@ async fn run_pass(
 /// The request an operation sends every time (all but PATCH, whose `If-Match` moves on).
 fn prepared(operation: Operation, addr: &str, path: &str) -> Vec<u8> {
     match operation {
-        Operation::Baseline | Operation::Get | Operation::List => lean_http::get(addr, path),
+        Operation::Baseline | Operation::Get | Operation::List | Operation::ListNext => {
+            lean_http::get(addr, path)
+        }
         Operation::Create => lean_http::with_body(
             "POST",
             addr,
@@ -372,9 +392,11 @@ async fn send(
     record: Option<&mut (String, u64)>,
 ) -> anyhow::Result<()> {
     let answer = match operation {
-        Operation::Baseline | Operation::Get | Operation::List | Operation::Create => {
-            connection.exchange(prepared).await?
-        }
+        Operation::Baseline
+        | Operation::Get
+        | Operation::List
+        | Operation::ListNext
+        | Operation::Create => connection.exchange(prepared).await?,
         Operation::Patch => {
             let (id, version) = record.context("no record to patch")?;
             let request = lean_http::with_body(

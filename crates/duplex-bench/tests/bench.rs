@@ -227,7 +227,7 @@ async fn http_bench_reports_each_operation_beside_the_baseline() {
     let baseline = report.baseline.expect("the baseline was measured");
     assert!(baseline.requests > 0);
     let names: Vec<&str> = report.phases.iter().map(|p| p.operation).collect();
-    assert_eq!(names, vec!["get", "list", "create", "patch"]);
+    assert_eq!(names, vec!["get", "list", "list-next", "create", "patch"]);
     for phase in &report.phases {
         assert!(phase.requests > 0, "{}", phase.operation);
         assert_eq!(phase.errors, 0, "{} failed", phase.operation);

@@ -454,6 +454,121 @@ async fn pagination_neither_skips_nor_repeats_under_concurrent_inserts(store: St
     }
 }
 
+/// The first page of a listing (which a SQLite server keeps in memory until the collection is
+/// written) shows every acknowledged create, replace, patch and delete at once, including
+/// while other clients read the same page at full speed.
+async fn the_first_page_shows_every_acknowledged_write(store: Store) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let server = start(store, |_| {}).await;
+    let records = server.url("/api/collections/feed/records");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let record = create(&server, "feed", json!({"i": i})).await;
+        ids.push(record["id"].as_str().expect("id").to_owned());
+    }
+    // Read twice: the second read may be the kept page.
+    for _ in 0..2 {
+        let (items, _) = list_page(&server, "feed", "limit=20").await;
+        assert_eq!(items.len(), 3);
+    }
+    // Another collection's writes and pages are apart.
+    create(&server, "other", json!({})).await;
+    let (items, _) = list_page(&server, "other", "limit=20").await;
+    assert_eq!(items.len(), 1);
+
+    let added = create(&server, "feed", json!({"i": 3})).await;
+    let (items, _) = list_page(&server, "feed", "limit=20").await;
+    assert_eq!(items.len(), 4, "a create shows");
+    assert_eq!(items[3]["id"], added["id"]);
+
+    let patched = client()
+        .patch(format!("{records}/{}", ids[1]))
+        .header(header::CONTENT_TYPE, "application/merge-patch+json")
+        .body(r#"{"i": 10}"#)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(patched.status(), StatusCode::OK);
+    let (items, _) = list_page(&server, "feed", "limit=20").await;
+    assert_eq!(items[1]["i"], 10, "a patch shows");
+    assert_eq!(items[1]["version"], 2);
+    let (items, _) = list_page(&server, "feed", "limit=20&sort=-updated").await;
+    assert_eq!(
+        items[0]["id"],
+        ids[1].as_str(),
+        "and moves it in the updated order"
+    );
+
+    let replaced = client()
+        .put(format!("{records}/{}", ids[2]))
+        .json(&json!({"replaced": true}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(replaced.status(), StatusCode::OK);
+    let (items, _) = list_page(&server, "feed", "limit=20").await;
+    assert_eq!(items[2]["replaced"], true, "a replace shows");
+    assert!(items[2].get("i").is_none());
+
+    let deleted = client()
+        .delete(format!("{records}/{}", ids[0]))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let (items, _) = list_page(&server, "feed", "limit=20").await;
+    assert_eq!(items.len(), 3, "a delete shows");
+    assert!(items.iter().all(|r| r["id"] != ids[0].as_str()));
+
+    // Readers at full speed while creates are acknowledged one by one: every page read after
+    // an acknowledgement holds at least the records acknowledged before the read began.
+    let acknowledged = Arc::new(AtomicUsize::new(items.len()));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (acknowledged, done, url) = (
+            acknowledged.clone(),
+            done.clone(),
+            format!("{records}?limit=100"),
+        );
+        readers.push(tokio::spawn(async move {
+            let client = client();
+            let mut reads = 0;
+            while !done.load(Ordering::Acquire) {
+                let at_least = acknowledged.load(Ordering::Acquire);
+                let page: Value = client
+                    .get(&url)
+                    .send()
+                    .await
+                    .expect("request")
+                    .json()
+                    .await
+                    .expect("json");
+                let seen = page["items"].as_array().expect("items").len();
+                assert!(
+                    seen >= at_least,
+                    "a page had {seen} of {at_least} acknowledged"
+                );
+                reads += 1;
+            }
+            reads
+        }));
+    }
+    for i in 0..40 {
+        create(&server, "feed", json!({"during": i})).await;
+        acknowledged.fetch_add(1, Ordering::AcqRel);
+    }
+    done.store(true, Ordering::Release);
+    for reader in readers {
+        let reads = reader.await.expect("reader");
+        assert!(reads > 0);
+    }
+    let (items, _) = list_page(&server, "feed", "limit=100").await;
+    assert_eq!(items.len(), acknowledged.load(Ordering::Acquire));
+}
+
 async fn collections_are_listed_with_record_counts(store: Store) {
     let server = start(store, |_| {}).await;
     for _ in 0..3 {
@@ -1069,6 +1184,7 @@ on_both_stores!(
     put_with_if_none_match_star_creates_with_a_chosen_id_once,
     listing_pages_sorts_and_filters,
     pagination_neither_skips_nor_repeats_under_concurrent_inserts,
+    the_first_page_shows_every_acknowledged_write,
     collections_are_listed_with_record_counts,
     bad_input_gets_problem_json_with_a_stable_code,
     a_body_streamed_past_the_limit_without_a_length_is_413,

@@ -4,6 +4,7 @@
 use std::fmt;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use super::{CollectionSummary, ListQuery, Record, StoreError};
 
@@ -52,7 +53,7 @@ pub(crate) enum Inserted {
 }
 
 /// One row of a listing: the document, its sort key and its insertion sequence.
-pub(crate) type Listed = (String, i64, i64);
+pub(crate) type Listed = (Bytes, i64, i64);
 
 /// Decides, from the row as it is (`None` when there is none), the row a write leaves.
 pub(crate) type Decide = Box<dyn FnOnce(Option<Current>) -> Result<Next, StoreError> + Send>;

@@ -115,7 +115,7 @@ pub enum Change {
 }
 
 /// The order of a listing; every order ends with the insertion sequence, so it is total.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum SortOrder {
     /// Oldest first.
     #[default]
@@ -174,7 +174,7 @@ impl SortOrder {
 ///
 /// Keyset pagination: a record inserted while a client pages gets a larger sequence number, so it
 /// never shifts the records already listed; nothing is skipped or repeated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Cursor {
     /// The order the cursor was issued for.
     pub order: SortOrder,
@@ -188,7 +188,7 @@ pub struct Cursor {
 ///
 /// The value matches a string field equal to it, or a number, boolean or null field whose JSON
 /// text is exactly it (`?filter.stars=5` matches `"stars": 5`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FieldFilter {
     /// The top-level field name.
     pub field: String,
@@ -211,7 +211,7 @@ impl FieldFilter {
 }
 
 /// A listing request.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ListQuery {
     /// At most this many records.
     pub limit: u32,

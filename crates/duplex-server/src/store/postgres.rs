@@ -365,7 +365,7 @@ impl Backend for PgBackend {
         let found: Vec<ListedRow> = statement.bind(rows).fetch_all(&self.pool).await?;
         Ok(found
             .into_iter()
-            .map(|row| (row.doc, row.sort_key, row.seq))
+            .map(|row| (Bytes::from(row.doc), row.sort_key, row.seq))
             .collect())
     }
 

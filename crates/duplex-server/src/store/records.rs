@@ -383,7 +383,7 @@ fn page_from_rows(rows: Vec<Listed>, query: &ListQuery) -> Page {
             more = true;
             break;
         }
-        items.push(Bytes::from(document));
+        items.push(document);
         last = Some((key, seq));
     }
     let next = match (more, last) {

@@ -19,6 +19,7 @@ mod history;
 mod hot;
 mod migrate;
 mod outbox;
+mod pages;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ use super::history::Logged;
 use super::{CollectionSummary, ListQuery, Record, StoreError};
 use checkpoint::Checkpointer;
 use hot::HotRecords;
+use pages::FirstPages;
 use writer::Writer;
 
 /// Idle read connections kept for the next reads.
@@ -45,6 +47,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Bytes of recently read records kept in memory ([`hot`]).
 const HOT_BYTES: usize = 32 << 20;
+
+/// Bytes of first pages of listings kept in memory ([`pages`]).
+const PAGE_BYTES: usize = 8 << 20;
 
 /// Prepared statements each connection keeps (listings vary with their filters).
 const STATEMENT_CACHE: usize = 64;
@@ -60,6 +65,7 @@ pub(crate) struct SqliteBackend {
     writer: Arc<Writer>,
     checkpointer: Checkpointer,
     hot: Arc<HotRecords>,
+    pages: Arc<FirstPages>,
 }
 
 /// Read-only connections to the file, opened when none is idle.
@@ -240,6 +246,7 @@ fn open_blocking(path: PathBuf) -> Result<SqliteBackend, StoreError> {
         history_epoch,
         checkpointer,
         hot: Arc::new(HotRecords::new(HOT_BYTES)),
+        pages: Arc::new(FirstPages::new(PAGE_BYTES)),
         readers,
         writer: Arc::new(writer),
     })
@@ -303,7 +310,9 @@ fn list_rows(
 ) -> rusqlite::Result<Vec<Listed>> {
     let mut statement = connection.prepare_cached(sql)?;
     let rows = statement.query_map(rusqlite::params_from_iter(values), |row| {
-        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        // The stored text as it is: the writer stored serde_json's UTF-8, so no need to check it.
+        let document = Bytes::copy_from_slice(row.get_ref(0)?.as_bytes()?);
+        Ok((document, row.get(1)?, row.get(2)?))
     })?;
     rows.collect()
 }
@@ -313,6 +322,7 @@ impl Backend for SqliteBackend {
     async fn insert(&self, row: NewRow, committed: Committed) -> Result<Inserted, StoreError> {
         let Committed { log, tell } = committed;
         let epoch = self.history_epoch.clone();
+        let (pages, changed) = (self.pages.clone(), row.collection.clone());
         self.writer
             .write(
                 move |connection| {
@@ -339,6 +349,7 @@ impl Backend for SqliteBackend {
                 },
                 move |(_, written): &(Inserted, Option<(Record, Option<Logged>)>)| {
                     if let Some((record, logged)) = written {
+                        pages.written(&changed);
                         tell(record, logged.clone());
                     }
                 },
@@ -372,7 +383,7 @@ impl Backend for SqliteBackend {
         committed: Committed,
     ) -> Result<Record, StoreError> {
         let (collection, id) = (collection.to_owned(), id.to_owned());
-        let (hot, written) = (self.hot.clone(), collection.clone());
+        let (hot, pages, written) = (self.hot.clone(), self.pages.clone(), collection.clone());
         let Committed { log, tell } = committed;
         let epoch = self.history_epoch.clone();
         self.writer
@@ -416,6 +427,7 @@ impl Backend for SqliteBackend {
                 },
                 move |(record, logged): &(Record, Option<Logged>)| {
                     hot.written(&written, record);
+                    pages.written(&written);
                     tell(record, logged.clone());
                 },
             )
@@ -431,7 +443,7 @@ impl Backend for SqliteBackend {
         committed: Committed,
     ) -> Result<Record, StoreError> {
         let (collection, id) = (collection.to_owned(), id.to_owned());
-        let (hot, deleted) = (self.hot.clone(), collection.clone());
+        let (hot, pages, deleted) = (self.hot.clone(), self.pages.clone(), collection.clone());
         let Committed { log, tell } = committed;
         let epoch = self.history_epoch.clone();
         self.writer
@@ -453,6 +465,7 @@ impl Backend for SqliteBackend {
                 },
                 move |(record, logged): &(Record, Option<Logged>)| {
                     hot.deleted(&deleted, &record.id);
+                    pages.written(&deleted);
                     tell(record, logged.clone());
                 },
             )
@@ -466,19 +479,27 @@ impl Backend for SqliteBackend {
         query: &ListQuery,
         rows: i64,
     ) -> Result<Vec<Listed>, StoreError> {
+        let ticket = match self.pages.get(collection, query, rows) {
+            Ok(page) => return Ok(page),
+            Err(ticket) => ticket,
+        };
         let (sql, values) = list_sql(collection, query, rows);
-        if query.filters.is_empty() {
+        let page = if query.filters.is_empty() {
             // A walk along an index that stops after `rows`: as cheap as a read by id.
-            return self
-                .readers
-                .read(|connection| list_rows(connection, &sql, values));
+            self.readers
+                .read(|connection| list_rows(connection, &sql, values))?
+        } else {
+            let readers = self.readers.clone();
+            tokio::task::spawn_blocking(move || {
+                readers.read(|connection| list_rows(connection, &sql, values))
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("the listing stopped: {e}")))??
+        };
+        if let Some(ticket) = ticket {
+            self.pages.offer(ticket, collection, query, rows, &page);
         }
-        let readers = self.readers.clone();
-        tokio::task::spawn_blocking(move || {
-            readers.read(|connection| list_rows(connection, &sql, values))
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("the listing stopped: {e}")))?
+        Ok(page)
     }
 
     async fn collections(&self) -> Result<Vec<CollectionSummary>, StoreError> {
