@@ -124,6 +124,9 @@ pub struct Metrics {
     pub connections: Family<TransportLabels, Gauge>,
     /// Active subscriptions.
     pub subscriptions: Gauge,
+    /// Reads of a channel's history from the broker or the store made for subscriptions (one
+    /// read serves every subscriber of the channel that comes back while it runs).
+    pub history_reads: Counter,
     /// Publications accepted by the hub.
     pub publications: Counter,
     /// Publications queued to subscribers (one per subscriber per publication).
@@ -222,6 +225,12 @@ impl Metrics {
             "subscriptions",
             "Active subscriptions",
             subscriptions.clone(),
+        );
+        let history_reads = Counter::default();
+        registry.register(
+            "history_reads",
+            "Reads of channel history from the broker or the store for subscriptions",
+            history_reads.clone(),
         );
         let publications = Counter::default();
         registry.register(
@@ -410,6 +419,7 @@ impl Metrics {
             http_in_flight,
             connections,
             subscriptions,
+            history_reads,
             publications,
             deliveries_queued,
             deliveries_written,

@@ -61,6 +61,7 @@ on_both_brokers!(
     resubscribing_while_the_broker_is_away_keeps_trying,
     a_user_request_asks_the_users_connections_on_every_node,
     a_publish_retried_with_its_key_on_another_node_is_published_once,
+    subscribers_that_come_back_together_share_the_history_reads,
 );
 
 /// A proxy in front of the broker (to cut a node off it) and the broker URL through it.
@@ -241,6 +242,71 @@ async fn moving_to_another_node_recovers_without_gaps(broker: String) {
         .await;
     assert_eq!(reply["result"]["recovered"], false);
     assert_eq!(reply["result"]["reason"], "epoch_changed");
+}
+
+/// After a fault, a channel's subscribers come back together, each `since` what it had: while
+/// the broker holds the first history read up (its link stalled, silently), the others wait,
+/// and one more read serves them all. Each gets exactly what it missed.
+async fn subscribers_that_come_back_together_share_the_history_reads(broker: String) {
+    const CLIENTS: u64 = 60;
+    let (proxy, through_proxy) = behind_proxy(&broker).await;
+    let a = node(&through_proxy, "a").await;
+    let b = node(&broker, "b").await;
+    let epoch = publish_http(&b, "chat:storm", json!(1)).await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+    for i in 2..=6 {
+        publish_http(&b, "chat:storm", json!(i)).await;
+    }
+    let reads_before = a.metric("duplex_history_reads_total").await;
+    let subscriptions_before = a.metric("duplex_subscriptions").await;
+
+    proxy.set_stalled(true);
+    let mut clients = Vec::new();
+    for k in 0..CLIENTS {
+        let (url, epoch) = (a.ws_url(), epoch.clone());
+        let since = 1 + k % 4;
+        clients.push(tokio::spawn(async move {
+            let mut client = WsClient::connect(&url).await;
+            let reply = client
+                .request(
+                    json!({"id": 1, "type": "subscribe", "channel": "chat:storm",
+                           "since": {"offset": since, "epoch": epoch}}),
+                    1,
+                )
+                .await;
+            let mut offsets = Vec::new();
+            for _ in since..6 {
+                offsets.push(
+                    next_message(&mut client).await["offset"]
+                        .as_u64()
+                        .expect("offset"),
+                );
+            }
+            (since, reply, offsets)
+        }));
+    }
+    wait_for(
+        "every subscription to be waiting for the history",
+        || async {
+            (a.metric("duplex_subscriptions").await - subscriptions_before == CLIENTS as f64)
+                .then_some(())
+        },
+    )
+    .await;
+    proxy.set_stalled(false);
+    for client in clients {
+        let (since, reply, offsets) = client.await.expect("client");
+        assert_eq!(reply["result"]["recovered"], true, "{reply}");
+        assert_eq!(reply["result"]["missed"], 6 - since, "{reply}");
+        assert_eq!(offsets, (since + 1..=6).collect::<Vec<_>>());
+    }
+    let reads = a.metric("duplex_history_reads_total").await - reads_before;
+    assert!(
+        reads <= 3.0,
+        "{reads} history reads for {CLIENTS} subscribers that came back together"
+    );
 }
 
 async fn publishing_while_subscribing_loses_and_repeats_nothing(broker: String) {

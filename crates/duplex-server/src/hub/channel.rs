@@ -304,6 +304,9 @@ pub(super) struct Channel {
     pub(super) state: Mutex<ChannelState>,
     /// Wakes long polls when a publication arrives.
     pub(super) published: tokio::sync::Notify,
+    /// The broker's (or the store's) history, read once for the subscribers that resubscribe
+    /// together.
+    pub(super) history_reads: super::shared_read::SharedReads,
 }
 
 impl Channel {
@@ -312,6 +315,7 @@ impl Channel {
             name: name.into(),
             namespace,
             published: tokio::sync::Notify::new(),
+            history_reads: super::shared_read::SharedReads::default(),
             state: Mutex::new(ChannelState {
                 last_offset: 0,
                 epoch: new_epoch(),

@@ -22,6 +22,7 @@ mod presence;
 pub mod publication;
 pub mod queue;
 mod registry;
+mod shared_read;
 mod subscribe;
 #[cfg(test)]
 mod tests;

@@ -15,8 +15,9 @@ use super::namespace::{Caller, ClientAuth, SlowConsumerPolicy};
 use super::presence::{join_frame, present};
 use super::publication::Publication;
 use super::queue::LatestSlot;
+use super::shared_read::SharedHistory;
 use super::{Channel, Hub, HubError, NotRecovered, retention_of};
-use crate::broker::{BrokerHistory, ChannelLog, HistoryRange};
+use crate::broker::{ChannelLog, HistoryRange};
 use crate::model::ConnectionId;
 
 impl Hub {
@@ -130,26 +131,31 @@ impl Hub {
             drop(state);
             break channel;
         };
-        let range = match since {
-            Some(since) => HistoryRange::After {
-                offset: since.offset(),
-                limit: retention_of(&channel.namespace).size,
-            },
-            None => HistoryRange::None,
-        };
         let retention = retention_of(&channel.namespace);
-        let mut read = log.history(channel_name, range, retention).await;
-        if let (Some(since), Ok(history)) = (since, &read)
-            && since.offset() > 0
-            && replay_from_start(since, history)
-        {
-            // A new epoch, kept whole: its publications are sent from its first offset.
-            let range = HistoryRange::After {
-                offset: 0,
-                limit: retention.size,
-            };
-            read = log.history(channel_name, range, retention).await;
-        }
+        let read = match since {
+            // The whole history kept, read once for every subscriber of the channel that comes
+            // back meanwhile (`shared_read.rs`); each takes what follows its own `since`, or,
+            // in a new epoch kept whole, all of it.
+            Some(_) => {
+                let whole = HistoryRange::After {
+                    offset: 0,
+                    limit: retention.size,
+                };
+                channel
+                    .history_reads
+                    .read(|| {
+                        self.metrics.history_reads.inc();
+                        log.history(channel_name, whole, retention)
+                    })
+                    .await
+            }
+            None => {
+                self.metrics.history_reads.inc();
+                log.history(channel_name, HistoryRange::None, retention)
+                    .await
+                    .map(Arc::new)
+            }
+        };
         if !self.finish_subscription(&channel, connection, reply_id, since, read)? {
             return Ok(());
         }
@@ -191,7 +197,7 @@ impl Hub {
         connection: &Arc<ConnectionHandle>,
         reply_id: u64,
         since: Option<&Since>,
-        read: Result<BrokerHistory, crate::broker::BrokerError>,
+        read: SharedHistory,
     ) -> Result<bool, HubError> {
         let mut state = channel.state.lock();
         let Some(subscriber) = state.subscribers.get_mut(&connection.id) else {
@@ -216,12 +222,7 @@ impl Hub {
                 return Err(HubError::Unavailable(error.to_string()));
             }
         };
-        let BrokerHistory {
-            top,
-            epoch,
-            oldest,
-            publications,
-        } = history;
+        let (top, oldest, epoch) = (history.top, history.oldest, history.epoch.clone());
         let recovery = since.map(|since| recoverable(since, top, &epoch, oldest));
         let replay = since
             .zip(recovery)
@@ -236,7 +237,7 @@ impl Hub {
             replay,
         );
         if let Some(after) = replay {
-            for stored in publications.iter().filter(|p| p.offset > after) {
+            for stored in history.publications.iter().filter(|p| p.offset > after) {
                 let publication = Publication::counted(
                     channel.name.clone(),
                     stored.offset,
@@ -352,13 +353,6 @@ impl Hub {
         }
         Ok(())
     }
-}
-
-/// Whether a history read for `since` found a new epoch whose publications are all kept, so
-/// that they are replayed from its first offset (see [`replay_after`]).
-fn replay_from_start(since: &Since, history: &BrokerHistory) -> bool {
-    let recovery = recoverable(since, history.top, &history.epoch, history.oldest);
-    replay_after(since, recovery, history.top, history.oldest) == Some(0)
 }
 
 /// Queues a subscription's `reply`; `replay` is where the publications that follow it start.
