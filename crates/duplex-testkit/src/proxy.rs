@@ -19,6 +19,8 @@ pub struct TcpProxy {
     down: Arc<AtomicBool>,
     /// While true, bytes are held in both directions (connections stay open).
     stalled: watch::Sender<bool>,
+    /// Bumped to make every open connection go dark (see [`TcpProxy::blackhole`]).
+    dark: watch::Sender<u64>,
     accepted: Arc<AtomicU64>,
     target: Arc<std::sync::Mutex<SocketAddr>>,
     task: JoinHandle<()>,
@@ -36,12 +38,16 @@ impl TcpProxy {
         let accepted = Arc::new(AtomicU64::new(0));
         let target = Arc::new(std::sync::Mutex::new(target));
         let (stalled, _) = watch::channel(false);
+        let (dark, _) = watch::channel(0u64);
         let task = tokio::spawn(accept(
             listener,
             target.clone(),
-            generation.clone(),
+            Signals {
+                cut: generation.clone(),
+                stalled: stalled.clone(),
+                dark: dark.clone(),
+            },
             down.clone(),
-            stalled.clone(),
             accepted.clone(),
         ));
         TcpProxy {
@@ -49,6 +55,7 @@ impl TcpProxy {
             generation,
             down,
             stalled,
+            dark,
             accepted,
             target,
             task,
@@ -69,6 +76,14 @@ impl TcpProxy {
     /// network that silently stops carrying packets for a while.
     pub fn set_stalled(&self, stalled: bool) {
         self.stalled.send_replace(stalled);
+    }
+
+    /// Every open connection goes dark, as when a NAT or a firewall forgets it: the target's side
+    /// is closed (the target drops the client), while the client's side stays open and hears
+    /// nothing, ever; what the client sends is swallowed. Only the client's own liveness checks
+    /// can tell. New connections are forwarded as usual.
+    pub fn blackhole(&self) {
+        self.dark.send_modify(|g| *g += 1);
     }
 
     /// Forwards new connections to `target` from now on (a server restarted on a new port).
@@ -92,12 +107,18 @@ impl Drop for TcpProxy {
     }
 }
 
+/// What the proxy's connections follow.
+struct Signals {
+    cut: watch::Sender<u64>,
+    stalled: watch::Sender<bool>,
+    dark: watch::Sender<u64>,
+}
+
 async fn accept(
     listener: TcpListener,
     target: Arc<std::sync::Mutex<SocketAddr>>,
-    generation: watch::Sender<u64>,
+    signals: Signals,
     down: Arc<AtomicBool>,
-    stalled: watch::Sender<bool>,
     accepted: Arc<AtomicU64>,
 ) {
     while let Ok((client, _)) = listener.accept().await {
@@ -105,38 +126,54 @@ async fn accept(
             drop(client);
             continue;
         }
-        let mut cut = generation.subscribe();
+        let mut cut = signals.cut.subscribe();
         cut.borrow_and_update();
+        let mut dark = signals.dark.subscribe();
+        dark.borrow_and_update();
         accepted.fetch_add(1, Ordering::SeqCst);
         let target = *target
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (up_stall, down_stall) = (stalled.subscribe(), stalled.subscribe());
+        let (up_stall, down_stall) = (signals.stalled.subscribe(), signals.stalled.subscribe());
         tokio::spawn(async move {
             let Ok(server) = TcpStream::connect(target).await else {
                 return;
             };
             client.set_nodelay(true).ok();
             server.set_nodelay(true).ok();
-            let (client_read, client_write) = client.into_split();
-            let (server_read, server_write) = server.into_split();
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
             tokio::select! {
                 _ = async {
                     tokio::join!(
-                        pump(client_read, server_write, up_stall),
-                        pump(server_read, client_write, down_stall),
+                        pump(&mut client_read, &mut server_write, up_stall),
+                        pump(&mut server_read, &mut client_write, down_stall),
                     )
-                } => {}
+                } => return,
+                _ = cut.changed() => return,
+                _ = dark.changed() => {}
+            }
+            // Dark: the target's side closes; the client's stays open, silent, until cut.
+            drop((server_read, server_write));
+            let swallow = async {
+                use tokio::io::AsyncReadExt as _;
+                let mut buffer = vec![0u8; 16 * 1024];
+                while matches!(client_read.read(&mut buffer).await, Ok(n) if n > 0) {}
+                std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                () = swallow => {}
                 _ = cut.changed() => {}
             }
+            drop(client_write);
         });
     }
 }
 
 /// Copies one direction until it ends, holding bytes back while stalled.
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
     mut stalled: watch::Receiver<bool>,
 ) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
