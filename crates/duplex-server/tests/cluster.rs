@@ -62,6 +62,7 @@ on_both_brokers!(
     a_user_request_asks_the_users_connections_on_every_node,
     a_publish_retried_with_its_key_on_another_node_is_published_once,
     subscribers_that_come_back_together_share_the_history_reads,
+    a_link_to_the_broker_that_goes_dark_is_noticed_and_nothing_is_lost,
 );
 
 /// A proxy in front of the broker (to cut a node off it) and the broker URL through it.
@@ -890,6 +891,39 @@ async fn expect_publication(subscription: &mut duplex_client::Subscription, offs
         }
         other => panic!("expected publication {offset}, got {other:?}"),
     }
+}
+
+/// A node's connections to the broker go dark (a NAT or a firewall forgot them: no reset, no
+/// close; the broker dropped its side): the node notices within seconds, links again, and its
+/// subscribers get what other nodes published meanwhile, in order; the node publishes again.
+async fn a_link_to_the_broker_that_goes_dark_is_noticed_and_nothing_is_lost(broker: String) {
+    let (proxy, through_proxy) = behind_proxy(&broker).await;
+    let a = node(&through_proxy, "a").await;
+    let b = node(&broker, "b").await;
+    let connection = reconnecting_client(&a.ws_url()).await;
+    let mut subscription = connection.subscribe("news:dark").await.expect("subscribe");
+    publish_http(&b, "news:dark", json!(1)).await;
+    expect_publication(&mut subscription, 1).await;
+
+    proxy.blackhole();
+    for i in 2..=4 {
+        publish_http(&b, "news:dark", json!(i)).await;
+    }
+    for i in 2..=4 {
+        expect_publication(&mut subscription, i).await;
+    }
+    let published = wait_for("node a to publish again", || async {
+        let response = reqwest::Client::new()
+            .post(a.url("/api/channels/news:dark/publish"))
+            .json(&json!(5))
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    let () = published;
+    expect_publication(&mut subscription, 5).await;
 }
 
 /// A client that reconnects while its node cannot reach the broker is told `unavailable`, keeps

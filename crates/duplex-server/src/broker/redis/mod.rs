@@ -53,10 +53,18 @@ const META_TTL_SECONDS: u64 = 24 * 60 * 60;
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
+/// How often the pub/sub link is asked for a `PING` while it is quiet, and how long its answer
+/// may take: a link that went dark (a NAT or a firewall forgot it; nothing ever arrives, no
+/// reset either) would otherwise wait for messages for ever while the other nodes publish.
+const LINK_PING_EVERY: Duration = Duration::from_secs(1);
+const LINK_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Channels, history, presence and requests between nodes through Redis.
 pub struct RedisBroker {
     client: redis::Client,
-    connection: ConnectionManager,
+    /// Commands' connection: replaced when the link goes dark (see [`RedisBroker::renew`]).
+    connection: parking_lot::RwLock<ConnectionManager>,
+    config: ConnectionManagerConfig,
     prefix: String,
     bus: String,
     node: String,
@@ -106,12 +114,13 @@ impl RedisBroker {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let connection = client
-            .get_connection_manager_with_config(config)
+            .get_connection_manager_with_config(config.clone())
             .await
             .map_err(broker_error)?;
         Ok(RedisBroker {
             client,
-            connection,
+            connection: parking_lot::RwLock::new(connection),
+            config,
             bus: format!("{prefix}:bus"),
             prefix,
             node: node.clone(),
@@ -120,6 +129,30 @@ impl RedisBroker {
             bus_state: Arc::new(Bus::new(node.clone())),
             linked: AtomicBool::new(false),
         })
+    }
+
+    /// The commands' connection (a handle: cheap to clone, shared by every command).
+    fn connection(&self) -> ConnectionManager {
+        self.connection.read().clone()
+    }
+
+    /// Replaces the commands' connection with a new one. Its manager reconnects by itself when
+    /// the connection breaks, but not when it goes dark (a NAT or a firewall forgot it: no
+    /// reset, no close): every command then times out, for as long as TCP takes to give up on
+    /// it (many minutes). Called when the pub/sub link stops answering its pings or a heartbeat
+    /// fails; commands in flight finish on the old one.
+    async fn renew(&self) {
+        let made = tokio::time::timeout(
+            LINK_PING_TIMEOUT,
+            self.client
+                .get_connection_manager_with_config(self.config.clone()),
+        )
+        .await;
+        match made {
+            Ok(Ok(connection)) => *self.connection.write() = connection,
+            Ok(Err(error)) => tracing::debug!(%error, "cannot renew the commands' connection yet"),
+            Err(_) => tracing::debug!("cannot renew the commands' connection yet: no answer"),
+        }
     }
 
     fn idempotency_key(&self, channel: &str, key: &str) -> String {
@@ -152,7 +185,7 @@ impl RedisBroker {
                 .arg(crate::hub::idempotency::WINDOW.as_millis() as u64);
         }
         invocation
-            .invoke_async(&mut self.connection.clone())
+            .invoke_async(&mut self.connection())
             .await
             .map_err(broker_error)
     }
@@ -200,7 +233,7 @@ impl RedisBroker {
             .arg(&self.bus)
             .arg(join);
         let _: i64 = invocation
-            .invoke_async(&mut self.connection.clone())
+            .invoke_async(&mut self.connection())
             .await
             .map_err(broker_error)?;
         Ok(())
@@ -213,7 +246,7 @@ impl RedisBroker {
             serde_json::to_string(&events.node_info()).map_err(|e| BrokerError(e.to_string()))?;
         let ttl = self.presence_ttl.as_millis() as u64;
         let now = now_ms();
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection();
         redis::pipe()
             .zadd(self.nodes_key(), &self.node, now)
             .ignore()
@@ -240,7 +273,7 @@ impl RedisBroker {
     }
 
     async fn deregister(&self) {
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection();
         let result = redis::pipe()
             .zrem(self.nodes_key(), &self.node)
             .ignore()
@@ -279,22 +312,47 @@ impl RedisBroker {
         shutdown: &CancellationToken,
         linked_before: bool,
     ) -> Result<bool, BrokerError> {
-        let mut pubsub = self.client.get_async_pubsub().await.map_err(broker_error)?;
-        pubsub.subscribe(&self.bus).await.map_err(broker_error)?;
+        let pubsub = tokio::time::timeout(LINK_PING_TIMEOUT, async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.bus).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await
+        .map_err(|_| BrokerError("the pub/sub link did not answer".into()))?
+        .map_err(broker_error)?;
         self.linked.store(true, Ordering::Release);
         if linked_before {
             tracing::info!("broker link restored");
             events.reconnected();
         }
-        let mut messages = pubsub.into_on_message();
+        let (mut sink, mut messages) = pubsub.split();
         let link: Arc<dyn BusLink> = self.clone();
+        let quiet = tokio::time::sleep(LINK_PING_EVERY);
+        tokio::pin!(quiet);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(true),
                 message = messages.next() => match message {
-                    Some(message) => self.on_message(&link, events, message.get_payload_bytes()),
+                    Some(message) => {
+                        self.on_message(&link, events, message.get_payload_bytes());
+                        quiet.as_mut().reset(tokio::time::Instant::now() + LINK_PING_EVERY);
+                    }
                     None => return Err(BrokerError("the pub/sub link closed".into())),
                 },
+                () = &mut quiet => {
+                    // Messages meanwhile wait in the link's buffer; a live link answers in
+                    // well under a millisecond.
+                    match tokio::time::timeout(LINK_PING_TIMEOUT, sink.ping::<redis::Value>()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(error)) => return Err(broker_error(error)),
+                        Err(_) => {
+                            return Err(BrokerError(format!(
+                                "the pub/sub link did not answer a PING within {LINK_PING_TIMEOUT:?}"
+                            )));
+                        }
+                    }
+                    quiet.as_mut().reset(tokio::time::Instant::now() + LINK_PING_EVERY);
+                }
             }
         }
     }
@@ -304,8 +362,7 @@ impl RedisBroker {
 impl BusLink for RedisBroker {
     async fn send(&self, message: Vec<u8>) -> Result<(), BrokerError> {
         let _: i64 = self
-            .connection
-            .clone()
+            .connection()
             .publish(&self.bus, message)
             .await
             .map_err(broker_error)?;
@@ -365,6 +422,7 @@ impl Broker for RedisBroker {
                         _ = interval.tick() => {
                             if let Err(error) = broker.heartbeat(&events).await {
                                 tracing::warn!(%error, "broker heartbeat failed");
+                                broker.renew().await;
                             }
                         }
                     }
@@ -383,6 +441,9 @@ impl Broker for RedisBroker {
                         if self.linked.swap(false, Ordering::AcqRel) {
                             tracing::warn!(%error, "broker link lost; reconnecting");
                             delay = RECONNECT_MIN;
+                            // What broke the pub/sub link may have taken the commands' one
+                            // silently with it.
+                            self.renew().await;
                         }
                     }
                 }
@@ -442,7 +503,7 @@ impl Broker for RedisBroker {
                 .arg("epoch");
         }
         let rows: Vec<(Option<u64>, Option<String>)> = pipe
-            .query_async(&mut self.connection.clone())
+            .query_async(&mut self.connection())
             .await
             .map_err(broker_error)?;
         Ok(rows
@@ -466,7 +527,7 @@ impl Broker for RedisBroker {
         }
         invocation.arg(client.to_string()).arg(&self.bus);
         let _: i64 = invocation
-            .invoke_async(&mut self.connection.clone())
+            .invoke_async(&mut self.connection())
             .await
             .map_err(broker_error)?;
         Ok(())
@@ -480,7 +541,7 @@ impl Broker for RedisBroker {
         }
         invocation.arg(&self.bus);
         let rows: Vec<String> = invocation
-            .invoke_async(&mut self.connection.clone())
+            .invoke_async(&mut self.connection())
             .await
             .map_err(broker_error)?;
         let mut present: Vec<Present> = rows
@@ -517,7 +578,7 @@ impl Broker for RedisBroker {
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
         let since = now_ms().saturating_sub(self.presence_ttl.as_millis() as u64);
-        let mut connection = self.connection.clone();
+        let mut connection = self.connection();
         let ids: Vec<String> = connection
             .zrangebyscore(self.nodes_key(), since, "+inf")
             .await
@@ -545,7 +606,7 @@ impl Broker for RedisBroker {
             return Err(BrokerError("the pub/sub link to Redis is down".into()));
         }
         let _: String = redis::cmd("PING")
-            .query_async(&mut self.connection.clone())
+            .query_async(&mut self.connection())
             .await
             .map_err(broker_error)?;
         Ok(())
@@ -589,7 +650,7 @@ impl ChannelLog for RedisBroker {
             .arg(META_TTL_SECONDS)
             .arg(new_epoch())
             .arg(limit)
-            .invoke_async(&mut self.connection.clone())
+            .invoke_async(&mut self.connection())
             .await
             .map_err(broker_error)?;
         let mut publications = Vec::with_capacity(entries.len());
