@@ -1,7 +1,8 @@
 //! Chaos across nodes: the soak's clients and checker over several nodes sharing a broker of
 //! the run's own (Redis or NATS, on a private port), while the run kills a node with SIGKILL
-//! and restarts it, cuts a node's link to the broker for a while, restarts the broker with
-//! SIGKILL, and pauses it with SIGSTOP, at random moments. Every client checks what it
+//! and restarts it, cuts a node's link to the broker for a while, makes a node's connections to
+//! the broker go dark (no reset, no close: a NAT or a firewall forgot them), restarts the
+//! broker with SIGKILL, and pauses it with SIGSTOP, at random moments. Every client checks what it
 //! receives as in the soak: every acknowledged publication reaches every client that stayed
 //! subscribed or resumed, unless the server said `recovered: false`; never a silent gap, never
 //! a repeat; at the end (everything healed, publishers stopped) every connected client has
@@ -205,6 +206,7 @@ struct LinkProxy {
     port: u16,
     down: Arc<AtomicBool>,
     cut: watch::Sender<u64>,
+    dark: watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -214,21 +216,37 @@ impl LinkProxy {
         let port = listener.local_addr()?.port();
         let down = Arc::new(AtomicBool::new(false));
         let (cut, _) = watch::channel(0u64);
+        let (dark, _) = watch::channel(0u64);
         let task = tokio::spawn({
-            let (down, cut) = (down.clone(), cut.clone());
+            let (down, cut, dark) = (down.clone(), cut.clone(), dark.clone());
             async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
                     if down.load(Ordering::SeqCst) {
                         continue;
                     }
                     let mut cut = cut.subscribe();
+                    let mut dark = dark.subscribe();
                     tokio::spawn(async move {
                         let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", target)).await
                         else {
                             return;
                         };
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                            _ = cut.changed() => return,
+                            _ = dark.changed() => {}
+                        }
+                        // Dark: the broker's side closes, the node's stays open and hears
+                        // nothing; what the node sends is swallowed.
+                        drop(outbound);
+                        let swallow = async {
+                            use tokio::io::AsyncReadExt as _;
+                            let mut buffer = vec![0u8; 16 * 1024];
+                            while matches!(inbound.read(&mut buffer).await, Ok(n) if n > 0) {}
+                            std::future::pending::<()>().await;
+                        };
+                        tokio::select! {
+                            () = swallow => {}
                             _ = cut.changed() => {}
                         }
                     });
@@ -239,6 +257,7 @@ impl LinkProxy {
             port,
             down,
             cut,
+            dark,
             task,
         })
     }
@@ -251,6 +270,12 @@ impl LinkProxy {
 
     fn heal(&self) {
         self.down.store(false, Ordering::SeqCst);
+    }
+
+    /// The open connections go dark for good (new ones are forwarded as usual): only the
+    /// node's own liveness checks can tell.
+    fn darken(&self) {
+        self.dark.send_modify(|generation| *generation += 1);
     }
 }
 
@@ -395,7 +420,7 @@ pub async fn run_chaos(
         tokio::time::sleep(calm).await;
         let outage = between(&mut rng, 500, 3000);
         let index = rng.usize(..options.nodes);
-        let what = match rng.u8(..4) {
+        let what = match rng.u8(..5) {
             0 => {
                 nodes[index].kill().await;
                 tokio::time::sleep(outage).await;
@@ -413,6 +438,10 @@ pub async fn run_chaos(
                 tokio::time::sleep(outage).await;
                 broker.spawn().await?;
                 format!("broker killed (SIGKILL), restarted after {outage:?}")
+            }
+            4 => {
+                proxies[index].darken();
+                format!("node {index}'s connections to the broker went dark")
             }
             _ => {
                 broker.signal("-STOP")?;

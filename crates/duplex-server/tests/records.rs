@@ -534,18 +534,10 @@ async fn the_first_page_shows_every_acknowledged_write(store: Store) {
             format!("{records}?limit=100"),
         );
         readers.push(tokio::spawn(async move {
-            let client = client();
             let mut reads = 0;
             while !done.load(Ordering::Acquire) {
                 let at_least = acknowledged.load(Ordering::Acquire);
-                let page: Value = client
-                    .get(&url)
-                    .send()
-                    .await
-                    .expect("request")
-                    .json()
-                    .await
-                    .expect("json");
+                let page = get_json(&url).await;
                 let seen = page["items"].as_array().expect("items").len();
                 assert!(
                     seen >= at_least,

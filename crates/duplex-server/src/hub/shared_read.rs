@@ -132,41 +132,62 @@ mod tests {
         }
     }
 
-    /// A read that takes `gate` to finish, and counts itself.
-    async fn counted_read(
-        reads: &AtomicU64,
-        gate: &tokio::sync::Semaphore,
-    ) -> Result<BrokerHistory, BrokerError> {
-        let n = reads.fetch_add(1, Ordering::SeqCst) + 1;
-        gate.acquire().await.expect("open").forget();
-        Ok(history(n))
+    /// Reads of one channel whose every read counts itself and waits for a permit to finish.
+    #[derive(Clone)]
+    struct Rig {
+        shared: Arc<SharedReads>,
+        reads: Arc<AtomicU64>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            Rig {
+                shared: Arc::new(SharedReads::default()),
+                reads: Arc::new(AtomicU64::new(0)),
+                gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            }
+        }
+
+        /// A subscriber asking for the history, on a task of its own.
+        fn ask(&self) -> tokio::task::JoinHandle<SharedHistory> {
+            let rig = self.clone();
+            tokio::spawn(async move {
+                rig.shared
+                    .read(|| async {
+                        let n = rig.reads.fetch_add(1, Ordering::SeqCst) + 1;
+                        rig.gate.acquire().await.expect("open").forget();
+                        Ok(history(n))
+                    })
+                    .await
+            })
+        }
+
+        fn reads(&self) -> u64 {
+            self.reads.load(Ordering::SeqCst)
+        }
+
+        async fn until(&self, done: impl Fn(&Rig) -> bool) {
+            while !done(self) {
+                tokio::task::yield_now().await;
+            }
+        }
+
+        fn waiting(&self) -> usize {
+            self.shared.group.lock().waiting.len()
+        }
     }
 
     #[tokio::test]
     async fn those_who_come_while_a_read_runs_share_the_next_one() {
-        let shared = Arc::new(SharedReads::default());
-        let reads = Arc::new(AtomicU64::new(0));
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let first = {
-            let (shared, reads, gate) = (shared.clone(), reads.clone(), gate.clone());
-            tokio::spawn(async move { shared.read(|| counted_read(&reads, &gate)).await })
-        };
+        let rig = Rig::new();
+        let first = rig.ask();
         // The first read is running (it counted itself).
-        while reads.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
-        let mut later = Vec::new();
-        for _ in 0..50 {
-            let (shared, reads, gate) = (shared.clone(), reads.clone(), gate.clone());
-            later.push(tokio::spawn(async move {
-                shared.read(|| counted_read(&reads, &gate)).await
-            }));
-        }
-        // Let all fifty join the queue before the first read finishes.
-        while shared.group.lock().waiting.len() < 50 {
-            tokio::task::yield_now().await;
-        }
-        gate.add_permits(2);
+        rig.until(|rig| rig.reads() == 1).await;
+        let later: Vec<_> = (0..50).map(|_| rig.ask()).collect();
+        // All fifty join before the first read finishes.
+        rig.until(|rig| rig.waiting() == 50).await;
+        rig.gate.add_permits(2);
         let first = first.await.expect("task").expect("read");
         assert_eq!(first.top, 1, "the first read served its caller");
         for waiter in later {
@@ -176,46 +197,26 @@ mod tests {
                 "one read, begun after they came, served all fifty"
             );
         }
-        assert_eq!(reads.load(Ordering::SeqCst), 2);
-        assert!(!shared.group.lock().reading);
+        assert_eq!(rig.reads(), 2);
+        assert!(!rig.shared.group.lock().reading);
     }
 
     #[tokio::test]
     async fn a_reader_that_goes_away_hands_its_waiters_to_the_next_one() {
-        let shared = Arc::new(SharedReads::default());
-        let reads = Arc::new(AtomicU64::new(0));
-        let gate = Arc::new(tokio::sync::Semaphore::new(0));
-        let first = {
-            let (shared, reads, gate) = (shared.clone(), reads.clone(), gate.clone());
-            tokio::spawn(async move { shared.read(|| counted_read(&reads, &gate)).await })
-        };
-        while reads.load(Ordering::SeqCst) == 0 {
-            tokio::task::yield_now().await;
-        }
+        let rig = Rig::new();
+        let first = rig.ask();
+        rig.until(|rig| rig.reads() == 1).await;
         // One waiter that will go away, then two that stay.
-        let gone = {
-            let (shared, reads, gate) = (shared.clone(), reads.clone(), gate.clone());
-            tokio::spawn(async move { shared.read(|| counted_read(&reads, &gate)).await })
-        };
-        while shared.group.lock().waiting.is_empty() {
-            tokio::task::yield_now().await;
-        }
-        let mut staying = Vec::new();
-        for _ in 0..2 {
-            let (shared, reads, gate) = (shared.clone(), reads.clone(), gate.clone());
-            staying.push(tokio::spawn(async move {
-                shared.read(|| counted_read(&reads, &gate)).await
-            }));
-        }
-        while shared.group.lock().waiting.len() < 3 {
-            tokio::task::yield_now().await;
-        }
+        let gone = rig.ask();
+        rig.until(|rig| rig.waiting() == 1).await;
+        let staying = [rig.ask(), rig.ask()];
+        rig.until(|rig| rig.waiting() == 3).await;
         gone.abort();
         let _ = gone.await;
         // The first reader goes away mid-read too.
         first.abort();
         let _ = first.await;
-        gate.add_permits(10);
+        rig.gate.add_permits(10);
         for waiter in staying {
             let history = tokio::time::timeout(Duration::from_secs(5), waiter)
                 .await
@@ -224,10 +225,11 @@ mod tests {
                 .expect("read");
             assert_eq!(history.top, 2, "the next read served both");
         }
-        assert_eq!(reads.load(Ordering::SeqCst), 2);
-        assert!(!shared.group.lock().reading);
+        assert_eq!(rig.reads(), 2);
+        assert!(!rig.shared.group.lock().reading);
         // And the channel reads again afterwards.
-        let again = shared
+        let again = rig
+            .shared
             .read(|| async { Ok(history(9)) })
             .await
             .expect("read");
