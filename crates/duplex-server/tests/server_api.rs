@@ -759,6 +759,7 @@ async fn namespace_rules_allow_and_deny_on_every_transport() {
 async fn browser_origins_are_checked_for_sockets_streams_and_cors() {
     let server = TestServer::start_with(|c| {
         c.allowed_origins = vec!["https://app.example".into()];
+        c.max_body = 1024;
     })
     .await;
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -819,6 +820,26 @@ async fn browser_origins_are_checked_for_sockets_streams_and_cors() {
             .headers()
             .get("access-control-allow-origin")
             .is_none()
+    );
+    // A body refused before any handler runs is still answered with the CORS headers, so the
+    // page can read why.
+    let too_large = http
+        .post(server.url("/api/collections/posts/records"))
+        .header("origin", "https://app.example")
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"text": "{}"}}"#, "x".repeat(4096)))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        too_large.headers().get("access-control-allow-origin"),
+        Some(&reqwest::header::HeaderValue::from_static(
+            "https://app.example"
+        ))
+    );
+    assert_eq!(
+        problem(too_large, StatusCode::PAYLOAD_TOO_LARGE).await["code"],
+        "payload_too_large"
     );
 }
 

@@ -1,7 +1,8 @@
 //! The HTTP side of the server: one axum router made of one module per resource.
 //!
 //! Every response passes through [`admit`], which counts it and times it by route template
-//! and reads its body in time; unknown paths and methods answer with problem+json like every other error.
+//! and reads its body in time; unknown paths and methods answer with problem+json like every
+//! other error.
 
 mod admit;
 mod channels;
@@ -337,14 +338,16 @@ pub(crate) fn router(state: AppState) -> Router {
         // wrapping costs a boxed clone of the route's service per request.
         .layer(
             tower::ServiceBuilder::new()
+                // Without allowed origins, every browser request is same-origin: no CORS work.
+                // Outermost, so that a body refused by `admit` still carries the CORS headers
+                // (preflights, answered here, are not counted in the request metrics).
+                .layer(tower::util::option_layer(
+                    (!origins.is_empty()).then(|| cors(&origins)),
+                ))
                 .layer(admit::AdmitLayer::new(
                     state.metrics.clone(),
                     state.max_body,
                     state.body_read_timeout,
-                ))
-                // Without allowed origins, every browser request is same-origin: no CORS work.
-                .layer(tower::util::option_layer(
-                    (!origins.is_empty()).then(|| cors(&origins)),
                 ))
                 .layer(DefaultBodyLimit::max(state.max_body)),
         )
