@@ -524,17 +524,37 @@ async fn publish_past_a_stalled_reader(
     slow.subscribe(channel, 1).await;
     let mut fast = server.ws().await;
     fast.subscribe(channel, 1).await;
+    let (seen, mut fast_saw) = tokio::sync::mpsc::unbounded_channel();
     let fast_reader = tokio::spawn(async move {
         let mut offsets = Vec::new();
         while offsets.last() != Some(&count) {
             let message = fast.next_json().await;
-            offsets.push(message["offset"].as_u64().expect("offset"));
+            let offset = message["offset"].as_u64().expect("offset");
+            offsets.push(offset);
+            let _ = seen.send(offset);
         }
         offsets
     });
 
+    // Each publication waits for the fast reader to have it, so that reader keeps up however
+    // busy the machine is (its queue holds 8), while the stalled one falls behind for good.
     let mut publisher = server.ws().await;
-    publish_large(&mut publisher, channel, count).await;
+    let padding = "x".repeat(64 * 1024);
+    for i in 1..=count {
+        let mut frame = publish(channel, json!({"i": i, "pad": padding}));
+        frame["id"] = i.into();
+        publisher.send_json(frame).await;
+        assert_eq!(publisher.next_json().await["type"], "reply");
+        tokio::time::timeout(EVENT_TIMEOUT, async {
+            while let Some(offset) = fast_saw.recv().await {
+                if offset >= i {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the fast reader gets each publication");
+    }
     let fast_offsets = fast_reader.await.expect("fast reader");
 
     let mut received = Vec::new();
