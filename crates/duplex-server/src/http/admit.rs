@@ -2,9 +2,10 @@
 //! route template and status, and reads a request's body whole within `body_read_timeout`.
 //!
 //! One hand-written service rather than two `axum::middleware::from_fn`: each of those boxes a
-//! clone of the route's service and its own future per request, which cost a small GET about
-//! a twentieth of its server time (`perf`, docs/benchmarks.md). A request without a body (every
-//! read) goes straight to the route, from the caller's thread, with one boxed future.
+//! clone of the route's service and its own future per request, about a twentieth of a small
+//! GET's server time in `perf` (docs/benchmarks.md). A request without a body (every read) goes
+//! straight to the route with one boxed future. CORS wraps this layer, so what it refuses (413,
+//! 408) still carries the CORS headers.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -147,11 +148,11 @@ impl Tracked {
     }
 
     /// Counts and times the answer.
-    fn finish(self, response: Response) -> Response {
+    fn finish(mut self, response: Response) -> Response {
         let elapsed = self.started.elapsed();
         let labels = HttpLabels {
             method: self.method,
-            route: self.route.clone(),
+            route: RouteLabel(self.route.0.take()),
             status: response.status().as_u16(),
         };
         let metrics = &self.metrics;

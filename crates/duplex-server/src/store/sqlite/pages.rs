@@ -207,28 +207,37 @@ mod tests {
         }
     }
 
+    /// A reader that missed, then read `page` (of 21 rows asked) after any `written` meanwhile.
+    fn read(
+        pages: &FirstPages,
+        collection: &str,
+        query: &ListQuery,
+        written: bool,
+        page: &[Listed],
+    ) {
+        let ticket = pages
+            .get(collection, query, 21)
+            .expect_err("not served")
+            .expect("kept");
+        if written {
+            pages.written(collection);
+        }
+        pages.offer(ticket, collection, query, 21, page);
+    }
+
     #[test]
     fn a_page_read_before_a_write_is_never_served_after_it() {
         let pages = FirstPages::new(1 << 20);
         let query = first(20);
-        let ticket = pages
-            .get("c", &query, 21)
-            .expect_err("empty")
-            .expect("kept");
         // The reader read its page; meanwhile a write to the collection committed.
-        pages.written("c");
-        pages.offer(ticket, "c", &query, 21, &page(3, 10));
+        read(&pages, "c", &query, true, &page(3, 10));
         assert!(
             pages.get("c", &query, 21).is_err(),
             "the stale page is not served"
         );
 
         // Read again after the write: kept and served until the next write.
-        let ticket = pages
-            .get("c", &query, 21)
-            .expect_err("stale")
-            .expect("kept");
-        pages.offer(ticket, "c", &query, 21, &page(4, 10));
+        read(&pages, "c", &query, false, &page(4, 10));
         assert_eq!(pages.get("c", &query, 21).expect("cached").len(), 4);
         pages.written("c");
         assert!(pages.get("c", &query, 21).is_err());
@@ -238,11 +247,7 @@ mod tests {
     fn listings_are_told_apart_and_pages_after_a_cursor_are_not_kept() {
         let pages = FirstPages::new(1 << 20);
         let query = first(20);
-        let ticket = pages
-            .get("c", &query, 21)
-            .expect_err("empty")
-            .expect("kept");
-        pages.offer(ticket, "c", &query, 21, &page(2, 10));
+        read(&pages, "c", &query, false, &page(2, 10));
         assert!(pages.get("d", &query, 21).is_err(), "another collection");
         assert!(pages.get("c", &first(10), 11).is_err(), "another limit");
         let newest = ListQuery {
@@ -266,9 +271,7 @@ mod tests {
     fn the_cache_stays_within_its_bytes() {
         let pages = FirstPages::new(8 * 16 * 1024);
         for limit in 1..=2000 {
-            let query = first(limit);
-            let ticket = pages.get("c", &query, 21).expect_err("new").expect("kept");
-            pages.offer(ticket, "c", &query, 21, &page(3, 500));
+            read(&pages, "c", &first(limit), false, &page(3, 500));
         }
         let held: usize = pages.shards.iter().map(|s| s.lock().bytes).sum();
         assert!(held <= 8 * 16 * 1024, "{held}");
@@ -276,8 +279,7 @@ mod tests {
         assert!(entries > 0);
         // A page larger than a quarter of a shard is not kept.
         let query = first(4000);
-        let ticket = pages.get("c", &query, 21).expect_err("new").expect("kept");
-        pages.offer(ticket, "c", &query, 21, &page(20, 500));
+        read(&pages, "c", &query, false, &page(20, 500));
         assert!(pages.get("c", &query, 21).is_err());
     }
 }
