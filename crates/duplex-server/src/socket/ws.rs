@@ -74,7 +74,7 @@ where
 /// A running WebSocket connection: polled, it reads frames into the session, moves queued
 /// frames to the socket and flushes, and completes when the connection must end — with the
 /// code to say goodbye with, or `None` when the peer is gone.
-struct Connection<S> {
+pub(crate) struct Connection<S> {
     wire: Wire<S>,
     session: Session,
     queue: Arc<OutgoingQueue>,
