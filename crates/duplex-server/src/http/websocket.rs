@@ -77,8 +77,8 @@ pub(crate) async fn upgrade(
 
 /// The connection's future, from its upgraded stream. A function of its own, so that the
 /// task holds only this future while the connection lives: matched inside the task, hyper's
-/// `Parts` (the socket and the read buffer's handle) kept their room in it beside the
-/// connection, 560 bytes a task instead of 448.
+/// `Parts` (the socket and the read buffer's handle) kept their room in the task's future
+/// beside the connection's, 560 bytes instead of 464 (`size_of_val`, release build).
 fn serving(
     upgraded: hyper::upgrade::Upgraded,
     start: Start,
@@ -173,8 +173,8 @@ mod tests {
 
     /// What a WebSocket connection's task holds for the connection's whole life is the future
     /// [`super::serving`] returns: the connection and little else. Its size decides the
-    /// allocator's size class of every task (1.86–1.95 KiB per idle connection with 448 bytes
-    /// here; 2.02–2.20 KiB when the task kept hyper's `Parts` beside it, docs/benchmarks.md).
+    /// size class of every task (1.86–1.95 KiB per idle connection since; 2.02–2.20 KiB when
+    /// the task kept hyper's `Parts` beside it, docs/benchmarks.md "Idle connections").
     #[test]
     fn a_connection_task_holds_the_connection_and_little_else() {
         type Plain = crate::write_deadline::WriteDeadline<tokio::net::TcpStream>;

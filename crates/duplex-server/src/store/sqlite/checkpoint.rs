@@ -14,11 +14,11 @@
 //! was committed when it started, the checkpointer runs passes back to back, each copying what
 //! was committed during the one before, until one starts within [`CATCH_UP_FRAMES`] of where
 //! the last ended; then it asks the writer to checkpoint the last few frames itself between two
-//! transactions, and the writer's next transaction wraps the log. Each frame costs about 4 µs
-//! to copy, and the writes keep coming while the writer copies: asked after one 100 ms pass,
-//! the writer had 1,000–4,000 frames to copy and held every write for 3–17 ms. Should readers keep a checkpoint from finishing while the
-//! log grows past [`RESTART_FRAMES`], a `RESTART` checkpoint waits for them (and holds writers
-//! back) until it is done.
+//! transactions, and the writer's next transaction wraps the log. Each frame costs 2–4 µs to
+//! copy, and the writes keep coming while a pass copies: asked after one 100 ms pass, the
+//! writer had 1,000–4,000 frames to copy and held every write for 3–17 ms. Should readers keep
+//! a checkpoint from finishing while the log grows past [`RESTART_FRAMES`], a `RESTART`
+//! checkpoint waits for them (and holds writers back) until it is done.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -284,7 +284,12 @@ mod tests {
         let (log, _) = super::checkpoint(&checkpointer, "PASSIVE").expect("pass");
         let wal = dir.path().join("db.sqlite-wal");
         let frames = || std::fs::metadata(&wal).map_or(0, |m| (m.len() as i64 - 32) / (4096 + 24));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while frames() < log + 2_000 {
+            assert!(
+                std::time::Instant::now() < deadline && !writing.is_finished(),
+                "the writer committed 2,000 frames within 10 s"
+            );
             std::thread::yield_now();
         }
         let caught_up = super::catch_up(&checkpointer, log);
