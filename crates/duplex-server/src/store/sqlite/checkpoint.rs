@@ -189,7 +189,8 @@ mod tests {
     use super::Checkpointer;
     use crate::store::sqlite::writer::Writer;
 
-    /// A database in WAL mode whose commits never checkpoint by themselves, as the store's.
+    /// A database in WAL mode whose commits never checkpoint by themselves, as the store's,
+    /// with a table `t (x BLOB)` to write to.
     fn wal_without_autocheckpoint(path: &std::path::Path) -> Connection {
         let connection = Connection::open(path).expect("open");
         let _: String = connection
@@ -198,6 +199,9 @@ mod tests {
         connection
             .pragma_update(None, "wal_autocheckpoint", 0)
             .expect("pragma");
+        connection
+            .execute_batch("CREATE TABLE t (x BLOB)")
+            .expect("table");
         connection
     }
 
@@ -208,9 +212,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("db.sqlite");
         let connection = wal_without_autocheckpoint(&path);
-        connection
-            .execute_batch("CREATE TABLE t (x BLOB)")
-            .expect("table");
         let writer = Writer::start(connection).expect("writer");
         let checkpointer = Checkpointer::start(
             &path,
@@ -256,9 +257,6 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("db.sqlite");
         let connection = wal_without_autocheckpoint(&path);
-        connection
-            .execute_batch("CREATE TABLE t (x BLOB)")
-            .expect("table");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writing = {
             let stop = stop.clone();
@@ -313,9 +311,6 @@ mod tests {
         connection
             .pragma_update(None, "synchronous", "NORMAL")
             .expect("pragma");
-        connection
-            .execute_batch("CREATE TABLE t (x BLOB)")
-            .expect("table");
         let writer = std::sync::Arc::new(Writer::start(connection).expect("writer"));
         let checkpointer = Checkpointer::start(
             &path,
