@@ -155,6 +155,9 @@ pub(crate) fn usage_of(pid: u32) -> anyhow::Result<ServerUsage> {
     let after_name = stat.rsplit_once(')').context("malformed stat")?.1;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // `stat` counts in clock ticks (10 ms): a light second of work can read as nothing. The
+    // process's CPU clock is the same total to the nanosecond, exited threads included.
+    let cpu_seconds = process_cpu_seconds(pid).unwrap_or(ticks / clock_ticks_per_second());
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kib: u64 = status
         .lines()
@@ -165,9 +168,17 @@ pub(crate) fn usage_of(pid: u32) -> anyhow::Result<ServerUsage> {
         .trim()
         .parse()?;
     Ok(ServerUsage {
-        cpu_seconds: ticks / clock_ticks_per_second(),
+        cpu_seconds,
         rss_bytes: rss_kib * 1024,
     })
+}
+
+/// The CPU time process `pid` used so far, from its CPU-time clock; `None` where the system
+/// does not give it.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?);
+    let time = nix::time::ClockId::pid_cpu_clock_id(pid).ok()?.now().ok()?;
+    Some(time.tv_sec() as f64 + time.tv_nsec() as f64 / 1e9)
 }
 
 /// The unit of `/proc/PID/stat`'s CPU times: `sysconf(_SC_CLK_TCK)` (100 on common Linux
@@ -196,4 +207,36 @@ pub(crate) async fn first_line_address(
         .with_context(|| format!("no HTTP address in {what}'s first line"))?
         .to_owned();
     Ok((line, http_addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_finer_than_a_clock_tick() {
+        let pid = std::process::id();
+        let before = usage_of(pid).expect("own usage").cpu_seconds;
+        // Two milliseconds of work: a fifth of the 10 ms tick `/proc/PID/stat` counts in.
+        let start = std::time::Instant::now();
+        let mut spins = 0u64;
+        while start.elapsed() < Duration::from_millis(2) {
+            spins = std::hint::black_box(spins + 1);
+        }
+        let used = usage_of(pid).expect("own usage").cpu_seconds - before;
+        assert!(used > 0.0005 && used < 1.0, "{used} s for 2 ms of work");
+    }
+
+    #[test]
+    fn another_process_cpu_clock_is_readable() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep runs");
+        let cpu = process_cpu_seconds(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        let cpu = cpu.expect("a child's CPU clock");
+        assert!((0.0..1.0).contains(&cpu), "{cpu}");
+    }
 }
