@@ -6,14 +6,17 @@
 //! shard since it looked ([`Ticket`]), so a version read before a commit can never overwrite the
 //! one the commit left: once a write is acknowledged, every read sees it or a later one.
 //!
-//! The cache is split into shards, each behind its own short lock, and bounded in bytes: a
+//! The cache is split into shards, each behind its own read-write lock, and bounded in bytes.
+//! Readers share a shard's lock: many clients read the same hot record, and with a mutex a
+//! reader the kernel takes off the CPU mid-read stops every worker reading that shard until it
+//! runs again (docs/benchmarks.md, "Readers share the caches' locks"). A
 //! shard over its share drops entries until it is under (whichever its table yields first,
 //! which is close to random; a hot record comes back on its next read).
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 
-use parking_lot::Mutex;
+use parking_lot::RwLock;
 
 use crate::store::Record;
 
@@ -24,7 +27,7 @@ const ENTRY_OVERHEAD: usize = 96;
 
 #[derive(Debug)]
 pub(super) struct HotRecords {
-    shards: Vec<Mutex<Shard>>,
+    shards: Vec<RwLock<Shard>>,
     hasher: std::collections::hash_map::RandomState,
     /// Bytes each shard may hold.
     shard_bytes: usize,
@@ -61,7 +64,7 @@ impl HotRecords {
     /// A cache of at most `bytes` (documents, names and overhead).
     pub(super) fn new(bytes: usize) -> HotRecords {
         HotRecords {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
             shard_bytes: bytes / SHARDS,
         }
@@ -71,7 +74,7 @@ impl HotRecords {
         self.hasher.hash_one((collection, id))
     }
 
-    fn shard(&self, key: u64) -> &Mutex<Shard> {
+    fn shard(&self, key: u64) -> &RwLock<Shard> {
         &self.shards[(key % SHARDS as u64) as usize]
     }
 
@@ -79,7 +82,7 @@ impl HotRecords {
     /// then reads.
     pub(super) fn get(&self, collection: &str, id: &str) -> Result<Record, Ticket> {
         let key = self.key(collection, id);
-        let shard = self.shard(key).lock();
+        let shard = self.shard(key).read();
         match shard.entries.get(&key) {
             Some(hot) if &*hot.collection == collection && hot.record.id == id => {
                 Ok(hot.record.clone())
@@ -93,7 +96,7 @@ impl HotRecords {
 
     /// Keeps what a reader read, unless a write reached the shard since its ticket.
     pub(super) fn offer(&self, ticket: Ticket, collection: &str, record: &Record) {
-        let mut shard = self.shard(ticket.key).lock();
+        let mut shard = self.shard(ticket.key).write();
         if shard.generation == ticket.generation {
             self.keep(&mut shard, ticket.key, collection, record);
         }
@@ -102,7 +105,7 @@ impl HotRecords {
     /// A committed write left `record` (before its write is answered).
     pub(super) fn written(&self, collection: &str, record: &Record) {
         let key = self.key(collection, &record.id);
-        let mut shard = self.shard(key).lock();
+        let mut shard = self.shard(key).write();
         shard.generation += 1;
         if shard.entries.contains_key(&key) {
             self.keep(&mut shard, key, collection, record);
@@ -112,7 +115,7 @@ impl HotRecords {
     /// A committed write deleted the record `id` (before its write is answered).
     pub(super) fn deleted(&self, collection: &str, id: &str) {
         let key = self.key(collection, id);
-        let mut shard = self.shard(key).lock();
+        let mut shard = self.shard(key).write();
         shard.generation += 1;
         if let Some(gone) = shard.entries.remove(&key) {
             shard.bytes -= gone.cost();
@@ -192,6 +195,24 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_never_waits_for_another_reader() {
+        let hot = HotRecords::new(1 << 20);
+        let ticket = hot.get("c", "a").expect_err("empty");
+        hot.offer(ticket, "c", &record("a", 1, 10));
+        // A reader descheduled in the middle of its read holds the shard; every client reading
+        // the same hot record must still be answered (with a mutex, both of a 2-core server's
+        // workers stopped behind it for as long as the kernel kept it off the CPU).
+        let held = hot.shard(hot.key("c", "a")).read();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| tx.send(hot.get("c", "a").map(|r| r.version).ok()));
+            let read = rx.recv_timeout(std::time::Duration::from_secs(10));
+            drop(held);
+            assert_eq!(read, Ok(Some(1)), "the second reader was answered");
+        });
+    }
+
+    #[test]
     fn the_cache_stays_within_its_bytes() {
         let hot = HotRecords::new(16 * 4096);
         for i in 0..10_000 {
@@ -199,9 +220,9 @@ mod tests {
             let ticket = hot.get("c", &id).expect_err("new");
             hot.offer(ticket, "c", &record(&id, 1, 1000));
         }
-        let held: usize = hot.shards.iter().map(|s| s.lock().bytes).sum();
+        let held: usize = hot.shards.iter().map(|s| s.read().bytes).sum();
         assert!(held <= 16 * 4096, "{held}");
-        let entries: usize = hot.shards.iter().map(|s| s.lock().entries.len()).sum();
+        let entries: usize = hot.shards.iter().map(|s| s.read().entries.len()).sum();
         assert!(entries > 0);
         // A document larger than a shard is not kept at all.
         let ticket = hot.get("c", "big").expect_err("new");

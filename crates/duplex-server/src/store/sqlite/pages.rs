@@ -15,13 +15,14 @@
 //!
 //! Generations are kept per slot (a collection's hash picks one of [`SLOTS`]): two collections
 //! that share a slot only invalidate each other's pages more often than needed. The entries are
-//! bounded in bytes; a shard over its share drops stale entries first, then any.
+//! bounded in bytes; a shard over its share drops stale entries first, then any. Readers share
+//! a shard's read-write lock, as in [`hot`](super::hot).
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::RwLock;
 
 use crate::store::ListQuery;
 use crate::store::backend::Listed;
@@ -40,7 +41,7 @@ const ROW_OVERHEAD: usize = 48;
 #[derive(Debug)]
 pub(super) struct FirstPages {
     generations: Box<[AtomicU64]>,
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[RwLock<Shard>]>,
     hasher: std::collections::hash_map::RandomState,
     /// Bytes each shard may hold.
     shard_bytes: usize,
@@ -77,7 +78,7 @@ impl FirstPages {
     pub(super) fn new(bytes: usize) -> FirstPages {
         FirstPages {
             generations: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
             hasher: std::collections::hash_map::RandomState::new(),
             shard_bytes: bytes / SHARDS,
         }
@@ -103,7 +104,7 @@ impl FirstPages {
         // Before the read begins: a reader that sees a moved generation sees its commit counted.
         let generation = self.generations[slot].load(Ordering::Acquire);
         let key = self.hasher.hash_one((collection, query, rows));
-        let shard = self.shards[(key % SHARDS as u64) as usize].lock();
+        let shard = self.shards[(key % SHARDS as u64) as usize].read();
         match shard.entries.get(&key) {
             Some(entry)
                 if entry.generation == generation
@@ -150,7 +151,7 @@ impl FirstPages {
             page: page.to_vec(),
             cost,
         };
-        let mut shard = self.shards[(ticket.key % SHARDS as u64) as usize].lock();
+        let mut shard = self.shards[(ticket.key % SHARDS as u64) as usize].write();
         if let Some(gone) = shard.entries.insert(ticket.key, entry) {
             shard.bytes -= gone.cost;
         }
@@ -268,14 +269,30 @@ mod tests {
     }
 
     #[test]
+    fn a_reader_never_waits_for_another_reader() {
+        let pages = FirstPages::new(1 << 20);
+        let query = first(20);
+        read(&pages, "c", &query, false, &page(2, 10));
+        // A reader descheduled in the middle of its read holds every shard.
+        let held: Vec<_> = pages.shards.iter().map(|s| s.read()).collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| tx.send(pages.get("c", &query, 21).map(|p| p.len()).ok()));
+            let read = rx.recv_timeout(std::time::Duration::from_secs(10));
+            drop(held);
+            assert_eq!(read, Ok(Some(2)), "the second reader was answered");
+        });
+    }
+
+    #[test]
     fn the_cache_stays_within_its_bytes() {
         let pages = FirstPages::new(8 * 16 * 1024);
         for limit in 1..=2000 {
             read(&pages, "c", &first(limit), false, &page(3, 500));
         }
-        let held: usize = pages.shards.iter().map(|s| s.lock().bytes).sum();
+        let held: usize = pages.shards.iter().map(|s| s.read().bytes).sum();
         assert!(held <= 8 * 16 * 1024, "{held}");
-        let entries: usize = pages.shards.iter().map(|s| s.lock().entries.len()).sum();
+        let entries: usize = pages.shards.iter().map(|s| s.read().entries.len()).sum();
         assert!(entries > 0);
         // A page larger than a quarter of a shard is not kept.
         let query = first(4000);
