@@ -63,6 +63,12 @@ pub struct HalfRate {
     pub latency_ms: Percentiles,
     /// Requests that failed.
     pub errors: u64,
+    /// The server's own p99 over the pass, from its `/metrics` histogram: the upper bound of
+    /// the bucket it falls in (0.1 ms to 5 s in steps of 1, 2 and 5), so "at most". It times a
+    /// request from when the server has read it to its answer; what the client sees beyond it
+    /// is the network and both sides waiting for a CPU. `None` for the baseline, or when the
+    /// server's `/metrics` could not be read (an API key guards it).
+    pub server_p99_ms_at_most: Option<f64>,
 }
 
 /// The whole run.
@@ -129,6 +135,8 @@ struct Pass {
     /// point here; the concurrency tests cover it), with the version the last pass left.
     records: Arc<Vec<Mutex<(String, u64)>>>,
     pid: Option<u32>,
+    /// For the server's `/metrics`.
+    http: reqwest::Client,
 }
 
 /// Runs the baseline (when given) and duplex's four operations.
@@ -172,6 +180,7 @@ pub async fn run_http(http_addr: &str, options: &HttpOptions) -> anyhow::Result<
                 path: "/record".into(),
                 records: records.clone(),
                 pid: *pid,
+                http: http.clone(),
             };
             Some(measure(&pass, concurrency, options.duration).await?)
         }
@@ -197,6 +206,7 @@ pub async fn run_http(http_addr: &str, options: &HttpOptions) -> anyhow::Result<
             path,
             records: records.clone(),
             pid: options.server_pid,
+            http: http.clone(),
         };
         let mut phase = measure(&pass, concurrency, options.duration).await?;
         phase.ratio = baseline
@@ -241,7 +251,13 @@ async fn measure(pass: &Pass, concurrency: usize, duration: Duration) -> anyhow:
         _ => None,
     };
     let rate = requests_per_second / 2.0;
+    let timed_before = server_timings(pass).await;
     let half = run_pass(pass, concurrency, duration, Some(rate)).await?;
+    let timed_after = server_timings(pass).await;
+    let server_p99_ms_at_most = match (timed_before, timed_after) {
+        (Some(before), Some(after)) => p99_bound_ms(&before, &after),
+        _ => None,
+    };
     Ok(HttpPhase {
         operation: pass.operation.name(),
         requests: full.ok,
@@ -254,8 +270,97 @@ async fn measure(pass: &Pass, concurrency: usize, duration: Duration) -> anyhow:
             rate,
             latency_ms: Percentiles::of_micros(&half.histogram),
             errors: half.errors,
+            server_p99_ms_at_most,
         }),
     })
+}
+
+/// The method and route template the server files an operation's requests under.
+fn timed_as(operation: Operation) -> Option<(&'static str, &'static str)> {
+    const ONE: &str = "/api/collections/{collection}/records/{id}";
+    const ALL: &str = "/api/collections/{collection}/records";
+    match operation {
+        Operation::Baseline => None,
+        Operation::Get => Some(("GET", ONE)),
+        Operation::List | Operation::ListNext => Some(("GET", ALL)),
+        Operation::Create => Some(("POST", ALL)),
+        Operation::Patch => Some(("PATCH", ONE)),
+    }
+}
+
+/// The server's request-duration histogram for the pass's operation, every status together:
+/// each bucket's upper bound in seconds with its cumulative count, `+Inf` last.
+async fn server_timings(pass: &Pass) -> Option<Vec<(f64, u64)>> {
+    let (method, route) = timed_as(pass.operation)?;
+    let text = pass
+        .http
+        .get(format!("http://{}/metrics", pass.addr))
+        .send()
+        .await
+        .ok()?
+        .error_for_status()
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let buckets = duration_buckets(&text, method, route);
+    (!buckets.is_empty()).then_some(buckets)
+}
+
+/// `duplex_http_request_duration_seconds_bucket` lines of `method` and `route` in a Prometheus
+/// text exposition, summed over statuses by bucket, in the order of their bounds.
+fn duration_buckets(text: &str, method: &str, route: &str) -> Vec<(f64, u64)> {
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("duplex_http_request_duration_seconds_bucket{") else {
+            continue;
+        };
+        let Some((labels, count)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels.split("\",").find_map(|pair| {
+                let (key, value) = pair.split_once("=\"")?;
+                (key == name).then(|| value.trim_end_matches('"'))
+            })
+        };
+        if label("method") != Some(method) || label("route") != Some(route) {
+            continue;
+        }
+        let (Some(le), Ok(count)) = (label("le"), count.trim().parse::<u64>()) else {
+            continue;
+        };
+        let Ok(le) = le.replace("+Inf", "inf").parse::<f64>() else {
+            continue;
+        };
+        match buckets.iter_mut().find(|(bound, _)| *bound == le) {
+            Some((_, total)) => *total += count,
+            None => buckets.push((le, count)),
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    buckets
+}
+
+/// The upper bound, in ms, of the bucket holding the 99th percentile of the requests counted
+/// between two readings of the same histogram; infinite past the last bound, `None` if none.
+fn p99_bound_ms(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<f64> {
+    let counted = |bound: f64, cumulative: u64| {
+        let earlier = before
+            .iter()
+            .find(|(b, _)| *b == bound)
+            .map_or(0, |(_, c)| *c);
+        cumulative.saturating_sub(earlier)
+    };
+    let total = after.last().map(|&(bound, c)| counted(bound, c))?;
+    if total == 0 {
+        return None;
+    }
+    let wanted = (total * 99).div_ceil(100);
+    after
+        .iter()
+        .find(|&&(bound, c)| counted(bound, c) >= wanted)
+        .map(|&(bound, _)| bound * 1000.0)
 }
 
 struct Tally {
@@ -428,4 +533,55 @@ async fn send(
         bail!("{}", answer.status);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ONE: &str = "/api/collections/{collection}/records/{id}";
+
+    fn exposition(fast: u64, slow: u64, other_route: u64) -> String {
+        let mut text = String::from("# TYPE duplex_http_request_duration_seconds histogram\n");
+        for (le, ok, missing) in [
+            ("0.0001", 0, 0),
+            ("0.005", fast, 1),
+            ("0.01", fast + slow, 1),
+            ("+Inf", fast + slow, 1),
+        ] {
+            for (status, count) in [("200", ok), ("404", missing)] {
+                text += &format!(
+                    "duplex_http_request_duration_seconds_bucket{{le=\"{le}\",method=\"GET\",route=\"{ONE}\",status=\"{status}\"}} {count}\n"
+                );
+            }
+            text += &format!(
+                "duplex_http_request_duration_seconds_bucket{{le=\"{le}\",method=\"POST\",route=\"{ONE}\",status=\"201\"}} {other_route}\n"
+            );
+        }
+        text
+    }
+
+    #[test]
+    fn the_servers_p99_is_read_from_the_requests_between_two_readings() {
+        let before = duration_buckets(&exposition(1000, 0, 7), "GET", ONE);
+        assert_eq!(
+            before,
+            vec![
+                (0.0001, 0),
+                (0.005, 1001),
+                (0.01, 1001),
+                (f64::INFINITY, 1001)
+            ],
+            "summed over statuses, other methods left out"
+        );
+        // 990 more under 5 ms and 10 between 5 and 10: the 99th percentile is in the first
+        // bucket; one more slow request puts it in the second.
+        let after = duration_buckets(&exposition(1990, 10, 900), "GET", ONE);
+        assert_eq!(p99_bound_ms(&before, &after), Some(5.0));
+        let after = duration_buckets(&exposition(1989, 11, 900), "GET", ONE);
+        assert_eq!(p99_bound_ms(&before, &after), Some(10.0));
+        // Nothing between the readings, or no such series: no figure.
+        assert_eq!(p99_bound_ms(&before, &before), None);
+        assert!(duration_buckets(&exposition(1, 1, 1), "PATCH", ONE).is_empty());
+    }
 }

@@ -237,7 +237,21 @@ async fn http_bench_reports_each_operation_beside_the_baseline() {
         let half = phase.half_rate.as_ref().expect("a half-rate pass");
         assert!((half.rate - phase.requests_per_second / 2.0).abs() < 1e-6);
         assert_eq!(half.errors, 0, "{} failed at half rate", phase.operation);
+        // The server's own timing of the pass, from its /metrics: a bucket's bound.
+        let server = half
+            .server_p99_ms_at_most
+            .expect("the server timed the pass");
+        assert!(
+            server > 0.0 && server <= 3276.8,
+            "{}: {server}",
+            phase.operation
+        );
     }
+    let baseline_half = baseline.half_rate.as_ref().expect("a half-rate pass");
+    assert_eq!(
+        baseline_half.server_p99_ms_at_most, None,
+        "the baseline has no /metrics"
+    );
 }
 
 #[tokio::test]

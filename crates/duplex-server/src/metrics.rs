@@ -10,7 +10,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Labels of an HTTP request metric.
@@ -186,9 +186,14 @@ pub struct Metrics {
     pub recent_http: crate::latency::LatencyWindow,
 }
 
+/// Latency bucket bounds in seconds: 0.1 ms to 5 s in steps of 1, 2 and 5, so that the bounds
+/// people set objectives at (1, 5, 10, 100 ms) are bucket edges.
+const LATENCY_BUCKETS: [f64; 15] = [
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+];
+
 fn latency_histogram() -> Histogram {
-    // 100µs to ~3.3s, doubling.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+    Histogram::new(LATENCY_BUCKETS)
 }
 
 impl Metrics {

@@ -810,7 +810,13 @@ async fn operations_endpoints_answer(store: Store) {
         ),
         "{metrics}"
     );
-    assert!(metrics.contains("duplex_http_request_duration_seconds_bucket"));
+    // 1-2-5 bounds: an objective of 5 ms is a bucket's edge.
+    assert!(
+        metrics.contains(
+            r#"duplex_http_request_duration_seconds_bucket{le="0.005",method="POST",route="/api/collections/{collection}/records",status="201"} "#
+        ),
+        "{metrics}"
+    );
 
     let openapi: Value = c
         .get(server.url("/openapi.json"))
