@@ -242,7 +242,7 @@ async fn http_bench_reports_each_operation_beside_the_baseline() {
             .server_p99_ms_at_most
             .expect("the server timed the pass");
         assert!(
-            server > 0.0 && server <= 3276.8,
+            server > 0.0 && server <= 5000.0,
             "{}: {server}",
             phase.operation
         );
