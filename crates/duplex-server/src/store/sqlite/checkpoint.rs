@@ -36,10 +36,11 @@ use crate::store::StoreError;
 const INTERVAL: Duration = Duration::from_millis(100);
 
 /// WAL frames (pages) after which the writer is asked to start the log again once the
-/// checkpointer caught up: 16 MiB of 4 KiB pages, about 13 wraps a second under creates at
-/// half their top rate. Each time costs the writer one short checkpoint (0.6–5.7 ms measured,
-/// most of it the database file's `fdatasync`). A longer log wrapped less often but made creates at half rate wait
-/// longer, measured: p99 5.1–5.2 ms at 4,096 frames, 5.4–6.3 at 16,384, 7.1–8.0 at 65,536.
+/// checkpointer caught up: 16 MiB of 4 KiB pages, 4–13 wraps a second under creates at full
+/// and half speed on the machines measured. Each time costs the writer one short checkpoint
+/// (0.6–7.6 ms measured, most of it the database file's `fdatasync`). A longer log wrapped less
+/// often but made creates at half rate wait longer, measured: p99 5.1–5.2 ms at 4,096 frames,
+/// 5.4–6.3 at 16,384, 7.1–8.0 at 65,536.
 pub(super) const WRAP_FRAMES: i64 = 4_096;
 
 /// WAL frames after which a checkpoint waits for readers: about 200 MB of 4 KiB pages.

@@ -2,9 +2,10 @@
 //!
 //! Only reads fill it. The writer thread is the only writer of the file, so it keeps the cache
 //! exact: after `COMMIT` and before the write is answered, it replaces a cached record with the
-//! version the write left (or takes a deleted one out). A reader that missed fills the cache with what it read only if no write reached that
-//! shard since it looked ([`Ticket`]), so a version read before a commit can never overwrite the
-//! one the commit left: once a write is acknowledged, every read sees it or a later one.
+//! version the write left (or takes a deleted one out). A reader that missed fills the cache
+//! with what it read only if no write reached that shard since it looked ([`Ticket`]), so a
+//! version read before a commit can never overwrite the one the commit left: once a write is
+//! acknowledged, every read sees it or a later one.
 //!
 //! The cache is split into shards, each behind its own read-write lock, and bounded in bytes.
 //! Readers share a shard's lock: many clients read the same hot record, and with a mutex a
