@@ -69,6 +69,10 @@ pub struct HalfRate {
     /// is the network and both sides waiting for a CPU. `None` for the baseline, or when the
     /// server's `/metrics` could not be read (an API key guards it).
     pub server_p99_ms_at_most: Option<f64>,
+    /// The share, in percent, of the pass's requests the server took longer than 5 ms (the
+    /// half-rate target's bound), from the same histogram; exact, since 5 ms is a bucket's
+    /// bound: at most 1 means the server's own p99 is within 5 ms. `None` as above.
+    pub server_over_5ms_percent: Option<f64>,
 }
 
 /// The whole run.
@@ -254,9 +258,12 @@ async fn measure(pass: &Pass, concurrency: usize, duration: Duration) -> anyhow:
     let timed_before = server_timings(pass).await;
     let half = run_pass(pass, concurrency, duration, Some(rate)).await?;
     let timed_after = server_timings(pass).await;
-    let server_p99_ms_at_most = match (timed_before, timed_after) {
-        (Some(before), Some(after)) => p99_bound_ms(&before, &after),
-        _ => None,
+    let (server_p99_ms_at_most, server_over_5ms_percent) = match (timed_before, timed_after) {
+        (Some(before), Some(after)) => (
+            p99_bound_ms(&before, &after),
+            over_percent(&before, &after, 0.005),
+        ),
+        _ => (None, None),
     };
     Ok(HttpPhase {
         operation: pass.operation.name(),
@@ -271,6 +278,7 @@ async fn measure(pass: &Pass, concurrency: usize, duration: Duration) -> anyhow:
             latency_ms: Percentiles::of_micros(&half.histogram),
             errors: half.errors,
             server_p99_ms_at_most,
+            server_over_5ms_percent,
         }),
     })
 }
@@ -342,16 +350,31 @@ fn duration_buckets(text: &str, method: &str, route: &str) -> Vec<(f64, u64)> {
     buckets
 }
 
+/// The requests a histogram counted between two readings, in bucket `bound` (cumulative).
+fn counted_between(before: &[(f64, u64)], bound: f64, cumulative: u64) -> u64 {
+    let earlier = before
+        .iter()
+        .find(|(b, _)| *b == bound)
+        .map_or(0, |(_, c)| *c);
+    cumulative.saturating_sub(earlier)
+}
+
+/// The share, in percent, of the requests counted between two readings of a histogram that
+/// took longer than `bound` seconds, which must be one of its bucket bounds; `None` if it is
+/// not or nothing was counted.
+fn over_percent(before: &[(f64, u64)], after: &[(f64, u64)], bound: f64) -> Option<f64> {
+    let total = after.last().map(|&(b, c)| counted_between(before, b, c))?;
+    let within = after
+        .iter()
+        .find(|(b, _)| *b == bound)
+        .map(|&(b, c)| counted_between(before, b, c))?;
+    (total > 0).then(|| (total - within.min(total)) as f64 * 100.0 / total as f64)
+}
+
 /// The upper bound, in ms, of the bucket holding the 99th percentile of the requests counted
 /// between two readings of the same histogram; infinite past the last bound, `None` if none.
 fn p99_bound_ms(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<f64> {
-    let counted = |bound: f64, cumulative: u64| {
-        let earlier = before
-            .iter()
-            .find(|(b, _)| *b == bound)
-            .map_or(0, |(_, c)| *c);
-        cumulative.saturating_sub(earlier)
-    };
+    let counted = |bound: f64, cumulative: u64| counted_between(before, bound, cumulative);
     let total = after.last().map(|&(bound, c)| counted(bound, c))?;
     if total == 0 {
         return None;
@@ -580,6 +603,11 @@ mod tests {
         assert_eq!(p99_bound_ms(&before, &after), Some(5.0));
         let after = duration_buckets(&exposition(1989, 11, 900), "GET", ONE);
         assert_eq!(p99_bound_ms(&before, &after), Some(10.0));
+        // 11 of the 1,000 counted between the readings took over 5 ms.
+        let over = over_percent(&before, &after, 0.005).expect("a share");
+        assert!((over - 1.1).abs() < 1e-9, "{over}");
+        assert_eq!(over_percent(&before, &after, 0.002), None, "not a bound");
+        assert_eq!(over_percent(&before, &before, 0.005), None);
         // Nothing between the readings, or no such series: no figure.
         assert_eq!(p99_bound_ms(&before, &before), None);
         assert!(duration_buckets(&exposition(1, 1, 1), "PATCH", ONE).is_empty());

@@ -246,12 +246,21 @@ async fn http_bench_reports_each_operation_beside_the_baseline() {
             "{}: {server}",
             phase.operation
         );
+        let over = half.server_over_5ms_percent.expect("the share over 5 ms");
+        assert!((0.0..=100.0).contains(&over), "{}: {over}", phase.operation);
+        assert_eq!(
+            over <= 1.0,
+            server <= 5.0,
+            "{}: at most 1 % over 5 ms exactly when the p99 is within 5 ms",
+            phase.operation
+        );
     }
     let baseline_half = baseline.half_rate.as_ref().expect("a half-rate pass");
     assert_eq!(
         baseline_half.server_p99_ms_at_most, None,
         "the baseline has no /metrics"
     );
+    assert_eq!(baseline_half.server_over_5ms_percent, None);
 }
 
 #[tokio::test]
