@@ -38,20 +38,22 @@ const INTERVAL: Duration = Duration::from_millis(100);
 /// WAL frames (pages) after which the writer is asked to start the log again once the
 /// checkpointer caught up: 16 MiB of 4 KiB pages, 4–13 wraps a second under creates at full
 /// and half speed on the machines measured. Each time costs the writer one short checkpoint
-/// (0.6–7.6 ms measured, most of it the database file's `fdatasync`). A longer log wrapped less
-/// often but made creates at half rate wait longer, measured: p99 5.1–5.2 ms at 4,096 frames,
-/// 5.4–6.3 at 16,384, 7.1–8.0 at 65,536.
+/// (0.6–7.6 ms measured, most of it the syncs of the log and the database file). A longer log
+/// wrapped less often but made creates at half rate wait longer, measured: p99 5.1–5.2 ms at
+/// 4,096 frames, 5.4–6.3 at 16,384, 7.1–8.0 at 65,536; and on another machine each wrap of a
+/// 16,384-frame log held the writer longer (p90 5.3–6.0 ms against 2.8–3.6).
 pub(super) const WRAP_FRAMES: i64 = 4_096;
 
 /// WAL frames after which a checkpoint waits for readers: about 200 MB of 4 KiB pages.
 const RESTART_FRAMES: i64 = 50_000;
 
 /// Frames committed during a catching-up pass few enough for the writer to copy the rest.
-/// What the writer then holds every write for is that copy and two syncs; with 48 rather than
-/// 256 its pause at a wrap was p50 1.05–1.43 ms, p90 2.2–2.7, max 3.6–4.5 (1.36–1.83, 2.7–3.1
-/// and 3.8–7.0 with 256; three runs each of `duplex bench http`), for two to four passes
-/// most often. A pass takes at least its own two syncs, so fewer than what is committed
-/// meanwhile (some 40 frames at 15,000 creates a second) would seldom be reached.
+/// What the writer then holds every write for is that copy, the checkpoint's two syncs (log,
+/// then database file) and the sync of the new log's header in its next commit. With 48
+/// rather than 256, its checkpoint at a wrap took p50 1.05–1.43 ms, p90 2.2–2.7, max 3.6–4.5
+/// (1.36–1.83, 2.7–3.1 and 3.8–7.0 with 256; three runs each of `duplex bench http`), after
+/// two to four passes most often. A pass takes at least its own two syncs, so fewer than what
+/// is committed meanwhile (some 40 frames at 15,000 creates a second) would seldom be reached.
 const CATCH_UP_FRAMES: i64 = 48;
 
 /// Catching-up passes before the writer is asked anyway: writes faster than the copy never
