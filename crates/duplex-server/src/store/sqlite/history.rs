@@ -8,9 +8,11 @@
 //! is never lost while the file lives (trimming is told apart as `history_trimmed`), so an
 //! epoch only needs to change with the file; a channel never published has no row, so
 //! subscribing to a channel writes nothing.
-//! Each append trims its own channel to its size and byte bounds (a few rows at most); entries
-//! past their `expires_us` are never read, and [`SqliteHistory::expire`] deletes them a bounded
-//! batch at a time.
+//! Each append trims its own channel to its byte bound, and to its size bound in steps
+//! ([`trim_step`]): a channel keeps up to a step's entries beyond its window, which reads skip
+//! (they read only the last `size` offsets), so an append deletes a run of old entries once a
+//! step instead of one with every append. Entries past their `expires_us` are never read, and
+//! [`SqliteHistory::expire`] deletes them a bounded batch at a time.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -44,11 +46,11 @@ const OLDEST: &str = "SELECT seq, length(payload) FROM channel_log_entries WHERE
                       ORDER BY seq LIMIT 1";
 const DELETE_ONE: &str = "DELETE FROM channel_log_entries WHERE channel = ?1 AND seq = ?2";
 const OLDEST_LIVE: &str = "SELECT seq FROM channel_log_entries WHERE channel = ?1 \
-                           AND expires_us > ?2 ORDER BY seq LIMIT 1";
+                           AND seq > ?2 AND expires_us > ?3 ORDER BY seq LIMIT 1";
 const AFTER: &str = "SELECT seq, is_binary, payload FROM channel_log_entries WHERE channel = ?1 \
                      AND seq > ?2 AND expires_us > ?3 ORDER BY seq LIMIT ?4";
 const LAST: &str = "SELECT seq, is_binary, payload FROM channel_log_entries WHERE channel = ?1 \
-                    AND expires_us > ?2 ORDER BY seq DESC LIMIT ?3";
+                    AND seq > ?2 AND expires_us > ?3 ORDER BY seq DESC LIMIT ?4";
 const EXPIRE: &str = "DELETE FROM channel_log_entries WHERE id IN (SELECT id FROM \
                       channel_log_entries WHERE expires_us <= ?1 ORDER BY expires_us LIMIT ?2) \
                       RETURNING channel, length(payload)";
@@ -129,8 +131,25 @@ pub(super) fn store_epoch(connection: &Connection) -> Result<Arc<str>, StoreErro
         .map_err(|_| StoreError::Corrupt("the channel epoch is not text".into()))
 }
 
+/// Every how many appends a channel of `size` is trimmed back to its window: an eighth of the
+/// window, from 1 to 256. Between two trims the entries that left the window stay stored (up to
+/// a step less one), unread.
+///
+/// Trimming one entry with every append touched the oldest pages of the entries' three B-trees
+/// in every transaction, on top of the newest; a step deletes a run of neighbours together
+/// (their pages once) every few transactions instead.
+fn trim_step(size: u64) -> u64 {
+    (size / 8).clamp(1, 256)
+}
+
+/// Offsets at or below this are outside a channel's window: the last `size` offsets up to
+/// `top` (entries there may wait for the next trim step; reads skip them).
+fn window_floor(top: u64, size: usize) -> u64 {
+    top.saturating_sub(size.max(1) as u64)
+}
+
 /// Appends a publication inside the writer's transaction and trims the channel to its
-/// bounds: returns its offset and the channel's epoch.
+/// bounds (its size bound in steps): returns its offset and the channel's epoch.
 fn append(
     connection: &Connection,
     channel: &str,
@@ -159,13 +178,15 @@ fn append(
     ))?;
     bytes += body.len() as u64;
     let size = retention.size.max(1) as u64;
-    if offset > size {
+    if offset > size && (offset - size).is_multiple_of(trim_step(size)) {
+        // Once a step: the entries beyond the window (up to a step's) go together.
         let mut trim = connection.prepare_cached(TRIM_TO)?;
-        let mut gone = trim.query((channel, (offset - size) as i64))?;
+        let mut gone = trim.query((channel, window_floor(offset, retention.size) as i64))?;
         while let Some(row) = gone.next()? {
             bytes = bytes.saturating_sub(row.get::<_, i64>(0)? as u64);
         }
     }
+    // Entries beyond the window count here too, and go first, being the oldest.
     while bytes > retention.bytes as u64 {
         let oldest: Option<(i64, i64)> = connection
             .prepare_cached(OLDEST)?
@@ -210,12 +231,13 @@ pub(super) fn log_event(
     Ok(Some((offset, epoch, payload)))
 }
 
-/// Reads a channel's position and the part of its history asked for (in the read pool's
-/// snapshot: one for all); `None` when the channel has no row yet.
+/// Reads a channel's position and the part of its history asked for, within its window of
+/// `size` (in the read pool's snapshot: one for all); `None` when the channel has no row yet.
 fn read(
     connection: &Connection,
     channel: &str,
     range: HistoryRange,
+    size: usize,
     now_us: i64,
 ) -> rusqlite::Result<Option<BrokerHistory>> {
     // The read pool runs every read in one snapshot.
@@ -223,9 +245,10 @@ fn read(
     let Some(Position { epoch, top, .. }) = position(snapshot, channel)? else {
         return Ok(None);
     };
+    let floor = window_floor(top, size) as i64;
     let oldest: Option<i64> = snapshot
         .prepare_cached(OLDEST_LIVE)?
-        .query_row((channel, now_us), |row| row.get(0))
+        .query_row((channel, floor, now_us), |row| row.get(0))
         .optional()?;
     let stored = |row: &rusqlite::Row<'_>| -> rusqlite::Result<Stored> {
         let offset = row.get::<_, i64>(0)? as u64;
@@ -247,12 +270,20 @@ fn read(
         HistoryRange::None => Vec::new(),
         HistoryRange::After { offset, limit } => snapshot
             .prepare_cached(AFTER)?
-            .query_map((channel, offset as i64, now_us, limit as i64), stored)?
+            .query_map(
+                (
+                    channel,
+                    i64::try_from(offset).unwrap_or(i64::MAX).max(floor),
+                    now_us,
+                    limit as i64,
+                ),
+                stored,
+            )?
             .collect::<rusqlite::Result<Vec<_>>>()?,
         HistoryRange::Last(limit) => {
             let mut last = snapshot
                 .prepare_cached(LAST)?
-                .query_map((channel, now_us, limit as i64), stored)?
+                .query_map((channel, floor, now_us, limit as i64), stored)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             last.reverse();
             last
@@ -354,12 +385,12 @@ impl ChannelLog for SqliteHistory {
         &self,
         channel: &str,
         range: HistoryRange,
-        _retention: Retention,
+        retention: Retention,
     ) -> Result<BrokerHistory, BrokerError> {
         let now_us = now_micros();
         let read = self
             .readers
-            .read(|connection| read(connection, channel, range, now_us))
+            .read(|connection| read(connection, channel, range, retention.size, now_us))
             .map_err(unavailable)?;
         // A channel never published: at offset 0 in the file's epoch, which its first
         // publication will keep.
@@ -487,6 +518,115 @@ mod tests {
         let (offsets, summed, counted) = kept(&backend, "a:bytes");
         assert_eq!(offsets, vec![offset]);
         assert_eq!((summed, counted), (100, 100));
+        backend.close().await;
+    }
+
+    /// The offsets a read of the whole history returns, and its `oldest`.
+    async fn read_all(
+        history: &SqliteHistory,
+        channel: &str,
+        bounds: Retention,
+    ) -> (Vec<u64>, Option<u64>) {
+        let whole = history
+            .history(
+                channel,
+                HistoryRange::After {
+                    offset: 0,
+                    limit: 1000,
+                },
+                bounds,
+            )
+            .await
+            .expect("history");
+        let last = history
+            .history(channel, HistoryRange::Last(1000), bounds)
+            .await
+            .expect("history");
+        assert_eq!(whole.publications.len(), last.publications.len());
+        (
+            whole.publications.iter().map(|p| p.offset).collect(),
+            whole.oldest,
+        )
+    }
+
+    /// The size bound is kept in steps: up to a step's entries beyond the window stay stored
+    /// until one append deletes them together, and no read ever returns them.
+    #[tokio::test]
+    async fn the_size_bound_trims_in_steps_and_reads_see_only_the_window() {
+        let (_dir, backend, history, _deliveries) = history().await;
+        let now = now_micros();
+        let bounds = retention(16, 1 << 20);
+        assert_eq!(trim_step(16), 2);
+        let mut trims = 0;
+        let mut stored_before = 0;
+        for top in 1..=40u64 {
+            append_at(&backend, "a:steps", json(&format!("{top}")), bounds, now).await;
+            let (stored, summed, counted) = kept(&backend, "a:steps");
+            assert_eq!(counted, summed, "the bytes counted are the bytes stored");
+            assert_eq!(stored.last(), Some(&top), "the newest is kept");
+            assert!(
+                (top.min(16)..=17).contains(&(stored.len() as u64)),
+                "{} stored at {top}",
+                stored.len()
+            );
+            if stored.len() < stored_before {
+                trims += 1;
+            }
+            stored_before = stored.len();
+            let window: Vec<u64> = (top.saturating_sub(16) + 1..=top).collect();
+            let (read, oldest) = read_all(&history, "a:steps", bounds).await;
+            assert_eq!(read, window, "at {top}");
+            assert_eq!(oldest, window.first().copied());
+            // Reading after an offset below the window starts at the window.
+            let after = history
+                .history(
+                    "a:steps",
+                    HistoryRange::After {
+                        offset: 1,
+                        limit: 3,
+                    },
+                    bounds,
+                )
+                .await
+                .expect("history");
+            assert_eq!(
+                after
+                    .publications
+                    .iter()
+                    .map(|p| p.offset)
+                    .collect::<Vec<_>>(),
+                window
+                    .iter()
+                    .copied()
+                    .filter(|&o| o > 1)
+                    .take(3)
+                    .collect::<Vec<_>>()
+            );
+        }
+        // 40 appends past a window of 16 in steps of 2: trimmed at 18, 20, … 40.
+        assert_eq!(trims, 12);
+
+        // A byte bound deletes the entries beyond the window first, being the oldest: the
+        // 17th entry of ten bytes, between two trims, pushes the first out by bytes alone.
+        let ten = json("\"12345678\"");
+        let roomy = retention(16, 165);
+        for _ in 0..17 {
+            append_at(&backend, "a:both", ten.clone(), roomy, now).await;
+        }
+        let (stored, summed, counted) = kept(&backend, "a:both");
+        assert_eq!(stored, (2..=17).collect::<Vec<_>>());
+        assert_eq!((summed, counted), (160, 160));
+        assert_eq!(
+            read_all(&history, "a:both", roomy).await.0,
+            (2..=17).collect::<Vec<_>>()
+        );
+        // Then into the window, down to the bound.
+        let tight = retention(16, 25);
+        append_at(&backend, "a:both", ten.clone(), tight, now).await;
+        let (stored, summed, counted) = kept(&backend, "a:both");
+        assert_eq!(stored, vec![17, 18]);
+        assert_eq!((summed, counted), (20, 20));
+        assert_eq!(read_all(&history, "a:both", tight).await.0, vec![17, 18]);
         backend.close().await;
     }
 
