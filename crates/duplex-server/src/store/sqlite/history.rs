@@ -35,9 +35,15 @@ use crate::store::history::{
 use crate::store::now_micros;
 
 const POSITION: &str = "SELECT epoch, top, bytes FROM channel_logs WHERE channel = ?1";
-const NEW_LOG: &str = "INSERT INTO channel_logs (channel, epoch, top, bytes) VALUES (?1, ?2, 0, 0) \
-                       ON CONFLICT (channel) DO NOTHING";
-const SET_POSITION: &str = "UPDATE channel_logs SET top = ?2, bytes = ?3 WHERE channel = ?1";
+/// Moves a channel to its next offset, counting the new entry's bytes: one statement where a
+/// read and a write were, as the writer appends for every record write.
+const ADVANCE: &str = "UPDATE channel_logs SET top = top + 1, bytes = bytes + ?2 WHERE channel = ?1 \
+                       RETURNING epoch, top, bytes";
+const FIRST: &str = "INSERT INTO channel_logs (channel, epoch, top, bytes) VALUES (?1, ?2, 1, ?3) \
+                     RETURNING epoch, top, bytes";
+const SET_BYTES: &str = "UPDATE channel_logs SET bytes = ?2 WHERE channel = ?1";
+const RETREAT: &str =
+    "UPDATE channel_logs SET top = top - 1, bytes = bytes - ?2 WHERE channel = ?1";
 const APPEND: &str = "INSERT INTO channel_log_entries (channel, seq, expires_us, is_binary, payload) \
                       VALUES (?1, ?2, ?3, ?4, ?5)";
 const TRIM_TO: &str =
@@ -100,19 +106,32 @@ fn position(connection: &Connection, channel: &str) -> rusqlite::Result<Option<P
         .optional()
 }
 
-/// The channel's row, made (at offset 0 in the file's epoch) if it has none.
-fn position_or_new(
+/// Moves the channel's row to its next offset with `added` more bytes, making it (in `epoch`)
+/// if it has none: the row as it now is, whose `top` is the new entry's offset.
+fn advance(
     connection: &Connection,
     channel: &str,
     epoch: &str,
+    added: usize,
 ) -> rusqlite::Result<Position> {
-    if let Some(position) = position(connection, channel)? {
+    let row = |row: &rusqlite::Row<'_>| {
+        Ok(Position {
+            epoch: row.get::<_, String>(0)?.into(),
+            top: row.get::<_, i64>(1)? as u64,
+            bytes: row.get::<_, i64>(2)? as u64,
+        })
+    };
+    let added = added as i64;
+    if let Some(position) = connection
+        .prepare_cached(ADVANCE)?
+        .query_row((channel, added), row)
+        .optional()?
+    {
         return Ok(position);
     }
     connection
-        .prepare_cached(NEW_LOG)?
-        .execute((channel, epoch))?;
-    position(connection, channel)?.ok_or(rusqlite::Error::QueryReturnedNoRows)
+        .prepare_cached(FIRST)?
+        .query_row((channel, epoch, added), row)
 }
 
 /// The epoch of the file's channels: made the first time, then kept (with the secrets).
@@ -158,25 +177,34 @@ fn append(
     now_us: i64,
     epoch: &str,
 ) -> rusqlite::Result<(u64, Arc<str>)> {
-    let Position {
-        epoch,
-        top,
-        mut bytes,
-    } = position_or_new(connection, channel, epoch)?;
-    let offset = top + 1;
-    let expires_us = now_us.saturating_add(retention.ttl.as_micros() as i64);
     let (binary, body): (bool, &[u8]) = match payload {
         Payload::Json(raw) => (false, raw.get().as_bytes()),
         Payload::Binary(data) => (true, data),
     };
-    connection.prepare_cached(APPEND)?.execute((
+    let Position {
+        epoch,
+        top: offset,
+        bytes: counted,
+    } = advance(connection, channel, epoch, body.len())?;
+    let expires_us = now_us.saturating_add(retention.ttl.as_micros() as i64);
+    let appended = connection.prepare_cached(APPEND)?.execute((
         channel,
         offset as i64,
         expires_us,
         binary,
         body,
-    ))?;
-    bytes += body.len() as u64;
+    ));
+    if let Err(error) = appended {
+        // The transaction goes on with the other writes (unless SQLite ended it): the offset
+        // goes back, so that no offset is left without its entry.
+        if !connection.is_autocommit() {
+            connection
+                .prepare_cached(RETREAT)?
+                .execute((channel, body.len() as i64))?;
+        }
+        return Err(error);
+    }
+    let mut bytes = counted;
     let size = retention.size.max(1) as u64;
     if offset > size && (offset - size).is_multiple_of(trim_step(size)) {
         // Once a step: the entries beyond the window (up to a step's) go together.
@@ -202,9 +230,11 @@ fn append(
             .execute((channel, seq))?;
         bytes = bytes.saturating_sub(size as u64);
     }
-    connection
-        .prepare_cached(SET_POSITION)?
-        .execute((channel, offset as i64, bytes as i64))?;
+    if bytes != counted {
+        connection
+            .prepare_cached(SET_BYTES)?
+            .execute((channel, bytes as i64))?;
+    }
     Ok((offset, epoch))
 }
 
@@ -627,6 +657,47 @@ mod tests {
         assert_eq!(stored, vec![17, 18]);
         assert_eq!((summed, counted), (20, 20));
         assert_eq!(read_all(&history, "a:both", tight).await.0, vec![17, 18]);
+        backend.close().await;
+    }
+
+    /// An append whose entry cannot be written (here a stray row in its place, as a damaged
+    /// file could hold) fails alone and leaves the channel's offset and bytes as they were, in
+    /// the transaction that goes on: no offset without its entry.
+    #[tokio::test]
+    async fn a_failed_append_leaves_no_hole() {
+        let (_dir, backend, _history, _deliveries) = history().await;
+        let now = now_micros();
+        let bounds = retention(100, 1 << 20);
+        assert_eq!(
+            append_at(&backend, "a:hole", json("1"), bounds, now).await,
+            1
+        );
+        let next = backend
+            .writer
+            .write(
+                move |connection| {
+                    connection.execute(
+                        "INSERT INTO channel_log_entries (channel, seq, expires_us, is_binary, \
+                         payload) VALUES ('a:hole', 2, 0, 0, x'00')",
+                        [],
+                    )?;
+                    let failed = append(connection, "a:hole", &json("22"), bounds, now, "e");
+                    assert!(failed.is_err(), "{failed:?}");
+                    assert!(!connection.is_autocommit(), "the transaction goes on");
+                    connection.execute(
+                        "DELETE FROM channel_log_entries WHERE channel = 'a:hole' AND seq = 2",
+                        [],
+                    )?;
+                    Ok(append(connection, "a:hole", &json("2"), bounds, now, "e")?.0)
+                },
+                |_: &u64| {},
+            )
+            .await
+            .expect("committed");
+        assert_eq!(next, 2, "the failed append's offset was given back");
+        let (offsets, summed, counted) = kept(&backend, "a:hole");
+        assert_eq!(offsets, vec![1, 2]);
+        assert_eq!((summed, counted), (2, 2));
         backend.close().await;
     }
 
