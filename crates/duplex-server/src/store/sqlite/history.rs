@@ -42,8 +42,6 @@ const ADVANCE: &str = "UPDATE channel_logs SET top = top + 1, bytes = bytes + ?2
 const FIRST: &str = "INSERT INTO channel_logs (channel, epoch, top, bytes) VALUES (?1, ?2, 1, ?3) \
                      RETURNING epoch, top, bytes";
 const SET_BYTES: &str = "UPDATE channel_logs SET bytes = ?2 WHERE channel = ?1";
-const RETREAT: &str =
-    "UPDATE channel_logs SET top = top - 1, bytes = bytes - ?2 WHERE channel = ?1";
 const APPEND: &str = "INSERT INTO channel_log_entries (channel, seq, expires_us, is_binary, payload) \
                       VALUES (?1, ?2, ?3, ?4, ?5)";
 const TRIM_TO: &str =
@@ -187,23 +185,15 @@ fn append(
         bytes: counted,
     } = advance(connection, channel, epoch, body.len())?;
     let expires_us = now_us.saturating_add(retention.ttl.as_micros() as i64);
-    let appended = connection.prepare_cached(APPEND)?.execute((
+    // Should the entry be refused, the writer rolls the whole write back to its savepoint,
+    // the offset taken with it.
+    connection.prepare_cached(APPEND)?.execute((
         channel,
         offset as i64,
         expires_us,
         binary,
         body,
-    ));
-    if let Err(error) = appended {
-        // The transaction goes on with the other writes (unless SQLite ended it): the offset
-        // goes back, so that no offset is left without its entry.
-        if !connection.is_autocommit() {
-            connection
-                .prepare_cached(RETREAT)?
-                .execute((channel, body.len() as i64))?;
-        }
-        return Err(error);
-    }
+    ))?;
     let mut bytes = counted;
     let size = retention.size.max(1) as u64;
     if offset > size && (offset - size).is_multiple_of(trim_step(size)) {
@@ -657,47 +647,6 @@ mod tests {
         assert_eq!(stored, vec![17, 18]);
         assert_eq!((summed, counted), (20, 20));
         assert_eq!(read_all(&history, "a:both", tight).await.0, vec![17, 18]);
-        backend.close().await;
-    }
-
-    /// An append whose entry cannot be written (here a stray row in its place, as a damaged
-    /// file could hold) fails alone and leaves the channel's offset and bytes as they were, in
-    /// the transaction that goes on: no offset without its entry.
-    #[tokio::test]
-    async fn a_failed_append_leaves_no_hole() {
-        let (_dir, backend, _history, _deliveries) = history().await;
-        let now = now_micros();
-        let bounds = retention(100, 1 << 20);
-        assert_eq!(
-            append_at(&backend, "a:hole", json("1"), bounds, now).await,
-            1
-        );
-        let next = backend
-            .writer
-            .write(
-                move |connection| {
-                    connection.execute(
-                        "INSERT INTO channel_log_entries (channel, seq, expires_us, is_binary, \
-                         payload) VALUES ('a:hole', 2, 0, 0, x'00')",
-                        [],
-                    )?;
-                    let failed = append(connection, "a:hole", &json("22"), bounds, now, "e");
-                    assert!(failed.is_err(), "{failed:?}");
-                    assert!(!connection.is_autocommit(), "the transaction goes on");
-                    connection.execute(
-                        "DELETE FROM channel_log_entries WHERE channel = 'a:hole' AND seq = 2",
-                        [],
-                    )?;
-                    Ok(append(connection, "a:hole", &json("2"), bounds, now, "e")?.0)
-                },
-                |_: &u64| {},
-            )
-            .await
-            .expect("committed");
-        assert_eq!(next, 2, "the failed append's offset was given back");
-        let (offsets, summed, counted) = kept(&backend, "a:hole");
-        assert_eq!(offsets, vec![1, 2]);
-        assert_eq!((summed, counted), (2, 2));
         backend.close().await;
     }
 

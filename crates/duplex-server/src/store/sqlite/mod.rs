@@ -609,6 +609,92 @@ mod tests {
         assert_eq!(count(&backend), before + 1);
     }
 
+    /// A record write whose event cannot be appended (a stray entry in its place, as a damaged
+    /// file could hold) fails whole: neither the record nor the channel's next offset is
+    /// committed, and nobody is told of it; the next write, once the way is clear, takes
+    /// that offset.
+    #[tokio::test]
+    async fn a_record_write_whose_event_is_refused_leaves_nothing() {
+        use crate::store::backend::{Backend as _, Committed, Inserted, NewRow};
+        use crate::store::history::LogTo;
+        use crate::store::{Record, RecordOp};
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let backend = open_blocking(dir.path().join("data.db")).expect("open");
+        let stray = |sql: &'static str| {
+            let writer = backend.writer.clone();
+            async move {
+                writer
+                    .write(move |c| Ok(c.execute(sql, [])?), |_: &usize| {})
+                    .await
+                    .expect("committed")
+            }
+        };
+        stray(
+            "INSERT INTO channel_log_entries (channel, seq, expires_us, is_binary, payload) \
+             VALUES ('records:posts', 1, 0, 0, x'00')",
+        )
+        .await;
+        let told = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let create = |id: &str| {
+            let told = told.clone();
+            let row = NewRow {
+                collection: "posts".into(),
+                at_us: 1,
+                record: Record {
+                    id: id.into(),
+                    version: 1,
+                    document: bytes::Bytes::from(format!("{{\"id\":\"{id}\"}}")),
+                },
+                outbox: None,
+            };
+            let committed = Committed {
+                log: Some(LogTo {
+                    channel: "records:posts".into(),
+                    retention: crate::broker::Retention {
+                        size: 100,
+                        ttl: std::time::Duration::from_secs(60),
+                        bytes: 1 << 20,
+                    },
+                    op: RecordOp::Created,
+                }),
+                tell: Box::new(
+                    move |_: &Record, logged: Option<crate::store::history::Logged>| {
+                        told.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        assert_eq!(logged.expect("logged").0, 1, "the first offset");
+                    },
+                ),
+            };
+            (row, committed)
+        };
+        let (row, committed) = create("a");
+        let refused = backend.insert(row, committed).await;
+        assert!(matches!(refused, Err(StoreError::Sqlite(_))), "{refused:?}");
+        let (records, logs): (i64, i64) = backend
+            .readers
+            .read(|c| {
+                Ok((
+                    c.query_row("SELECT COUNT(*) FROM records", [], |row| row.get(0))?,
+                    c.query_row("SELECT COUNT(*) FROM channel_logs", [], |row| row.get(0))?,
+                ))
+            })
+            .expect("read");
+        assert_eq!(
+            (records, logs),
+            (0, 0),
+            "nothing of the write was committed"
+        );
+        assert_eq!(told.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+        stray("DELETE FROM channel_log_entries").await;
+        let (row, committed) = create("b");
+        assert_eq!(
+            backend.insert(row, committed).await.expect("created"),
+            Inserted::Yes
+        );
+        assert_eq!(told.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
     #[test]
     fn a_listing_runs_its_prepared_statement_without_compiling_it_again() {
         let dir = tempfile::tempdir().expect("temp dir");

@@ -5,9 +5,11 @@
 //! [`MAX_BATCH`]), runs them in order inside `BEGIN IMMEDIATE … COMMIT`, and only then answers
 //! each. A write sees the writes before it in the same transaction, so preconditions are decided
 //! against exactly what will be committed before it; a write whose logic refuses (a failed
-//! `If-Match`) writes nothing and the others go on. Each SQL statement is atomic, so a failing
-//! statement takes nothing else with it; if SQLite ends the transaction itself (a full disk, an
-//! I/O error), the writes already run fail with it and the rest go into the next transaction.
+//! `If-Match`) writes nothing and the others go on. Each write runs inside a savepoint of its
+//! own: one that fails partway (its record inserted, then its event's append refused) is rolled
+//! back to where it began, so none of it is committed and the others go on; if SQLite ends the
+//! transaction itself (a full disk, an I/O error), the writes already run fail with it and the
+//! rest go into the next transaction.
 //! Once `COMMIT` returns, the writes are announced in the order they ran, then answered: a 2xx
 //! means committed, exactly as with one transaction per write, at one commit's cost for many.
 
@@ -33,8 +35,9 @@ type Finish = Box<dyn FnOnce(Result<(), &str>) + Send>;
 
 /// A write waiting for the thread.
 trait Job: Send {
-    /// Runs inside the open transaction.
-    fn run(self: Box<Self>, connection: &Connection) -> Finish;
+    /// Runs inside the open transaction; true when the write succeeded, false when what it did
+    /// must be undone.
+    fn run(self: Box<Self>, connection: &Connection) -> (Finish, bool);
     /// Answers without running: the transaction could not start.
     fn fail(self: Box<Self>, why: &str);
 }
@@ -51,14 +54,15 @@ where
     W: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     C: FnOnce(&T) + Send + 'static,
 {
-    fn run(self: Box<Self>, connection: &Connection) -> Finish {
+    fn run(self: Box<Self>, connection: &Connection) -> (Finish, bool) {
         let Write {
             work,
             committed,
             reply,
         } = *self;
         let result = work(connection);
-        Box::new(move |commit: Result<(), &str>| {
+        let succeeded = result.is_ok();
+        let finish = Box::new(move |commit: Result<(), &str>| {
             let answer = match (result, commit) {
                 (Ok(value), Ok(())) => {
                     committed(&value);
@@ -68,7 +72,8 @@ where
                 (Err(error), _) => Err(error),
             };
             let _ = reply.send(answer);
-        })
+        });
+        (finish, succeeded)
     }
 
     fn fail(self: Box<Self>, why: &str) {
@@ -221,10 +226,24 @@ fn commit_some(connection: &Connection, batch: &mut Vec<Box<dyn Job>>, commits: 
     let mut finishes = Vec::with_capacity(jobs.len());
     let mut lost = false;
     for job in jobs.by_ref() {
+        if let Err(error) = statement(connection, "SAVEPOINT write") {
+            tracing::error!(%error, "cannot begin a write's savepoint");
+            job.fail(&error.to_string());
+            if connection.is_autocommit() {
+                lost = true;
+                break;
+            }
+            continue;
+        }
         // A write that panics (a bug) must not take the thread, and every later write, with it:
         // its transaction is rolled back like one SQLite ended, and the thread goes on.
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(connection))) {
-            Ok(finish) => finishes.push(finish),
+            Ok((finish, succeeded)) => {
+                finishes.push(finish);
+                if !connection.is_autocommit() && !end_savepoint(connection, succeeded) {
+                    let _ = connection.execute_batch("ROLLBACK");
+                }
+            }
             Err(_) => {
                 tracing::error!("a write panicked; its transaction is rolled back");
                 if !connection.is_autocommit() {
@@ -259,6 +278,29 @@ fn commit_some(connection: &Connection, batch: &mut Vec<Box<dyn Job>>, commits: 
     }
     for finish in finishes {
         finish(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+    }
+}
+
+/// Runs one statement that returns no rows, prepared once per connection.
+fn statement(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
+    connection.prepare_cached(sql)?.execute([]).map(|_| ())
+}
+
+/// Ends the savepoint of a write: kept when it `succeeded`, else rolled back to its beginning.
+/// False when SQLite refused, the transaction then being rolled back whole.
+fn end_savepoint(connection: &Connection, succeeded: bool) -> bool {
+    let ended = if succeeded {
+        statement(connection, "RELEASE write")
+    } else {
+        statement(connection, "ROLLBACK TO write")
+            .and_then(|()| statement(connection, "RELEASE write"))
+    };
+    match ended {
+        Ok(()) => true,
+        Err(error) => {
+            tracing::error!(%error, "cannot end a write's savepoint");
+            false
+        }
     }
 }
 
@@ -454,6 +496,29 @@ mod tests {
         assert_eq!(next.expect("committed in the next transaction"), 6);
         let total = writer.write(count, |_: &i64| {}).await.expect("count");
         assert_eq!(total, 4, "1, 2, 4 and 6");
+
+        // A write that fails partway (one row written, the next refused) leaves nothing of
+        // itself: it is rolled back to its savepoint, and the writes around it commit.
+        let halfway = |connection: &Connection| -> Result<i64, StoreError> {
+            connection.execute("INSERT INTO t (x) VALUES (7)", [])?;
+            connection.execute("INSERT INTO t (x) VALUES (1)", [])?;
+            Ok(7)
+        };
+        let [before, failed, after] =
+            three_together(&writer, (insert(8), halfway, insert(9))).await;
+        assert_eq!(before.expect("committed"), 8);
+        assert!(matches!(failed, Err(StoreError::Sqlite(_))), "{failed:?}");
+        assert_eq!(after.expect("committed"), 9);
+        let seven = |connection: &Connection| -> Result<i64, StoreError> {
+            Ok(connection.query_row("SELECT COUNT(*) FROM t WHERE x = 7", [], |row| row.get(0))?)
+        };
+        assert_eq!(
+            writer.write(seven, |_: &i64| {}).await.expect("count"),
+            0,
+            "the failed write's first row is not committed"
+        );
+        let total = writer.write(count, |_: &i64| {}).await.expect("count");
+        assert_eq!(total, 6, "1, 2, 4, 6, 8 and 9");
         writer.close().await;
     }
 }
