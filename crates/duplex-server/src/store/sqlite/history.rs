@@ -185,8 +185,8 @@ fn append(
         bytes: counted,
     } = advance(connection, channel, epoch, body.len())?;
     let expires_us = now_us.saturating_add(retention.ttl.as_micros() as i64);
-    // Should the entry be refused, the writer rolls the whole write back to its savepoint,
-    // the offset taken with it.
+    // Should the entry be refused, the writer rolls the transaction back, the offset taken
+    // with it.
     connection.prepare_cached(APPEND)?.execute((
         channel,
         offset as i64,

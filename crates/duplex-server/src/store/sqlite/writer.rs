@@ -5,11 +5,12 @@
 //! [`MAX_BATCH`]), runs them in order inside `BEGIN IMMEDIATE … COMMIT`, and only then answers
 //! each. A write sees the writes before it in the same transaction, so preconditions are decided
 //! against exactly what will be committed before it; a write whose logic refuses (a failed
-//! `If-Match`) writes nothing and the others go on. Each write runs inside a savepoint of its
-//! own: one that fails partway (its record inserted, then its event's append refused) is rolled
-//! back to where it began, so none of it is committed and the others go on; if SQLite ends the
-//! transaction itself (a full disk, an I/O error), the writes already run fail with it and the
-//! rest go into the next transaction.
+//! `If-Match`, a statement refused before it changed anything) writes nothing and the others go
+//! on. A write that fails after it changed rows (its record inserted, then its event's append
+//! refused) cannot be undone alone without a savepoint around every write, which costs each
+//! write a copy of the pages it touches: the transaction is rolled back whole instead, as when
+//! SQLite ends it itself (a full disk, an I/O error): the writes already run in it fail with
+//! it, none of the failed write is committed, and the rest go into the next transaction.
 //! Once `COMMIT` returns, the writes are announced in the order they ran, then answered: a 2xx
 //! means committed, exactly as with one transaction per write, at one commit's cost for many.
 
@@ -35,8 +36,7 @@ type Finish = Box<dyn FnOnce(Result<(), &str>) + Send>;
 
 /// A write waiting for the thread.
 trait Job: Send {
-    /// Runs inside the open transaction; true when the write succeeded, false when what it did
-    /// must be undone.
+    /// Runs inside the open transaction; true when the write succeeded.
     fn run(self: Box<Self>, connection: &Connection) -> (Finish, bool);
     /// Answers without running: the transaction could not start.
     fn fail(self: Box<Self>, why: &str);
@@ -226,21 +226,19 @@ fn commit_some(connection: &Connection, batch: &mut Vec<Box<dyn Job>>, commits: 
     let mut finishes = Vec::with_capacity(jobs.len());
     let mut lost = false;
     for job in jobs.by_ref() {
-        if let Err(error) = statement(connection, "SAVEPOINT write") {
-            tracing::error!(%error, "cannot begin a write's savepoint");
-            job.fail(&error.to_string());
-            if connection.is_autocommit() {
-                lost = true;
-                break;
-            }
-            continue;
-        }
+        let changed = connection.total_changes();
         // A write that panics (a bug) must not take the thread, and every later write, with it:
         // its transaction is rolled back like one SQLite ended, and the thread goes on.
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run(connection))) {
             Ok((finish, succeeded)) => {
                 finishes.push(finish);
-                if !connection.is_autocommit() && !end_savepoint(connection, succeeded) {
+                if !succeeded
+                    && connection.total_changes() != changed
+                    && !connection.is_autocommit()
+                {
+                    tracing::error!(
+                        "a write failed after changing rows; its transaction is rolled back"
+                    );
                     let _ = connection.execute_batch("ROLLBACK");
                 }
             }
@@ -278,29 +276,6 @@ fn commit_some(connection: &Connection, batch: &mut Vec<Box<dyn Job>>, commits: 
     }
     for finish in finishes {
         finish(outcome.as_ref().map(|_| ()).map_err(String::as_str));
-    }
-}
-
-/// Runs one statement that returns no rows, prepared once per connection.
-fn statement(connection: &Connection, sql: &str) -> rusqlite::Result<()> {
-    connection.prepare_cached(sql)?.execute([]).map(|_| ())
-}
-
-/// Ends the savepoint of a write: kept when it `succeeded`, else rolled back to its beginning.
-/// False when SQLite refused, the transaction then being rolled back whole.
-fn end_savepoint(connection: &Connection, succeeded: bool) -> bool {
-    let ended = if succeeded {
-        statement(connection, "RELEASE write")
-    } else {
-        statement(connection, "ROLLBACK TO write")
-            .and_then(|()| statement(connection, "RELEASE write"))
-    };
-    match ended {
-        Ok(()) => true,
-        Err(error) => {
-            tracing::error!(%error, "cannot end a write's savepoint");
-            false
-        }
     }
 }
 
@@ -498,7 +473,8 @@ mod tests {
         assert_eq!(total, 4, "1, 2, 4 and 6");
 
         // A write that fails partway (one row written, the next refused) leaves nothing of
-        // itself: it is rolled back to its savepoint, and the writes around it commit.
+        // itself: its transaction goes whole, the write before it with it, and the write after
+        // it commits in the next.
         let halfway = |connection: &Connection| -> Result<i64, StoreError> {
             connection.execute("INSERT INTO t (x) VALUES (7)", [])?;
             connection.execute("INSERT INTO t (x) VALUES (1)", [])?;
@@ -506,9 +482,12 @@ mod tests {
         };
         let [before, failed, after] =
             three_together(&writer, (insert(8), halfway, insert(9))).await;
-        assert_eq!(before.expect("committed"), 8);
+        assert!(
+            matches!(before, Err(StoreError::Unavailable(_))),
+            "{before:?}"
+        );
         assert!(matches!(failed, Err(StoreError::Sqlite(_))), "{failed:?}");
-        assert_eq!(after.expect("committed"), 9);
+        assert_eq!(after.expect("committed in the next transaction"), 9);
         let seven = |connection: &Connection| -> Result<i64, StoreError> {
             Ok(connection.query_row("SELECT COUNT(*) FROM t WHERE x = 7", [], |row| row.get(0))?)
         };
@@ -518,7 +497,7 @@ mod tests {
             "the failed write's first row is not committed"
         );
         let total = writer.write(count, |_: &i64| {}).await.expect("count");
-        assert_eq!(total, 6, "1, 2, 4, 6, 8 and 9");
+        assert_eq!(total, 5, "1, 2, 4, 6 and 9");
         writer.close().await;
     }
 }
