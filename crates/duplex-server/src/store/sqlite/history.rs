@@ -91,16 +91,21 @@ struct Position {
     bytes: u64,
 }
 
+impl Position {
+    /// From a row of `epoch, top, bytes`, as every statement on `channel_logs` returns them.
+    fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Position> {
+        Ok(Position {
+            epoch: row.get::<_, String>(0)?.into(),
+            top: row.get::<_, i64>(1)? as u64,
+            bytes: row.get::<_, i64>(2)? as u64,
+        })
+    }
+}
+
 fn position(connection: &Connection, channel: &str) -> rusqlite::Result<Option<Position>> {
     connection
         .prepare_cached(POSITION)?
-        .query_row([channel], |row| {
-            Ok(Position {
-                epoch: row.get::<_, String>(0)?.into(),
-                top: row.get::<_, i64>(1)? as u64,
-                bytes: row.get::<_, i64>(2)? as u64,
-            })
-        })
+        .query_row([channel], Position::from_row)
         .optional()
 }
 
@@ -112,24 +117,17 @@ fn advance(
     epoch: &str,
     added: usize,
 ) -> rusqlite::Result<Position> {
-    let row = |row: &rusqlite::Row<'_>| {
-        Ok(Position {
-            epoch: row.get::<_, String>(0)?.into(),
-            top: row.get::<_, i64>(1)? as u64,
-            bytes: row.get::<_, i64>(2)? as u64,
-        })
-    };
     let added = added as i64;
     if let Some(position) = connection
         .prepare_cached(ADVANCE)?
-        .query_row((channel, added), row)
+        .query_row((channel, added), Position::from_row)
         .optional()?
     {
         return Ok(position);
     }
     connection
         .prepare_cached(FIRST)?
-        .query_row((channel, epoch, added), row)
+        .query_row((channel, epoch, added), Position::from_row)
 }
 
 /// The epoch of the file's channels: made the first time, then kept (with the secrets).
