@@ -388,7 +388,8 @@ async fn sse_streams_end_with_a_disconnect_at_shutdown() {
 async fn sse_streams_end_with_token_expired_when_their_token_runs_out() {
     let secret = "a-test-secret-of-some-length";
     let server = TestServer::start_with(|c| c.jwt_secret = Some(secret.into())).await;
-    let exp = jsonwebtoken::get_current_timestamp() + 1;
+    // Whole seconds: "+ 2" is one to two seconds ahead, never already past when the stream opens.
+    let exp = jsonwebtoken::get_current_timestamp() + 2;
     let token = duplex_testkit::hs256_token(secret, &json!({"sub": "ana", "exp": exp}));
     let path = format!("/api/channels/news:exp/events?token={token}");
     let mut events = EventReader::open(&server, &path, None).await;
