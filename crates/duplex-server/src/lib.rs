@@ -19,7 +19,7 @@ pub mod api_keys;
 pub mod auth;
 pub mod broker;
 pub mod config;
-#[cfg(feature = "fuzzing")]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod hooks;
 pub mod http;

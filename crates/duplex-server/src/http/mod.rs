@@ -16,7 +16,7 @@ mod web;
 mod websocket;
 
 /// [`records`]' query parser, for the fuzz targets.
-#[cfg(feature = "fuzzing")]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn parse_list_query_for_fuzzing(
     query: &str,
     cursors: &crate::store::CursorKey,

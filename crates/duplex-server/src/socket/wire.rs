@@ -115,7 +115,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire<S> {
     }
 
     /// The stream, for the fuzz target to read what was written.
-    #[cfg(feature = "fuzzing")]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn into_io(self) -> S {
         self.io
     }

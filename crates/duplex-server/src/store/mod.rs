@@ -35,7 +35,7 @@ pub use numbers::check_numbers;
 pub use outbox::Outbox;
 use records::RecordStore;
 pub(crate) use records::RecordWebhooks;
-#[cfg(feature = "fuzzing")]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) use records::{apply_change, render_document};
 pub(crate) use records::{now_micros, rfc3339 as rfc3339_micros};
 
