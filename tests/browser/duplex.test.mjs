@@ -238,6 +238,28 @@ try {
   check((await fallback.evaluate(() => sseGot[0])) === "over sse", "SSE data");
   console.error("ok: SSE fallback");
 
+  // An event stream lost before its first message comes back where it subscribed: the browser
+  // resumes it with the id of `subscribed` and gets what was published while it was away.
+  await backend("/api/channels/chat:quiet/publish", { text: "before" });
+  await fallback.evaluate(async () => {
+    window.quietGot = [];
+    window.quietRecovered = [];
+    window.quiet = await sse.subscribe("chat:quiet", {
+      onMessage: (m) => quietGot.push(m.data.text),
+      onRecover: (r) => quietRecovered.push(r.missed),
+    });
+  });
+  await harness("DOWN");
+  await waitFor(fallback, () => quiet.source.readyState !== EventSource.OPEN, null, "the stream to drop");
+  await backend("/api/channels/chat:quiet/publish", { text: "away 1" });
+  await backend("/api/channels/chat:quiet/publish", { text: "away 2" });
+  await harness("UP");
+  await waitFor(fallback, () => quietGot.length >= 2, null, "the messages published while the stream was down");
+  const quiet = await fallback.evaluate(() => ({ got: quietGot, recovered: quietRecovered }));
+  check(JSON.stringify(quiet.got) === '["away 1","away 2"]', `resumed from the subscription: ${JSON.stringify(quiet)}`);
+  check(JSON.stringify(quiet.recovered) === "[2]", `onRecover over SSE: ${JSON.stringify(quiet)}`);
+  console.error("ok: an SSE stream lost before its first message resumes from its subscription");
+
   await page.evaluate(() => duplex.close());
   checkNoProblems();
   console.log("PASS");

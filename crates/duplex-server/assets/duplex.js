@@ -459,12 +459,18 @@ export class Duplex {
       url.searchParams.set("since", String(sub.offset));
       url.searchParams.set("epoch", sub.epoch);
     }
+    // The browser resumes the stream itself (`Last-Event-ID`); each `subscribed` after the first
+    // is such a resume, as is the first when the subscription started `since` a position.
+    const hadPosition = sub.epoch !== null;
     return new Promise((resolve, reject) => {
       const source = new EventSource(url);
       sub.source = source;
       let subscribed = false;
       source.addEventListener("subscribed", (event) => {
         const result = JSON.parse(event.data);
+        if ((subscribed || hadPosition) && result.recovered === true) {
+          sub.handlers.onRecover?.({ missed: result.missed, lastSeen: sub.offset, offset: result.offset, epoch: result.epoch });
+        }
         if (result.recovered === false) sub.offset = result.offset - (result.missed ?? 0);
         else if (sub.epoch === null) sub.offset = Math.max(sub.offset, result.offset);
         sub.epoch = result.epoch;

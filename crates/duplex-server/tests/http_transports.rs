@@ -306,6 +306,11 @@ async fn sse_streams_publications_and_resumes_from_last_event_id() {
     assert_eq!(subscribed.event.as_deref(), Some("subscribed"));
     let position: Value = serde_json::from_str(&subscribed.data).expect("json");
     let epoch = position["epoch"].as_str().expect("epoch").to_owned();
+    assert_eq!(
+        subscribed.id,
+        Some(format!("{epoch}:0")),
+        "where it goes on from"
+    );
 
     for i in 1..=3 {
         publish(&server, "news:sse", json!({"n": i})).await;
@@ -325,10 +330,10 @@ async fn sse_streams_publications_and_resumes_from_last_event_id() {
     // Resume after the first: the two missed come first, then live ones.
     let mut events =
         EventReader::open(&server, "/api/channels/news:sse/events", Some(&ids[0])).await;
-    assert_eq!(
-        events.next().await.expect("subscribed").event.as_deref(),
-        Some("subscribed")
-    );
+    let subscribed = events.next().await.expect("subscribed");
+    assert_eq!(subscribed.event.as_deref(), Some("subscribed"));
+    // The stream goes on after offset 1, not after the newest (3): 2 and 3 follow.
+    assert_eq!(subscribed.id.as_ref(), Some(&ids[0]));
     for i in 2..=3 {
         let message: Value =
             serde_json::from_str(&events.next().await.expect("message").data).expect("json");
@@ -354,14 +359,53 @@ async fn sse_streams_publications_and_resumes_from_last_event_id() {
     assert_eq!(refused["offset"], 4);
     // This epoch is whole: it follows from its first offset.
     assert_eq!(refused["missed"], 4, "{refused}");
-    assert_eq!(
-        events.next().await.expect("subscribed").event.as_deref(),
-        Some("subscribed")
-    );
+    let subscribed = events.next().await.expect("subscribed");
+    assert_eq!(subscribed.event.as_deref(), Some("subscribed"));
+    assert_eq!(subscribed.id, Some(format!("{epoch}:0")));
     for i in 1..=4 {
         let event = events.next().await.expect("message");
         let message: Value = serde_json::from_str(&event.data).expect("json");
         assert_eq!(message["offset"], i);
+        assert_eq!(event.id, Some(format!("{epoch}:{i}")));
+    }
+}
+
+/// A browser's `EventSource` sends as `Last-Event-ID` the id of the last event it got. A stream
+/// lost before its first publication must resume from its subscription: without an id on
+/// `subscribed` it would come back with none, subscribe afresh, and never see what was
+/// published while it was away.
+#[tokio::test]
+async fn an_event_stream_lost_before_its_first_publication_resumes_from_its_subscription() {
+    let server = TestServer::start().await;
+    for i in 1..=2 {
+        publish(&server, "news:quiet", json!({"n": i})).await;
+    }
+    let path = "/api/channels/news:quiet/events";
+    let mut events = EventReader::open(&server, path, None).await;
+    let subscribed = events.next().await.expect("subscribed");
+    assert_eq!(subscribed.event.as_deref(), Some("subscribed"));
+    let position: Value = serde_json::from_str(&subscribed.data).expect("json");
+    let epoch = position["epoch"].as_str().expect("epoch");
+    let last = subscribed.id.expect("subscribed has an id");
+    assert_eq!(last, format!("{epoch}:2"));
+    drop(events);
+
+    for i in 3..=4 {
+        publish(&server, "news:quiet", json!({"n": i})).await;
+    }
+    let mut events = EventReader::open(&server, path, Some(&last)).await;
+    let subscribed = events.next().await.expect("subscribed");
+    assert_eq!(subscribed.event.as_deref(), Some("subscribed"));
+    let resumed: Value = serde_json::from_str(&subscribed.data).expect("json");
+    assert_eq!(resumed["recovered"], true, "{resumed}");
+    assert_eq!(resumed["missed"], 2, "{resumed}");
+    for i in 3..=4u64 {
+        let event = events.next().await.expect("message");
+        let message: Value = serde_json::from_str(&event.data).expect("json");
+        assert_eq!(
+            message["offset"], i,
+            "the publications made while it was away"
+        );
         assert_eq!(event.id, Some(format!("{epoch}:{i}")));
     }
 }

@@ -169,9 +169,10 @@ pub(crate) async fn poll(
     Ok(([(header::CONTENT_TYPE, JSON)], body).into_response())
 }
 
-/// Server-Sent Events: `id: EPOCH:OFFSET` and `data: {message frame}` per publication, heartbeat
-/// comments, resumable with `Last-Event-ID` (or `?since=&epoch=`): the missed publications come
-/// first, or an explicit `event: not_recovered`.
+/// Server-Sent Events: `id: EPOCH:OFFSET` and `data: {message frame}` per publication (and on
+/// `subscribed`, the offset the stream goes on from), heartbeat comments, resumable with
+/// `Last-Event-ID` (or `?since=&epoch=`): the missed publications come first, or an explicit
+/// `event: not_recovered`.
 #[utoipa::path(get, path = "/api/channels/{channel}/events", tag = "transports",
     params(("channel" = String, Path),
         ("since" = Option<u64>, Query), ("epoch" = Option<String>, Query),
@@ -355,9 +356,16 @@ impl SseState {
                             .data(info.to_string()),
                     );
                 }
+                // The event's id is where the stream goes on from: the offset after which the
+                // publications that follow come (`offset - missed`). A browser that loses the
+                // stream before its first publication then resumes from here with
+                // `Last-Event-ID` instead of subscribing afresh past what it missed meanwhile.
+                let offset = result["offset"].as_u64().unwrap_or_default();
+                let missed = result["missed"].as_u64().unwrap_or_default();
                 events.push(
                     Event::default()
                         .event("subscribed")
+                        .id(format!("{}:{}", self.epoch, offset.saturating_sub(missed)))
                         .data(result.to_string()),
                 );
                 events
