@@ -32,7 +32,7 @@ if ! command -v cargo-fuzz > /dev/null; then
 fi
 
 # FUZZ_PROFILE=dev builds without optimisation: a third of the build time and a slower search,
-# what a short run in CI wants.
+# for a short run that only checks the targets build and start.
 if [ "${FUZZ_PROFILE:-release}" = dev ]; then
     flags=(--sanitizer none --dev)
 else
