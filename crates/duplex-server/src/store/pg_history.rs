@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use sqlx::postgres::PgPool;
-use sqlx::{Postgres, Row as _, Transaction};
+use sqlx::{Postgres, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
@@ -142,52 +142,31 @@ async fn append_one(
     now_us: i64,
 ) -> Result<(u64, Arc<str>), sqlx::Error> {
     let channel = &**channel;
-    sqlx::query(
-        "INSERT INTO channel_logs (channel, epoch, top, bytes) VALUES ($1, $2, 0, 0) \
-         ON CONFLICT (channel) DO NOTHING",
-    )
-    .bind(channel)
-    .bind(epoch)
-    .execute(&mut **tx)
-    .await?;
-    let row =
-        sqlx::query("SELECT epoch, top, bytes FROM channel_logs WHERE channel = $1 FOR UPDATE")
-            .bind(channel)
-            .fetch_one(&mut **tx)
-            .await?;
-    let epoch: String = row.try_get(0)?;
-    let top: i64 = row.try_get(1)?;
-    let mut bytes: i64 = row.try_get(2)?;
-    let offset = top + 1;
     let (binary, body): (bool, &[u8]) = match &**payload {
         Payload::Json(raw) => (false, raw.get().as_bytes()),
         Payload::Binary(data) => (true, data),
     };
     let expires_us = now_us.saturating_add(retention.ttl.as_micros() as i64);
-    sqlx::query(
-        "INSERT INTO channel_log_entries (channel, seq, expires_us, is_binary, payload) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(channel)
-    .bind(offset)
-    .bind(expires_us)
-    .bind(binary)
-    .bind(body)
-    .execute(&mut **tx)
-    .await?;
-    bytes += body.len() as i64;
+    // One statement moves the channel on (its row made, in the store's epoch, the first time)
+    // and appends the entry. The row stays locked until COMMIT, so offsets follow commit order.
+    let (epoch, offset, mut bytes): (String, i64, i64) = sqlx::query_as(ADVANCE_AND_APPEND)
+        .bind(channel)
+        .bind(epoch)
+        .bind(body.len() as i64)
+        .bind(expires_us)
+        .bind(binary)
+        .bind(body)
+        .fetch_one(&mut **tx)
+        .await?;
     let size = retention.size.max(1) as i64;
     if offset > size {
-        let freed: Vec<i32> = sqlx::query_scalar(
-            "DELETE FROM channel_log_entries WHERE channel = $1 AND seq <= $2 \
-             RETURNING octet_length(payload)",
-        )
-        .bind(channel)
-        .bind(offset - size)
-        .fetch_all(&mut **tx)
-        .await?;
-        bytes -= freed.iter().map(|&n| i64::from(n)).sum::<i64>();
+        bytes = sqlx::query_scalar(TRIM_TO_SIZE)
+            .bind(channel)
+            .bind(offset - size)
+            .fetch_one(&mut **tx)
+            .await?;
     }
+    let counted = bytes;
     while bytes > retention.bytes as i64 {
         let oldest: Option<(i64, i32)> = sqlx::query_as(
             "SELECT seq, octet_length(payload) FROM channel_log_entries WHERE channel = $1 \
@@ -208,14 +187,37 @@ async fn append_one(
             .await?;
         bytes -= i64::from(size);
     }
-    sqlx::query("UPDATE channel_logs SET top = $2, bytes = $3 WHERE channel = $1")
-        .bind(channel)
-        .bind(offset)
-        .bind(bytes.max(0))
-        .execute(&mut **tx)
-        .await?;
+    if bytes != counted {
+        sqlx::query("UPDATE channel_logs SET bytes = $2 WHERE channel = $1")
+            .bind(channel)
+            .bind(bytes.max(0))
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok((offset as u64, epoch.into()))
 }
+
+/// Moves a channel to its next offset and appends the publication there: `$1` channel, `$2`
+/// the store's epoch (for a channel's first publication), `$3` the payload's length, `$4`
+/// expiry, `$5` binary or not, `$6` the payload. Its epoch, new offset and bytes kept.
+const ADVANCE_AND_APPEND: &str = "\
+    WITH log AS ( \
+        INSERT INTO channel_logs AS l (channel, epoch, top, bytes) VALUES ($1, $2, 1, $3) \
+        ON CONFLICT (channel) DO UPDATE SET top = l.top + 1, bytes = l.bytes + EXCLUDED.bytes \
+        RETURNING l.epoch, l.top, l.bytes), \
+    entry AS ( \
+        INSERT INTO channel_log_entries (channel, seq, expires_us, is_binary, payload) \
+        SELECT $1, top, $4, $5, $6 FROM log) \
+    SELECT epoch, top, bytes FROM log";
+
+/// Deletes a channel's entries up to `$2` (those its size bound pushed out) and takes their
+/// bytes off its count; the bytes left.
+const TRIM_TO_SIZE: &str = "\
+    WITH freed AS ( \
+        DELETE FROM channel_log_entries WHERE channel = $1 AND seq <= $2 \
+        RETURNING octet_length(payload) AS n) \
+    UPDATE channel_logs SET bytes = bytes - (SELECT COALESCE(SUM(n), 0) FROM freed) \
+    WHERE channel = $1 RETURNING bytes";
 
 fn unavailable(error: impl std::fmt::Display) -> BrokerError {
     BrokerError(format!("the store's channel history: {error}"))
@@ -374,5 +376,117 @@ impl HistoryStore for PgHistory {
         }
         tx.commit().await?;
         Ok(gone.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::value::RawValue;
+
+    use super::PgHistory;
+    use crate::broker::{ChannelLog, HistoryRange, Retention};
+    use crate::model::Payload;
+
+    fn retention(size: usize, bytes: usize) -> Retention {
+        Retention {
+            size,
+            ttl: Duration::from_secs(3600),
+            bytes,
+        }
+    }
+
+    fn json(text: &str) -> Payload {
+        Payload::Json(RawValue::from_string(text.to_owned()).expect("json"))
+    }
+
+    /// The offsets read back and the bytes the channel's row counts against those stored.
+    async fn kept(history: &PgHistory, channel: &str, bounds: Retention) -> (Vec<u64>, i64, i64) {
+        let read = history
+            .history(
+                channel,
+                HistoryRange::After {
+                    offset: 0,
+                    limit: 1000,
+                },
+                bounds,
+            )
+            .await
+            .expect("history");
+        let counted: i64 = sqlx::query_scalar("SELECT bytes FROM channel_logs WHERE channel = $1")
+            .bind(channel)
+            .fetch_one(&history.pool)
+            .await
+            .expect("count");
+        let stored: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(octet_length(payload)), 0)::BIGINT FROM channel_log_entries \
+             WHERE channel = $1",
+        )
+        .bind(channel)
+        .fetch_one(&history.pool)
+        .await
+        .expect("sum");
+        let offsets = read.publications.iter().map(|p| p.offset).collect();
+        (offsets, counted, stored)
+    }
+
+    /// Offsets follow on from one row per channel, the size bound keeps the last `size`, the
+    /// byte bound deletes the oldest (never the newest), and the bytes counted are those stored.
+    #[tokio::test]
+    async fn appends_keep_the_bounds_and_count_the_bytes_stored() {
+        let Ok(base) = std::env::var("DUPLEX_TEST_POSTGRES") else {
+            eprintln!("skipped: set DUPLEX_TEST_POSTGRES (postgres://…) to run");
+            return;
+        };
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_nanos();
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!(
+            "{base}{separator}options[search_path]=channel_history_{}_{nanos}",
+            std::process::id()
+        );
+        let backend = crate::store::postgres::open(&url).await.expect("open");
+        let (deliver, _deliveries) = tokio::sync::mpsc::unbounded_channel();
+        let history = PgHistory::start(backend.pool(), "e1".into(), deliver);
+
+        let window = retention(10, 1 << 20);
+        for i in 1..=25u64 {
+            let (offset, epoch) = history
+                .publish("a:size", &json(&i.to_string()), window, None)
+                .await
+                .expect("publish");
+            assert_eq!((offset, &*epoch), (i, "e1"));
+            let (offsets, counted, stored) = kept(&history, "a:size", window).await;
+            assert_eq!(offsets, (i.saturating_sub(10) + 1..=i).collect::<Vec<_>>());
+            assert_eq!(counted, stored, "at {i}");
+        }
+
+        // Ten-byte payloads under a 35-byte bound: three stay; one larger than the bound stays
+        // alone, being the newest.
+        let ten = json("\"12345678\"");
+        let tight = retention(100, 35);
+        for i in 1..=5u64 {
+            history
+                .publish("a:bytes", &ten, tight, None)
+                .await
+                .expect("publish");
+            let (offsets, counted, stored) = kept(&history, "a:bytes", tight).await;
+            assert_eq!(offsets, (i.saturating_sub(3) + 1..=i).collect::<Vec<_>>());
+            assert_eq!(
+                (counted, stored),
+                (10 * i.min(3) as i64, 10 * i.min(3) as i64)
+            );
+        }
+        let large = json(&format!("\"{}\"", "x".repeat(48)));
+        history
+            .publish("a:bytes", &large, tight, None)
+            .await
+            .expect("publish");
+        let (offsets, counted, stored) = kept(&history, "a:bytes", tight).await;
+        assert_eq!(offsets, vec![6]);
+        assert_eq!((counted, stored), (50, 50));
     }
 }
