@@ -61,6 +61,7 @@ on_both_brokers!(
     resubscribing_while_the_broker_is_away_keeps_trying,
     a_user_request_asks_the_users_connections_on_every_node,
     a_publish_retried_with_its_key_on_another_node_is_published_once,
+    a_retry_after_its_publication_left_history_is_answered_from_the_key,
     subscribers_that_come_back_together_share_the_history_reads,
     a_link_to_the_broker_that_goes_dark_is_noticed_and_nothing_is_lost,
 );
@@ -680,6 +681,55 @@ async fn a_publish_retried_with_its_key_on_another_node_is_published_once(broker
     expect_publication(&mut subscription, 1).await;
     expect_publication(&mut subscription, 2).await;
     connection.close().await;
+}
+
+/// The key outlives the publication: a busy channel pushes a keyed publication out of the
+/// broker's history (a thousand later ones on NATS, whose stream keeps the largest history of
+/// any namespace) within the two minutes its key holds, and a retry is still answered with
+/// its offset, publishing nothing; other data under the key is still refused.
+async fn a_retry_after_its_publication_left_history_is_answered_from_the_key(broker: String) {
+    let a = node(&broker, "a").await;
+    let b = node(&broker, "b").await;
+    let channel = format!("news:gone-{}", uuid::Uuid::new_v4().simple());
+    let key = uuid::Uuid::new_v4().to_string();
+    let first = publish_keyed(&a, &channel, &key, json!("first")).await;
+    assert_eq!(first.status(), 200);
+    let first: Value = first.json().await.expect("json");
+    assert_eq!(first["offset"], 1);
+    let http = reqwest::Client::new();
+    let url = a.url(&format!("/api/channels/{channel}/publish"));
+    for i in 0..1000 {
+        let response = http
+            .post(&url)
+            .json(&json!(i))
+            .send()
+            .await
+            .expect("publish");
+        assert_eq!(response.status(), 200);
+    }
+    let (_, history) =
+        get_json(&b.url(&format!("/api/channels/{channel}/history?limit=1000"))).await;
+    assert_ne!(
+        history["publications"][0]["offset"], 1,
+        "the first publication left history"
+    );
+
+    let retry = publish_keyed(&b, &channel, &key, json!("first")).await;
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let retry: Value = retry.json().await.expect("json");
+    assert_eq!(
+        (&retry["offset"], &retry["epoch"], &retry["replayed"]),
+        (&first["offset"], &first["epoch"], &json!(true))
+    );
+    let reused = publish_keyed(&b, &channel, &key, json!("other")).await;
+    assert_eq!(reused.status(), 422);
+    let problem: Value = reused.json().await.expect("problem");
+    assert_eq!(problem["code"], "idempotency_key_reused");
+    assert_eq!(
+        publish_http(&b, &channel, json!("next")).await["offset"],
+        1002
+    );
 }
 
 /// #22: with Redis paused, a publish times out with 503 although Redis runs it once resumed.

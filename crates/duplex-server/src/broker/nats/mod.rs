@@ -5,6 +5,7 @@
 //! |---|---|
 //! | publications and history | stream `{p}_channels`, subject `{p}.ch.{hex(channel)}`, headers `Duplex-Offset`, `Duplex-Epoch` |
 //! | a channel's epoch before its first publication | bucket `{p}_epochs`, key `hex(channel)` |
+//! | a keyed publication's answer, for retries after it left the stream | bucket `{p}_once`, key `{hex(channel)}.{hex(key)}` → `{offset, epoch, digest}`, for the idempotency window |
 //! | presence | bucket `{p}_presence`, key `{hex(channel)}.{client}` → `{present, expires_at}` |
 //! | node registry | bucket `{p}_nodes`, key = node id, expiring after `presence_ttl` |
 //! | presence frames, server requests | core subject `{p}.bus` ([`super::bus`]) |
@@ -69,6 +70,14 @@ fn unhex(token: &str) -> Option<String> {
     String::from_utf8(bytes?).ok()
 }
 
+/// A keyed publication's answer as the `_once` bucket keeps it.
+#[derive(Debug, Serialize, Deserialize)]
+struct Answered {
+    offset: u64,
+    epoch: String,
+    digest: String,
+}
+
 /// A presence entry as the bucket keeps it.
 #[derive(Debug, Serialize, Deserialize)]
 struct Entry {
@@ -82,6 +91,10 @@ pub struct NatsBroker {
     stream: stream::Stream,
     context: jetstream::Context,
     epochs: kv::Store,
+    /// Keyed publications' answers for the idempotency window: JetStream's duplicate window
+    /// remembers a key for as long, but the stream may drop the publication sooner (a busy
+    /// channel past its history size), and with it the offset a retry must be told.
+    once: kv::Store,
     presence: kv::Store,
     nodes: kv::Store,
     prefix: String,
@@ -192,6 +205,12 @@ impl NatsBroker {
         // Follow from here on: a consumer made again later resumes after what was delivered.
         let last_sequence = stream.cached_info().state.last_sequence;
         let epochs = bucket(&context, format!("{prefix}_epochs"), KEEP).await?;
+        let once = bucket(
+            &context,
+            format!("{prefix}_once"),
+            crate::hub::idempotency::WINDOW,
+        )
+        .await?;
         let presence = bucket(&context, format!("{prefix}_presence"), presence_ttl * 2).await?;
         let nodes = bucket(&context, format!("{prefix}_nodes"), presence_ttl).await?;
         Ok(NatsBroker {
@@ -199,6 +218,7 @@ impl NatsBroker {
             stream,
             context,
             epochs,
+            once,
             presence,
             nodes,
             bus_subject: format!("{prefix}.bus"),
@@ -315,11 +335,11 @@ impl NatsBroker {
         channel: &str,
         payload: &Payload,
         told: Option<Told>,
-        key: Option<&str>,
+        key: Option<(&str, &str)>,
     ) -> Result<Once, BrokerError> {
         let subject = self.subject(channel);
         let body = Bytes::from(encode_payload(payload));
-        let msg_id = key.map(|key| format!("{}.{key}", hex(channel)));
+        let msg_id = key.map(|(key, _)| format!("{}.{key}", hex(channel)));
         for _ in 0..PUBLISH_ATTEMPTS {
             let (sequence, offset, epoch) = match self.last(channel).await? {
                 Some(last) => last,
@@ -338,10 +358,17 @@ impl NatsBroker {
                 .await
                 .map_err(nats_error)?;
             match ack.await {
-                Ok(ack) if ack.duplicate => return self.earlier(ack.sequence).await,
+                Ok(ack) if ack.duplicate => {
+                    return self
+                        .earlier(channel, key.map_or("", |(key, _)| key), ack.sequence)
+                        .await;
+                }
                 Ok(_) => {
                     if let Some(told) = told {
                         told(offset + 1);
+                    }
+                    if let Some((key, digest)) = key {
+                        self.remember(channel, key, offset + 1, &epoch, digest);
                     }
                     return Ok(Once::Published {
                         offset: offset + 1,
@@ -358,19 +385,64 @@ impl NatsBroker {
         )))
     }
 
-    /// The publication at stream `sequence`, as the earlier one of an idempotency key.
-    async fn earlier(&self, sequence: u64) -> Result<Once, BrokerError> {
-        let message = self.stream.direct_get(sequence).await.map_err(|e| {
-            BrokerError(format!(
-                "the publication this idempotency key names has left history: {e}"
-            ))
-        })?;
-        let (offset, epoch) = position(&message.headers)
-            .ok_or_else(|| BrokerError(format!("stream message {sequence} has no position")))?;
-        Ok(Once::Earlier {
+    /// The `_once` bucket's key for `key` in `channel`.
+    fn once_key(channel: &str, key: &str) -> String {
+        format!("{}.{}", hex(channel), hex(key))
+    }
+
+    /// Keeps a keyed publication's answer for retries that come after the stream dropped it.
+    /// Written after the answer, off its path: until the stream drops the publication (at
+    /// least a history's worth of later ones) a retry reads the stream itself.
+    fn remember(&self, channel: &str, key: &str, offset: u64, epoch: &str, digest: &str) {
+        let answered = Answered {
             offset,
-            epoch,
-            digest: crate::hub::idempotency::digest_of_body(&message.payload),
+            epoch: epoch.to_owned(),
+            digest: digest.to_owned(),
+        };
+        let value = serde_json::to_vec(&answered).expect("plain fields serialize");
+        let (once, entry) = (self.once.clone(), Self::once_key(channel, key));
+        tokio::spawn(async move {
+            if let Err(error) = once.put(&entry, value.into()).await {
+                tracing::warn!(%error, "cannot keep a keyed publication's answer");
+            }
+        });
+    }
+
+    /// The earlier publication of an idempotency key, which the stream names by `sequence`:
+    /// read from the stream, or from the `_once` bucket once the stream dropped it.
+    async fn earlier(&self, channel: &str, key: &str, sequence: u64) -> Result<Once, BrokerError> {
+        match self.stream.direct_get(sequence).await {
+            Ok(message) => {
+                let (offset, epoch) = position(&message.headers).ok_or_else(|| {
+                    BrokerError(format!("stream message {sequence} has no position"))
+                })?;
+                return Ok(Once::Earlier {
+                    offset,
+                    epoch,
+                    digest: crate::hub::idempotency::digest_of_body(&message.payload),
+                });
+            }
+            Err(error) if error.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {}
+            Err(error) => return Err(nats_error(error)),
+        }
+        let kept = self
+            .once
+            .get(Self::once_key(channel, key))
+            .await
+            .map_err(nats_error)?
+            .ok_or_else(|| {
+                BrokerError(
+                    "the publication this idempotency key names has left history and its \
+                     answer was not kept"
+                        .into(),
+                )
+            })?;
+        let answered: Answered = serde_json::from_slice(&kept)
+            .map_err(|e| BrokerError(format!("a kept answer does not read: {e}")))?;
+        Ok(Once::Earlier {
+            offset: answered.offset,
+            epoch: answered.epoch.into(),
+            digest: answered.digest,
         })
     }
 }
@@ -421,9 +493,10 @@ impl Broker for NatsBroker {
         _retention: Retention,
         told: Option<Told>,
         key: &str,
-        _digest: &str,
+        digest: &str,
     ) -> Result<Once, BrokerError> {
-        self.publish_with(channel, payload, told, Some(key)).await
+        self.publish_with(channel, payload, told, Some((key, digest)))
+            .await
     }
 
     fn node_id(&self) -> &str {
