@@ -458,3 +458,85 @@ async fn on_postgres_chat_recovers_across_kill_9_and_record_events_say_they_rest
     assert_eq!(records["result"]["reason"], "epoch_changed", "{records}");
     stop(child, Stop::Kill).await;
 }
+
+/// `POST` with an `Idempotency-Key`: the status and the body.
+async fn publish_keyed(
+    http: &reqwest::Client,
+    url: &str,
+    channel: &str,
+    key: &str,
+    data: Value,
+) -> (reqwest::StatusCode, Value) {
+    let response = http
+        .post(format!("{url}/api/channels/{channel}/publish"))
+        .header("Idempotency-Key", key)
+        .json(&data)
+        .send()
+        .await
+        .expect("publish");
+    let status = response.status();
+    (status, response.json().await.expect("json"))
+}
+
+/// A publication whose answer was lost to a crash is retried after the restart with its key:
+/// the store kept the key with the publication, so the retry is answered with it
+/// (`replayed`), nothing is published twice, and other data under the key is refused.
+async fn a_keyed_retry_after_a_restart_publishes_nothing(store: Option<&str>) {
+    let data = tempfile::tempdir().expect("tempdir");
+    let http = reqwest::Client::new();
+    let (child, url) = start_on(data.path(), store).await;
+    let (status, first) = publish_keyed(&http, &url, "small:once", "lost-answer", json!(1)).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{first}");
+    assert_eq!(first["offset"], 1);
+    stop(child, Stop::Kill).await;
+
+    let (child, url) = start_on(data.path(), store).await;
+    let (status, retry) = publish_keyed(&http, &url, "small:once", "lost-answer", json!(1)).await;
+    assert_eq!(status, reqwest::StatusCode::OK, "{retry}");
+    assert_eq!(
+        (&retry["offset"], &retry["epoch"], &retry["replayed"]),
+        (&first["offset"], &first["epoch"], &json!(true))
+    );
+    let (status, reused) = publish_keyed(&http, &url, "small:once", "lost-answer", json!(2)).await;
+    assert_eq!(
+        status,
+        reqwest::StatusCode::UNPROCESSABLE_ENTITY,
+        "{reused}"
+    );
+    assert_eq!(reused["code"], "idempotency_key_reused");
+    assert_eq!(publish(&http, &url, "small:once", json!(3)).await.0, 2);
+    let history: Value = get_json(
+        &http,
+        &format!("{url}/api/channels/small:once/history?limit=10"),
+    )
+    .await;
+    assert_eq!(
+        history["publications"].as_array().map(Vec::len),
+        Some(2),
+        "{history}"
+    );
+    stop(child, Stop::Kill).await;
+}
+
+#[tokio::test]
+async fn a_keyed_retry_after_a_restart_publishes_nothing_on_sqlite() {
+    a_keyed_retry_after_a_restart_publishes_nothing(None).await;
+}
+
+#[tokio::test]
+async fn a_keyed_retry_after_a_restart_publishes_nothing_on_postgres() {
+    let Ok(base) = std::env::var("DUPLEX_TEST_POSTGRES") else {
+        eprintln!("skipped: set DUPLEX_TEST_POSTGRES (postgres://…) to run");
+        return;
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let store = format!(
+        "{base}{separator}options[search_path]=once_{}_{nanos}",
+        std::process::id()
+    );
+    a_keyed_retry_after_a_restart_publishes_nothing(Some(&store)).await;
+}

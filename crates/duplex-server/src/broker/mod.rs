@@ -166,6 +166,27 @@ pub trait ChannelLog: Send + Sync + std::fmt::Debug + 'static {
         told: Option<Told>,
     ) -> Result<(u64, Arc<str>), BrokerError>;
 
+    /// [`publish`](Self::publish) with an idempotency `key` (and the payload's
+    /// [`crate::hub::idempotency`] digest), for a log without a broker in front of it. A log
+    /// that outlives the process (the store) keeps the key with the publication, in the same
+    /// commit, for [`crate::hub::idempotency::WINDOW`], and a key it still keeps answers
+    /// [`Once::Earlier`] with nothing published: retries are then recognised across a restart.
+    /// By default the key is not kept (the hub's memory of keys is all there is).
+    #[allow(clippy::too_many_arguments)]
+    async fn publish_keyed(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+        told: Option<Told>,
+        key: &str,
+        digest: &str,
+    ) -> Result<Once, BrokerError> {
+        let _ = (key, digest);
+        let (offset, epoch) = self.publish(channel, payload, retention, told).await?;
+        Ok(Once::Published { offset, epoch })
+    }
+
     /// A channel's position and part of its history (kept as `retention` says). A channel
     /// the log does not know gets a fresh epoch here, so that every reader agrees on it.
     async fn history(

@@ -16,6 +16,28 @@ use super::queue::Pushed;
 use super::{Channel, ChannelState, Hub, HubError, PublishOutcome, check_access, retention_of};
 use crate::broker::{Once, Told};
 
+/// What a keyed publication's answer from a broker or the store tells its publisher: the same
+/// key with the same data is a retry (`replayed`), with other data a misuse of the key.
+fn once_outcome(once: Once, digest: &str) -> Result<PublishOutcome, HubError> {
+    match once {
+        Once::Published { offset, epoch } => Ok(PublishOutcome {
+            offset,
+            epoch,
+            replayed: false,
+        }),
+        Once::Earlier {
+            offset,
+            epoch,
+            digest: earlier,
+        } if earlier == digest => Ok(PublishOutcome {
+            offset,
+            epoch,
+            replayed: true,
+        }),
+        Once::Earlier { .. } => Err(HubError::IdempotencyKeyReused),
+    }
+}
+
 impl Hub {
     /// Publishes on a channel. In memory the publication is fanned out before this returns;
     /// with history in the store, once it committed (the fan-out follows in commit order);
@@ -65,23 +87,7 @@ impl Hub {
                 )
                 .await
                 .map_err(|e| HubError::Unavailable(e.to_string()))?;
-            return match once {
-                Once::Published { offset, epoch } => Ok(PublishOutcome {
-                    offset,
-                    epoch,
-                    replayed: false,
-                }),
-                Once::Earlier {
-                    offset,
-                    epoch,
-                    digest: earlier,
-                } if earlier == digest => Ok(PublishOutcome {
-                    offset,
-                    epoch,
-                    replayed: true,
-                }),
-                Once::Earlier { .. } => Err(HubError::IdempotencyKeyReused),
-            };
+            return once_outcome(once, &digest);
         }
         let channel: Arc<str> = channel_name.into();
         match self.keys.claim(&channel, key, &digest, Instant::now())? {
@@ -99,9 +105,25 @@ impl Hub {
             key,
             settled: false,
         };
-        let published = self
-            .publish_checked(channel_name, namespace, &payload, told)
-            .await;
+        let published = match self.log_for(namespace) {
+            // The store: it keeps the key with the publication, and knows it after a restart.
+            Some(log) => log
+                .publish_keyed(
+                    channel_name,
+                    &payload,
+                    retention_of(namespace),
+                    told,
+                    key.as_str(),
+                    &digest,
+                )
+                .await
+                .map_err(|e| HubError::Unavailable(e.to_string()))
+                .and_then(|once| once_outcome(once, &digest)),
+            None => {
+                self.publish_checked(channel_name, namespace, &payload, told)
+                    .await
+            }
+        };
         claim.settle(published.as_ref().ok());
         published
     }

@@ -9,7 +9,9 @@
 //! With a broker the broker keeps the keys, atomically with the publication (Redis: in the
 //! publish script; NATS: JetStream's message-id deduplication), so a retry on another node is
 //! recognised too. Without one this node keeps them here, at most [`MAX_KEYS`] (the oldest go
-//! first), each for [`WINDOW`].
+//! first), each for [`WINDOW`]; where a namespace's history is in the store, the store also
+//! keeps each key with its publication ([`crate::broker::ChannelLog::publish_keyed`]), so that a
+//! retry after a restart is recognised.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

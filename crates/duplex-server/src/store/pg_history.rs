@@ -22,7 +22,7 @@ use super::StoreError;
 use super::history::{Delivery, DeliverySender, HistoryStore, UNDELIVERED, Undelivered};
 use super::now_micros;
 use crate::broker::{
-    BrokerError, BrokerHistory, ChannelLog, HistoryRange, Retention, Stored, Told,
+    BrokerError, BrokerHistory, ChannelLog, HistoryRange, Once, Retention, Stored, Told,
 };
 use crate::model::Payload;
 
@@ -38,8 +38,10 @@ struct Append {
     payload: Arc<Payload>,
     retention: Retention,
     told: Option<Told>,
+    /// The idempotency key and the payload's digest, kept beside the publication.
+    keyed: Option<(String, String)>,
     place: tokio::sync::OwnedSemaphorePermit,
-    reply: oneshot::Sender<Result<(u64, Arc<str>), String>>,
+    reply: oneshot::Sender<Result<Once, String>>,
 }
 
 /// The channel history of a PostgreSQL store.
@@ -52,6 +54,35 @@ pub(crate) struct PgHistory {
 }
 
 impl PgHistory {
+    /// Hands a publication to the appending task and waits for its commit.
+    async fn append(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+        told: Option<Told>,
+        keyed: Option<(String, String)>,
+    ) -> Result<Once, BrokerError> {
+        let place = self.undelivered.place().await;
+        let (reply, answer) = oneshot::channel();
+        self.appends
+            .send(Append {
+                channel: channel.into(),
+                payload: Arc::new(payload.clone()),
+                retention,
+                told,
+                keyed,
+                place,
+                reply,
+            })
+            .await
+            .map_err(|_| unavailable("the appending task stopped"))?;
+        answer
+            .await
+            .map_err(|_| unavailable("the appending task stopped"))?
+            .map_err(unavailable)
+    }
+
     /// Starts the appending task; committed publications go to `deliveries`. `epoch` is the
     /// store's channel epoch (kept with its secrets).
     pub(crate) fn start(pool: PgPool, epoch: Arc<str>, deliveries: DeliverySender) -> PgHistory {
@@ -86,23 +117,31 @@ async fn append_until_closed(
                 Err(_) => break,
             }
         }
+        // What the transaction needs of each (an `Append` holds its `told`, which is not `Sync`).
         let parts: Vec<Part> = batch
             .iter()
-            .map(|a| (a.channel.clone(), a.payload.clone(), a.retention))
+            .map(|a| Part {
+                channel: a.channel.clone(),
+                payload: a.payload.clone(),
+                retention: a.retention,
+                keyed: a.keyed.clone(),
+            })
             .collect();
         match append_all(&pool, &epoch, &parts).await {
-            Ok(positions) => {
-                for (append, (offset, epoch)) in batch.drain(..).zip(positions) {
-                    let _ = deliveries.send(Delivery {
-                        channel: append.channel,
-                        offset,
-                        epoch: epoch.clone(),
-                        payload: append.payload,
-                        told: append.told,
-                        delivered: None,
-                        place: Some(append.place),
-                    });
-                    let _ = append.reply.send(Ok((offset, epoch)));
+            Ok(outcomes) => {
+                for (append, once) in batch.drain(..).zip(outcomes) {
+                    if let Once::Published { offset, epoch } = &once {
+                        let _ = deliveries.send(Delivery {
+                            channel: append.channel,
+                            offset: *offset,
+                            epoch: epoch.clone(),
+                            payload: append.payload,
+                            told: append.told,
+                            delivered: None,
+                            place: Some(append.place),
+                        });
+                    }
+                    let _ = append.reply.send(Ok(once));
                 }
             }
             Err(error) => {
@@ -116,32 +155,81 @@ async fn append_until_closed(
     }
 }
 
-/// What a publication appends: its channel, payload and bounds.
-type Part = (Arc<str>, Arc<Payload>, Retention);
+/// What a publication appends: its channel, payload, bounds, and key with its digest.
+struct Part {
+    channel: Arc<str>,
+    payload: Arc<Payload>,
+    retention: Retention,
+    keyed: Option<(String, String)>,
+}
 
-/// Appends the batch in one transaction; the offset and epoch of each, in order.
-async fn append_all(
-    pool: &PgPool,
-    epoch: &str,
-    batch: &[Part],
-) -> Result<Vec<(u64, Arc<str>)>, sqlx::Error> {
+/// Appends the batch in one transaction; what each did, in order.
+async fn append_all(pool: &PgPool, epoch: &str, batch: &[Part]) -> Result<Vec<Once>, sqlx::Error> {
     let now_us = now_micros();
     let mut tx = pool.begin().await?;
-    let mut positions = Vec::with_capacity(batch.len());
+    let mut outcomes = Vec::with_capacity(batch.len());
     for append in batch {
-        positions.push(append_one(&mut tx, epoch, append, now_us).await?);
+        outcomes.push(append_keyed(&mut tx, epoch, append, now_us).await?);
     }
     tx.commit().await?;
-    Ok(positions)
+    Ok(outcomes)
+}
+
+/// Appends one publication, and keeps its idempotency key beside it; a key that names an
+/// earlier publication still in its window answers that one, and nothing is appended.
+async fn append_keyed(
+    tx: &mut Transaction<'_, Postgres>,
+    epoch: &str,
+    append: &Part,
+    now_us: i64,
+) -> Result<Once, sqlx::Error> {
+    let channel = &*append.channel;
+    let Some((key, digest)) = &append.keyed else {
+        let (offset, epoch) = append_one(tx, epoch, append, now_us).await?;
+        return Ok(Once::Published { offset, epoch });
+    };
+    let earlier: Option<(i64, String, String)> = sqlx::query_as(
+        "SELECT seq, epoch, digest FROM publish_keys \
+         WHERE channel = $1 AND key = $2 AND expires_us > $3",
+    )
+    .bind(channel)
+    .bind(key)
+    .bind(now_us)
+    .fetch_optional(&mut **tx)
+    .await?;
+    if let Some((offset, epoch, digest)) = earlier {
+        return Ok(Once::Earlier {
+            offset: offset as u64,
+            epoch: epoch.into(),
+            digest,
+        });
+    }
+    let (offset, epoch) = append_one(tx, epoch, append, now_us).await?;
+    let window = crate::hub::idempotency::WINDOW.as_micros() as i64;
+    sqlx::query(
+        "INSERT INTO publish_keys (channel, key, seq, epoch, digest, expires_us) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (channel, key) DO UPDATE SET \
+         seq = EXCLUDED.seq, epoch = EXCLUDED.epoch, digest = EXCLUDED.digest, \
+         expires_us = EXCLUDED.expires_us",
+    )
+    .bind(channel)
+    .bind(key)
+    .bind(offset as i64)
+    .bind(&*epoch)
+    .bind(digest)
+    .bind(now_us.saturating_add(window))
+    .execute(&mut **tx)
+    .await?;
+    Ok(Once::Published { offset, epoch })
 }
 
 async fn append_one(
     tx: &mut Transaction<'_, Postgres>,
     epoch: &str,
-    (channel, payload, retention): &Part,
+    append: &Part,
     now_us: i64,
 ) -> Result<(u64, Arc<str>), sqlx::Error> {
-    let channel = &**channel;
+    let (channel, payload, retention) = (&*append.channel, &append.payload, &append.retention);
     let (binary, body): (bool, &[u8]) = match &**payload {
         Payload::Json(raw) => (false, raw.get().as_bytes()),
         Payload::Binary(data) => (true, data),
@@ -245,23 +333,25 @@ impl ChannelLog for PgHistory {
         retention: Retention,
         told: Option<Told>,
     ) -> Result<(u64, Arc<str>), BrokerError> {
-        let place = self.undelivered.place().await;
-        let (reply, answer) = oneshot::channel();
-        self.appends
-            .send(Append {
-                channel: channel.into(),
-                payload: Arc::new(payload.clone()),
-                retention,
-                told,
-                place,
-                reply,
-            })
-            .await
-            .map_err(|_| unavailable("the appending task stopped"))?;
-        answer
-            .await
-            .map_err(|_| unavailable("the appending task stopped"))?
-            .map_err(unavailable)
+        match self.append(channel, payload, retention, told, None).await? {
+            Once::Published { offset, epoch } => Ok((offset, epoch)),
+            Once::Earlier { .. } => {
+                Err(unavailable("an append without a key named an earlier one"))
+            }
+        }
+    }
+
+    async fn publish_keyed(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+        told: Option<Told>,
+        key: &str,
+        digest: &str,
+    ) -> Result<Once, BrokerError> {
+        let keyed = Some((key.to_owned(), digest.to_owned()));
+        self.append(channel, payload, retention, told, keyed).await
     }
 
     async fn history(
@@ -374,8 +464,17 @@ impl HistoryStore for PgHistory {
             .execute(&mut *tx)
             .await?;
         }
+        let keys = sqlx::query(
+            "DELETE FROM publish_keys WHERE (channel, key) IN (SELECT channel, key \
+             FROM publish_keys WHERE expires_us <= $1 LIMIT $2)",
+        )
+        .bind(now_micros())
+        .bind(limit as i64)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         tx.commit().await?;
-        Ok(gone.len())
+        Ok(gone.len() + keys as usize)
     }
 }
 

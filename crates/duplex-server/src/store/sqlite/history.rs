@@ -24,7 +24,8 @@ use serde_json::value::RawValue;
 
 use super::{Readers, SqliteBackend, Writer};
 use crate::broker::{
-    BrokerError, BrokerHistory, ChannelLog, HistoryRange, Retention, Stored, Told, bus::new_epoch,
+    BrokerError, BrokerHistory, ChannelLog, HistoryRange, Once, Retention, Stored, Told,
+    bus::new_epoch,
 };
 use crate::model::Payload;
 use crate::store::Record;
@@ -59,6 +60,36 @@ const EXPIRE: &str = "DELETE FROM channel_log_entries WHERE id IN (SELECT id FRO
                       channel_log_entries WHERE expires_us <= ?1 ORDER BY expires_us LIMIT ?2) \
                       RETURNING channel, length(payload)";
 const LESS_BYTES: &str = "UPDATE channel_logs SET bytes = max(bytes - ?2, 0) WHERE channel = ?1";
+const EXPIRE_KEYS: &str = "DELETE FROM publish_keys WHERE rowid IN (SELECT rowid FROM \
+                           publish_keys WHERE expires_us <= ?1 LIMIT ?2)";
+const KEPT_KEY: &str = "SELECT seq, epoch, digest FROM publish_keys \
+                        WHERE channel = ?1 AND key = ?2 AND expires_us > ?3";
+const KEEP_KEY: &str = "INSERT INTO publish_keys (channel, key, seq, epoch, digest, expires_us) \
+                        VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (channel, key) DO UPDATE SET \
+                        seq = excluded.seq, epoch = excluded.epoch, digest = excluded.digest, \
+                        expires_us = excluded.expires_us";
+
+/// A publication's idempotency key and its payload's digest.
+type Keyed = (String, String);
+
+/// The earlier publication `key` names in `channel` while its window lasts, or else `None`.
+fn kept_key(
+    connection: &Connection,
+    channel: &str,
+    key: &str,
+    now_us: i64,
+) -> rusqlite::Result<Option<Once>> {
+    connection
+        .prepare_cached(KEPT_KEY)?
+        .query_row((channel, key, now_us), |row| {
+            Ok(Once::Earlier {
+                offset: row.get::<_, i64>(0)? as u64,
+                epoch: row.get::<_, String>(1)?.into(),
+                digest: row.get(2)?,
+            })
+        })
+        .optional()
+}
 
 /// The channel history of one SQLite file.
 #[derive(Debug)]
@@ -344,11 +375,83 @@ impl HistoryStore for SqliteHistory {
                     for (channel, bytes) in freed {
                         less.execute((channel, bytes))?;
                     }
-                    Ok(deleted)
+                    let keys = connection
+                        .prepare_cached(EXPIRE_KEYS)?
+                        .execute((now_us, limit as i64))?;
+                    Ok(deleted + keys)
                 },
                 |_: &usize| {},
             )
             .await
+    }
+}
+
+impl SqliteHistory {
+    /// Appends in the writer's next transaction, with `keyed` kept beside the publication
+    /// (unless it names an earlier one still in its window: then nothing is appended).
+    async fn append_keyed(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+        told: Option<Told>,
+        keyed: Option<Keyed>,
+    ) -> Result<Once, BrokerError> {
+        let channel: Arc<str> = channel.into();
+        let place = self.undelivered.place().await;
+        let payload = Arc::new(payload.clone());
+        let deliveries = self.deliveries.clone();
+        let now_us = now_micros();
+        let written = {
+            let (appended, appended_payload) = (channel.clone(), payload.clone());
+            let epoch = self.epoch.clone();
+            self.writer.write(
+                move |connection| {
+                    if let Some((key, _)) = &keyed
+                        && let Some(earlier) = kept_key(connection, &appended, key, now_us)?
+                    {
+                        return Ok(earlier);
+                    }
+                    let (offset, epoch) = append(
+                        connection,
+                        &appended,
+                        &appended_payload,
+                        retention,
+                        now_us,
+                        &epoch,
+                    )?;
+                    if let Some((key, digest)) = &keyed {
+                        let window = crate::hub::idempotency::WINDOW.as_micros() as i64;
+                        connection.prepare_cached(KEEP_KEY)?.execute((
+                            &*appended,
+                            key,
+                            offset as i64,
+                            &*epoch,
+                            digest,
+                            now_us.saturating_add(window),
+                        ))?;
+                    }
+                    Ok(Once::Published { offset, epoch })
+                },
+                move |once: &Once| {
+                    // In commit order, on the writer's thread: the hub fans out in that order.
+                    if let Once::Published { offset, epoch } = once {
+                        let _ = deliveries.send(Delivery {
+                            channel,
+                            offset: *offset,
+                            epoch: epoch.clone(),
+                            payload,
+                            told,
+                            delivered: None,
+                            place: Some(place),
+                        });
+                    }
+                },
+            )
+        };
+        // Answered once committed: the fan-out follows in commit order, off the publisher's
+        // path, so a connection's next publication commits while this one fans out.
+        written.await.map_err(unavailable)
     }
 }
 
@@ -361,42 +464,27 @@ impl ChannelLog for SqliteHistory {
         retention: Retention,
         told: Option<Told>,
     ) -> Result<(u64, Arc<str>), BrokerError> {
-        let channel: Arc<str> = channel.into();
-        let place = self.undelivered.place().await;
-        let payload = Arc::new(payload.clone());
-        let deliveries = self.deliveries.clone();
-        let now_us = now_micros();
-        let written = {
-            let (appended, appended_payload) = (channel.clone(), payload.clone());
-            let epoch = self.epoch.clone();
-            self.writer.write(
-                move |connection| {
-                    Ok(append(
-                        connection,
-                        &appended,
-                        &appended_payload,
-                        retention,
-                        now_us,
-                        &epoch,
-                    )?)
-                },
-                move |(offset, epoch): &(u64, Arc<str>)| {
-                    // In commit order, on the writer's thread: the hub fans out in that order.
-                    let _ = deliveries.send(Delivery {
-                        channel,
-                        offset: *offset,
-                        epoch: epoch.clone(),
-                        payload,
-                        told,
-                        delivered: None,
-                        place: Some(place),
-                    });
-                },
-            )
-        };
-        // Answered once committed: the fan-out follows in commit order, off the publisher's
-        // path, so a connection's next publication commits while this one fans out.
-        written.await.map_err(unavailable)
+        match self
+            .append_keyed(channel, payload, retention, told, None)
+            .await?
+        {
+            Once::Published { offset, epoch } => Ok((offset, epoch)),
+            Once::Earlier { .. } => unreachable!("an append without a key names no earlier one"),
+        }
+    }
+
+    async fn publish_keyed(
+        &self,
+        channel: &str,
+        payload: &Payload,
+        retention: Retention,
+        told: Option<Told>,
+        key: &str,
+        digest: &str,
+    ) -> Result<Once, BrokerError> {
+        let keyed = Some((key.to_owned(), digest.to_owned()));
+        self.append_keyed(channel, payload, retention, told, keyed)
+            .await
     }
 
     async fn history(
@@ -646,6 +734,71 @@ mod tests {
         assert_eq!((summed, counted), (20, 20));
         assert_eq!(read_all(&history, "a:both", tight).await.0, vec![17, 18]);
         backend.close().await;
+    }
+
+    /// A key is kept with its publication for its window: a retry within it is answered with
+    /// that publication and appends nothing; once the window passed, the key names nothing
+    /// (the same key publishes anew) and the expiry sweep deletes it.
+    #[tokio::test]
+    async fn keys_are_kept_with_their_publications_for_their_window() {
+        let (_dir, backend, history, _deliveries) = history().await;
+        let bounds = retention(16, 1 << 20);
+        let keyed = |data: &str| {
+            let data = json(data);
+            let history = &history;
+            async move {
+                history
+                    .publish_keyed("a:keys", &data, bounds, None, "k", "d1")
+                    .await
+                    .expect("publish")
+            }
+        };
+        let first = keyed("1").await;
+        assert!(
+            matches!(first, Once::Published { offset: 1, .. }),
+            "{first:?}"
+        );
+        let retry = keyed("1").await;
+        assert!(
+            matches!(&retry, Once::Earlier { offset: 1, digest, .. } if digest == "d1"),
+            "{retry:?}"
+        );
+        assert_eq!(kept(&backend, "a:keys").0, vec![1], "nothing appended");
+
+        // The window passes.
+        backend
+            .writer
+            .write(
+                |connection| Ok(connection.execute("UPDATE publish_keys SET expires_us = 0", [])?),
+                |_: &usize| {},
+            )
+            .await
+            .expect("expire the key");
+        let again = keyed("1").await;
+        assert!(
+            matches!(again, Once::Published { offset: 2, .. }),
+            "{again:?}"
+        );
+        backend
+            .writer
+            .write(
+                |connection| Ok(connection.execute("UPDATE publish_keys SET expires_us = 0", [])?),
+                |_: &usize| {},
+            )
+            .await
+            .expect("expire the key");
+        assert_eq!(
+            history.expire(10).await.expect("expire"),
+            1,
+            "the key, only"
+        );
+        let left: i64 = backend
+            .readers
+            .read(|connection| {
+                connection.query_row("SELECT count(*) FROM publish_keys", [], |row| row.get(0))
+            })
+            .expect("count");
+        assert_eq!(left, 0);
     }
 
     #[tokio::test]

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha384};
 use crate::store::StoreError;
 
 /// The migrations, in order: version, description, SQL.
-const MIGRATIONS: [(i64, &str, &str); 4] = [
+const MIGRATIONS: [(i64, &str, &str); 5] = [
     (
         1,
         "records",
@@ -31,6 +31,11 @@ const MIGRATIONS: [(i64, &str, &str); 4] = [
         4,
         "channel history",
         include_str!("../../../migrations/sqlite/0004_channel_history.sql"),
+    ),
+    (
+        5,
+        "publish keys",
+        include_str!("../../../migrations/sqlite/0005_publish_keys.sql"),
     ),
 ];
 
@@ -113,7 +118,7 @@ mod tests {
                 row.get(0)
             })
             .expect("count");
-        assert_eq!(applied, 4);
+        assert_eq!(applied, super::MIGRATIONS.len() as i64);
         connection
             .execute("INSERT INTO records (collection, id, version, created_us, updated_us, doc) VALUES ('c', 'a', 1, 0, 0, '{}')", [])
             .expect("the records table is there");
