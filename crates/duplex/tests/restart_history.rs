@@ -397,19 +397,10 @@ async fn record_events_and_their_records_survive_kill_9_together() {
 /// memory, and say so after a restart (`epoch_changed`) rather than risk a silent gap.
 #[tokio::test]
 async fn on_postgres_chat_recovers_across_kill_9_and_record_events_say_they_restarted() {
-    let Ok(base) = std::env::var("DUPLEX_TEST_POSTGRES") else {
+    let Some(store) = duplex_testkit::postgres_store() else {
         eprintln!("skipped: set DUPLEX_TEST_POSTGRES (postgres://…) to run");
         return;
     };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
-    let separator = if base.contains('?') { '&' } else { '?' };
-    let store = format!(
-        "{base}{separator}options[search_path]=restart_{}_{nanos}",
-        std::process::id()
-    );
     let data = tempfile::tempdir().expect("tempdir");
     let http = reqwest::Client::new();
     let (child, url) = start_on(data.path(), Some(&store)).await;
@@ -525,18 +516,9 @@ async fn a_keyed_retry_after_a_restart_publishes_nothing_on_sqlite() {
 
 #[tokio::test]
 async fn a_keyed_retry_after_a_restart_publishes_nothing_on_postgres() {
-    let Ok(base) = std::env::var("DUPLEX_TEST_POSTGRES") else {
+    let Some(store) = duplex_testkit::postgres_store() else {
         eprintln!("skipped: set DUPLEX_TEST_POSTGRES (postgres://…) to run");
         return;
     };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos();
-    let separator = if base.contains('?') { '&' } else { '?' };
-    let store = format!(
-        "{base}{separator}options[search_path]=once_{}_{nanos}",
-        std::process::id()
-    );
     a_keyed_retry_after_a_restart_publishes_nothing(Some(&store)).await;
 }

@@ -534,19 +534,10 @@ mod tests {
     /// byte bound deletes the oldest (never the newest), and the bytes counted are those stored.
     #[tokio::test]
     async fn appends_keep_the_bounds_and_count_the_bytes_stored() {
-        let Ok(base) = std::env::var("DUPLEX_TEST_POSTGRES") else {
+        let Some(url) = duplex_testkit::postgres_store() else {
             eprintln!("skipped: set DUPLEX_TEST_POSTGRES (postgres://…) to run");
             return;
         };
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("clock")
-            .as_nanos();
-        let separator = if base.contains('?') { '&' } else { '?' };
-        let url = format!(
-            "{base}{separator}options[search_path]=channel_history_{}_{nanos}",
-            std::process::id()
-        );
         let backend = crate::store::postgres::open(&url).await.expect("open");
         let (deliver, _deliveries) = tokio::sync::mpsc::unbounded_channel();
         let history = PgHistory::start(backend.pool(), "e1".into(), deliver);
