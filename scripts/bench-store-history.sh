@@ -6,6 +6,7 @@
 #
 # Usage: scripts/bench-store-history.sh [STORE] [PUBLICATIONS] [DUPLEX_BINARY]
 #   STORE: a postgres:// URL (default: $DUPLEX_TEST_POSTGRES or the local test database), or sqlite
+#   KEYED=1 in the environment: each publication carries its own `Idempotency-Key`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 store="${1:-${DUPLEX_TEST_POSTGRES:-postgres://postgres@127.0.0.1:5432/test}}"
@@ -45,10 +46,10 @@ address=$(grep -o 'http://127.0.0.1:[0-9]*' "$work/out.log" | head -n1)
 [ -n "$address" ] || { cat "$work/out.log"; echo "the server did not start" >&2; exit 1; }
 port=${address##*:}
 
-python3 - "$port" "$count" << 'PY'
-import http.client, json, sys, threading, time
+python3 - "$port" "$count" "${KEYED:-}" << 'PY'
+import http.client, json, sys, threading, time, uuid
 
-port, count = int(sys.argv[1]), int(sys.argv[2])
+port, count, keyed = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 
 def run(publishers):
     latencies = []
@@ -58,8 +59,10 @@ def run(publishers):
         mine = []
         for _ in range(count // publishers):
             started = time.perf_counter()
-            connection.request("POST", f"/api/channels/bench:c{k % 4}/publish", body,
-                               {"content-type": "application/json"})
+            headers = {"content-type": "application/json"}
+            if keyed:
+                headers["idempotency-key"] = str(uuid.uuid4())
+            connection.request("POST", f"/api/channels/bench:c{k % 4}/publish", body, headers)
             response = connection.getresponse()
             response.read()
             if response.status != 200:
