@@ -469,7 +469,9 @@ impl ChannelLog for SqliteHistory {
             .await?
         {
             Once::Published { offset, epoch } => Ok((offset, epoch)),
-            Once::Earlier { .. } => unreachable!("an append without a key names no earlier one"),
+            Once::Earlier { .. } => {
+                Err(unavailable("an append without a key named an earlier one"))
+            }
         }
     }
 
@@ -765,28 +767,19 @@ mod tests {
         );
         assert_eq!(kept(&backend, "a:keys").0, vec![1], "nothing appended");
 
-        // The window passes.
-        backend
-            .writer
-            .write(
+        let window_passes = || {
+            backend.writer.write(
                 |connection| Ok(connection.execute("UPDATE publish_keys SET expires_us = 0", [])?),
                 |_: &usize| {},
             )
-            .await
-            .expect("expire the key");
+        };
+        window_passes().await.expect("expire the key");
         let again = keyed("1").await;
         assert!(
             matches!(again, Once::Published { offset: 2, .. }),
             "{again:?}"
         );
-        backend
-            .writer
-            .write(
-                |connection| Ok(connection.execute("UPDATE publish_keys SET expires_us = 0", [])?),
-                |_: &usize| {},
-            )
-            .await
-            .expect("expire the key");
+        window_passes().await.expect("expire the key");
         assert_eq!(
             history.expire(10).await.expect("expire"),
             1,
