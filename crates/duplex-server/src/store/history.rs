@@ -80,6 +80,23 @@ impl Undelivered {
 /// Where committed publications go.
 pub(crate) type DeliverySender = mpsc::UnboundedSender<Delivery>;
 
+/// Every how many appends a channel of `size` is trimmed back to its window: an eighth of the
+/// window, from 1 to 256. Between two trims the entries that left the window stay stored (up to
+/// a step less one), unread.
+///
+/// Trimming one entry with every append touched the oldest pages of the entries' three B-trees
+/// in every transaction, on top of the newest; a step deletes a run of neighbours together
+/// (their pages once) every few transactions instead.
+pub(crate) fn trim_step(size: u64) -> u64 {
+    (size / 8).clamp(1, 256)
+}
+
+/// Offsets at or below this are outside a channel's window: the last `size` offsets up to
+/// `top` (entries there may wait for the next trim step; reads skip them).
+pub(crate) fn window_floor(top: u64, size: usize) -> u64 {
+    top.saturating_sub(size.max(1) as u64)
+}
+
 /// A store that keeps channel history.
 #[async_trait::async_trait]
 pub(crate) trait HistoryStore: crate::broker::ChannelLog {

@@ -19,7 +19,9 @@ use sqlx::{Postgres, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
-use super::history::{Delivery, DeliverySender, HistoryStore, UNDELIVERED, Undelivered};
+use super::history::{
+    Delivery, DeliverySender, HistoryStore, UNDELIVERED, Undelivered, trim_step, window_floor,
+};
 use super::now_micros;
 use crate::broker::{
     BrokerError, BrokerHistory, ChannelLog, HistoryRange, Once, Retention, Stored, Told,
@@ -246,11 +248,12 @@ async fn append_one(
         .bind(body)
         .fetch_one(&mut **tx)
         .await?;
-    let size = retention.size.max(1) as i64;
-    if offset > size {
+    // The size bound in steps, as in the SQLite file (`trim_step`): reads skip what waits.
+    let (top, size) = (offset as u64, retention.size.max(1) as u64);
+    if top > size && (top - size).is_multiple_of(trim_step(size)) {
         bytes = sqlx::query_scalar(TRIM_TO_SIZE)
             .bind(channel)
-            .bind(offset - size)
+            .bind(window_floor(top, retention.size) as i64)
             .fetch_one(&mut **tx)
             .await?;
     }
@@ -358,7 +361,7 @@ impl ChannelLog for PgHistory {
         &self,
         channel: &str,
         range: HistoryRange,
-        _retention: Retention,
+        retention: Retention,
     ) -> Result<BrokerHistory, BrokerError> {
         let now_us = now_micros();
         // One snapshot for the position and the entries.
@@ -383,11 +386,14 @@ impl ChannelLog for PgHistory {
                 publications: Vec::new(),
             });
         };
+        // Entries at or below the window's floor wait for the next trim step: never read.
+        let floor = window_floor(top as u64, retention.size) as i64;
         let oldest: Option<i64> = sqlx::query_scalar(
-            "SELECT seq FROM channel_log_entries WHERE channel = $1 AND expires_us > $2 \
-             ORDER BY seq LIMIT 1",
+            "SELECT seq FROM channel_log_entries WHERE channel = $1 AND seq > $2 \
+             AND expires_us > $3 ORDER BY seq LIMIT 1",
         )
         .bind(channel)
+        .bind(floor)
         .bind(now_us)
         .fetch_optional(&mut *tx)
         .await
@@ -399,7 +405,7 @@ impl ChannelLog for PgHistory {
                  AND seq > $2 AND expires_us > $3 ORDER BY seq LIMIT $4",
             )
             .bind(channel)
-            .bind(offset as i64)
+            .bind(i64::try_from(offset).unwrap_or(i64::MAX).max(floor))
             .bind(now_us)
             .bind(limit as i64)
             .fetch_all(&mut *tx)
@@ -408,9 +414,10 @@ impl ChannelLog for PgHistory {
             HistoryRange::Last(limit) => {
                 let mut last: Vec<(i64, bool, Vec<u8>)> = sqlx::query_as(
                     "SELECT seq, is_binary, payload FROM channel_log_entries WHERE channel = $1 \
-                     AND expires_us > $2 ORDER BY seq DESC LIMIT $3",
+                     AND seq > $2 AND expires_us > $3 ORDER BY seq DESC LIMIT $4",
                 )
                 .bind(channel)
+                .bind(floor)
                 .bind(now_us)
                 .bind(limit as i64)
                 .fetch_all(&mut *tx)
@@ -500,8 +507,13 @@ mod tests {
         Payload::Json(RawValue::from_string(text.to_owned()).expect("json"))
     }
 
-    /// The offsets read back and the bytes the channel's row counts against those stored.
-    async fn kept(history: &PgHistory, channel: &str, bounds: Retention) -> (Vec<u64>, i64, i64) {
+    /// The offsets read back, the bytes the channel's row counts against those stored, and
+    /// the entries stored.
+    async fn kept(
+        history: &PgHistory,
+        channel: &str,
+        bounds: Retention,
+    ) -> (Vec<u64>, i64, i64, i64) {
         let read = history
             .history(
                 channel,
@@ -518,20 +530,21 @@ mod tests {
             .fetch_one(&history.pool)
             .await
             .expect("count");
-        let stored: i64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(octet_length(payload)), 0)::BIGINT FROM channel_log_entries \
-             WHERE channel = $1",
+        let (stored, entries): (i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(octet_length(payload)), 0)::BIGINT, COUNT(*) \
+             FROM channel_log_entries WHERE channel = $1",
         )
         .bind(channel)
         .fetch_one(&history.pool)
         .await
         .expect("sum");
         let offsets = read.publications.iter().map(|p| p.offset).collect();
-        (offsets, counted, stored)
+        (offsets, counted, stored, entries)
     }
 
-    /// Offsets follow on from one row per channel, the size bound keeps the last `size`, the
-    /// byte bound deletes the oldest (never the newest), and the bytes counted are those stored.
+    /// Offsets follow on from one row per channel; the size bound is kept in steps (up to a
+    /// step's entries beyond the window wait, never read); the byte bound deletes the oldest
+    /// (never the newest); the bytes counted are those stored.
     #[tokio::test]
     async fn appends_keep_the_bounds_and_count_the_bytes_stored() {
         let Some(url) = duplex_testkit::postgres_store() else {
@@ -542,17 +555,43 @@ mod tests {
         let (deliver, _deliveries) = tokio::sync::mpsc::unbounded_channel();
         let history = PgHistory::start(backend.pool(), "e1".into(), deliver);
 
-        let window = retention(10, 1 << 20);
-        for i in 1..=25u64 {
+        let window = retention(16, 1 << 20);
+        assert_eq!(super::trim_step(16), 2);
+        let (mut trims, mut entries_before) = (0, 0);
+        for i in 1..=40u64 {
             let (offset, epoch) = history
                 .publish("a:size", &json(&i.to_string()), window, None)
                 .await
                 .expect("publish");
             assert_eq!((offset, &*epoch), (i, "e1"));
-            let (offsets, counted, stored) = kept(&history, "a:size", window).await;
-            assert_eq!(offsets, (i.saturating_sub(10) + 1..=i).collect::<Vec<_>>());
+            let (offsets, counted, stored, entries) = kept(&history, "a:size", window).await;
+            assert_eq!(offsets, (i.saturating_sub(16) + 1..=i).collect::<Vec<_>>());
             assert_eq!(counted, stored, "at {i}");
+            assert!(
+                (i.min(16) as i64..=17).contains(&entries),
+                "{entries} at {i}"
+            );
+            if entries < entries_before {
+                trims += 1;
+            }
+            entries_before = entries;
+            // `Last` and `oldest` see the window too.
+            let last = history
+                .history("a:size", HistoryRange::Last(3), window)
+                .await
+                .expect("history");
+            let expected: Vec<u64> = (i.saturating_sub(3) + 1..=i).collect();
+            assert_eq!(
+                last.publications
+                    .iter()
+                    .map(|p| p.offset)
+                    .collect::<Vec<_>>(),
+                expected
+            );
+            assert_eq!(last.oldest, Some(i.saturating_sub(16) + 1));
         }
+        // 40 appends past a window of 16 in steps of 2: trimmed at 18, 20, … 40.
+        assert_eq!(trims, 12);
 
         // Ten-byte payloads under a 35-byte bound: three stay; one larger than the bound stays
         // alone, being the newest.
@@ -563,7 +602,7 @@ mod tests {
                 .publish("a:bytes", &ten, tight, None)
                 .await
                 .expect("publish");
-            let (offsets, counted, stored) = kept(&history, "a:bytes", tight).await;
+            let (offsets, counted, stored, _) = kept(&history, "a:bytes", tight).await;
             assert_eq!(offsets, (i.saturating_sub(3) + 1..=i).collect::<Vec<_>>());
             assert_eq!(
                 (counted, stored),
@@ -575,7 +614,7 @@ mod tests {
             .publish("a:bytes", &large, tight, None)
             .await
             .expect("publish");
-        let (offsets, counted, stored) = kept(&history, "a:bytes", tight).await;
+        let (offsets, counted, stored, _) = kept(&history, "a:bytes", tight).await;
         assert_eq!(offsets, vec![6]);
         assert_eq!((counted, stored), (50, 50));
     }

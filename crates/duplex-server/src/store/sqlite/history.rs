@@ -32,6 +32,7 @@ use crate::store::Record;
 use crate::store::StoreError;
 use crate::store::history::{
     Delivery, DeliverySender, HistoryStore, LogTo, Logged, UNDELIVERED, Undelivered, record_event,
+    trim_step, window_floor,
 };
 use crate::store::now_micros;
 
@@ -175,23 +176,6 @@ pub(super) fn store_epoch(connection: &Connection) -> Result<Arc<str>, StoreErro
     String::from_utf8(kept)
         .map(Arc::from)
         .map_err(|_| StoreError::Corrupt("the channel epoch is not text".into()))
-}
-
-/// Every how many appends a channel of `size` is trimmed back to its window: an eighth of the
-/// window, from 1 to 256. Between two trims the entries that left the window stay stored (up to
-/// a step less one), unread.
-///
-/// Trimming one entry with every append touched the oldest pages of the entries' three B-trees
-/// in every transaction, on top of the newest; a step deletes a run of neighbours together
-/// (their pages once) every few transactions instead.
-fn trim_step(size: u64) -> u64 {
-    (size / 8).clamp(1, 256)
-}
-
-/// Offsets at or below this are outside a channel's window: the last `size` offsets up to
-/// `top` (entries there may wait for the next trim step; reads skip them).
-fn window_floor(top: u64, size: usize) -> u64 {
-    top.saturating_sub(size.max(1) as u64)
 }
 
 /// Appends a publication inside the writer's transaction and trims the channel to its
