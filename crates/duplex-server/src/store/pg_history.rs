@@ -476,7 +476,9 @@ impl HistoryStore for PgHistory {
              FROM publish_keys WHERE expires_us <= $1 LIMIT $2)",
         )
         .bind(now_micros())
-        .bind(limit as i64)
+        // Expired keys in what is left of the batch, so that a full batch still says that more
+        // may be waiting.
+        .bind((limit - gone.len()) as i64)
         .execute(&mut *tx)
         .await?
         .rows_affected();

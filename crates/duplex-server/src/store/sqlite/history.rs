@@ -359,9 +359,11 @@ impl HistoryStore for SqliteHistory {
                     for (channel, bytes) in freed {
                         less.execute((channel, bytes))?;
                     }
+                    // Expired keys in what is left of the batch, so that a full batch still
+                    // says that more may be waiting.
                     let keys = connection
                         .prepare_cached(EXPIRE_KEYS)?
-                        .execute((now_us, limit as i64))?;
+                        .execute((now_us, (limit - deleted) as i64))?;
                     Ok(deleted + keys)
                 },
                 |_: &usize| {},
@@ -763,12 +765,29 @@ mod tests {
             matches!(again, Once::Published { offset: 2, .. }),
             "{again:?}"
         );
-        window_passes().await.expect("expire the key");
-        assert_eq!(
-            history.expire(10).await.expect("expire"),
-            1,
-            "the key, only"
-        );
+        for other in ["k2", "k3"] {
+            history
+                .publish_keyed("a:keys", &json("2"), bounds, None, other, "d2")
+                .await
+                .expect("publish");
+        }
+        window_passes().await.expect("expire the keys");
+        backend
+            .writer
+            .write(
+                |connection| {
+                    Ok(connection.execute("UPDATE channel_log_entries SET expires_us = 0", [])?)
+                },
+                |_: &usize| {},
+            )
+            .await
+            .expect("expire the entries");
+        // Four expired entries and three expired keys, in batches of three: entries first, keys
+        // in what is left, and never more than a batch (a full batch says more may wait).
+        assert_eq!(history.expire(3).await.expect("expire"), 3);
+        assert_eq!(history.expire(3).await.expect("expire"), 3);
+        assert_eq!(history.expire(3).await.expect("expire"), 1);
+        assert_eq!(history.expire(3).await.expect("expire"), 0);
         let left: i64 = backend
             .readers
             .read(|connection| {
