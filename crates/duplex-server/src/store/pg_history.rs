@@ -494,8 +494,9 @@ mod tests {
     use serde_json::value::RawValue;
 
     use super::PgHistory;
-    use crate::broker::{ChannelLog, HistoryRange, Retention};
+    use crate::broker::{ChannelLog, HistoryRange, Once, Retention};
     use crate::model::Payload;
+    use crate::store::history::HistoryStore as _;
 
     fn retention(size: usize, bytes: usize) -> Retention {
         Retention {
@@ -619,5 +620,36 @@ mod tests {
         let (offsets, counted, stored, _) = kept(&history, "a:bytes", tight).await;
         assert_eq!(offsets, vec![6]);
         assert_eq!((counted, stored), (50, 50));
+
+        // A key is kept with its publication: a retry appends nothing; once the window passed,
+        // the sweep deletes the key, within its batch.
+        let first = history
+            .publish_keyed("a:keys", &json("1"), window, None, "k", "d1")
+            .await
+            .expect("publish");
+        assert!(
+            matches!(first, Once::Published { offset: 1, .. }),
+            "{first:?}"
+        );
+        let retry = history
+            .publish_keyed("a:keys", &json("1"), window, None, "k", "d1")
+            .await
+            .expect("publish");
+        assert!(
+            matches!(&retry, Once::Earlier { offset: 1, digest, .. } if digest == "d1"),
+            "{retry:?}"
+        );
+        assert_eq!(kept(&history, "a:keys", window).await.0, vec![1]);
+        history
+            .publish_keyed("a:keys", &json("2"), window, None, "k2", "d2")
+            .await
+            .expect("publish");
+        sqlx::query("UPDATE publish_keys SET expires_us = 0")
+            .execute(&history.pool)
+            .await
+            .expect("expire the keys");
+        assert_eq!(history.expire(1).await.expect("expire"), 1);
+        assert_eq!(history.expire(1).await.expect("expire"), 1);
+        assert_eq!(history.expire(1).await.expect("expire"), 0);
     }
 }
