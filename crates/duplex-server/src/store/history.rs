@@ -165,3 +165,28 @@ impl std::fmt::Debug for RecordHistory {
         f.debug_struct("RecordHistory").finish_non_exhaustive()
     }
 }
+
+/// What the history stores' tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::time::Duration;
+
+    use serde_json::value::RawValue;
+
+    use crate::broker::Retention;
+    use crate::model::Payload;
+
+    /// Bounds of `size` publications and `bytes` bytes, kept an hour.
+    pub(crate) fn retention(size: usize, bytes: usize) -> Retention {
+        Retention {
+            size,
+            ttl: Duration::from_secs(3600),
+            bytes,
+        }
+    }
+
+    /// A JSON payload of `text`.
+    pub(crate) fn json(text: &str) -> Payload {
+        Payload::Json(RawValue::from_string(text.to_owned()).expect("json"))
+    }
+}

@@ -489,26 +489,10 @@ impl HistoryStore for PgHistory {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use serde_json::value::RawValue;
-
     use super::PgHistory;
     use crate::broker::{ChannelLog, HistoryRange, Once, Retention};
-    use crate::model::Payload;
     use crate::store::history::HistoryStore as _;
-
-    fn retention(size: usize, bytes: usize) -> Retention {
-        Retention {
-            size,
-            ttl: Duration::from_secs(3600),
-            bytes,
-        }
-    }
-
-    fn json(text: &str) -> Payload {
-        Payload::Json(RawValue::from_string(text.to_owned()).expect("json"))
-    }
+    use crate::store::history::testing::{json, retention};
 
     /// The offsets read back, the bytes the channel's row counts against those stored, and
     /// the entries stored.

@@ -503,19 +503,8 @@ mod tests {
 
     use super::*;
     use crate::store::backend::Backend as _;
+    use crate::store::history::testing::{json, retention};
     use crate::store::sqlite::open_blocking;
-
-    fn retention(size: usize, bytes: usize) -> Retention {
-        Retention {
-            size,
-            ttl: Duration::from_secs(3600),
-            bytes,
-        }
-    }
-
-    fn json(text: &str) -> Payload {
-        Payload::Json(RawValue::from_string(text.to_owned()).expect("json"))
-    }
 
     async fn history() -> (
         tempfile::TempDir,
