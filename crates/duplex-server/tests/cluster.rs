@@ -659,6 +659,29 @@ async fn publish_keyed(
         .expect("publish")
 }
 
+/// A retry of `first` (same key, same `data`) on `server` is answered with its offset and
+/// epoch (`replayed`), and other data under the key is refused with `idempotency_key_reused`.
+async fn retry_is_replayed_and_reuse_refused(
+    server: &TestServer,
+    channel: &str,
+    key: &str,
+    data: Value,
+    first: &Value,
+) {
+    let retry = publish_keyed(server, channel, key, data).await;
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let retry: Value = retry.json().await.expect("json");
+    assert_eq!(
+        (&retry["offset"], &retry["epoch"], &retry["replayed"]),
+        (&first["offset"], &first["epoch"], &json!(true))
+    );
+    let reused = publish_keyed(server, channel, key, json!("other")).await;
+    assert_eq!(reused.status(), 422);
+    let problem: Value = reused.json().await.expect("problem");
+    assert_eq!(problem["code"], "idempotency_key_reused");
+}
+
 /// The broker keeps idempotency keys with the publications: a retry on another node gets the
 /// first answer and publishes nothing; the same key with other data is refused there too.
 async fn a_publish_retried_with_its_key_on_another_node_is_published_once(broker: String) {
@@ -672,18 +695,7 @@ async fn a_publish_retried_with_its_key_on_another_node_is_published_once(broker
     assert_eq!(first.status(), 200);
     let first: Value = first.json().await.expect("json");
     assert_eq!(first["offset"], 1);
-    let retry = publish_keyed(&b, &channel, &key, json!(1)).await;
-    assert_eq!(retry.status(), 200);
-    assert_eq!(retry.headers()["idempotent-replayed"], "true");
-    let retry: Value = retry.json().await.expect("json");
-    assert_eq!(
-        (&retry["offset"], &retry["epoch"], &retry["replayed"]),
-        (&first["offset"], &first["epoch"], &json!(true))
-    );
-    let reused = publish_keyed(&b, &channel, &key, json!("other")).await;
-    assert_eq!(reused.status(), 422);
-    let problem: Value = reused.json().await.expect("problem");
-    assert_eq!(problem["code"], "idempotency_key_reused");
+    retry_is_replayed_and_reuse_refused(&b, &channel, &key, json!(1), &first).await;
     assert_eq!(publish_http(&b, &channel, json!(2)).await["offset"], 2);
     expect_publication(&mut subscription, 1).await;
     expect_publication(&mut subscription, 2).await;
@@ -721,18 +733,7 @@ async fn a_retry_after_its_publication_left_history_is_answered_from_the_key(bro
         "the first publication left history"
     );
 
-    let retry = publish_keyed(&b, &channel, &key, json!("first")).await;
-    assert_eq!(retry.status(), 200);
-    assert_eq!(retry.headers()["idempotent-replayed"], "true");
-    let retry: Value = retry.json().await.expect("json");
-    assert_eq!(
-        (&retry["offset"], &retry["epoch"], &retry["replayed"]),
-        (&first["offset"], &first["epoch"], &json!(true))
-    );
-    let reused = publish_keyed(&b, &channel, &key, json!("other")).await;
-    assert_eq!(reused.status(), 422);
-    let problem: Value = reused.json().await.expect("problem");
-    assert_eq!(problem["code"], "idempotency_key_reused");
+    retry_is_replayed_and_reuse_refused(&b, &channel, &key, json!("first"), &first).await;
     assert_eq!(
         publish_http(&b, &channel, json!("next")).await["offset"],
         1002

@@ -92,7 +92,8 @@ pub enum HistoryRange {
 /// Called with a publication's offset as soon as it has one (see [`ChannelLog::publish`]).
 pub type Told = Box<dyn FnOnce(u64) + Send>;
 
-/// What a publish with an idempotency key did ([`Broker::publish_once`]).
+/// What a publish with an idempotency key did ([`Broker::publish_once`], or
+/// [`ChannelLog::publish_keyed`] for the store).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Once {
     /// It published.
